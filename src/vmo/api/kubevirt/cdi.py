@@ -1,0 +1,199 @@
+"""cdi.kubevirt.io/v1beta1: DataVolume and DataSource, the disk images VMs boot from."""
+
+from __future__ import annotations
+
+from vmo.api.kubevirt._builders import (
+    JSON,
+    arr,
+    boolean,
+    empty,
+    integer,
+    obj,
+    quantity_map,
+    resource_schema,
+    string,
+    strings,
+    unsupported,
+    unsupported_fields,
+)
+from vmo.api.kubevirt._common import condition
+from vmo.api.types import PrinterColumn, ResourceType
+
+GROUP = "cdi.kubevirt.io"
+VERSION = "v1beta1"
+NO_SOURCE = "this import source is not available in VMO's embedded storage; use an import plan"
+NO_PV_BINDING = "binding claims to chosen volumes is not supported by VMO's embedded storage"
+ACCESS_MODES = ("ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod")
+
+DATAVOLUME_PHASES = (
+    "Pending",
+    "PVCBound",
+    "ImportScheduled",
+    "ImportInProgress",
+    "CloneScheduled",
+    "CloneInProgress",
+    "SnapshotForSmartCloneInProgress",
+    "CloneFromSnapshotSourceInProgress",
+    "SmartClonePVCInProgress",
+    "CSICloneInProgress",
+    "ExpansionInProgress",
+    "NamespaceTransferInProgress",
+    "PrepClaimInProgress",
+    "RebindInProgress",
+    "Succeeded",
+    "Failed",
+    "Unknown",
+    "UploadScheduled",
+    "UploadReady",
+    "WaitForFirstConsumer",
+    "PendingPopulation",
+    "Paused",
+    "ImportPaused",
+)
+
+
+def claim_spec(*, with_attributes_class: bool) -> JSON:
+    """The ``storage``/``pvc`` request: size, class, access and volume mode."""
+    properties: dict[str, JSON] = {
+        "accessModes": arr(string(enum=ACCESS_MODES)),
+        "resources": obj({"requests": quantity_map(), "limits": quantity_map()}),
+        "storageClassName": string(),
+        "volumeMode": string(enum=("Filesystem", "Block")),
+        **unsupported_fields(NO_PV_BINDING, "volumeName", "selector", "dataSource", "dataSourceRef"),
+    }
+    if with_attributes_class:
+        properties["volumeAttributesClassName"] = unsupported(
+            "volume attributes classes are not supported by VMO's embedded storage"
+        )
+    return obj(properties)
+
+
+def namespaced_name() -> JSON:
+    return obj({"name": string(), "namespace": string()}, required=("name", "namespace"))
+
+
+def datavolume_source() -> JSON:
+    return obj(
+        {
+            "http": obj(
+                {
+                    "url": string(),
+                    "secretRef": string(),
+                    "certConfigMap": string(),
+                    "extraHeaders": strings(),
+                    "secretExtraHeaders": strings(),
+                    "checksum": string(),
+                    "insecureSkipVerify": boolean(),
+                },
+                required=("url",),
+            ),
+            "registry": obj(
+                {
+                    "url": string(),
+                    "secretRef": string(),
+                    "certConfigMap": string(),
+                    "pullMethod": string(enum=("pod", "node")),
+                    "imageStream": unsupported("OpenShift image streams are not available"),
+                    "platform": obj({"architecture": string()}),
+                }
+            ),
+            "pvc": namespaced_name(),
+            "snapshot": namespaced_name(),
+            "upload": empty(),
+            "blank": empty(),
+            **unsupported_fields(NO_SOURCE, "imageio", "vddk", "s3", "gcs"),
+        }
+    )
+
+
+def datavolume_spec(*, in_vm_template: bool) -> JSON:
+    """A DataVolume spec; a VM's dataVolumeTemplates carry the same minus serviceAccountName."""
+    properties: dict[str, JSON] = {
+        "source": datavolume_source(),
+        "sourceRef": obj(
+            {"kind": string(enum=("DataSource",)), "name": string(), "namespace": string()},
+            required=("kind", "name"),
+        ),
+        "storage": claim_spec(with_attributes_class=False),
+        "pvc": claim_spec(with_attributes_class=True),
+        "contentType": string(enum=("kubevirt",)),
+        "preallocation": boolean(),
+        "priorityClassName": unsupported("VMO imports run no importer pods"),
+        **unsupported_fields(
+            "warm (multi-stage) imports are not supported by VMO's embedded storage",
+            "checkpoints",
+            "finalCheckpoint",
+        ),
+    }
+    if not in_vm_template:
+        properties["serviceAccountName"] = unsupported("VMO imports run no importer pods")
+    return obj(properties)
+
+
+def datavolume_status() -> JSON:
+    return obj(
+        {
+            "phase": string(enum=DATAVOLUME_PHASES),
+            "progress": string(),
+            "claimName": string(),
+            "restartCount": integer(),
+            "conditions": arr(condition()),
+        }
+    )
+
+
+def data_volume() -> ResourceType:
+    return ResourceType(
+        group=GROUP,
+        version=VERSION,
+        kind="DataVolume",
+        plural="datavolumes",
+        singular="datavolume",
+        namespaced=True,
+        short_names=("dv", "dvs"),
+        categories=("all",),
+        subresources=("status",),
+        printer_columns=(
+            PrinterColumn(
+                "Phase", "string", ".status.phase", description="The phase the data volume is in"
+            ),
+            PrinterColumn(
+                "Progress",
+                "string",
+                ".status.progress",
+                description="Transfer progress in percentage if known, N/A otherwise",
+            ),
+            PrinterColumn(
+                "Restarts",
+                "integer",
+                ".status.restartCount",
+                description="The number of times the transfer has been restarted.",
+            ),
+            PrinterColumn("Age", "date", ".metadata.creationTimestamp"),
+        ),
+        schema=resource_schema(datavolume_spec(in_vm_template=False), datavolume_status()),
+    )
+
+
+def data_source() -> ResourceType:
+    source = obj(
+        {"pvc": namespaced_name(), "snapshot": namespaced_name(), "dataSource": namespaced_name()}
+    )
+    return ResourceType(
+        group=GROUP,
+        version=VERSION,
+        kind="DataSource",
+        plural="datasources",
+        singular="datasource",
+        namespaced=True,
+        short_names=("das",),
+        categories=("all",),
+        schema=resource_schema(
+            obj({"source": source}, required=("source",)),
+            obj({"conditions": arr(condition()), "source": source}),
+        ),
+    )
+
+
+def cdi_resource_types() -> list[ResourceType]:
+    return [data_volume(), data_source()]

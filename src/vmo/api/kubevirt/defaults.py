@@ -1,0 +1,197 @@
+"""What KubeVirt's mutating webhook (and, for the firmware UUID, its VM controller) fills in.
+
+VMO applies these at admission so that stored objects look as they would on a KubeVirt cluster
+configured with the defaults: amd64, machine type q35, CPU model host-model, no memory overcommit,
+cluster default interface binding "bridge" on the pod network.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Any
+
+from vmo.api.types import JSON
+
+DEFAULT_ARCHITECTURE = "amd64"
+DEFAULT_MACHINE_TYPE = "q35"
+DEFAULT_CPU_MODEL = "host-model"
+# amd64 default for disk/cdrom buses when none is given (q35 has no IDE; SATA boots every guest)
+DEFAULT_DISK_BUS = "sata"
+# KubeVirt's DefaultNetworkInterface cluster setting; the reason VMs should declare masquerade
+DEFAULT_POD_BINDING = "bridge"
+DEFAULT_NETWORK_NAME = "default"
+CLUSTER_INSTANCETYPE_KIND = "virtualmachineclusterinstancetype"
+CLUSTER_PREFERENCE_KIND = "virtualmachineclusterpreference"
+# The namespace KubeVirt derives a VM's stable firmware UUID from (UUID v5 of the VM name).
+FIRMWARE_UUID_NAMESPACE = uuid.UUID("6a1a24a1-4061-4607-8bf4-a3963d0c5895")
+
+
+def firmware_uuid(name: str) -> str:
+    """The stable firmware UUID KubeVirt assigns a VM that does not set one."""
+    return str(uuid.uuid5(FIRMWARE_UUID_NAMESPACE, name))
+
+
+def _child(parent: JSON, key: str) -> JSON:
+    """``parent[key]`` as a dict, created empty when absent or null."""
+    value = parent.get(key)
+    if not isinstance(value, dict):
+        value = {}
+        parent[key] = value
+    return value
+
+
+def default_vm(vm: JSON) -> None:
+    """Defaults of a VirtualMachine: instancetype/preference kinds, architecture, machine type."""
+    spec = _child(vm, "spec")
+    for key, kind in (("instancetype", CLUSTER_INSTANCETYPE_KIND), ("preference", CLUSTER_PREFERENCE_KIND)):
+        matcher = spec.get(key)
+        if isinstance(matcher, dict) and not matcher.get("kind"):
+            matcher["kind"] = kind
+    template = spec.get("template")
+    if not isinstance(template, dict) or not isinstance(template.get("spec"), dict):
+        return  # the validator refuses a VM without a template
+    vmi_spec: JSON = template["spec"]
+    vmi_spec.setdefault("architecture", DEFAULT_ARCHITECTURE)
+    domain = _child(vmi_spec, "domain")
+    machine = _child(domain, "machine")
+    if not machine.get("type"):
+        machine["type"] = DEFAULT_MACHINE_TYPE
+    name = vm.get("metadata", {}).get("name")
+    firmware = _child(domain, "firmware")
+    if name and not firmware.get("uuid"):
+        firmware["uuid"] = firmware_uuid(name)
+
+
+def default_vmi(vmi: JSON) -> None:
+    """Defaults of a VirtualMachineInstance, in the order KubeVirt's mutating webhook applies them."""
+    spec = _child(vmi, "spec")
+    default_vmi_spec(spec)
+    domain = _child(spec, "domain")
+    firmware = _child(domain, "firmware")
+    name = vmi.get("metadata", {}).get("name")
+    if name and not firmware.get("uuid"):
+        # KubeVirt draws a random UUID for a bare VMI; a name-derived one is as unique and stable
+        firmware["uuid"] = firmware_uuid(name)
+    _child(domain, "features")
+    _default_status(vmi, domain)
+
+
+def default_vmi_spec(spec: JSON) -> None:
+    """Spec defaults shared by every VMI, whether created directly or from a VM."""
+    spec.setdefault("architecture", DEFAULT_ARCHITECTURE)
+    domain = _child(spec, "domain")
+    machine = _child(domain, "machine")
+    if not machine.get("type"):
+        machine["type"] = DEFAULT_MACHINE_TYPE
+    _default_memory(domain)
+    _default_cpu(domain)
+    _default_pull_policies(spec)
+    _default_network_interface(spec)
+    _default_volume_disks(spec)
+    _default_disk_devices(domain)
+
+
+def _default_memory(domain: JSON) -> None:
+    resources = _child(domain, "resources")
+    requests: dict[str, Any] = resources.get("requests") or {}
+    limits: dict[str, Any] = resources.get("limits") or {}
+    for resource in ("cpu", "memory"):
+        if resource in limits and resource not in requests:
+            requests[resource] = limits[resource]
+    memory = _child(domain, "memory")
+    guest = memory.get("guest")
+    if guest is None:
+        guest = requests.get("memory") or limits.get("memory")
+        if guest is not None:
+            memory["guest"] = guest
+    if guest is not None and "memory" not in requests:
+        requests["memory"] = guest  # memory overcommit 100%: request what the guest sees
+    if requests:
+        resources["requests"] = requests
+    if not memory:
+        del domain["memory"]
+
+
+def _default_cpu(domain: JSON) -> None:
+    cpu = _child(domain, "cpu")
+    if not any(cpu.get(axis) for axis in ("sockets", "cores", "threads")):
+        # no topology: as many sockets as whole CPUs requested, which guests schedule best
+        resources = domain.get("resources", {})
+        vcpus = resources.get("limits", {}).get("cpu") or resources.get("requests", {}).get("cpu")
+        cpu["sockets"] = max(1, _whole_cpus(vcpus))
+        cpu["cores"] = 1
+        cpu["threads"] = 1
+    if not cpu.get("model"):
+        cpu["model"] = DEFAULT_CPU_MODEL
+
+
+def _whole_cpus(value: object) -> int:
+    """A CPU quantity rounded up to whole CPUs (``2``, ``"2"``, ``"1500m"`` -> 2); 0 if unknown."""
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, str) or not value:
+        return 0
+    try:
+        return -(-int(value[:-1]) // 1000) if value.endswith("m") else math.ceil(float(value))
+    except ValueError:
+        return 0
+
+
+def _default_pull_policies(spec: JSON) -> None:
+    for volume in spec.get("volumes") or []:
+        disk = volume.get("containerDisk")
+        if not isinstance(disk, dict) or disk.get("imagePullPolicy"):
+            continue
+        image = str(disk.get("image", ""))
+        untagged = not any(mark in image.rsplit("/", 1)[-1] for mark in ":@")
+        always = image.endswith(":latest") or untagged
+        disk["imagePullPolicy"] = "Always" if always else "IfNotPresent"
+
+
+def _default_network_interface(spec: JSON) -> None:
+    devices = _child(_child(spec, "domain"), "devices")
+    if devices.get("autoattachPodInterface") is False:
+        return
+    if devices.get("interfaces") or spec.get("networks"):
+        return
+    devices["interfaces"] = [{"name": DEFAULT_NETWORK_NAME, DEFAULT_POD_BINDING: {}}]
+    spec["networks"] = [{"name": DEFAULT_NETWORK_NAME, "pod": {}}]
+
+
+def _default_volume_disks(spec: JSON) -> None:
+    """Every volume without a disk gets one of the same name."""
+    devices = _child(_child(spec, "domain"), "devices")
+    disks: list[JSON] = devices.get("disks") or []
+    named = {disk.get("name") for disk in disks}
+    for volume in spec.get("volumes") or []:
+        if volume.get("name") not in named:
+            disks.append({"name": volume.get("name")})
+    if disks:
+        devices["disks"] = disks
+
+
+def _default_disk_devices(domain: JSON) -> None:
+    for disk in domain.get("devices", {}).get("disks") or []:
+        if not any(kind in disk for kind in ("disk", "cdrom", "lun")):
+            disk["disk"] = {}
+        if isinstance(disk.get("disk"), dict):
+            disk["disk"].setdefault("bus", DEFAULT_DISK_BUS)
+        cdrom = disk.get("cdrom")
+        if isinstance(cdrom, dict):
+            cdrom.setdefault("bus", DEFAULT_DISK_BUS)
+            cdrom.setdefault("readonly", True)
+            cdrom.setdefault("tray", "closed")
+
+
+def _default_status(vmi: JSON, domain: JSON) -> None:
+    """Status fields KubeVirt's webhook records at creation: guest memory and CPU topology."""
+    status = _child(vmi, "status")
+    guest = domain.get("memory", {}).get("guest")
+    if guest is not None and "memory" not in status:
+        status["memory"] = {"guestAtBoot": guest, "guestCurrent": guest, "guestRequested": guest}
+    cpu = domain.get("cpu", {})
+    if "currentCPUTopology" not in status:
+        status["currentCPUTopology"] = {
+            axis: cpu[axis] for axis in ("sockets", "cores", "threads") if axis in cpu
+        }

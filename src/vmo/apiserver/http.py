@@ -1,0 +1,625 @@
+"""The HTTP face of the embedded API server (aiohttp): routing, negotiation, verbs, watch.
+
+Resource requests are resolved like kube-apiserver's RequestInfo, authenticated, authorised by
+RBAC, then served from the ``ObjectService``. Every refusal is a ``Status`` body; an unexpected
+failure is logged and answered as a 500 ``Status`` without internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from vmo.api.types import JSON, ResourceType
+from vmo.apiserver import discovery, errors, openapi, table
+from vmo.apiserver import objects as ob
+from vmo.apiserver import patch as patching
+from vmo.apiserver import protobuf as pb
+from vmo.apiserver import store as st
+from vmo.apiserver.auth import Authenticator, Identity
+from vmo.apiserver.errors import ApiError
+from vmo.apiserver.registry import Registry
+from vmo.apiserver.requests import (
+    ResourcePath,
+    Wanted,
+    decode_any_json,
+    decode_body,
+    parse_accept,
+    parse_resource_path,
+)
+from vmo.apiserver.selectors import SelectorError, parse_field_selector, parse_label_selector
+from vmo.apiserver.watch import Change
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 3 * 1024 * 1024
+BOOKMARK_INTERVAL = 30.0
+VERSION = {
+    "major": "1",
+    "minor": "32",
+    "gitVersion": "v1.32.0+vmo",
+    "gitCommit": "",
+    "gitTreeState": "clean",
+    "buildDate": "2026-11-25T00:00:00Z",
+    "goVersion": "python",
+    "compiler": "cpython",
+    "platform": "linux/amd64",
+}
+
+_IDENTITY_KEY = web.AppKey("identity", Identity)
+
+
+class Authorizer(Protocol):
+    def check(self, user: Identity, method: str, path: str, query: dict[str, str]) -> None:
+        """Raises ApiError(403) when RBAC does not allow the request."""
+
+
+VirtualCreate = Callable[[JSON, Identity, str], JSON]
+"""Kinds that are computed, not stored (access reviews): (body, caller, namespace) -> answer."""
+
+SubresourceHandler = Callable[[web.Request, ResourceType, ResourcePath, Identity], Awaitable[web.StreamResponse]]
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_dumps(obj), status=status, content_type="application/json")
+
+
+def status_response(exc: ApiError) -> web.Response:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+    return web.Response(
+        body=_dumps(exc.status()), status=exc.code, content_type="application/json", headers=headers
+    )
+
+
+def _success(details: JSON | None = None) -> JSON:
+    body: JSON = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
+    if details:
+        body["details"] = details
+    return body
+
+
+@dataclass
+class ApiHandlers:
+    registry: Registry
+    service: ob.ObjectService
+    authenticator: Authenticator
+    authorizer: Authorizer
+    # extra subresources served by other components: (group, version, plural, sub) -> handler
+    subresources: dict[tuple[str, str, str, str], SubresourceHandler] = field(default_factory=dict)
+    extra_discovery: discovery.ExtraSubresources = field(default_factory=dict)
+    virtual: dict[tuple[str, str], VirtualCreate] = field(default_factory=dict)
+    ready: bool = True
+
+    # --- app -----------------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors, self._authenticate])
+        app.router.add_get("/version", self._version)
+        app.router.add_get("/version/", self._version)
+        for probe in ("/healthz", "/readyz", "/livez"):
+            app.router.add_get(probe, self._health)
+        app.router.add_get("/api", self._api)
+        app.router.add_get("/api/", self._api)
+        app.router.add_get("/apis", self._apis)
+        app.router.add_get("/apis/", self._apis)
+        app.router.add_get("/openapi/v2", self._openapi_v2)
+        app.router.add_get("/openapi/v3", self._openapi_v3)
+        app.router.add_get("/openapi/v3/{path:.*}", self._openapi_v3_gv)
+        app.router.add_route("*", "/api/{tail:.*}", self._resource)
+        app.router.add_route("*", "/apis/{tail:.*}", self._resource)
+        return app
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return status_response(exc)
+        except web.HTTPRequestEntityTooLarge:
+            return status_response(
+                ApiError(413, "RequestEntityTooLarge", f"the request body exceeds the {MAX_BODY}-byte limit")
+            )
+        except web.HTTPException as exc:
+            if exc.status == 404:
+                return status_response(ApiError(404, "NotFound", "the server could not find the requested resource"))
+            if exc.status == 405:
+                return status_response(errors.method_not_allowed(f"method {request.method} is not allowed"))
+            raise
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("internal error serving %s %s", request.method, request.path)
+            return status_response(
+                ApiError(500, "InternalError", "Internal error occurred: the server failed to serve the request")
+            )
+
+    @web.middleware
+    async def _authenticate(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        peercert = None
+        if request.transport is not None:
+            peercert = request.transport.get_extra_info("peercert")
+        user = self.authenticator.authenticate(request.headers, peercert)
+        if user is None:
+            raise ApiError(401, "Unauthorized", "Unauthorized")
+        request[_IDENTITY_KEY] = user
+        self.authorizer.check(user, request.method, request.path, dict(request.query))
+        return await handler(request)
+
+    # --- non-resource --------------------------------------------------------------------------
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return json_response(VERSION)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        if not self.ready:
+            return web.Response(text="not ready", status=503)
+        return web.Response(text="ok", content_type="text/plain")
+
+    async def _api(self, request: web.Request) -> web.Response:
+        if parse_accept(request.headers.get("Accept", "")).discovery_v2:
+            return self._discovery_v2(core=True)
+        return json_response(discovery.api_versions())
+
+    async def _apis(self, request: web.Request) -> web.Response:
+        if parse_accept(request.headers.get("Accept", "")).discovery_v2:
+            return self._discovery_v2(core=False)
+        return json_response(discovery.api_group_list(self.registry))
+
+    def _discovery_v2(self, *, core: bool) -> web.Response:
+        body = discovery.aggregated(self.registry, core=core, extra=self.extra_discovery)
+        return web.Response(
+            body=_dumps(body),
+            content_type="application/json",
+            headers={"Content-Type": "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"},
+        )
+
+    async def _openapi_v2(self, request: web.Request) -> web.Response:
+        return json_response(openapi.openapi_v2(self.registry.all()))
+
+    async def _openapi_v3(self, request: web.Request) -> web.Response:
+        return json_response(openapi.openapi_v3_index(self.registry.all()))
+
+    async def _openapi_v3_gv(self, request: web.Request) -> web.Response:
+        parts = request.match_info["path"].strip("/").split("/")
+        if parts[:1] == ["api"] and len(parts) == 2:
+            group, version = "", parts[1]
+        elif parts[:1] == ["apis"] and len(parts) == 3:
+            group, version = parts[1], parts[2]
+        else:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        types = self.registry.in_group_version(group, version)
+        if not types:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        return json_response(openapi.openapi_v3_group_version(types, group, version))
+
+    # --- resources -----------------------------------------------------------------------------
+
+    async def _resource(self, request: web.Request) -> web.StreamResponse:
+        rp = parse_resource_path(request.path)
+        if rp is None:
+            return await self._group_discovery(request)
+        rt = self.registry.lookup(rp.group, rp.version, rp.resource)
+        if rt is None:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        user = request[_IDENTITY_KEY]
+        if rp.subresource and rp.subresource not in rt.subresources:
+            handler = self.subresources.get((rp.group, rp.version, rp.resource, rp.subresource))
+            if handler is None:
+                raise ApiError(404, "NotFound", "the server could not find the requested resource")
+            return await handler(request, rt, rp, user)
+        virtual = self.virtual.get((rp.group, rp.resource))
+        if virtual is not None:
+            if request.method != "POST" or rp.name:
+                raise errors.method_not_allowed(f"{request.method} is not supported on {rp.resource}")
+            answer = virtual(await self._body(request), user, rp.namespace)
+            return self._respond(request, answer, rt, status=201)
+        if rt.namespaced and rp.namespace and request.method in ("POST", "PUT", "PATCH"):
+            self._check_namespace_open(rp.namespace, creating=request.method == "POST")
+        caller = ob.Caller(user.name, user.groups, dry_run=request.query.get("dryRun") == "All")
+        method = request.method
+        if method == "GET":
+            if rp.name and not rp.watch_prefix and request.query.get("watch") not in ("true", "1"):
+                return self._respond(request, self.service.get(rt, rp.namespace, rp.name), rt)
+            if rp.watch_prefix or request.query.get("watch") in ("true", "1"):
+                return await self._watch(request, rt, rp)
+            return self._list(request, rt, rp)
+        if method == "POST" and not rp.name:
+            body = await self._body(request)
+            created = self.service.create(rt, rp.namespace, body, caller)
+            return self._respond(request, created, rt, status=201)
+        if method == "PUT" and rp.name:
+            body = await self._body(request)
+            updated = self.service.update(rt, rp.namespace, rp.name, body, subresource=rp.subresource, caller=caller)
+            return self._respond(request, updated, rt)
+        if method == "PATCH" and rp.name:
+            return await self._patch(request, rt, rp, caller)
+        if method == "DELETE":
+            return await self._delete(request, rt, rp, caller)
+        raise errors.method_not_allowed(f"{method} is not supported on {request.path}")
+
+    async def _group_discovery(self, request: web.Request) -> web.Response:
+        parts = [p for p in request.path.split("/") if p]
+        body: JSON | None = None
+        if parts[0] == "api" and len(parts) == 2:
+            body = discovery.api_resource_list(self.registry, "", parts[1], self.extra_discovery)
+        elif parts[0] == "apis" and len(parts) == 2:
+            body = discovery.api_group(self.registry, parts[1])
+        elif parts[0] == "apis" and len(parts) == 3:
+            body = discovery.api_resource_list(self.registry, parts[1], parts[2], self.extra_discovery)
+        if body is None or request.method != "GET":
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        return json_response(body)
+
+    def _check_namespace_open(self, namespace: str, *, creating: bool) -> None:
+        ns_rt = self.registry.lookup("", "v1", "namespaces")
+        assert ns_rt is not None
+        ns = self.service.find(ns_rt, "", namespace)
+        if ns is None:
+            raise errors.not_found("namespaces", "", namespace)
+        if creating and ns["metadata"].get("deletionTimestamp"):
+            raise ApiError(
+                403,
+                "Forbidden",
+                f"unable to create new content in namespace {namespace} because it is being terminated",
+            )
+
+    async def _body(self, request: web.Request) -> JSON:
+        raw = await request.read()
+        return decode_body(raw, request.headers.get("Content-Type", "application/json"))
+
+    def _respond(self, request: web.Request, obj: JSON, rt: ResourceType, status: int = 200) -> web.Response:
+        wanted = parse_accept(request.headers.get("Accept", ""))
+        obj = self._as_version(obj, rt)
+        if wanted.table:
+            return json_response(self._table([obj], rt, request, str(obj["metadata"].get("resourceVersion", ""))), status)
+        if wanted.protobuf_only:
+            return self._protobuf(obj, status)
+        return json_response(obj, status)
+
+    def _protobuf(self, obj: JSON, status: int) -> web.Response:
+        if not pb.supports(str(obj.get("apiVersion", "")), str(obj.get("kind", ""))):
+            raise ApiError(406, "NotAcceptable", "only the following media types are accepted: application/json")
+        return web.Response(body=pb.encode(obj), status=status, content_type=pb.PROTOBUF_CONTENT_TYPE)
+
+    @staticmethod
+    def _as_version(obj: JSON, rt: ResourceType) -> JSON:
+        if obj.get("apiVersion") != rt.api_version and obj.get("kind") == rt.kind:
+            obj["apiVersion"] = rt.api_version
+        return obj
+
+    def _table(self, objs: list[JSON], rt: ResourceType, request: web.Request, rv: str, cont: str = "") -> JSON:
+        include = request.query.get("includeObject", "Metadata")
+        return table.to_table(objs, rt.printer_columns, include_object=include, resource_version=rv, continue_token=cont)
+
+    # --- list ----------------------------------------------------------------------------------
+
+    def _filters(self, request: web.Request, rt: ResourceType) -> Callable[[JSON], bool] | None:
+        labels = request.query.get("labelSelector", "")
+        fields = request.query.get("fieldSelector", "")
+        if not labels and not fields:
+            return None
+        allowed = {"metadata.name": "metadata.name", "metadata.namespace": "metadata.namespace", **rt.field_selectors}
+        try:
+            label_sel = parse_label_selector(labels) if labels else None
+            field_sel = parse_field_selector(fields) if fields else None
+            if field_sel is not None:
+                for name in field_sel.fields:
+                    if name not in allowed:
+                        raise SelectorError(f'field label not supported: {name}')
+        except SelectorError as exc:
+            raise errors.bad_request(str(exc)) from None
+
+        def matches(obj: JSON) -> bool:
+            if label_sel is not None and not label_sel.matches(obj.get("metadata", {}).get("labels") or {}):
+                return False
+            return field_sel is None or field_sel.matches(obj, allowed)
+
+        return matches
+
+    def _list(self, request: web.Request, rt: ResourceType, rp: ResourcePath) -> web.Response:
+        limit = _int_param(request, "limit")
+        start_after = self._continue_from(request.query.get("continue", ""))
+        matches = self._filters(request, rt)
+        rv = self.service.store.revision
+        rows = self.service.scan(rt, rp.namespace, start_after=start_after, limit=0 if matches else limit)
+        next_key = ""
+        if matches is None:
+            if limit and len(rows) == limit and self.service.store.scan(
+                ob.resource_prefix(rt, rp.namespace), start_after=rows[-1].key, limit=1
+            ):
+                next_key = rows[-1].key
+            objs_raw = [r.data for r in rows]
+            objs: list[JSON] | None = None
+        else:
+            objs = []
+            last_key = ""
+            for row in rows:
+                obj = row.obj()
+                if not matches(obj):
+                    continue
+                if limit and len(objs) == limit:
+                    next_key = last_key  # a further match exists: the client may continue
+                    break
+                objs.append(obj)
+                last_key = row.key
+            objs_raw = []
+        cont = self._continue_token(next_key, rv) if next_key else ""
+        wanted = parse_accept(request.headers.get("Accept", ""))
+        if wanted.table:
+            parsed = objs if objs is not None else [json.loads(d) for d in objs_raw]
+            return json_response(self._table([self._as_version(o, rt) for o in parsed], rt, request, str(rv), cont))
+        list_meta: JSON = {"resourceVersion": str(rv)}
+        if cont:
+            list_meta["continue"] = cont
+        if objs is not None or self._needs_rewrite(rt):
+            items = objs if objs is not None else [json.loads(d) for d in objs_raw]
+            body = {"apiVersion": rt.api_version, "kind": f"{rt.kind}List", "metadata": list_meta,
+                    "items": [self._as_version(o, rt) for o in items]}
+            return json_response(body)
+        head = _dumps({"apiVersion": rt.api_version, "kind": f"{rt.kind}List", "metadata": list_meta})[:-1]
+        payload = head + b',"items":[' + b",".join(objs_raw) + b"]}"
+        return web.Response(body=payload, content_type="application/json")
+
+    def _needs_rewrite(self, rt: ResourceType) -> bool:
+        return len([t for t in self.registry.all() if t.group == rt.group and t.plural == rt.plural]) > 1
+
+    def _continue_from(self, token: str) -> str:
+        if not token:
+            return ""
+        try:
+            decoded = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+            key, rv = str(decoded["k"]), int(decoded["rv"])
+        except (ValueError, KeyError, TypeError):
+            raise errors.bad_request("continue key is not valid: malformed token") from None
+        if rv < self.service.store.compacted_revision:
+            raise errors.gone(
+                "The provided continue parameter is too old to display a consistent list result. "
+                "You can start a new list without the continue parameter."
+            )
+        return key
+
+    @staticmethod
+    def _continue_token(key: str, rv: int) -> str:
+        return base64.urlsafe_b64encode(_dumps({"k": key, "rv": rv})).decode().rstrip("=")
+
+    # --- patch ---------------------------------------------------------------------------------
+
+    async def _patch(self, request: web.Request, rt: ResourceType, rp: ResourcePath, caller: ob.Caller) -> web.Response:
+        content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+        raw = await request.read()
+        if content_type == "application/apply-patch+yaml":
+            return self._apply(request, rt, rp, caller, raw)
+        current = self.service.row(rt, rp.namespace, rp.name)
+        live = current.obj()
+        patched = self._patched(rt, live, content_type, raw)
+        if rp.subresource == "status":
+            patched = {**live, "status": patched.get("status", {})}
+        md = patched.setdefault("metadata", {})
+        if not isinstance(md, dict):
+            raise errors.bad_request("metadata must be an object")
+        # a patch that names a resourceVersion makes it a precondition; otherwise it applies
+        # to the version just read
+        if md.get("resourceVersion") in (None, live["metadata"].get("resourceVersion")):
+            md["resourceVersion"] = str(current.rv)
+        result = self.service.replace(rt, current, patched, subresource=rp.subresource, caller=caller)
+        return self._respond(request, result, rt)
+
+    def _patched(self, rt: ResourceType, live: JSON, content_type: str, raw: bytes) -> JSON:
+        patch = decode_any_json(raw)
+        try:
+            if content_type == "application/json-patch+json":
+                if not isinstance(patch, list):
+                    raise errors.bad_request("a JSON patch must be a list of operations")
+                return patching.json_patch(live, patch)
+            if not isinstance(patch, dict):
+                raise errors.bad_request("a merge patch must be a JSON object")
+            if content_type == "application/merge-patch+json":
+                return patching.json_merge_patch(live, patch)
+            if content_type == "application/strategic-merge-patch+json":
+                if self.registry.owner_of(rt.group, rt.plural) != "builtin":
+                    raise ApiError(
+                        415,
+                        "UnsupportedMediaType",
+                        "strategic merge patch is not supported for custom resources; use a merge patch",
+                    )
+                return patching.strategic_merge_patch(live, patch, rt.schema)
+        except patching.PatchError as exc:
+            raise ApiError(422, "Invalid", f"the patch could not be applied: {exc}") from None
+        raise ApiError(
+            415,
+            "UnsupportedMediaType",
+            f'the body of the request was in an unknown format - accepted media types include: '
+            "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, "
+            "application/strategic-merge-patch+json",
+        )
+
+    def _apply(self, request: web.Request, rt: ResourceType, rp: ResourcePath, caller: ob.Caller, raw: bytes) -> web.Response:
+        manager = request.query.get("fieldManager", "")
+        if not manager:
+            raise errors.bad_request("PATCH with apply requires a fieldManager query parameter")
+        applied = decode_body(raw, "application/yaml")
+        force = request.query.get("force") == "true"
+        live = self.service.find(rt, rp.namespace, rp.name)
+        merged = patching.server_side_apply(live, applied, manager=manager, force=force, schema=rt.schema)
+        if live is None:
+            merged.setdefault("metadata", {})["name"] = rp.name
+            created = self.service.create(rt, rp.namespace, merged, caller)
+            return self._respond(request, created, rt, status=201)
+        current = self.service.row(rt, rp.namespace, rp.name)
+        merged.setdefault("metadata", {})["resourceVersion"] = str(current.rv)
+        result = self.service.replace(rt, current, merged, subresource=rp.subresource, caller=caller)
+        return self._respond(request, result, rt)
+
+    # --- delete --------------------------------------------------------------------------------
+
+    async def _delete(self, request: web.Request, rt: ResourceType, rp: ResourcePath, caller: ob.Caller) -> web.Response:
+        raw = await request.read()
+        options: JSON = {}
+        if raw.strip():
+            options = decode_body(raw, request.headers.get("Content-Type", "application/json"))
+        propagation = request.query.get("propagationPolicy") or options.get("propagationPolicy") or "Background"
+        if propagation not in ("Background", "Foreground", "Orphan"):
+            raise errors.invalid("DeleteOptions", "", "", [errors.Cause("propagationPolicy", f'Unsupported value: "{propagation}": supported values: "Background", "Foreground", "Orphan"', "FieldValueNotSupported")])
+        if "dryRun" in options and options["dryRun"] == ["All"]:
+            caller = ob.Caller(caller.name, caller.groups, dry_run=True)
+        preconditions = options.get("preconditions") or {}
+        if rp.name:
+            obj, _ = self.service.delete(rt, rp.namespace, rp.name, propagation=propagation, preconditions=preconditions, caller=caller)
+            return self._respond(request, obj, rt)
+        matches = self._filters(request, rt)
+        for row in self.service.scan(rt, rp.namespace):
+            obj = row.obj()
+            if matches is None or matches(obj):
+                self.service.delete(rt, str(obj["metadata"].get("namespace", "")), obj["metadata"]["name"], propagation=propagation, caller=caller)
+        return json_response(_success())
+
+    # --- watch ---------------------------------------------------------------------------------
+
+    async def _watch(self, request: web.Request, rt: ResourceType, rp: ResourcePath) -> web.StreamResponse:
+        watch = _Watch(self, request, rt, rp)
+        return await watch.run()
+
+
+class _Watch:
+    """One watch stream: initial state or history replay, then live changes, with bookmarks."""
+
+    def __init__(self, handlers: ApiHandlers, request: web.Request, rt: ResourceType, rp: ResourcePath) -> None:
+        self.h = handlers
+        self.request = request
+        self.rt = rt
+        self.rp = rp
+        self.wanted: Wanted = parse_accept(request.headers.get("Accept", ""))
+        query = request.query
+        self.bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
+        self.initial = query.get("sendInitialEvents") in ("true", "1")
+        self.timeout = _int_param(request, "timeoutSeconds") or 1800
+        extra_fields = f"metadata.name={rp.name}" if rp.name else ""
+        fields = ",".join(f for f in (query.get("fieldSelector", ""), extra_fields) if f)
+        self.matches = handlers._filters(_with_query(request, fieldSelector=fields), rt) if fields or query.get("labelSelector") else None
+        self.prefix = ob.resource_prefix(rt, rp.namespace)
+        self.last_rv = 0
+
+    def _match(self, data: JSON | None) -> bool:
+        return data is not None and (self.matches is None or self.matches(data))
+
+    async def run(self) -> web.StreamResponse:
+        store = self.h.service.store
+        sub = self.h.service.hub.subscribe(self.prefix)
+        try:
+            backlog = self._backlog(store)
+            resp = web.StreamResponse(headers={"Content-Type": "application/json", "Cache-Control": "no-cache"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(self.request)
+            if isinstance(backlog, ApiError):
+                await self._send(resp, "ERROR", backlog.status())
+                return resp
+            for etype, obj in backlog:
+                await self._send(resp, etype, obj)
+            if self.initial and self.bookmarks:
+                await self._bookmark(resp, initial_end=True)
+            await self._follow(resp, sub)
+            return resp
+        finally:
+            self.h.service.hub.unsubscribe(sub)
+
+    def _backlog(self, store: st.Store) -> list[tuple[str, JSON]] | ApiError:
+        """What precedes live changes; computed without awaiting, so nothing slips in between."""
+        rv_param = self.request.query.get("resourceVersion", "")
+        self.last_rv = store.revision
+        if self.initial or rv_param in ("", "0"):
+            rows = store.scan(self.prefix)
+            return [("ADDED", obj) for obj in (r.obj() for r in rows) if self._match(obj)]
+        if not rv_param.isdigit():
+            return errors.bad_request(f'invalid resourceVersion "{rv_param}"')
+        try:
+            history = store.events_since(int(rv_param), self.prefix)
+        except st.Compacted as exc:
+            return errors.gone(str(exc))
+        out = []
+        for event in history:
+            prev = store.previous_state(event.key, event.rv) if self.matches is not None else None
+            change = Change(event.type.value, event.rv, event.key, event.data, prev)
+            translated = self._translate(change)
+            if translated is not None:
+                out.append(translated)
+        return out
+
+    def _translate(self, change: Change) -> tuple[str, JSON] | None:
+        if self.matches is None:
+            return change.type, change.obj
+        now = change.type != "DELETED" and self._match(change.obj)
+        before = self._match(change.prev_obj) if change.type != "ADDED" else False
+        if change.type == "DELETED":
+            return ("DELETED", change.obj) if self._match(change.obj) else None
+        if now and before:
+            return "MODIFIED", change.obj
+        if now:
+            return "ADDED", change.obj
+        if before:
+            return "DELETED", change.obj
+        return None
+
+    async def _follow(self, resp: web.StreamResponse, sub: Any) -> None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                change = await asyncio.wait_for(sub.queue.get(), min(remaining, BOOKMARK_INTERVAL))
+            except TimeoutError:
+                if self.bookmarks:
+                    await self._bookmark(resp)
+                continue
+            if change is None:
+                return
+            if change.rv <= self.last_rv:
+                continue
+            self.last_rv = change.rv
+            translated = self._translate(change)
+            if translated is not None:
+                await self._send(resp, *translated)
+
+    async def _send(self, resp: web.StreamResponse, etype: str, obj: JSON) -> None:
+        if etype != "ERROR":
+            obj = ApiHandlers._as_version(obj, self.rt)
+            if self.wanted.table:
+                obj = self.h._table([obj], self.rt, self.request, str(obj["metadata"].get("resourceVersion", "")))
+        await resp.write(_dumps({"type": etype, "object": obj}) + b"\n")
+
+    async def _bookmark(self, resp: web.StreamResponse, *, initial_end: bool = False) -> None:
+        md: JSON = {"resourceVersion": str(max(self.last_rv, 0))}
+        if initial_end:
+            md["annotations"] = {"k8s.io/initial-events-end": "true"}
+        await resp.write(_dumps({"type": "BOOKMARK", "object": {"kind": self.rt.kind, "apiVersion": self.rt.api_version, "metadata": md}}) + b"\n")
+
+
+def _with_query(request: web.Request, **overrides: str) -> web.Request:
+    query = dict(request.query)
+    query.update(overrides)
+    return request.clone(rel_url=request.rel_url.with_query(query))
+
+
+def _int_param(request: web.Request, name: str) -> int:
+    value = request.query.get(name, "")
+    if not value:
+        return 0
+    if not value.isdigit():
+        raise errors.bad_request(f"{name}: invalid value {value!r}: must be a non-negative integer")
+    return int(value)

@@ -1,0 +1,278 @@
+"""Assembly of the embedded API server: state directory, store, kinds, controllers, TLS listener."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from vmo.api.core import core_resource_types
+from vmo.api.crd import crd_resource_types
+from vmo.api.kubevirt import kubevirt_resource_types
+from vmo.api.types import JSON, ResourceType
+from vmo.apiserver import bootstrap_roles, pki, rbac
+from vmo.apiserver import objects as ob
+from vmo.apiserver import store as st
+from vmo.apiserver.auth import Authenticator, ServiceAccountTokens, TokenFile
+from vmo.apiserver.authz import RbacAuthorization, access_reviews, token_request_handler
+from vmo.apiserver.http import ApiHandlers
+from vmo.apiserver.lifecycle import Lifecycle
+from vmo.apiserver.registry import Registry
+from vmo.apiserver.watch import WatchHub
+
+log = logging.getLogger(__name__)
+
+ADMIN_USER = "vmo-admin"
+ADMIN_GROUPS = ("system:masters",)
+BOOT_NAMESPACES = ("default", "kube-system", "kube-public", "virtual-machines")
+HISTORY_KEEP = 50_000
+COMPACT_EVERY = 60.0
+
+
+@dataclass(frozen=True)
+class StateDir:
+    """Everything the embedded control plane keeps on disk, under ``$VMO_HOME``."""
+
+    root: Path
+
+    @classmethod
+    def default(cls) -> StateDir:
+        return cls(Path(os.environ.get("VMO_HOME") or Path.home() / ".vmo"))
+
+    @property
+    def pki(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def db(self) -> Path:
+        return self.root / "store.db"
+
+    @property
+    def tokens(self) -> Path:
+        return self.root / "tokens.json"
+
+    @property
+    def sa_key(self) -> Path:
+        return self.pki / "sa.key"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.root / "admin.kubeconfig"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "apiserver.pid"
+
+    @property
+    def logfile(self) -> Path:
+        return self.root / "apiserver.log"
+
+    @property
+    def url_file(self) -> Path:
+        return self.root / "apiserver.url"
+
+    def prepare(self) -> None:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.pki.mkdir(mode=0o700, exist_ok=True)
+
+
+def builtin_types() -> list[ResourceType]:
+    return [*core_resource_types(), *kubevirt_resource_types()]
+
+
+def kubeconfig(*, server: str, ca_pem: str, user: str, token: str, namespace: str = "default") -> JSON:
+    import base64
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "vmo",
+                "cluster": {
+                    "server": server,
+                    "certificate-authority-data": base64.b64encode(ca_pem.encode()).decode(),
+                },
+            }
+        ],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": "vmo", "context": {"cluster": "vmo", "user": user, "namespace": namespace}}],
+        "current-context": "vmo",
+        "preferences": {},
+    }
+
+
+def write_private(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+class ApiServer:
+    """One embedded API server bound to a state directory."""
+
+    def __init__(self, state: StateDir, *, host: str = "127.0.0.1", port: int = 6443) -> None:
+        self.state = state
+        self.host = host
+        self.port = port
+        state.prepare()
+        self.ca = pki.ensure_ca(state.pki)
+        self.serving = pki.ensure_serving(self.ca, state.pki)
+        self.store = st.Store(state.db)
+        self.hub = WatchHub()
+        self.registry = Registry(builtin_types())
+        self.service = ob.ObjectService(self.store, self.hub, hooks=_kind_hooks())
+        self.tokens = TokenFile(state.tokens)
+        self.sa_tokens = ServiceAccountTokens(state.sa_key)
+        self.authz = RbacAuthorization(self.service, self.registry)
+        self.service.admission.append(self.authz.admit_rbac_change)
+        self.lifecycle = Lifecycle(
+            self.service,
+            self.registry,
+            crd_types=crd_resource_types,
+            aggregate=rbac.aggregate_cluster_roles,
+            on_rbac_change=self.authz.invalidate,
+        )
+        self.handlers = ApiHandlers(
+            self.registry,
+            self.service,
+            Authenticator(self.tokens, self.sa_tokens, self._service_account_uid),
+            self.authz,
+        )
+        self.handlers.virtual.update(access_reviews(self.authz))
+        token_handler = token_request_handler(self.service, self.registry, self.sa_tokens)
+        self.handlers.subresources[("", "v1", "serviceaccounts", "token")] = token_handler
+        self.handlers.extra_discovery[("", "v1", "serviceaccounts")] = [("token", "TokenRequest", ["create"])]
+        self._runner: web.AppRunner | None = None
+        self._compactor: asyncio.Task[None] | None = None
+
+    def _service_account_uid(self, namespace: str, name: str) -> str | None:
+        rt = self.registry.lookup("", "v1", "serviceaccounts")
+        assert rt is not None
+        sa = self.service.find(rt, namespace, name)
+        return str(sa["metadata"]["uid"]) if sa else None
+
+    # --- bootstrap -----------------------------------------------------------------------------
+
+    def bootstrap(self) -> str | None:
+        """Creates what a fresh server needs; returns the admin token when it was just made."""
+        self._ensure_all(self._rt("", "namespaces"), ({"metadata": {"name": n}} for n in BOOT_NAMESPACES))
+        self._ensure_all(self._rt(rbac.RBAC_GROUP, "clusterroles"), bootstrap_roles.bootstrap_cluster_roles())
+        self._ensure_all(
+            self._rt(rbac.RBAC_GROUP, "clusterrolebindings"), bootstrap_roles.bootstrap_cluster_role_bindings()
+        )
+        if self.tokens.path.exists() and self.state.kubeconfig.exists():
+            return None
+        return self.tokens.add(ADMIN_USER, ADMIN_GROUPS)
+
+    def _rt(self, group: str, plural: str) -> ResourceType:
+        for rt in self.registry.storage_types():
+            if rt.group == group and rt.plural == plural:
+                return rt
+        raise LookupError(f"{plural}.{group} is not registered")
+
+    def _ensure_all(self, rt: ResourceType, objects: Iterable[JSON]) -> None:
+        for obj in objects:
+            name = obj["metadata"]["name"]
+            if self.service.find(rt, "", name) is None:
+                self.service.create(rt, "", {"apiVersion": rt.api_version, "kind": rt.kind, **obj})
+
+    # --- serving -------------------------------------------------------------------------------
+
+    def ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.serving.cert, self.serving.key)
+        ctx.load_verify_locations(self.ca.cert)
+        ctx.verify_mode = ssl.CERT_OPTIONAL  # client certificates authenticate when presented
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+    async def start(self) -> str:
+        """Binds, starts controllers and returns the server URL."""
+        self.lifecycle.prime()
+        admin_token = self.bootstrap()
+        self.lifecycle.start()
+        self._runner = web.AppRunner(self.handlers.app(), access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context(), backlog=512)
+        await site.start()
+        sockname: Any = self._runner.addresses[0]
+        url = f"https://{self.host}:{sockname[1]}"
+        self.state.url_file.write_text(url + "\n")
+        if admin_token is not None:
+            self.write_kubeconfig(self.state.kubeconfig, url=url, user=ADMIN_USER, token=admin_token)
+        else:
+            self._retarget_kubeconfig(url)
+        self._compactor = asyncio.get_running_loop().create_task(self._compact_forever())
+        log.info("VMO API server listening on %s", url)
+        return url
+
+    def write_kubeconfig(self, path: Path, *, url: str, user: str, token: str, namespace: str = "default") -> None:
+        config = kubeconfig(server=url, ca_pem=self.ca.cert.read_text(), user=user, token=token, namespace=namespace)
+        write_private(path, yaml.safe_dump(config, sort_keys=False))
+
+    def _retarget_kubeconfig(self, url: str) -> None:
+        path = self.state.kubeconfig
+        config = yaml.safe_load(path.read_text())
+        for cluster in config.get("clusters", []):
+            cluster["cluster"]["server"] = url
+        write_private(path, yaml.safe_dump(config, sort_keys=False))
+
+    async def _compact_forever(self) -> None:
+        while True:
+            await asyncio.sleep(COMPACT_EVERY)
+            self.store.compact(keep=HISTORY_KEEP)
+
+    async def stop(self) -> None:
+        if self._compactor is not None:
+            self._compactor.cancel()
+        self.hub.close_all()
+        await self.lifecycle.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self.store.close()
+
+
+def _namespace_on_create(obj: JSON) -> None:
+    spec = obj.setdefault("spec", {})
+    finalizers = spec.setdefault("finalizers", [])
+    if ob.NAMESPACE_FINALIZER not in finalizers:
+        finalizers.append(ob.NAMESPACE_FINALIZER)
+    obj["status"] = {"phase": "Active"}
+    labels = obj["metadata"].setdefault("labels", {})
+    labels["kubernetes.io/metadata.name"] = obj["metadata"]["name"]
+
+
+def _namespace_pending(obj: JSON) -> bool:
+    return ob.NAMESPACE_FINALIZER in (obj.get("spec", {}).get("finalizers") or [])
+
+
+def _crd_on_create(obj: JSON) -> None:
+    finalizers = obj["metadata"].setdefault("finalizers", [])
+    if "customresourcecleanup.apiextensions.k8s.io" not in finalizers:
+        finalizers.append("customresourcecleanup.apiextensions.k8s.io")
+
+
+def _kind_hooks() -> dict[tuple[str, str], ob.KindHooks]:
+    return {
+        ("", "Namespace"): ob.KindHooks(on_create=_namespace_on_create, pending_deletion=_namespace_pending),
+        ("apiextensions.k8s.io", "CustomResourceDefinition"): ob.KindHooks(on_create=_crd_on_create),
+    }
+
+
+async def serve_forever(server: ApiServer, stop: asyncio.Event) -> None:
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()

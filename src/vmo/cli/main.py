@@ -1,0 +1,221 @@
+"""The ``vmo`` command: start and stop the embedded control plane, manage its users."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from vmo.apiserver.auth import TokenFile
+from vmo.apiserver.server import ApiServer, StateDir, kubeconfig, serve_forever
+
+READY_TIMEOUT = 30.0
+
+
+def _state(args: argparse.Namespace) -> StateDir:
+    return StateDir(Path(args.home)) if args.home else StateDir.default()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _running_pid(state: StateDir) -> int | None:
+    try:
+        pid = int(state.pidfile.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if _pid_alive(pid) else None
+
+
+def _probe(state: StateDir) -> str | None:
+    """Asks the running server's /readyz; returns its URL when it answers ok."""
+    try:
+        url = state.url_file.read_text().strip()
+        config = yaml.safe_load(state.kubeconfig.read_text())
+    except (FileNotFoundError, yaml.YAMLError):
+        return None
+    token = config["users"][0]["user"]["token"]
+    ctx = ssl.create_default_context(cafile=str(state.pki / "ca.crt"))
+    request = urllib.request.Request(f"{url}/readyz", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, context=ctx, timeout=2) as resp:
+            return url if resp.status == 200 else None
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+# --- up / down / status -----------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    state = _state(args)
+    state.prepare()
+    pid = _running_pid(state)
+    if pid is not None:
+        print(f"VMO is already running (pid {pid}) at {_probe(state) or 'an unknown address'}")
+        return 0
+    if args.detach:
+        return _up_detached(args, state)
+    return _up_foreground(args, state)
+
+
+def _up_foreground(args: argparse.Namespace, state: StateDir) -> int:
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    state.pidfile.write_text(f"{os.getpid()}\n")
+    try:
+        asyncio.run(_serve(args, state))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if state.pidfile.read_text().strip() == str(os.getpid()):
+                state.pidfile.unlink()
+    return 0
+
+
+async def _serve(args: argparse.Namespace, state: StateDir) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    server = ApiServer(state, host=args.host, port=args.port)
+    start = asyncio.ensure_future(serve_forever(server, stop))
+    while not state.url_file.exists() and not start.done():
+        await asyncio.sleep(0.05)
+    if not start.done():
+        print(f"VMO API server ready at {state.url_file.read_text().strip()}", flush=True)
+        print(f"kubectl --kubeconfig {state.kubeconfig} get namespaces", flush=True)
+    await start
+
+
+def _up_detached(args: argparse.Namespace, state: StateDir) -> int:
+    with contextlib.suppress(FileNotFoundError):
+        state.url_file.unlink()
+    argv = [sys.executable, "-m", "vmo.cli.main", "--home", str(state.root), "up", "--host", args.host, "--port", str(args.port)]
+    with open(state.logfile, "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            print(f"vmo up: the server exited with code {proc.returncode}; see {state.logfile}", file=sys.stderr)
+            return 1
+        url = _probe(state) if state.url_file.exists() else None
+        if url:
+            print(f"VMO is running (pid {proc.pid}) at {url}")
+            print(f"  kubeconfig: {state.kubeconfig}")
+            print(f"  log:        {state.logfile}")
+            return 0
+        time.sleep(0.1)
+    print(f"vmo up: the server did not become ready in {READY_TIMEOUT:.0f}s; see {state.logfile}", file=sys.stderr)
+    return 1
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    state = _state(args)
+    pid = _running_pid(state)
+    if pid is None:
+        print("VMO is not running")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.1)
+    if _pid_alive(pid):
+        print(f"vmo down: pid {pid} did not stop in 15s", file=sys.stderr)
+        return 1
+    with contextlib.suppress(FileNotFoundError):
+        state.pidfile.unlink()
+    print("VMO stopped")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    state = _state(args)
+    pid = _running_pid(state)
+    url = _probe(state) if pid else None
+    if pid is None:
+        print("VMO is not running")
+        return 3
+    print(f"VMO is running (pid {pid})")
+    print(f"  API server: {url or 'not answering'}")
+    print(f"  kubeconfig: {state.kubeconfig}")
+    return 0 if url else 1
+
+
+# --- users -----------------------------------------------------------------------------------
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    state = _state(args)
+    if not state.url_file.exists():
+        print("vmo user add: start VMO first (vmo up) so the kubeconfig can name its address", file=sys.stderr)
+        return 1
+    token = TokenFile(state.tokens).add(args.name, tuple(args.group))
+    config = kubeconfig(
+        server=state.url_file.read_text().strip(),
+        ca_pem=(state.pki / "ca.crt").read_text(),
+        user=args.name,
+        token=token,
+        namespace=args.namespace,
+    )
+    text = yaml.safe_dump(config, sort_keys=False)
+    if args.output:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        print(f"kubeconfig for {args.name} written to {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="vmo", description="VMO, a Virtual Machine Orchestrator")
+    top.add_argument("--home", default="", help="state directory (default $VMO_HOME or ~/.vmo)")
+    sub = top.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the embedded control plane")
+    up.add_argument("-d", "--detach", action="store_true", help="run as a daemon (pid and log files)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=6443)
+    up.add_argument("-v", "--verbose", action="store_true")
+    up.set_defaults(func=cmd_up)
+    sub.add_parser("down", help="stop the embedded control plane").set_defaults(func=cmd_down)
+    sub.add_parser("status", help="is the control plane running?").set_defaults(func=cmd_status)
+    user = sub.add_parser("user", help="manage users").add_subparsers(dest="user_command", required=True)
+    add = user.add_parser("add", help="add a user with a token and print a kubeconfig for it")
+    add.add_argument("name")
+    add.add_argument("--group", action="append", default=[], help="a group of the user (repeatable)")
+    add.add_argument("--namespace", default="virtual-machines", help="the kubeconfig's default namespace")
+    add.add_argument("-o", "--output", default="", help="write the kubeconfig to this file (mode 0600)")
+    add.set_defaults(func=cmd_user_add)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""An embedded API server running in a background thread, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from vmo.apiserver.server import ApiServer, StateDir
+
+T = TypeVar("T")
+
+
+@dataclass
+class ThreadedServer:
+    """Starts an ``ApiServer`` on its own event loop in a daemon thread."""
+
+    home: Path
+    port: int = 0
+    server: ApiServer | None = None
+    url: str = ""
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> ThreadedServer:
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vmo-apiserver", daemon=True)
+        self._thread.start()
+        self.server = self.call(self._make())
+        self.url = self.call(self.server.start())
+        return self
+
+    async def _make(self) -> ApiServer:
+        return ApiServer(StateDir(self.home), port=self.port)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        """Runs a coroutine on the server's loop and waits for its result."""
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result(timeout)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.call(self.server.stop())
+            self.server = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+        self._loop.close()
+
+    @property
+    def kubeconfig(self) -> Path:
+        return StateDir(self.home).kubeconfig
+
+    @property
+    def ca(self) -> Path:
+        return StateDir(self.home).pki / "ca.crt"
+
+    @property
+    def admin_token(self) -> str:
+        config = yaml.safe_load(self.kubeconfig.read_text())
+        token: str = config["users"][0]["user"]["token"]
+        return token
+
+    def __enter__(self) -> ThreadedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
