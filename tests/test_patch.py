@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import copy
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from vmo.apiserver.patch import (
+    ApplyConflict,
     PatchError,
     json_equal,
     json_merge_patch,
     json_patch,
+    record_update,
+    server_side_apply,
     strategic_merge_patch,
 )
 
@@ -473,3 +477,102 @@ def test_replace_strategy_map_is_replaced() -> None:
     }
     result = strategic_merge_patch({"spec": {"a": 1}}, {"spec": {"b": 2}}, schema)
     assert result == {"spec": {"b": 2}}
+
+
+# --------------------------------------------------------------------------- server-side apply
+
+NOW = datetime(2025, 1, 10, 12, 0, 0, tzinfo=UTC)
+
+
+def vm(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": "vm-a", "namespace": "default"},
+        "spec": spec,
+    }
+
+
+def apply(live: Any, config: dict[str, Any], manager: str, *, force: bool = False) -> Any:
+    return server_side_apply(
+        live, config, manager=manager, force=force, schema=SERVICE_SCHEMA, now=NOW
+    )
+
+
+def managers(obj: dict[str, Any]) -> dict[tuple[str, str], Any]:
+    return {(e["manager"], e["operation"]): e["fieldsV1"] for e in obj["metadata"]["managedFields"]}
+
+
+def test_apply_creates_and_records_ownership() -> None:
+    result = apply(None, vm(running=True), "kubectl")
+    assert result["spec"] == {"running": True}
+    (entry,) = result["metadata"]["managedFields"]
+    assert entry == {
+        "manager": "kubectl",
+        "operation": "Apply",
+        "apiVersion": "kubevirt.io/v1",
+        "time": "2025-01-10T12:00:00Z",
+        "fieldsType": "FieldsV1",
+        "fieldsV1": {"f:spec": {"f:running": {}}},
+    }
+
+
+def test_apply_by_other_manager_with_different_value_conflicts() -> None:
+    live = apply(None, vm(running=True), "kubectl")
+    with pytest.raises(ApplyConflict) as caught:
+        apply(live, vm(running=False), "vmo-controller")
+    assert caught.value.conflicts == (("kubectl", ".spec.running"),)
+    assert str(caught.value) == (
+        'Apply failed with 1 conflict: conflict with "kubectl" using kubevirt.io/v1: .spec.running'
+    )
+
+
+def test_apply_with_same_value_shares_ownership() -> None:
+    live = apply(None, vm(running=True), "kubectl")
+    result = apply(live, vm(running=True), "other")
+    assert set(managers(result)) == {("kubectl", "Apply"), ("other", "Apply")}
+
+
+def test_forced_apply_takes_ownership() -> None:
+    live = apply(None, vm(running=True, runStrategy="x"), "kubectl")
+    result = apply(live, vm(running=False), "vmo", force=True)
+    assert result["spec"] == {"running": False, "runStrategy": "x"}
+    assert managers(result)[("kubectl", "Apply")] == {"f:spec": {"f:runStrategy": {}}}
+
+
+def test_field_dropped_from_config_is_removed_when_nobody_else_owns_it() -> None:
+    live = apply(None, vm(running=True, runStrategy="x"), "kubectl")
+    result = apply(live, vm(running=True), "kubectl")
+    assert result["spec"] == {"running": True}
+
+
+def test_field_dropped_from_config_stays_when_another_manager_owns_it() -> None:
+    live = apply(None, vm(running=True, runStrategy="x"), "kubectl")
+    live = apply(live, vm(runStrategy="x"), "other")
+    result = apply(live, vm(running=True), "kubectl")
+    assert result["spec"] == {"running": True, "runStrategy": "x"}
+
+
+def test_apply_merges_keyed_lists_and_records_items() -> None:
+    live = apply(None, svc({"port": 80, "name": "http"}), "a")
+    result = apply(live, svc({"port": 443, "name": "https"}), "b")
+    assert [p["port"] for p in result["spec"]["ports"]] == [80, 443]
+    assert managers(result)[("b", "Apply")] == {
+        "f:spec": {"f:ports": {'k:{"port":443}': {".": {}, "f:name": {}, "f:port": {}}}}
+    }
+
+
+def test_apply_removes_list_item_the_manager_dropped() -> None:
+    live = apply(None, svc({"port": 80}, {"port": 443}), "a")
+    result = apply(live, svc({"port": 443}), "a")
+    assert result["spec"]["ports"] == [{"port": 443}]
+
+
+def test_update_after_apply_takes_changed_fields_so_apply_conflicts() -> None:
+    live = apply(None, vm(running=True), "kubectl")
+    edited = copy.deepcopy(live)
+    edited["spec"]["running"] = False
+    updated = record_update(live, edited, manager="kubectl-edit", schema=None, now=NOW)
+    assert managers(updated) == {("kubectl-edit", "Update"): {"f:spec": {"f:running": {}}}}
+    with pytest.raises(ApplyConflict, match="kubectl-edit"):
+        apply(updated, vm(running=True), "kubectl")

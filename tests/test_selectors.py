@@ -215,7 +215,7 @@ def test_field_selector_parse_errors(selector: str, message: str) -> None:
 
 def test_unknown_field_is_refused_with_kubernetes_message() -> None:
     selector = parse_field_selector("spec.nodeName=n1")
-    with pytest.raises(SelectorError, match="^field label not supported: spec.nodeName$"):
+    with pytest.raises(SelectorError, match=r"^field label not supported: spec\.nodeName$"):
         selector.matches(VMI, ALLOWED)
 
 

@@ -122,7 +122,11 @@ def validate_annotations(annotations: Any, path: str) -> list[Cause]:
         total += len(key) + len(value)
     if total > ANNOTATIONS_MAX_BYTES:
         causes.append(
-            Cause(path, f"Too long: must have at most {ANNOTATIONS_MAX_BYTES} bytes", "FieldValueTooLong")
+            Cause(
+                path,
+                f"Too long: must have at most {ANNOTATIONS_MAX_BYTES} bytes",
+                "FieldValueTooLong",
+            )
         )
     return causes
 
@@ -143,7 +147,9 @@ def validate_owner_references(refs: Any, path: str) -> list[Cause]:
                 causes.append(Cause(f"{path}[{i}].{field}", "Required value", "FieldValueRequired"))
         controllers += 1 if ref.get("controller") else 0
     if controllers > 1:
-        causes.append(Cause(path, "Invalid value: only one reference can have Controller set to true"))
+        causes.append(
+            Cause(path, "Invalid value: only one reference can have Controller set to true")
+        )
     return causes
 
 
@@ -153,13 +159,21 @@ def validate_object_meta(meta: JSON, *, name_rule: str, namespaced: bool) -> lis
     name = meta.get("name")
     if not isinstance(name, str) or not name:
         causes.append(
-            Cause("metadata.name", "Required value: name or generateName is required", "FieldValueRequired")
+            Cause(
+                "metadata.name",
+                "Required value: name or generateName is required",
+                "FieldValueRequired",
+            )
         )
     else:
         for err in NAME_RULES[name_rule](name):
             causes.append(Cause("metadata.name", f'Invalid value: "{name}": {err}'))
     if not namespaced and meta.get("namespace"):
-        causes.append(Cause("metadata.namespace", "Forbidden: not allowed on this type", "FieldValueForbidden"))
+        causes.append(
+            Cause(
+                "metadata.namespace", "Forbidden: not allowed on this type", "FieldValueForbidden"
+            )
+        )
     causes += validate_labels(meta.get("labels"), "metadata.labels")
     causes += validate_annotations(meta.get("annotations"), "metadata.annotations")
     causes += validate_owner_references(meta.get("ownerReferences"), "metadata.ownerReferences")
@@ -167,5 +181,7 @@ def validate_object_meta(meta: JSON, *, name_rule: str, namespaced: bool) -> lis
     if finalizers is not None and (
         not isinstance(finalizers, list) or not all(isinstance(f, str) for f in finalizers)
     ):
-        causes.append(Cause("metadata.finalizers", "must be a list of strings", "FieldValueTypeInvalid"))
+        causes.append(
+            Cause("metadata.finalizers", "must be a list of strings", "FieldValueTypeInvalid")
+        )
     return causes

@@ -99,7 +99,9 @@ class ServiceAccountTokens:
                 fh.write(secrets.token_bytes(32))
         self._key = key_path.read_bytes()
 
-    def issue(self, namespace: str, name: str, uid: str, *, seconds: int, audiences: list[str]) -> tuple[str, int]:
+    def issue(
+        self, namespace: str, name: str, uid: str, *, seconds: int, audiences: list[str]
+    ) -> tuple[str, int]:
         now = int(time.time())
         claims = {
             "iss": ISSUER,
@@ -112,7 +114,9 @@ class ServiceAccountTokens:
         }
         header = _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
         payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
-        signature = _b64(hmac.new(self._key, f"{header}.{payload}".encode(), hashlib.sha256).digest())
+        signature = _b64(
+            hmac.new(self._key, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+        )
         return f"{header}.{payload}.{signature}", claims["exp"]  # type: ignore[return-value]
 
     def verify(self, token: str) -> dict[str, Any] | None:
@@ -143,7 +147,9 @@ class Authenticator:
         self.sa_tokens = sa_tokens
         self._sa_lookup = sa_lookup
 
-    def authenticate(self, headers: Mapping[str, str], peercert: dict[str, Any] | None) -> Identity | None:
+    def authenticate(
+        self, headers: Mapping[str, str], peercert: dict[str, Any] | None
+    ) -> Identity | None:
         auth = headers.get("Authorization", "")
         if auth.lower().startswith("bearer "):
             return self._from_token(auth[7:].strip())

@@ -104,9 +104,18 @@ def aggregated(registry: Registry, *, core: bool, extra: ExtraSubresources) -> J
             resources = []
             for rt in sorted(registry.in_group_version(group, version), key=lambda t: t.plural):
                 resources.append(_aggregated_resource(rt, extra))
-            version_entries.append({"version": version, "resources": resources, "freshness": "Current"})
-        items.append({"metadata": {"name": group, "creationTimestamp": None}, "versions": version_entries})
-    return {"kind": "APIGroupDiscoveryList", "apiVersion": "apidiscovery.k8s.io/v2", "metadata": {}, "items": items}
+            version_entries.append(
+                {"version": version, "resources": resources, "freshness": "Current"}
+            )
+        items.append(
+            {"metadata": {"name": group, "creationTimestamp": None}, "versions": version_entries}
+        )
+    return {
+        "kind": "APIGroupDiscoveryList",
+        "apiVersion": "apidiscovery.k8s.io/v2",
+        "metadata": {},
+        "items": items,
+    }
 
 
 def _aggregated_resource(rt: ResourceType, extra: ExtraSubresources) -> JSON:
@@ -124,13 +133,21 @@ def _aggregated_resource(rt: ResourceType, extra: ExtraSubresources) -> JSON:
     subs = [
         {
             "subresource": sub,
-            "responseKind": {"group": rt.group, "version": rt.version, "kind": "Scale" if sub == "scale" else rt.kind},
+            "responseKind": {
+                "group": rt.group,
+                "version": rt.version,
+                "kind": "Scale" if sub == "scale" else rt.kind,
+            },
             "verbs": SUBRESOURCE_VERBS.get(sub, ["get"]),
         }
         for sub in rt.subresources
     ]
     subs += [
-        {"subresource": name, "responseKind": {"group": "", "version": "", "kind": kind}, "verbs": verbs}
+        {
+            "subresource": name,
+            "responseKind": {"group": "", "version": "", "kind": kind},
+            "verbs": verbs,
+        }
         for name, kind, verbs in extra.get((rt.group, rt.version, rt.plural), [])
     ]
     if subs:

@@ -65,7 +65,9 @@ class Authorizer(Protocol):
 VirtualCreate = Callable[[JSON, Identity, str], JSON]
 """Kinds that are computed, not stored (access reviews): (body, caller, namespace) -> answer."""
 
-SubresourceHandler = Callable[[web.Request, ResourceType, ResourcePath, Identity], Awaitable[web.StreamResponse]]
+SubresourceHandler = Callable[
+    [web.Request, ResourceType, ResourcePath, Identity], Awaitable[web.StreamResponse]
+]
 
 
 def _dumps(obj: Any) -> bytes:
@@ -105,7 +107,9 @@ class ApiHandlers:
     # --- app -----------------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors, self._authenticate])
+        app = web.Application(
+            client_max_size=MAX_BODY, middlewares=[self._errors, self._authenticate]
+        )
         app.router.add_get("/version", self._version)
         app.router.add_get("/version/", self._version)
         for probe in ("/healthz", "/readyz", "/livez"):
@@ -131,20 +135,32 @@ class ApiHandlers:
             return status_response(exc)
         except web.HTTPRequestEntityTooLarge:
             return status_response(
-                ApiError(413, "RequestEntityTooLarge", f"the request body exceeds the {MAX_BODY}-byte limit")
+                ApiError(
+                    413,
+                    "RequestEntityTooLarge",
+                    f"the request body exceeds the {MAX_BODY}-byte limit",
+                )
             )
         except web.HTTPException as exc:
             if exc.status == 404:
-                return status_response(ApiError(404, "NotFound", "the server could not find the requested resource"))
+                return status_response(
+                    ApiError(404, "NotFound", "the server could not find the requested resource")
+                )
             if exc.status == 405:
-                return status_response(errors.method_not_allowed(f"method {request.method} is not allowed"))
+                return status_response(
+                    errors.method_not_allowed(f"method {request.method} is not allowed")
+                )
             raise
         except (ConnectionResetError, asyncio.CancelledError):
             raise
         except Exception:
             log.exception("internal error serving %s %s", request.method, request.path)
             return status_response(
-                ApiError(500, "InternalError", "Internal error occurred: the server failed to serve the request")
+                ApiError(
+                    500,
+                    "InternalError",
+                    "Internal error occurred: the server failed to serve the request",
+                )
             )
 
     @web.middleware
@@ -186,7 +202,9 @@ class ApiHandlers:
         return web.Response(
             body=_dumps(body),
             content_type="application/json",
-            headers={"Content-Type": "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"},
+            headers={
+                "Content-Type": "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"
+            },
         )
 
     async def _openapi_v2(self, request: web.Request) -> web.Response:
@@ -226,7 +244,9 @@ class ApiHandlers:
         virtual = self.virtual.get((rp.group, rp.resource))
         if virtual is not None:
             if request.method != "POST" or rp.name:
-                raise errors.method_not_allowed(f"{request.method} is not supported on {rp.resource}")
+                raise errors.method_not_allowed(
+                    f"{request.method} is not supported on {rp.resource}"
+                )
             answer = virtual(await self._body(request), user, rp.namespace)
             return self._respond(request, answer, rt, status=201)
         if rt.namespaced and rp.namespace and request.method in ("POST", "PUT", "PATCH"):
@@ -245,7 +265,9 @@ class ApiHandlers:
             return self._respond(request, created, rt, status=201)
         if method == "PUT" and rp.name:
             body = await self._body(request)
-            updated = self.service.update(rt, rp.namespace, rp.name, body, subresource=rp.subresource, caller=caller)
+            updated = self.service.update(
+                rt, rp.namespace, rp.name, body, subresource=rp.subresource, caller=caller
+            )
             return self._respond(request, updated, rt)
         if method == "PATCH" and rp.name:
             return await self._patch(request, rt, rp, caller)
@@ -261,7 +283,9 @@ class ApiHandlers:
         elif parts[0] == "apis" and len(parts) == 2:
             body = discovery.api_group(self.registry, parts[1])
         elif parts[0] == "apis" and len(parts) == 3:
-            body = discovery.api_resource_list(self.registry, parts[1], parts[2], self.extra_discovery)
+            body = discovery.api_resource_list(
+                self.registry, parts[1], parts[2], self.extra_discovery
+            )
         if body is None or request.method != "GET":
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         return json_response(body)
@@ -283,19 +307,30 @@ class ApiHandlers:
         raw = await request.read()
         return decode_body(raw, request.headers.get("Content-Type", "application/json"))
 
-    def _respond(self, request: web.Request, obj: JSON, rt: ResourceType, status: int = 200) -> web.Response:
+    def _respond(
+        self, request: web.Request, obj: JSON, rt: ResourceType, status: int = 200
+    ) -> web.Response:
         wanted = parse_accept(request.headers.get("Accept", ""))
         obj = self._as_version(obj, rt)
         if wanted.table:
-            return json_response(self._table([obj], rt, request, str(obj["metadata"].get("resourceVersion", ""))), status)
+            return json_response(
+                self._table([obj], rt, request, str(obj["metadata"].get("resourceVersion", ""))),
+                status,
+            )
         if wanted.protobuf_only:
             return self._protobuf(obj, status)
         return json_response(obj, status)
 
     def _protobuf(self, obj: JSON, status: int) -> web.Response:
         if not pb.supports(str(obj.get("apiVersion", "")), str(obj.get("kind", ""))):
-            raise ApiError(406, "NotAcceptable", "only the following media types are accepted: application/json")
-        return web.Response(body=pb.encode(obj), status=status, content_type=pb.PROTOBUF_CONTENT_TYPE)
+            raise ApiError(
+                406,
+                "NotAcceptable",
+                "only the following media types are accepted: application/json",
+            )
+        return web.Response(
+            body=pb.encode(obj), status=status, content_type=pb.PROTOBUF_CONTENT_TYPE
+        )
 
     @staticmethod
     def _as_version(obj: JSON, rt: ResourceType) -> JSON:
@@ -303,9 +338,17 @@ class ApiHandlers:
             obj["apiVersion"] = rt.api_version
         return obj
 
-    def _table(self, objs: list[JSON], rt: ResourceType, request: web.Request, rv: str, cont: str = "") -> JSON:
+    def _table(
+        self, objs: list[JSON], rt: ResourceType, request: web.Request, rv: str, cont: str = ""
+    ) -> JSON:
         include = request.query.get("includeObject", "Metadata")
-        return table.to_table(objs, rt.printer_columns, include_object=include, resource_version=rv, continue_token=cont)
+        return table.to_table(
+            objs,
+            rt.printer_columns,
+            include_object=include,
+            resource_version=rv,
+            continue_token=cont,
+        )
 
     # --- list ----------------------------------------------------------------------------------
 
@@ -314,19 +357,25 @@ class ApiHandlers:
         fields = request.query.get("fieldSelector", "")
         if not labels and not fields:
             return None
-        allowed = {"metadata.name": "metadata.name", "metadata.namespace": "metadata.namespace", **rt.field_selectors}
+        allowed = {
+            "metadata.name": "metadata.name",
+            "metadata.namespace": "metadata.namespace",
+            **rt.field_selectors,
+        }
         try:
             label_sel = parse_label_selector(labels) if labels else None
             field_sel = parse_field_selector(fields) if fields else None
             if field_sel is not None:
                 for name in field_sel.fields:
                     if name not in allowed:
-                        raise SelectorError(f'field label not supported: {name}')
+                        raise SelectorError(f"field label not supported: {name}")
         except SelectorError as exc:
             raise errors.bad_request(str(exc)) from None
 
         def matches(obj: JSON) -> bool:
-            if label_sel is not None and not label_sel.matches(obj.get("metadata", {}).get("labels") or {}):
+            if label_sel is not None and not label_sel.matches(
+                obj.get("metadata", {}).get("labels") or {}
+            ):
                 return False
             return field_sel is None or field_sel.matches(obj, allowed)
 
@@ -337,11 +386,17 @@ class ApiHandlers:
         start_after = self._continue_from(request.query.get("continue", ""))
         matches = self._filters(request, rt)
         rv = self.service.store.revision
-        rows = self.service.scan(rt, rp.namespace, start_after=start_after, limit=0 if matches else limit)
+        rows = self.service.scan(
+            rt, rp.namespace, start_after=start_after, limit=0 if matches else limit
+        )
         next_key = ""
         if matches is None:
-            if limit and len(rows) == limit and self.service.store.scan(
-                ob.resource_prefix(rt, rp.namespace), start_after=rows[-1].key, limit=1
+            if (
+                limit
+                and len(rows) == limit
+                and self.service.store.scan(
+                    ob.resource_prefix(rt, rp.namespace), start_after=rows[-1].key, limit=1
+                )
             ):
                 next_key = rows[-1].key
             objs_raw = [r.data for r in rows]
@@ -363,21 +418,32 @@ class ApiHandlers:
         wanted = parse_accept(request.headers.get("Accept", ""))
         if wanted.table:
             parsed = objs if objs is not None else [json.loads(d) for d in objs_raw]
-            return json_response(self._table([self._as_version(o, rt) for o in parsed], rt, request, str(rv), cont))
+            return json_response(
+                self._table([self._as_version(o, rt) for o in parsed], rt, request, str(rv), cont)
+            )
         list_meta: JSON = {"resourceVersion": str(rv)}
         if cont:
             list_meta["continue"] = cont
         if objs is not None or self._needs_rewrite(rt):
             items = objs if objs is not None else [json.loads(d) for d in objs_raw]
-            body = {"apiVersion": rt.api_version, "kind": f"{rt.kind}List", "metadata": list_meta,
-                    "items": [self._as_version(o, rt) for o in items]}
+            body = {
+                "apiVersion": rt.api_version,
+                "kind": f"{rt.kind}List",
+                "metadata": list_meta,
+                "items": [self._as_version(o, rt) for o in items],
+            }
             return json_response(body)
-        head = _dumps({"apiVersion": rt.api_version, "kind": f"{rt.kind}List", "metadata": list_meta})[:-1]
+        head = _dumps(
+            {"apiVersion": rt.api_version, "kind": f"{rt.kind}List", "metadata": list_meta}
+        )[:-1]
         payload = head + b',"items":[' + b",".join(objs_raw) + b"]}"
         return web.Response(body=payload, content_type="application/json")
 
     def _needs_rewrite(self, rt: ResourceType) -> bool:
-        return len([t for t in self.registry.all() if t.group == rt.group and t.plural == rt.plural]) > 1
+        return (
+            len([t for t in self.registry.all() if t.group == rt.group and t.plural == rt.plural])
+            > 1
+        )
 
     def _continue_from(self, token: str) -> str:
         if not token:
@@ -400,7 +466,9 @@ class ApiHandlers:
 
     # --- patch ---------------------------------------------------------------------------------
 
-    async def _patch(self, request: web.Request, rt: ResourceType, rp: ResourcePath, caller: ob.Caller) -> web.Response:
+    async def _patch(
+        self, request: web.Request, rt: ResourceType, rp: ResourcePath, caller: ob.Caller
+    ) -> web.Response:
         content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
         raw = await request.read()
         if content_type == "application/apply-patch+yaml":
@@ -417,7 +485,9 @@ class ApiHandlers:
         # to the version just read
         if md.get("resourceVersion") in (None, live["metadata"].get("resourceVersion")):
             md["resourceVersion"] = str(current.rv)
-        result = self.service.replace(rt, current, patched, subresource=rp.subresource, caller=caller)
+        result = self.service.replace(
+            rt, current, patched, subresource=rp.subresource, caller=caller
+        )
         return self._respond(request, result, rt)
 
     def _patched(self, rt: ResourceType, live: JSON, content_type: str, raw: bytes) -> JSON:
@@ -444,54 +514,97 @@ class ApiHandlers:
         raise ApiError(
             415,
             "UnsupportedMediaType",
-            f'the body of the request was in an unknown format - accepted media types include: '
+            "the body of the request was in an unknown format - accepted media types include: "
             "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, "
             "application/strategic-merge-patch+json",
         )
 
-    def _apply(self, request: web.Request, rt: ResourceType, rp: ResourcePath, caller: ob.Caller, raw: bytes) -> web.Response:
+    def _apply(
+        self,
+        request: web.Request,
+        rt: ResourceType,
+        rp: ResourcePath,
+        caller: ob.Caller,
+        raw: bytes,
+    ) -> web.Response:
         manager = request.query.get("fieldManager", "")
         if not manager:
             raise errors.bad_request("PATCH with apply requires a fieldManager query parameter")
         applied = decode_body(raw, "application/yaml")
         force = request.query.get("force") == "true"
         live = self.service.find(rt, rp.namespace, rp.name)
-        merged = patching.server_side_apply(live, applied, manager=manager, force=force, schema=rt.schema)
+        merged = patching.server_side_apply(
+            live, applied, manager=manager, force=force, schema=rt.schema
+        )
         if live is None:
             merged.setdefault("metadata", {})["name"] = rp.name
             created = self.service.create(rt, rp.namespace, merged, caller)
             return self._respond(request, created, rt, status=201)
         current = self.service.row(rt, rp.namespace, rp.name)
         merged.setdefault("metadata", {})["resourceVersion"] = str(current.rv)
-        result = self.service.replace(rt, current, merged, subresource=rp.subresource, caller=caller)
+        result = self.service.replace(
+            rt, current, merged, subresource=rp.subresource, caller=caller
+        )
         return self._respond(request, result, rt)
 
     # --- delete --------------------------------------------------------------------------------
 
-    async def _delete(self, request: web.Request, rt: ResourceType, rp: ResourcePath, caller: ob.Caller) -> web.Response:
+    async def _delete(
+        self, request: web.Request, rt: ResourceType, rp: ResourcePath, caller: ob.Caller
+    ) -> web.Response:
         raw = await request.read()
         options: JSON = {}
         if raw.strip():
             options = decode_body(raw, request.headers.get("Content-Type", "application/json"))
-        propagation = request.query.get("propagationPolicy") or options.get("propagationPolicy") or "Background"
+        propagation = (
+            request.query.get("propagationPolicy")
+            or options.get("propagationPolicy")
+            or "Background"
+        )
         if propagation not in ("Background", "Foreground", "Orphan"):
-            raise errors.invalid("DeleteOptions", "", "", [errors.Cause("propagationPolicy", f'Unsupported value: "{propagation}": supported values: "Background", "Foreground", "Orphan"', "FieldValueNotSupported")])
+            raise errors.invalid(
+                "DeleteOptions",
+                "",
+                "",
+                [
+                    errors.Cause(
+                        "propagationPolicy",
+                        f'Unsupported value: "{propagation}": supported values: "Background", "Foreground", "Orphan"',
+                        "FieldValueNotSupported",
+                    )
+                ],
+            )
         if "dryRun" in options and options["dryRun"] == ["All"]:
             caller = ob.Caller(caller.name, caller.groups, dry_run=True)
         preconditions = options.get("preconditions") or {}
         if rp.name:
-            obj, _ = self.service.delete(rt, rp.namespace, rp.name, propagation=propagation, preconditions=preconditions, caller=caller)
+            obj, _ = self.service.delete(
+                rt,
+                rp.namespace,
+                rp.name,
+                propagation=propagation,
+                preconditions=preconditions,
+                caller=caller,
+            )
             return self._respond(request, obj, rt)
         matches = self._filters(request, rt)
         for row in self.service.scan(rt, rp.namespace):
             obj = row.obj()
             if matches is None or matches(obj):
-                self.service.delete(rt, str(obj["metadata"].get("namespace", "")), obj["metadata"]["name"], propagation=propagation, caller=caller)
+                self.service.delete(
+                    rt,
+                    str(obj["metadata"].get("namespace", "")),
+                    obj["metadata"]["name"],
+                    propagation=propagation,
+                    caller=caller,
+                )
         return json_response(_success())
 
     # --- watch ---------------------------------------------------------------------------------
 
-    async def _watch(self, request: web.Request, rt: ResourceType, rp: ResourcePath) -> web.StreamResponse:
+    async def _watch(
+        self, request: web.Request, rt: ResourceType, rp: ResourcePath
+    ) -> web.StreamResponse:
         watch = _Watch(self, request, rt, rp)
         return await watch.run()
 
@@ -499,7 +612,9 @@ class ApiHandlers:
 class _Watch:
     """One watch stream: initial state or history replay, then live changes, with bookmarks."""
 
-    def __init__(self, handlers: ApiHandlers, request: web.Request, rt: ResourceType, rp: ResourcePath) -> None:
+    def __init__(
+        self, handlers: ApiHandlers, request: web.Request, rt: ResourceType, rp: ResourcePath
+    ) -> None:
         self.h = handlers
         self.request = request
         self.rt = rt
@@ -511,7 +626,11 @@ class _Watch:
         self.timeout = _int_param(request, "timeoutSeconds") or 1800
         extra_fields = f"metadata.name={rp.name}" if rp.name else ""
         fields = ",".join(f for f in (query.get("fieldSelector", ""), extra_fields) if f)
-        self.matches = handlers._filters(_with_query(request, fieldSelector=fields), rt) if fields or query.get("labelSelector") else None
+        self.matches = (
+            handlers._filters(_with_query(request, fieldSelector=fields), rt)
+            if fields or query.get("labelSelector")
+            else None
+        )
         self.prefix = ob.resource_prefix(rt, rp.namespace)
         self.last_rv = 0
 
@@ -523,7 +642,9 @@ class _Watch:
         sub = self.h.service.hub.subscribe(self.prefix)
         try:
             backlog = self._backlog(store)
-            resp = web.StreamResponse(headers={"Content-Type": "application/json", "Cache-Control": "no-cache"})
+            resp = web.StreamResponse(
+                headers={"Content-Type": "application/json", "Cache-Control": "no-cache"}
+            )
             resp.enable_chunked_encoding()
             await resp.prepare(self.request)
             if isinstance(backlog, ApiError):
@@ -600,14 +721,28 @@ class _Watch:
         if etype != "ERROR":
             obj = ApiHandlers._as_version(obj, self.rt)
             if self.wanted.table:
-                obj = self.h._table([obj], self.rt, self.request, str(obj["metadata"].get("resourceVersion", "")))
+                obj = self.h._table(
+                    [obj], self.rt, self.request, str(obj["metadata"].get("resourceVersion", ""))
+                )
         await resp.write(_dumps({"type": etype, "object": obj}) + b"\n")
 
     async def _bookmark(self, resp: web.StreamResponse, *, initial_end: bool = False) -> None:
         md: JSON = {"resourceVersion": str(max(self.last_rv, 0))}
         if initial_end:
             md["annotations"] = {"k8s.io/initial-events-end": "true"}
-        await resp.write(_dumps({"type": "BOOKMARK", "object": {"kind": self.rt.kind, "apiVersion": self.rt.api_version, "metadata": md}}) + b"\n")
+        await resp.write(
+            _dumps(
+                {
+                    "type": "BOOKMARK",
+                    "object": {
+                        "kind": self.rt.kind,
+                        "apiVersion": self.rt.api_version,
+                        "metadata": md,
+                    },
+                }
+            )
+            + b"\n"
+        )
 
 
 def _with_query(request: web.Request, **overrides: str) -> web.Request:

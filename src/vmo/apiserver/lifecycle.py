@@ -7,6 +7,7 @@ level-based: a change only enqueues a key; processing reads fresh state and move
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable
@@ -71,14 +72,12 @@ class Lifecycle:
         *,
         crd_types: Callable[[JSON], list[ResourceType]],
         aggregate: Callable[[list[JSON]], dict[str, list[JSON]]],
-        on_rbac_change: Callable[[], None],
     ) -> None:
         self.service = service
         self.registry = registry
         self.index = OwnerIndex()
         self._crd_types = crd_types
         self._aggregate = aggregate
-        self._on_rbac_change = on_rbac_change
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
         self._task: asyncio.Task[None] | None = None
@@ -109,10 +108,8 @@ class Lifecycle:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
 
     def observe(self, change: Change) -> None:
         self.index.observe(change)
@@ -132,10 +129,8 @@ class Lifecycle:
         group_plural = change.key.split("/", 2)[:2]
         if group_plural == [CRD_GROUP, "customresourcedefinitions"]:
             self._enqueue(change.key)
-        elif group_plural[0] == RBAC_GROUP:
-            self._on_rbac_change()
-            if group_plural[1] == "clusterroles":
-                self._enqueue("@aggregate")
+        elif group_plural == [RBAC_GROUP, "clusterroles"]:
+            self._enqueue("@aggregate")
 
     def _enqueue(self, key: str) -> None:
         if key not in self._queued:
@@ -212,7 +207,7 @@ class Lifecycle:
 
     def _finish_deletion(self, rt: ResourceType, obj: JSON) -> None:
         finalizers = list(obj["metadata"].get("finalizers") or [])
-        namespace, name = self._coords(obj)
+        _namespace, _name = self._coords(obj)
         if ob.ORPHAN in finalizers:
             self._orphan_dependents(obj)
             finalizers.remove(ob.ORPHAN)
@@ -243,7 +238,9 @@ class Lifecycle:
         uid = _uid(owner)
         for rt, dep in self._dependents(owner):
             md = dep["metadata"]
-            md["ownerReferences"] = [r for r in md.get("ownerReferences", []) if r.get("uid") != uid]
+            md["ownerReferences"] = [
+                r for r in md.get("ownerReferences", []) if r.get("uid") != uid
+            ]
             if not md["ownerReferences"]:
                 del md["ownerReferences"]
             namespace, name = self._coords(dep)
@@ -272,7 +269,9 @@ class Lifecycle:
         if remaining:
             # objects held by finalizers are waited for; their DELETED events requeue us
             return
-        spec_finalizers = [f for f in ns.get("spec", {}).get("finalizers", []) if f != ob.NAMESPACE_FINALIZER]
+        spec_finalizers = [
+            f for f in ns.get("spec", {}).get("finalizers", []) if f != ob.NAMESPACE_FINALIZER
+        ]
         ns.setdefault("spec", {})["finalizers"] = spec_finalizers
         if not spec_finalizers:
             del ns["spec"]["finalizers"]
@@ -307,7 +306,11 @@ class Lifecycle:
 
     def _cleanup_crd(self, crd_rt: ResourceType, crd: JSON) -> None:
         name = crd["metadata"]["name"]
-        types = [rt for rt in self.registry.storage_types() if self.registry.owner_of(rt.group, rt.plural) == name]
+        types = [
+            rt
+            for rt in self.registry.storage_types()
+            if self.registry.owner_of(rt.group, rt.plural) == name
+        ]
         left = 0
         for rt in types:
             for row in self.service.scan(rt):
@@ -317,7 +320,9 @@ class Lifecycle:
                     namespace, obj_name = self._coords(obj)
                     self.service.delete(rt, namespace, obj_name)
         if left:
-            asyncio.get_running_loop().call_later(0.5, self._enqueue, f"{CRD_GROUP}/customresourcedefinitions/{name}")
+            asyncio.get_running_loop().call_later(
+                0.5, self._enqueue, f"{CRD_GROUP}/customresourcedefinitions/{name}"
+            )
             return
         finalizers = [f for f in crd["metadata"].get("finalizers", []) if f != CRD_CLEANUP]
         self.registry.remove_owned_by(name)
@@ -345,7 +350,13 @@ def _established_status(crd: JSON) -> dict[str, Any]:
     kept = previous.get("conditions") or []
     conditions = [
         _condition(kept, "NamesAccepted", "NoConflicts", "no conflicts found", stamp),
-        _condition(kept, "Established", "InitialNamesAccepted", "the initial names have been accepted", stamp),
+        _condition(
+            kept,
+            "Established",
+            "InitialNamesAccepted",
+            "the initial names have been accepted",
+            stamp,
+        ),
     ]
     return {
         "acceptedNames": spec.get("names", {}),
@@ -358,4 +369,10 @@ def _condition(kept: list[JSON], ctype: str, reason: str, message: str, stamp: s
     for cond in kept:
         if cond.get("type") == ctype and cond.get("status") == "True":
             return cond
-    return {"type": ctype, "status": "True", "reason": reason, "message": message, "lastTransitionTime": stamp}
+    return {
+        "type": ctype,
+        "status": "True",
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": stamp,
+    }

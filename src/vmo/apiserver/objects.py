@@ -15,10 +15,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from vmo.api import meta as metav
-from vmo.api.types import JSON, Cause, ResourceType
+from vmo.api.types import JSON, ResourceType
 from vmo.apiserver import errors
 from vmo.apiserver import store as st
 from vmo.apiserver.errors import ApiError
@@ -29,7 +28,13 @@ log = logging.getLogger(__name__)
 FOREGROUND = "foregroundDeletion"
 ORPHAN = "orphan"
 NAMESPACE_FINALIZER = "kubernetes"
-_SERVER_SET = ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation")
+_SERVER_SET = (
+    "uid",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "generation",
+)
 
 # Names validated as DNS labels or as free path segments rather than DNS subdomains.
 _NAME_RULES: dict[tuple[str, str], str] = {
@@ -192,7 +197,9 @@ class ObjectService:
             rt.default(obj)
         md = obj["metadata"]
         causes = metav.validate_object_meta(
-            md, name_rule=_NAME_RULES.get((rt.group, rt.kind), "subdomain"), namespaced=rt.namespaced
+            md,
+            name_rule=_NAME_RULES.get((rt.group, rt.kind), "subdomain"),
+            namespaced=rt.namespaced,
         )
         if rt.schema is not None:
             causes += schema_mod.validate(rt.schema, _body_without(obj, "metadata"))
@@ -237,7 +244,7 @@ class ObjectService:
         name = old["metadata"]["name"]
         if md.get("name", name) != name:
             raise errors.bad_request(
-                f'the name of the object ({md.get("name")}) does not match the name on the URL ({name})'
+                f"the name of the object ({md.get('name')}) does not match the name on the URL ({name})"
             )
         expect = md.get("resourceVersion")
         if expect not in (None, ""):
@@ -261,7 +268,9 @@ class ObjectService:
         self.hub.publish(Change("MODIFIED", rv, current.key, data, current.data))
         return obj
 
-    def _merge_server_fields(self, rt: ResourceType, old: JSON, new: JSON, subresource: str) -> JSON:
+    def _merge_server_fields(
+        self, rt: ResourceType, old: JSON, new: JSON, subresource: str
+    ) -> JSON:
         old_md = old["metadata"]
         if subresource == "status":
             merged = copy.deepcopy(old)
@@ -331,7 +340,7 @@ class ObjectService:
             raise ApiError(
                 409,
                 "Conflict",
-                f'Operation cannot be fulfilled on {errors.qualified(rt.plural, rt.group)} '
+                f"Operation cannot be fulfilled on {errors.qualified(rt.plural, rt.group)} "
                 f'"{md["name"]}": Precondition failed: UID in precondition: {uid}, UID in object '
                 f"meta: {md.get('uid')}",
             )
@@ -344,8 +353,10 @@ class ObjectService:
 
     def _ready_to_vanish(self, rt: ResourceType, obj: JSON) -> bool:
         md = obj["metadata"]
-        return bool(md.get("deletionTimestamp")) and not md.get("finalizers") and not self._kind_pending(
-            rt, obj, deleting=True
+        return (
+            bool(md.get("deletionTimestamp"))
+            and not md.get("finalizers")
+            and not self._kind_pending(rt, obj, deleting=True)
         )
 
     def _remove(self, rt: ResourceType, current: st.Row, last: JSON) -> JSON:

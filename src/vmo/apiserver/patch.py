@@ -8,18 +8,23 @@ raise ``PatchError`` for a patch that cannot apply. The server maps ``PatchError
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from vmo.api.types import JSON
 
 __all__ = [
+    "ApplyConflict",
     "PatchError",
     "json_equal",
     "json_merge_patch",
     "json_patch",
+    "record_update",
+    "server_side_apply",
     "strategic_merge_patch",
 ]
 
@@ -524,3 +529,326 @@ def _apply_element_orders(original: JSON, patch: JSON, schema: JSON | None) -> N
         )
         identity = _identity_of(meta.merge_keys)
         original[field] = _order_merged(merged, order, current or [], identity)
+
+
+# --------------------------------------------------------------------------- server-side apply
+
+# Paths are tuples of fieldsV1 elements: "f:<name>", "k:<json keys>", "v:<json value>".
+_FieldPath = tuple[str, ...]
+_Owners = dict[tuple[str, str], set[_FieldPath]]  # (manager, operation) -> owned paths
+_Stamps = dict[tuple[str, str], JSON]  # (manager, operation) -> apiVersion and time
+
+# Server-owned metadata that no manager owns, as in Kubernetes' field manager.
+_UNOWNED: frozenset[_FieldPath] = frozenset(
+    {
+        ("f:apiVersion",),
+        ("f:kind",),
+        *(
+            ("f:metadata", f"f:{name}")
+            for name in (
+                "name",
+                "namespace",
+                "uid",
+                "resourceVersion",
+                "generation",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "managedFields",
+                "selfLink",
+            )
+        ),
+    }
+)
+
+
+class ApplyConflict(Exception):
+    """Server-side apply touched fields another manager owns with a different value (409).
+
+    ``conflicts`` lists (manager, field) pairs, field in dotted form such as ``.spec.running``.
+    """
+
+    def __init__(self, conflicts: Sequence[tuple[str, str]], api_version: str) -> None:
+        self.conflicts = tuple(conflicts)
+        count = len(self.conflicts)
+        lines = [f'conflict with "{m}" using {api_version}: {f}' for m, f in self.conflicts]
+        head = f"Apply failed with {count} conflict{'s' if count != 1 else ''}: "
+        super().__init__(head + (lines[0] if count == 1 else "\n" + "\n".join(lines)))
+        self.api_version = api_version
+
+
+def server_side_apply(
+    live: JSON | None,
+    applied: JSON,
+    *,
+    manager: str,
+    force: bool,
+    schema: JSON | None,
+    now: datetime | None = None,
+) -> JSON:
+    """Apply a configuration as ``manager`` owns it, recording ownership in managedFields.
+
+    Fields the manager applied before and omits now are removed unless another manager owns
+    them. Raises ``ApplyConflict`` when another manager owns an applied field whose value
+    differs, unless ``force`` moves ownership to ``manager``.
+    """
+    base: JSON = copy.deepcopy(live) if live is not None else {}
+    config = copy.deepcopy(applied)
+    config.get("metadata", {}).pop("managedFields", None)
+    effective = _with_object_meta(schema)
+    owners, stamps = _read_managed_fields(base)
+    applying = _owned_paths(config, effective) - _UNOWNED
+    taken = _conflicts(base, config, applying, owners, manager)
+    if taken and not force:
+        raise ApplyConflict(_describe_conflicts(taken), str(config.get("apiVersion", "")))
+    for other, path in taken:
+        owners[(other[0], other[1])].discard(path)
+    previous = owners.pop((manager, "Apply"), set())
+    result: JSON = _apply_merge(base, config, effective)
+    still_owned = set().union(*owners.values()) if owners else set()
+    for path in sorted(previous - applying - still_owned, key=len, reverse=True):
+        _remove_path(result, path)
+    owners[(manager, "Apply")] = applying
+    moment = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamps[(manager, "Apply")] = {"apiVersion": str(config.get("apiVersion", "")), "time": moment}
+    _write_managed_fields(result, owners, stamps)
+    return result
+
+
+def record_update(
+    old: JSON | None,
+    new: JSON,
+    *,
+    manager: str,
+    schema: JSON | None,
+    now: datetime | None = None,
+) -> JSON:
+    """``new`` with managedFields for a create/update/patch by ``manager`` (not an apply).
+
+    Fields the write changed move to the manager's ``Update`` entry; updates never conflict.
+    """
+    result = copy.deepcopy(new)
+    result.setdefault("metadata", {}).pop("managedFields", None)
+    before: JSON = old or {}
+    owners, stamps = _read_managed_fields(before)
+    present = _owned_paths(result, _with_object_meta(schema)) - _UNOWNED
+    changed = {p for p in present if _changed(before, result, p)}
+    for key in owners:
+        owners[key] = (owners[key] - changed) & present
+    if changed:
+        owners[(manager, "Update")] = owners.get((manager, "Update"), set()) | changed
+        moment = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamps[(manager, "Update")] = {"apiVersion": str(new.get("apiVersion", "")), "time": moment}
+    _write_managed_fields(result, owners, stamps)
+    return result
+
+
+def _changed(old: JSON, new: JSON, path: _FieldPath) -> bool:
+    before, after = _value_at(old, path), _value_at(new, path)
+    if before is _MISSING:
+        return True
+    # A keyed list item is "changed" only by appearing; its fields carry their own changes.
+    if path[-1].startswith(("k:", "v:")) and isinstance(after, dict):
+        return False
+    return not json_equal(before, after)
+
+
+def _list_kind(node: JSON | None) -> tuple[str, tuple[str, ...]]:
+    """A list's ownership model: ("map", keys), ("set", ()) or ("atomic", ())."""
+    if not node:
+        return "atomic", ()
+    if node.get("x-kubernetes-list-type") == "map":
+        return "map", tuple(node.get("x-kubernetes-list-map-keys") or ())
+    if node.get("x-kubernetes-list-type") == "set":
+        return "set", ()
+    strategy = str(node.get("x-kubernetes-patch-strategy", ""))
+    if "merge" in strategy.split(","):
+        key = node.get("x-kubernetes-patch-merge-key")
+        return ("map", (str(key),)) if key else ("set", ())
+    return "atomic", ()
+
+
+def _item_key(item: Any, keys: tuple[str, ...]) -> str:
+    identity = {k: item.get(k) for k in keys if k in item} if isinstance(item, dict) else {}
+    return "k:" + _compact_json(identity)
+
+
+def _compact_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def _owned_paths(value: Any, schema: JSON | None, prefix: _FieldPath = ()) -> set[_FieldPath]:
+    if isinstance(value, dict) and value:
+        paths: set[_FieldPath] = set()
+        for key, child in value.items():
+            child_schema = _field_meta(schema, key).schema
+            paths |= _owned_paths(child, child_schema, (*prefix, f"f:{key}"))
+        return paths
+    if isinstance(value, list) and prefix:
+        kind, keys = _list_kind(schema)
+        items = schema.get("items") if schema else None
+        if kind == "map":
+            paths = set()
+            for item in value:
+                item_path = (*prefix, _item_key(item, keys))
+                paths |= {item_path} | _owned_paths(item, items, item_path)
+            return paths
+        if kind == "set":
+            return {(*prefix, "v:" + _compact_json(item)) for item in value}
+    return {prefix} if prefix else set()
+
+
+_MISSING = object()
+
+
+def _value_at(obj: Any, path: _FieldPath) -> Any:
+    node = obj
+    for element in path:
+        kind, _, text = element.partition(":")
+        if kind == "f":
+            node = node.get(text, _MISSING) if isinstance(node, dict) else _MISSING
+        elif kind == "k" and isinstance(node, list):
+            wanted = json.loads(text)
+            node = next((i for i in node if _matches_key(i, wanted)), _MISSING)
+        elif kind == "v" and isinstance(node, list):
+            wanted = json.loads(text)
+            node = next((i for i in node if json_equal(i, wanted)), _MISSING)
+        else:
+            return _MISSING
+        if node is _MISSING:
+            return _MISSING
+    return node
+
+
+def _matches_key(item: Any, wanted: Any) -> bool:
+    if not isinstance(item, dict) or not isinstance(wanted, dict):
+        return False
+    return all(json_equal(item.get(k), v) for k, v in wanted.items())
+
+
+def _conflicts(
+    live: JSON,
+    config: JSON,
+    applying: set[_FieldPath],
+    owners: _Owners,
+    manager: str,
+) -> list[tuple[tuple[str, str], _FieldPath]]:
+    found = []
+    for owner, paths in owners.items():
+        if owner[0] == manager:
+            continue
+        for path in sorted(paths & applying):
+            mine, theirs = _value_at(config, path), _value_at(live, path)
+            if isinstance(mine, dict) and path[-1].startswith(("k:", "v:")):
+                continue  # an item both list; its fields decide conflicts
+            if theirs is not _MISSING and not json_equal(mine, theirs):
+                found.append((owner, path))
+    return found
+
+
+def _describe_conflicts(
+    taken: list[tuple[tuple[str, str], _FieldPath]],
+) -> list[tuple[str, str]]:
+    return [(owner[0], _dotted(path)) for owner, path in taken]
+
+
+def _dotted(path: _FieldPath) -> str:
+    parts = []
+    for element in path:
+        kind, _, text = element.partition(":")
+        parts.append(f".{text}" if kind == "f" else f"[{text}]")
+    return "".join(parts)
+
+
+def _apply_merge(live: Any, config: Any, schema: JSON | None) -> Any:
+    if isinstance(live, dict) and isinstance(config, dict):
+        result = dict(live)
+        for key, value in config.items():
+            child = _field_meta(schema, key).schema
+            result[key] = _apply_merge(live.get(key), value, child)
+        return result
+    if isinstance(live, list) and isinstance(config, list):
+        kind, keys = _list_kind(schema)
+        items = schema.get("items") if schema else None
+        if kind == "map":
+            merged = list(live)
+            for item in config:
+                wanted = json.loads(_item_key(item, keys)[2:])
+                index = next((n for n, m in enumerate(merged) if _matches_key(m, wanted)), None)
+                if index is None:
+                    merged.append(item)
+                else:
+                    merged[index] = _apply_merge(merged[index], item, items)
+            return merged
+        if kind == "set":
+            return [*live, *(v for v in config if not any(json_equal(v, m) for m in live))]
+    return config
+
+
+def _remove_path(obj: Any, path: _FieldPath) -> None:
+    parent = _value_at(obj, path[:-1])
+    kind, _, text = path[-1].partition(":")
+    if kind == "f" and isinstance(parent, dict):
+        parent.pop(text, None)
+    elif kind in ("k", "v") and isinstance(parent, list):
+        wanted = json.loads(text)
+        keep = [
+            i
+            for i in parent
+            if not (_matches_key(i, wanted) if kind == "k" else json_equal(i, wanted))
+        ]
+        parent[:] = keep
+
+
+def _read_managed_fields(obj: JSON) -> tuple[_Owners, _Stamps]:
+    """Owned paths per (manager, operation), and each entry's apiVersion and time."""
+    owners: _Owners = {}
+    stamps: _Stamps = {}
+    for entry in obj.get("metadata", {}).get("managedFields") or []:
+        key = (str(entry.get("manager", "")), str(entry.get("operation", "Apply")))
+        owners.setdefault(key, set()).update(_tree_paths(entry.get("fieldsV1") or {}, ()))
+        stamps[key] = {"apiVersion": entry.get("apiVersion", ""), "time": entry.get("time", "")}
+    return owners, stamps
+
+
+def _tree_paths(tree: JSON, prefix: _FieldPath) -> set[_FieldPath]:
+    paths: set[_FieldPath] = set()
+    for element, child in tree.items():
+        if element == ".":
+            paths.add(prefix)
+        elif isinstance(child, dict) and child:
+            paths |= _tree_paths(child, (*prefix, element))
+        else:
+            paths.add((*prefix, element))
+    return paths
+
+
+def _paths_tree(paths: set[_FieldPath]) -> JSON:
+    tree: JSON = {}
+    for path in sorted(paths):
+        node = tree
+        for element in path:
+            node = node.setdefault(element, {})
+    # A path that is also the parent of others marks itself with ".", as fieldsV1 does.
+    for path in paths:
+        node = tree
+        for element in path:
+            node = node[element]
+        if node and "." not in node:
+            node["."] = {}
+    return tree
+
+
+def _write_managed_fields(obj: JSON, owners: _Owners, stamps: _Stamps) -> None:
+    entries = [
+        {
+            "manager": manager,
+            "operation": operation,
+            **stamps.get((manager, operation), {}),
+            "fieldsType": "FieldsV1",
+            "fieldsV1": _paths_tree(paths),
+        }
+        for (manager, operation), paths in owners.items()
+        if paths
+    ]
+    obj.setdefault("metadata", {})["managedFields"] = entries

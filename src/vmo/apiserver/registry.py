@@ -24,12 +24,16 @@ class Registry:
         self._owner[(rt.group, rt.plural)] = owner
 
     def remove_owned_by(self, owner: str) -> list[ResourceType]:
-        gone = [rt for rt in self._by_path.values() if self._owner.get((rt.group, rt.plural)) == owner]
+        gone = [
+            rt for rt in self._by_path.values() if self._owner.get((rt.group, rt.plural)) == owner
+        ]
         for rt in gone:
             self._by_path.pop((rt.group, rt.version, rt.plural), None)
             self._by_kind.pop((rt.api_version, rt.kind), None)
         for rt in gone:
-            if not any(t.group == rt.group and t.plural == rt.plural for t in self._by_path.values()):
+            if not any(
+                t.group == rt.group and t.plural == rt.plural for t in self._by_path.values()
+            ):
                 self._owner.pop((rt.group, rt.plural), None)
         return gone
 

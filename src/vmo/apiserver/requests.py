@@ -109,7 +109,9 @@ def decode_body(body: bytes, content_type: str) -> JSON:
             ) from None
     else:
         raise errors.ApiError(
-            415, "UnsupportedMediaType", f'the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, {pb.PROTOBUF_CONTENT_TYPE}'
+            415,
+            "UnsupportedMediaType",
+            f"the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, {pb.PROTOBUF_CONTENT_TYPE}",
         )
     if not isinstance(loaded, dict):
         raise errors.bad_request("the request body must be a JSON or YAML object")

@@ -88,7 +88,9 @@ def builtin_types() -> list[ResourceType]:
     return [*core_resource_types(), *kubevirt_resource_types()]
 
 
-def kubeconfig(*, server: str, ca_pem: str, user: str, token: str, namespace: str = "default") -> JSON:
+def kubeconfig(
+    *, server: str, ca_pem: str, user: str, token: str, namespace: str = "default"
+) -> JSON:
     import base64
 
     return {
@@ -104,7 +106,9 @@ def kubeconfig(*, server: str, ca_pem: str, user: str, token: str, namespace: st
             }
         ],
         "users": [{"name": user, "user": {"token": token}}],
-        "contexts": [{"name": "vmo", "context": {"cluster": "vmo", "user": user, "namespace": namespace}}],
+        "contexts": [
+            {"name": "vmo", "context": {"cluster": "vmo", "user": user, "namespace": namespace}}
+        ],
         "current-context": "vmo",
         "preferences": {},
     }
@@ -141,7 +145,6 @@ class ApiServer:
             self.registry,
             crd_types=crd_resource_types,
             aggregate=rbac.aggregate_cluster_roles,
-            on_rbac_change=self.authz.invalidate,
         )
         self.handlers = ApiHandlers(
             self.registry,
@@ -152,7 +155,9 @@ class ApiServer:
         self.handlers.virtual.update(access_reviews(self.authz))
         token_handler = token_request_handler(self.service, self.registry, self.sa_tokens)
         self.handlers.subresources[("", "v1", "serviceaccounts", "token")] = token_handler
-        self.handlers.extra_discovery[("", "v1", "serviceaccounts")] = [("token", "TokenRequest", ["create"])]
+        self.handlers.extra_discovery[("", "v1", "serviceaccounts")] = [
+            ("token", "TokenRequest", ["create"])
+        ]
         self._runner: web.AppRunner | None = None
         self._compactor: asyncio.Task[None] | None = None
 
@@ -166,10 +171,15 @@ class ApiServer:
 
     def bootstrap(self) -> str | None:
         """Creates what a fresh server needs; returns the admin token when it was just made."""
-        self._ensure_all(self._rt("", "namespaces"), ({"metadata": {"name": n}} for n in BOOT_NAMESPACES))
-        self._ensure_all(self._rt(rbac.RBAC_GROUP, "clusterroles"), bootstrap_roles.bootstrap_cluster_roles())
         self._ensure_all(
-            self._rt(rbac.RBAC_GROUP, "clusterrolebindings"), bootstrap_roles.bootstrap_cluster_role_bindings()
+            self._rt("", "namespaces"), ({"metadata": {"name": n}} for n in BOOT_NAMESPACES)
+        )
+        self._ensure_all(
+            self._rt(rbac.RBAC_GROUP, "clusterroles"), bootstrap_roles.bootstrap_cluster_roles()
+        )
+        self._ensure_all(
+            self._rt(rbac.RBAC_GROUP, "clusterrolebindings"),
+            bootstrap_roles.bootstrap_cluster_role_bindings(),
         )
         if self.tokens.path.exists() and self.state.kubeconfig.exists():
             return None
@@ -204,21 +214,29 @@ class ApiServer:
         self.lifecycle.start()
         self._runner = web.AppRunner(self.handlers.app(), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context(), backlog=512)
+        site = web.TCPSite(
+            self._runner, self.host, self.port, ssl_context=self.ssl_context(), backlog=512
+        )
         await site.start()
         sockname: Any = self._runner.addresses[0]
         url = f"https://{self.host}:{sockname[1]}"
         self.state.url_file.write_text(url + "\n")
         if admin_token is not None:
-            self.write_kubeconfig(self.state.kubeconfig, url=url, user=ADMIN_USER, token=admin_token)
+            self.write_kubeconfig(
+                self.state.kubeconfig, url=url, user=ADMIN_USER, token=admin_token
+            )
         else:
             self._retarget_kubeconfig(url)
         self._compactor = asyncio.get_running_loop().create_task(self._compact_forever())
         log.info("VMO API server listening on %s", url)
         return url
 
-    def write_kubeconfig(self, path: Path, *, url: str, user: str, token: str, namespace: str = "default") -> None:
-        config = kubeconfig(server=url, ca_pem=self.ca.cert.read_text(), user=user, token=token, namespace=namespace)
+    def write_kubeconfig(
+        self, path: Path, *, url: str, user: str, token: str, namespace: str = "default"
+    ) -> None:
+        config = kubeconfig(
+            server=url, ca_pem=self.ca.cert.read_text(), user=user, token=token, namespace=namespace
+        )
         write_private(path, yaml.safe_dump(config, sort_keys=False))
 
     def _retarget_kubeconfig(self, url: str) -> None:
@@ -265,8 +283,12 @@ def _crd_on_create(obj: JSON) -> None:
 
 def _kind_hooks() -> dict[tuple[str, str], ob.KindHooks]:
     return {
-        ("", "Namespace"): ob.KindHooks(on_create=_namespace_on_create, pending_deletion=_namespace_pending),
-        ("apiextensions.k8s.io", "CustomResourceDefinition"): ob.KindHooks(on_create=_crd_on_create),
+        ("", "Namespace"): ob.KindHooks(
+            on_create=_namespace_on_create, pending_deletion=_namespace_pending
+        ),
+        ("apiextensions.k8s.io", "CustomResourceDefinition"): ob.KindHooks(
+            on_create=_crd_on_create
+        ),
     }
 
 

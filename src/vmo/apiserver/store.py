@@ -12,7 +12,7 @@ import json
 import logging
 import sqlite3
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
-class EventType(str, Enum):
+class EventType(StrEnum):
     ADDED = "ADDED"
     MODIFIED = "MODIFIED"
     DELETED = "DELETED"

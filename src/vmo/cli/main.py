@@ -111,13 +111,33 @@ async def _serve(args: argparse.Namespace, state: StateDir) -> None:
 def _up_detached(args: argparse.Namespace, state: StateDir) -> int:
     with contextlib.suppress(FileNotFoundError):
         state.url_file.unlink()
-    argv = [sys.executable, "-m", "vmo.cli.main", "--home", str(state.root), "up", "--host", args.host, "--port", str(args.port)]
+    argv = [
+        sys.executable,
+        "-m",
+        "vmo.cli.main",
+        "--home",
+        str(state.root),
+        "up",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     with open(state.logfile, "ab") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            print(f"vmo up: the server exited with code {proc.returncode}; see {state.logfile}", file=sys.stderr)
+            print(
+                f"vmo up: the server exited with code {proc.returncode}; see {state.logfile}",
+                file=sys.stderr,
+            )
             return 1
         url = _probe(state) if state.url_file.exists() else None
         if url:
@@ -126,7 +146,10 @@ def _up_detached(args: argparse.Namespace, state: StateDir) -> int:
             print(f"  log:        {state.logfile}")
             return 0
         time.sleep(0.1)
-    print(f"vmo up: the server did not become ready in {READY_TIMEOUT:.0f}s; see {state.logfile}", file=sys.stderr)
+    print(
+        f"vmo up: the server did not become ready in {READY_TIMEOUT:.0f}s; see {state.logfile}",
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -168,7 +191,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_user_add(args: argparse.Namespace) -> int:
     state = _state(args)
     if not state.url_file.exists():
-        print("vmo user add: start VMO first (vmo up) so the kubeconfig can name its address", file=sys.stderr)
+        print(
+            "vmo user add: start VMO first (vmo up) so the kubeconfig can name its address",
+            file=sys.stderr,
+        )
         return 1
     token = TokenFile(state.tokens).add(args.name, tuple(args.group))
     config = kubeconfig(
@@ -194,19 +220,29 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--home", default="", help="state directory (default $VMO_HOME or ~/.vmo)")
     sub = top.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start the embedded control plane")
-    up.add_argument("-d", "--detach", action="store_true", help="run as a daemon (pid and log files)")
+    up.add_argument(
+        "-d", "--detach", action="store_true", help="run as a daemon (pid and log files)"
+    )
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=6443)
     up.add_argument("-v", "--verbose", action="store_true")
     up.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the embedded control plane").set_defaults(func=cmd_down)
     sub.add_parser("status", help="is the control plane running?").set_defaults(func=cmd_status)
-    user = sub.add_parser("user", help="manage users").add_subparsers(dest="user_command", required=True)
+    user = sub.add_parser("user", help="manage users").add_subparsers(
+        dest="user_command", required=True
+    )
     add = user.add_parser("add", help="add a user with a token and print a kubeconfig for it")
     add.add_argument("name")
-    add.add_argument("--group", action="append", default=[], help="a group of the user (repeatable)")
-    add.add_argument("--namespace", default="virtual-machines", help="the kubeconfig's default namespace")
-    add.add_argument("-o", "--output", default="", help="write the kubeconfig to this file (mode 0600)")
+    add.add_argument(
+        "--group", action="append", default=[], help="a group of the user (repeatable)"
+    )
+    add.add_argument(
+        "--namespace", default="virtual-machines", help="the kubeconfig's default namespace"
+    )
+    add.add_argument(
+        "-o", "--output", default="", help="write the kubeconfig to this file (mode 0600)"
+    )
     add.set_defaults(func=cmd_user_add)
     return top
 

@@ -29,7 +29,9 @@ class ThreadedServer:
     _thread: threading.Thread | None = None
 
     def start(self) -> ThreadedServer:
-        self._thread = threading.Thread(target=self._loop.run_forever, name="vmo-apiserver", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="vmo-apiserver", daemon=True
+        )
         self._thread.start()
         self.server = self.call(self._make())
         self.url = self.call(self.server.start())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from vmo.api.kubevirt._builders import (
     JSON,
-    any_object,
     arr,
     boolean,
     empty,
@@ -52,7 +51,9 @@ def cpu() -> JSON:
             **unsupported_fields(
                 NO_PINNING, "dedicatedCpuPlacement", "isolateEmulatorThread", "numa", "realtime"
             ),
-            "features": unsupported("per-feature CPU flags are not passed by VMO's embedded engine"),
+            "features": unsupported(
+                "per-feature CPU flags are not passed by VMO's embedded engine"
+            ),
         }
     )
 
@@ -122,8 +123,13 @@ def features() -> JSON:
 
 
 def disk() -> JSON:
-    target = obj({"bus": string(enum=DISK_BUSES), "readonly": boolean()})
-    target["properties"]["pciAddress"] = unsupported("fixed PCI addresses are not supported")
+    target = obj(
+        {
+            "bus": string(enum=DISK_BUSES),
+            "readonly": boolean(),
+            "pciAddress": unsupported("fixed PCI addresses are not supported"),
+        }
+    )
     cdrom = obj(
         {
             "bus": string(enum=("sata", "scsi")),
@@ -245,7 +251,9 @@ def domain() -> JSON:
             "ioThreads": unsupported(NO_DISK_TUNING),
             "ioThreadsPolicy": unsupported(NO_DISK_TUNING),
             "launchSecurity": unsupported(NO_CONFIDENTIAL),
-            "rebootPolicy": unsupported("reboot policies are not supported by VMO's embedded engine"),
+            "rebootPolicy": unsupported(
+                "reboot policies are not supported by VMO's embedded engine"
+            ),
         },
         required=("devices",),
     )
@@ -277,9 +285,7 @@ def volume() -> JSON:
                 },
                 required=("image",),
             ),
-            "dataVolume": obj(
-                {"name": string(), "hotpluggable": boolean()}, required=("name",)
-            ),
+            "dataVolume": obj({"name": string(), "hotpluggable": boolean()}, required=("name",)),
             "persistentVolumeClaim": obj(
                 {"claimName": string(), "readOnly": boolean(), "hotpluggable": boolean()},
                 required=("claimName",),
@@ -287,12 +293,8 @@ def volume() -> JSON:
             "cloudInitNoCloud": cloud_init(),
             "cloudInitConfigDrive": cloud_init(),
             "emptyDisk": obj({"capacity": quantity()}, required=("capacity",)),
-            "secret": obj(
-                {"secretName": string(), "optional": boolean(), "volumeLabel": string()}
-            ),
-            "configMap": obj(
-                {"name": string(), "optional": boolean(), "volumeLabel": string()}
-            ),
+            "secret": obj({"secretName": string(), "optional": boolean(), "volumeLabel": string()}),
+            "configMap": obj({"name": string(), "optional": boolean(), "volumeLabel": string()}),
             **unsupported_fields(
                 NO_VOLUME,
                 "hostDisk",
@@ -360,8 +362,3 @@ def vmi_spec() -> JSON:
 def template_metadata() -> JSON:
     """``spec.template.metadata``: labels and annotations matter, the rest is kept as given."""
     return obj({"labels": string_map(), "annotations": string_map()}, preserve=True)
-
-
-def vmi_status_object() -> JSON:
-    """A status sub-object VMO's engine fills; kept as written."""
-    return any_object()

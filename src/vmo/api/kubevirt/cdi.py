@@ -59,7 +59,9 @@ def claim_spec(*, with_attributes_class: bool) -> JSON:
         "resources": obj({"requests": quantity_map(), "limits": quantity_map()}),
         "storageClassName": string(),
         "volumeMode": string(enum=("Filesystem", "Block")),
-        **unsupported_fields(NO_PV_BINDING, "volumeName", "selector", "dataSource", "dataSourceRef"),
+        **unsupported_fields(
+            NO_PV_BINDING, "volumeName", "selector", "dataSource", "dataSourceRef"
+        ),
     }
     if with_attributes_class:
         properties["volumeAttributesClassName"] = unsupported(

@@ -111,7 +111,11 @@ def virtual_machine_export() -> ResourceType:
         short_names=("vmexport", "vmexports"),
         categories=("all",),
         subresources=("status",),
-        printer_columns=(SOURCE_KIND, SOURCE_NAME, PrinterColumn("Phase", "string", ".status.phase")),
+        printer_columns=(
+            SOURCE_KIND,
+            SOURCE_NAME,
+            PrinterColumn("Phase", "string", ".status.phase"),
+        ),
         schema=resource_schema(export_spec(), export_status()),
     )
 

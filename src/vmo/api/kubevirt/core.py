@@ -1,4 +1,4 @@
-"""kubevirt.io/v1: VirtualMachine, VirtualMachineInstance, migrations, replica sets, presets, KubeVirt."""
+"""kubevirt.io/v1: VirtualMachine, VirtualMachineInstance, migrations, replica sets, KubeVirt."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from vmo.api.kubevirt._common import (
     kubevirt_condition,
     label_selector,
     phase_transition_timestamps,
-    typed_local_ref,
 )
 from vmo.api.kubevirt.cdi import datavolume_spec
 from vmo.api.kubevirt.defaults import default_vm, default_vmi
@@ -85,7 +84,9 @@ def instancetype_matcher() -> JSON:
             "kind": string(),
             "revisionName": string(),
             "inferFromVolume": string(),
-            "inferFromVolumeFailurePolicy": string(enum=("Reject", "Ignore", "RejectInferFromVolume")),
+            "inferFromVolumeFailurePolicy": string(
+                enum=("Reject", "Ignore", "RejectInferFromVolume")
+            ),
         }
     )
 
@@ -154,7 +155,11 @@ def vm_status() -> JSON:
             ),
             "stateChangeRequests": arr(
                 obj(
-                    {"action": string(enum=("Start", "Stop")), "data": string_map(), "uid": string()},
+                    {
+                        "action": string(enum=("Start", "Stop")),
+                        "data": string_map(),
+                        "uid": string(),
+                    },
                     required=("action",),
                 )
             ),
@@ -449,9 +454,7 @@ def virtual_machine_instance_replica_set() -> ResourceType:
 
 
 def virtual_machine_instance_preset() -> ResourceType:
-    spec = obj(
-        {"selector": label_selector(), "domain": _vmi_spec.domain()}, required=("selector",)
-    )
+    spec = obj({"selector": label_selector(), "domain": _vmi_spec.domain()}, required=("selector",))
     return ResourceType(
         group=GROUP,
         version=VERSION,
@@ -572,6 +575,3 @@ def core_resource_types() -> list[ResourceType]:
         virtual_machine_instance_preset(),
         kubevirt(),
     ]
-
-
-__all__ = ["core_resource_types", "typed_local_ref"]

@@ -44,7 +44,10 @@ def _child(parent: JSON, key: str) -> JSON:
 def default_vm(vm: JSON) -> None:
     """Defaults of a VirtualMachine: instancetype/preference kinds, architecture, machine type."""
     spec = _child(vm, "spec")
-    for key, kind in (("instancetype", CLUSTER_INSTANCETYPE_KIND), ("preference", CLUSTER_PREFERENCE_KIND)):
+    for key, kind in (
+        ("instancetype", CLUSTER_INSTANCETYPE_KIND),
+        ("preference", CLUSTER_PREFERENCE_KIND),
+    ):
         matcher = spec.get(key)
         if isinstance(matcher, dict) and not matcher.get("kind"):
             matcher["kind"] = kind
@@ -64,7 +67,7 @@ def default_vm(vm: JSON) -> None:
 
 
 def default_vmi(vmi: JSON) -> None:
-    """Defaults of a VirtualMachineInstance, in the order KubeVirt's mutating webhook applies them."""
+    """Defaults of a VirtualMachineInstance, in the order KubeVirt's webhook applies them."""
     spec = _child(vmi, "spec")
     default_vmi_spec(spec)
     domain = _child(spec, "domain")

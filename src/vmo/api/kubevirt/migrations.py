@@ -1,4 +1,4 @@
-"""migrations.kubevirt.io/v1alpha1 MigrationPolicy: per-workload migration tuning (cluster-scoped)."""
+"""migrations.kubevirt.io/v1alpha1 MigrationPolicy: per-workload migration tuning."""
 
 from __future__ import annotations
 

@@ -18,7 +18,14 @@ from vmo.api.types import PrinterColumn, ResourceType
 GROUP = "snapshot.kubevirt.io"
 VERSION = "v1beta1"
 SNAPSHOT_PHASES = ("InProgress", "Succeeded", "Failed", "Deleting", "Unknown")
-INDICATIONS = ("Online", "GuestAgent", "NoGuestAgent", "QuiesceTimeout", "Paused", "PartialSnapshot")
+INDICATIONS = (
+    "Online",
+    "GuestAgent",
+    "NoGuestAgent",
+    "QuiesceTimeout",
+    "Paused",
+    "PartialSnapshot",
+)
 
 CREATION_TIME = PrinterColumn("CreationTime", "date", ".status.creationTime")
 READY_TO_USE = PrinterColumn("ReadyToUse", "boolean", ".status.readyToUse")

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
+from vmo.api.quantity import QuantityError, parse_quantity
 from vmo.api.types import JSON, Cause
 
 # VMO's floor for guest memory: below it OVMF/SeaBIOS plus a kernel cannot boot a usable guest,
@@ -49,45 +50,13 @@ MAC_PATTERN = re.compile(r"^[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2})
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 RUNNING_DEPRECATED = "spec.running is deprecated; use spec.runStrategy instead"
 
-_SUFFIXES: dict[str, int] = {
-    "Ki": 1024,
-    "Mi": 1024**2,
-    "Gi": 1024**3,
-    "Ti": 1024**4,
-    "Pi": 1024**5,
-    "Ei": 1024**6,
-    "k": 10**3,
-    "M": 10**6,
-    "G": 10**9,
-    "T": 10**12,
-    "P": 10**15,
-    "E": 10**18,
-    "m": 1,  # scaled below: milli-units
-}
-
-
-def parse_quantity(value: object) -> Decimal | None:
-    """A Kubernetes quantity as a number (``"2Gi"`` -> 2147483648); None when it is not one."""
-    if isinstance(value, bool):
+def quantity_value(value: object) -> Decimal | None:
+    """A quantity's exact value, or None when ``value`` is not a quantity."""
+    if not isinstance(value, str | int):
         return None
-    if isinstance(value, int | float):
-        return Decimal(str(value))
-    if not isinstance(value, str):
-        return None
-    match = re.fullmatch(r"([+-]?[0-9.]+)([KMGTPE]i|[kMGTPEm]|[eE][+-]?[0-9]+)?", value)
-    if match is None:
-        return None
-    number, suffix = match.groups()
     try:
-        amount = Decimal(number)
-        if suffix is None:
-            return amount
-        if suffix[0] in "eE" and len(suffix) > 1:
-            return amount * Decimal(10) ** int(suffix[1:])
-        if suffix == "m":
-            return amount / 1000
-        return amount * _SUFFIXES[suffix]
-    except (InvalidOperation, ValueError):
+        return parse_quantity(value)
+    except QuantityError:
         return None
 
 
@@ -163,7 +132,9 @@ def _run_strategy(spec: JSON) -> Iterator[Cause]:
     if has_running and has_strategy:
         yield Cause("spec.running", "spec.running and spec.runStrategy are mutually exclusive")
     elif not has_running and not has_strategy:
-        yield Cause("spec.runStrategy", "one of spec.runStrategy or spec.running is required", REQUIRED)
+        yield Cause(
+            "spec.runStrategy", "one of spec.runStrategy or spec.running is required", REQUIRED
+        )
 
 
 def _datavolume_templates(templates: list[JSON]) -> Iterator[Cause]:
@@ -176,8 +147,8 @@ def _datavolume_templates(templates: list[JSON]) -> Iterator[Cause]:
             yield Cause(field, f"data volume template {name!r} is declared twice", DUPLICATE)
 
 
-def _duplicates(items: list[JSON], base: str) -> Iterator[tuple[int, str]]:
-    """(index, name) of each item whose name repeats an earlier one; reports missing names too."""
+def _duplicates(items: list[JSON]) -> Iterator[tuple[int, str]]:
+    """(index, name) of each item whose name repeats an earlier one."""
     seen: set[str] = set()
     for i, item in enumerate(items):
         name = item.get("name")
@@ -193,7 +164,7 @@ def _present(item: JSON, keys: Iterable[str]) -> list[str]:
 
 def _disks(disks: list[JSON], volumes: list[JSON], dev: str, path: str) -> Iterator[Cause]:
     volume_names = {v.get("name") for v in volumes}
-    for i, name in _duplicates(disks, f"{dev}.disks"):
+    for i, name in _duplicates(disks):
         yield Cause(
             f"{dev}.disks[{i}].name",
             f"disk {name!r} is declared twice: a volume can back only one disk",
@@ -213,7 +184,7 @@ def _disks(disks: list[JSON], volumes: list[JSON], dev: str, path: str) -> Itera
 
 
 def _volumes(volumes: list[JSON], base: str) -> Iterator[Cause]:
-    for i, name in _duplicates(volumes, base):
+    for i, name in _duplicates(volumes):
         yield Cause(f"{base}[{i}].name", f"volume {name!r} is declared twice", DUPLICATE)
     for i, volume in enumerate(volumes):
         sources = _present(volume, VOLUME_SOURCES)
@@ -239,8 +210,10 @@ def _interfaces(
     interfaces: list[JSON], networks: list[JSON], dev: str, path: str
 ) -> Iterator[Cause]:
     by_name = {n.get("name"): n for n in networks}
-    for i, name in _duplicates(interfaces, f"{dev}.interfaces"):
-        yield Cause(f"{dev}.interfaces[{i}].name", f"interface {name!r} is declared twice", DUPLICATE)
+    for i, name in _duplicates(interfaces):
+        yield Cause(
+            f"{dev}.interfaces[{i}].name", f"interface {name!r} is declared twice", DUPLICATE
+        )
     for i, iface in enumerate(interfaces):
         field = f"{dev}.interfaces[{i}]"
         bindings = _present(iface, BINDINGS)
@@ -289,11 +262,9 @@ def _ports(iface: JSON, field: str, *, masquerade: bool) -> Iterator[Cause]:
         named.add(name or "")
 
 
-def _networks(
-    networks: list[JSON], interfaces: list[JSON], base: str, dev: str
-) -> Iterator[Cause]:
+def _networks(networks: list[JSON], interfaces: list[JSON], base: str, dev: str) -> Iterator[Cause]:
     iface_names = {iface.get("name") for iface in interfaces}
-    for i, name in _duplicates(networks, base):
+    for i, name in _duplicates(networks):
         yield Cause(f"{base}[{i}].name", f"network {name!r} is declared twice", DUPLICATE)
     pod_seen = multus_default_seen = False
     for i, net in enumerate(networks):
@@ -356,17 +327,17 @@ def _memory(domain: JSON, base: str, *, required: bool) -> Iterator[Cause]:
                 REQUIRED,
             )
         return
-    guest = parse_quantity(guest_raw)
+    guest = quantity_value(guest_raw)
     if guest is None:
         yield Cause(guest_field, f"{guest_raw!r} is not a quantity")
         return
     if guest < MIN_GUEST_MEMORY:
         yield Cause(guest_field, f"guest memory must be at least {MIN_GUEST_MEMORY_TEXT}")
-    limit = parse_quantity(limits.get("memory"))
+    limit = quantity_value(limits.get("memory"))
     if limit is not None and guest > limit:
         yield Cause(guest_field, f"guest memory exceeds {base}.resources.limits.memory")
     for resource in ("cpu", "memory"):
-        request, cap = parse_quantity(requests.get(resource)), parse_quantity(limits.get(resource))
+        request, cap = quantity_value(requests.get(resource)), quantity_value(limits.get(resource))
         if request is not None and cap is not None and request > cap:
             yield Cause(
                 f"{base}.resources.requests.{resource}",

@@ -1,0 +1,132 @@
+"""Shared fixtures: one embedded API server per test session, and clients that talk to it."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from vmo.testing.apiserver import ThreadedServer
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMAS = ROOT.parent / "shared" / "schemas"
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
+    server = ThreadedServer(tmp_path_factory.mktemp("vmo-home")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def unique() -> str:
+    """A fresh name, so tests sharing the server never collide."""
+    return f"t{next(_names)}"
+
+
+@dataclass
+class Api:
+    """Plain HTTPS requests to the server, as a given user."""
+
+    base: str
+    ca: Path
+    token: str | None
+
+    def request(self, method: str, path: str, body: Any = None, **kw: Any) -> requests.Response:
+        headers = dict(kw.pop("headers", {}))
+        if self.token is not None:
+            headers["Authorization"] = f"Bearer {self.token}"
+        data = kw.pop("data", None)
+        if body is not None:
+            data = json.dumps(body)
+            headers.setdefault("Content-Type", "application/json")
+        return requests.request(
+            method,
+            self.base + path,
+            data=data,
+            headers=headers,
+            verify=str(self.ca),
+            timeout=30,
+            **kw,
+        )
+
+    def get(self, path: str, **kw: Any) -> requests.Response:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> requests.Response:
+        return self.request("POST", path, body, **kw)
+
+    def put(self, path: str, body: Any = None, **kw: Any) -> requests.Response:
+        return self.request("PUT", path, body, **kw)
+
+    def patch(self, path: str, body: Any, content_type: str, **kw: Any) -> requests.Response:
+        return self.request("PATCH", path, body, headers={"Content-Type": content_type}, **kw)
+
+    def delete(self, path: str, body: Any = None, **kw: Any) -> requests.Response:
+        return self.request("DELETE", path, body, **kw)
+
+
+@pytest.fixture(scope="session")
+def api(apiserver: ThreadedServer) -> Api:
+    return Api(apiserver.url, apiserver.ca, apiserver.admin_token)
+
+
+@pytest.fixture(scope="session")
+def anonymous(apiserver: ThreadedServer) -> Api:
+    return Api(apiserver.url, apiserver.ca, None)
+
+
+@dataclass
+class Kubectl:
+    kubeconfig: Path
+
+    def __call__(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            ["kubectl", "--kubeconfig", str(self.kubeconfig), *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}"
+            )
+        return proc
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self(*args, "-o", "json").stdout)
+
+    def apply(
+        self, manifest: dict[str, Any] | str, *extra: str
+    ) -> subprocess.CompletedProcess[str]:
+        text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
+        return self("apply", "-f", "-", *extra, input=text)
+
+
+@pytest.fixture(scope="session")
+def kubectl(apiserver: ThreadedServer) -> Kubectl:
+    return Kubectl(apiserver.kubeconfig)
+
+
+def make_user(apiserver: ThreadedServer, name: str, *groups: str) -> tuple[str, Path]:
+    """Adds a user with a token; returns the token and a kubeconfig for it."""
+    assert apiserver.server is not None
+    token = apiserver.server.tokens.add(name, tuple(groups))
+    path = apiserver.home / f"{name}.kubeconfig"
+    apiserver.server.write_kubeconfig(
+        path, url=apiserver.url, user=name, token=token, namespace="virtual-machines"
+    )
+    return token, path
