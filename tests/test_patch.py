@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from vmo.apiserver.patch import (
     ApplyConflict,
@@ -576,3 +578,28 @@ def test_update_after_apply_takes_changed_fields_so_apply_conflicts() -> None:
     assert managers(updated) == {("kubectl-edit", "Update"): {"f:spec": {"f:running": {}}}}
     with pytest.raises(ApplyConflict, match="kubectl-edit"):
         apply(updated, vm(running=True), "kubectl")
+
+
+# --------------------------------------------------------------------------- upstream schemas
+
+VM_CRD = Path(__file__).parents[2] / "shared/schemas/kubevirt-v1.9.0/virtualmachine.yaml"
+
+
+@pytest.mark.skipif(not VM_CRD.exists(), reason="upstream schemas not present")
+def test_kubevirt_vm_schema_merges_list_maps_and_replaces_atomic_lists() -> None:
+    schema = yaml.safe_load(VM_CRD.read_text())["openAPIV3Schema"]
+
+    def template(**spec: Any) -> dict[str, Any]:
+        return {"spec": {"template": {"spec": spec}}}
+
+    live = template(
+        resourceClaims=[{"name": "gpu", "resourceClaimName": "c1"}],
+        volumes=[{"name": "root", "containerDisk": {"image": "a"}}],
+    )
+    patch = template(
+        resourceClaims=[{"name": "nic", "resourceClaimName": "c2"}],
+        volumes=[{"name": "data", "emptyDisk": {"capacity": "1Gi"}}],
+    )
+    result = strategic_merge_patch(live, patch, schema)["spec"]["template"]["spec"]
+    assert [c["name"] for c in result["resourceClaims"]] == ["nic", "gpu"]
+    assert result["volumes"] == [{"name": "data", "emptyDisk": {"capacity": "1Gi"}}]

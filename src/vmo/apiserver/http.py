@@ -201,7 +201,6 @@ class ApiHandlers:
         body = discovery.aggregated(self.registry, core=core, extra=self.extra_discovery)
         return web.Response(
             body=_dumps(body),
-            content_type="application/json",
             headers={
                 "Content-Type": "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"
             },
@@ -533,9 +532,14 @@ class ApiHandlers:
         applied = decode_body(raw, "application/yaml")
         force = request.query.get("force") == "true"
         live = self.service.find(rt, rp.namespace, rp.name)
-        merged = patching.server_side_apply(
-            live, applied, manager=manager, force=force, schema=rt.schema
-        )
+        try:
+            merged = patching.server_side_apply(
+                live, applied, manager=manager, force=force, schema=rt.schema
+            )
+        except patching.ApplyConflict as exc:
+            raise ApiError(409, "Conflict", str(exc), kind=rt.plural, group=rt.group, name=rp.name) from None
+        except patching.PatchError as exc:
+            raise ApiError(422, "Invalid", f"the apply configuration could not be applied: {exc}") from None
         if live is None:
             merged.setdefault("metadata", {})["name"] = rp.name
             created = self.service.create(rt, rp.namespace, merged, caller)

@@ -606,7 +606,7 @@ def server_side_apply(
     previous = owners.pop((manager, "Apply"), set())
     result: JSON = _apply_merge(base, config, effective)
     still_owned = set().union(*owners.values()) if owners else set()
-    for path in sorted(previous - applying - still_owned, key=len, reverse=True):
+    for path in _outermost(previous - applying - still_owned):
         _remove_path(result, path)
     owners[(manager, "Apply")] = applying
     moment = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -651,6 +651,11 @@ def _changed(old: JSON, new: JSON, path: _FieldPath) -> bool:
     if path[-1].startswith(("k:", "v:")) and isinstance(after, dict):
         return False
     return not json_equal(before, after)
+
+
+def _outermost(paths: set[_FieldPath]) -> list[_FieldPath]:
+    """Paths not inside another path of the set: removing a list item removes its fields."""
+    return [p for p in paths if not any(p[:n] in paths for n in range(1, len(p)))]
 
 
 def _list_kind(node: JSON | None) -> tuple[str, tuple[str, ...]]:

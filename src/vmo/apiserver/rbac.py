@@ -363,7 +363,8 @@ class _Binding:
     def describe(self, subject: Subject) -> str:
         """Upstream's binding describer, used in ``RBAC: allowed by ...`` reasons."""
         if self.kind == "RoleBinding":
-            who = f"{self.namespace}/{self.name}"
+            # upstream writes name/namespace here, the reverse of the usual order
+            who = f"{self.name}/{self.namespace}"
             return (
                 f"RoleBinding {_go_quote(who)} of {self.role_kind} {_go_quote(self.role_name)}"
                 f" to {_describe_subject(subject, self.namespace)}"

@@ -15,33 +15,34 @@ from vmo.api.kubevirt._builders import (
 )
 
 
-def condition() -> JSON:
-    """A status condition; both KubeVirt's and metav1's shapes fit within these fields."""
-    return obj(
-        {
-            "type": string(),
-            "status": string(),
-            "reason": string(),
-            "message": string(),
-            "lastProbeTime": string(),
-            "lastTransitionTime": string(),
-            "lastHeartbeatTime": string(),
-            "observedGeneration": integer(),
-        },
-        required=("type", "status"),
-    )
+def condition(*extra: str) -> JSON:
+    """A status condition: type, status, reason, message, lastTransitionTime, plus ``extra``.
 
-
-def conditions() -> JSON:
-    return arr(condition())
+    KubeVirt's conditions add ``lastProbeTime``, CDI's ``lastHeartbeatTime``, metav1's
+    ``observedGeneration``.
+    """
+    properties = {
+        "type": string(),
+        "status": string(),
+        "reason": string(),
+        "message": string(),
+        "lastTransitionTime": string(),
+    }
+    for name in extra:
+        properties[name] = integer() if name == "observedGeneration" else string()
+    return obj(properties, required=("type", "status"))
 
 
 def kubevirt_condition() -> JSON:
-    """KubeVirt's own condition type (no heartbeat, no observedGeneration)."""
-    node = condition()
-    for name in ("lastHeartbeatTime", "observedGeneration"):
-        del node["properties"][name]
-    return node
+    return condition("lastProbeTime")
+
+
+def cdi_condition() -> JSON:
+    return condition("lastHeartbeatTime")
+
+
+def meta_condition() -> JSON:
+    return condition("observedGeneration")
 
 
 def typed_local_ref(*, required: tuple[str, ...] = ("kind", "name")) -> JSON:

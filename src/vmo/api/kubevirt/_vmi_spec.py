@@ -36,7 +36,7 @@ NO_DISK_TUNING = "per-disk I/O tuning is not configured by VMO's embedded engine
 NO_ARCH = "VMO's embedded engine runs amd64 guests only"
 
 DISK_BUSES = ("virtio", "sata", "scsi", "usb")
-INTERFACE_MODELS = ("virtio", "e1000", "e1000e", "rtl8139", "pcnet", "ne2k_pci")
+INTERFACE_MODELS = ("virtio", "e1000", "e1000e", "igb", "rtl8139", "pcnet", "ne2k_pci")
 EVICTION_STRATEGIES = ("None", "LiveMigrate", "LiveMigrateIfPossible", "External")
 
 

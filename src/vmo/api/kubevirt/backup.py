@@ -14,7 +14,7 @@ from vmo.api.kubevirt._builders import (
     resource_schema,
     string,
 )
-from vmo.api.kubevirt._common import condition, typed_local_ref
+from vmo.api.kubevirt._common import meta_condition, typed_local_ref
 from vmo.api.types import Cause, PrinterColumn, ResourceType
 
 GROUP = "backup.kubevirt.io"
@@ -83,7 +83,7 @@ def backup_status() -> JSON:
         {
             "type": string(),
             "checkpointName": string(),
-            "conditions": arr(condition()),
+            "conditions": arr(meta_condition()),
             "endpointCert": string(),
             "exportUID": string(),
             "includedVolumes": arr(any_object()),

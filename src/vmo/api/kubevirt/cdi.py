@@ -16,7 +16,7 @@ from vmo.api.kubevirt._builders import (
     unsupported,
     unsupported_fields,
 )
-from vmo.api.kubevirt._common import condition
+from vmo.api.kubevirt._common import cdi_condition
 from vmo.api.types import PrinterColumn, ResourceType
 
 GROUP = "cdi.kubevirt.io"
@@ -74,21 +74,25 @@ def namespaced_name() -> JSON:
     return obj({"name": string(), "namespace": string()}, required=("name", "namespace"))
 
 
-def datavolume_source() -> JSON:
+def http_source(*, in_vm_template: bool) -> JSON:
+    properties: dict[str, JSON] = {
+        "url": string(),
+        "secretRef": string(),
+        "certConfigMap": string(),
+        "extraHeaders": strings(),
+        "secretExtraHeaders": strings(),
+    }
+    if not in_vm_template:
+        # newer CDI fields that KubeVirt v1.9's copy of the DataVolume spec does not have yet
+        properties["checksum"] = string()
+        properties["insecureSkipVerify"] = boolean()
+    return obj(properties, required=("url",))
+
+
+def datavolume_source(*, in_vm_template: bool) -> JSON:
     return obj(
         {
-            "http": obj(
-                {
-                    "url": string(),
-                    "secretRef": string(),
-                    "certConfigMap": string(),
-                    "extraHeaders": strings(),
-                    "secretExtraHeaders": strings(),
-                    "checksum": string(),
-                    "insecureSkipVerify": boolean(),
-                },
-                required=("url",),
-            ),
+            "http": http_source(in_vm_template=in_vm_template),
             "registry": obj(
                 {
                     "url": string(),
@@ -111,7 +115,7 @@ def datavolume_source() -> JSON:
 def datavolume_spec(*, in_vm_template: bool) -> JSON:
     """A DataVolume spec; a VM's dataVolumeTemplates carry the same minus serviceAccountName."""
     properties: dict[str, JSON] = {
-        "source": datavolume_source(),
+        "source": datavolume_source(in_vm_template=in_vm_template),
         "sourceRef": obj(
             {"kind": string(enum=("DataSource",)), "name": string(), "namespace": string()},
             required=("kind", "name"),
@@ -139,7 +143,7 @@ def datavolume_status() -> JSON:
             "progress": string(),
             "claimName": string(),
             "restartCount": integer(),
-            "conditions": arr(condition()),
+            "conditions": arr(cdi_condition()),
         }
     )
 
@@ -192,7 +196,7 @@ def data_source() -> ResourceType:
         categories=("all",),
         schema=resource_schema(
             obj({"source": source}, required=("source",)),
-            obj({"conditions": arr(condition()), "source": source}),
+            obj({"conditions": arr(cdi_condition()), "source": source}),
         ),
     )
 

@@ -362,7 +362,6 @@ def virtual_machine_instance() -> ResourceType:
         schema=resource_schema(_vmi_spec.vmi_spec(), vmi_status()),
         validate=validate_vmi,
         default=default_vmi,
-        field_selectors={"status.nodeName": ".status.nodeName", "status.phase": ".status.phase"},
     )
 
 

@@ -47,8 +47,10 @@ VOLUME_SOURCES = (
 USER_DATA = ("userData", "userDataBase64", "secretRef")
 NETWORK_DATA = ("networkData", "networkDataBase64", "networkDataSecretRef")
 MAC_PATTERN = re.compile(r"^[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 RUNNING_DEPRECATED = "spec.running is deprecated; use spec.runStrategy instead"
+
 
 def quantity_value(value: object) -> Decimal | None:
     """A quantity's exact value, or None when ``value`` is not a quantity."""
@@ -277,6 +279,8 @@ def _networks(networks: list[JSON], interfaces: list[JSON], base: str, dev: str)
                 yield Cause(f"{field}.pod", "only one network may be the pod network", DUPLICATE)
             pod_seen = True
         multus = net.get("multus")
+        if isinstance(multus, dict):
+            yield from _network_name(multus.get("networkName"), f"{field}.multus.networkName")
         if isinstance(multus, dict) and multus.get("default"):
             if multus_default_seen or pod_seen or any(n.get("pod") is not None for n in networks):
                 yield Cause(
@@ -290,6 +294,13 @@ def _networks(networks: list[JSON], interfaces: list[JSON], base: str, dev: str)
                 f"network {net.get('name')!r} has no interface in {dev}.interfaces",
                 NOT_FOUND,
             )
+
+
+def _network_name(name: object, field: str) -> Iterator[Cause]:
+    """A NetworkAttachmentDefinition reference: ``<name>`` or ``<namespace>/<name>``."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if not 1 <= len(parts) <= 2 or not all(DNS_SUBDOMAIN.match(part) for part in parts):
+        yield Cause(field, f"{name!r} is not a network name like 'vlan120' or 'prod/vlan120'")
 
 
 def _boot_order(disks: list[JSON], interfaces: list[JSON], dev: str) -> Iterator[Cause]:
