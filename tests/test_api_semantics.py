@@ -209,7 +209,10 @@ def test_status_is_its_own_subresource(api: Api, ns: str) -> None:
         "apiVersion": "kubevirt.io/v1",
         "kind": "VirtualMachine",
         "metadata": {"name": "st"},
-        "spec": {"runStrategy": "Halted", "template": {"spec": {"domain": {"devices": {}}}}},
+        "spec": {
+            "runStrategy": "Halted",
+            "template": {"spec": {"domain": {"devices": {}, "memory": {"guest": "128Mi"}}}},
+        },
         "status": {"printableStatus": "Running"},
     }
     created = api.post(url, vm).json()

@@ -126,7 +126,12 @@ def _start(home: Path) -> tuple[subprocess.Popen[bytes], str, Api]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_for(url_file.exists, timeout=30)
+    try:
+        wait_for(url_file.exists, timeout=30)
+    except AssertionError:
+        proc.kill()
+        proc.wait()
+        raise
     url = url_file.read_text().strip()
     token = yaml.safe_load((home / "admin.kubeconfig").read_text())["users"][0]["user"]["token"]
     return proc, url, Api(url, home / "pki" / "ca.crt", token)

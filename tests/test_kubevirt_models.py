@@ -788,3 +788,43 @@ def test_malformed_multus_network_name_is_refused(name: str) -> None:
     vm = load_example("vm-multus-bridge-vsphere-mac.yaml")
     template(vm)["networks"][0]["multus"]["networkName"] = name
     assert "spec.template.spec.networks[0].multus.networkName" in fields(validate_vm(vm, None))
+
+
+def validator(kind: str) -> Callable[[JSON, JSON | None], list[Cause]]:
+    validate = resource_types()[kind].validate
+    assert validate is not None
+    return validate
+
+
+def test_snapshot_of_something_other_than_a_vm_is_refused() -> None:
+    snapshot = load_example("vm-snapshot.yaml", 0)
+    snapshot["spec"]["source"]["kind"] = "VirtualMachineInstance"
+    assert fields(validator("VirtualMachineSnapshot")(snapshot, None)) == ["spec.source.kind"]
+
+
+def test_restore_spec_is_immutable() -> None:
+    restore = load_example("vm-snapshot.yaml", 1)
+    changed = copy.deepcopy(restore)
+    changed["spec"]["virtualMachineSnapshotName"] = "other"
+    assert fields(validator("VirtualMachineRestore")(changed, restore)) == ["spec"]
+
+
+def test_clone_with_malformed_new_mac_is_refused() -> None:
+    clone = load_example("vm-clone.yaml")
+    clone["spec"]["newMacAddresses"]["default"] = "02:00:00:00:10"
+    assert fields(validator("VirtualMachineClone")(clone, None)) == [
+        "spec.newMacAddresses[default]"
+    ]
+
+
+def test_export_of_a_core_pvc_needs_no_api_group() -> None:
+    export = load_example("vm-export.yaml")
+    export["spec"]["source"] = {"kind": "PersistentVolumeClaim", "name": "fedora-root"}
+    assert upstream_errors(export) == []
+    assert validator("VirtualMachineExport")(export, None) == []
+
+
+def test_backup_pull_mode_needs_a_token_secret() -> None:
+    backup = load_example("vm-backup.yaml", 1)
+    backup["spec"]["mode"] = "Pull"
+    assert fields(validator("VirtualMachineBackup")(backup, None)) == ["spec.tokenSecretRef"]

@@ -54,7 +54,7 @@ VERSION = {
     "platform": "linux/amd64",
 }
 
-_IDENTITY_KEY = web.AppKey("identity", Identity)
+_IDENTITY_KEY = web.RequestKey("identity", Identity)
 
 
 class Authorizer(Protocol):

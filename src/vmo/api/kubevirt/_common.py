@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from vmo.api.kubevirt._builders import (
     JSON,
     any_object,
@@ -13,6 +15,7 @@ from vmo.api.kubevirt._builders import (
     string_map,
     strings,
 )
+from vmo.api.types import Cause
 
 
 def condition(*extra: str) -> JSON:
@@ -98,3 +101,27 @@ def affinity() -> JSON:
 
 def phase_transition_timestamps() -> JSON:
     return arr(obj({"phase": string(), "phaseTransitionTimestamp": string()}))
+
+
+def immutable_spec(new: JSON, old: JSON | None) -> list[Cause]:
+    """Upstream refuses any spec change of snapshots, restores, backups and trackers."""
+    if old is not None and new.get("spec") != old.get("spec"):
+        return [Cause("spec", "spec is immutable after creation", "FieldValueForbidden")]
+    return []
+
+
+def reference_causes(ref: object, field: str, allowed: Collection[tuple[str, str]]) -> list[Cause]:
+    """A typed reference must name one of the ``allowed`` (apiGroup, kind) pairs and a name."""
+    if not isinstance(ref, dict):
+        return [
+            Cause(
+                field, "a reference with apiGroup, kind and name is required", "FieldValueRequired"
+            )
+        ]
+    causes: list[Cause] = []
+    if (ref.get("apiGroup") or "", ref.get("kind")) not in allowed:
+        kinds = ", ".join(f"{kind} ({group or 'core'})" for group, kind in sorted(allowed))
+        causes.append(Cause(f"{field}.kind", f"must reference one of: {kinds}"))
+    if not ref.get("name"):
+        causes.append(Cause(f"{field}.name", "name is required", "FieldValueRequired"))
+    return causes

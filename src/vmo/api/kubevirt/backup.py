@@ -14,7 +14,12 @@ from vmo.api.kubevirt._builders import (
     resource_schema,
     string,
 )
-from vmo.api.kubevirt._common import meta_condition, typed_local_ref
+from vmo.api.kubevirt._common import (
+    immutable_spec,
+    meta_condition,
+    reference_causes,
+    typed_local_ref,
+)
 from vmo.api.types import Cause, PrinterColumn, ResourceType
 
 GROUP = "backup.kubevirt.io"
@@ -24,26 +29,10 @@ SOURCE_NAME = PrinterColumn("SourceName", "string", ".spec.source.name")
 BACKUP_SOURCES = {("kubevirt.io", "VirtualMachine"), (GROUP, "VirtualMachineBackupTracker")}
 
 
-def _immutable_spec(new: JSON, old: JSON | None) -> list[Cause]:
-    if old is not None and new.get("spec") != old.get("spec"):
-        return [Cause("spec", "spec is immutable after creation", "FieldValueForbidden")]
-    return []
-
-
 def validate_backup(new: JSON, old: JSON | None) -> list[Cause]:
     spec = new.get("spec") or {}
-    source = spec.get("source") or {}
-    causes = _immutable_spec(new, old)
-    if (source.get("apiGroup"), source.get("kind")) not in BACKUP_SOURCES:
-        causes.append(
-            Cause(
-                "spec.source",
-                "source is a kubevirt.io VirtualMachine or a backup.kubevirt.io "
-                "VirtualMachineBackupTracker (apiGroup is required)",
-            )
-        )
-    if not source.get("name"):
-        causes.append(Cause("spec.source.name", "name is required", "FieldValueRequired"))
+    causes = immutable_spec(new, old)
+    causes += reference_causes(spec.get("source"), "spec.source", BACKUP_SOURCES)
     if not spec.get("pvcName"):
         causes.append(Cause("spec.pvcName", "pvcName is required", "FieldValueRequired"))
     if spec.get("mode") == "Pull" and not spec.get("tokenSecretRef"):
@@ -55,7 +44,7 @@ def validate_backup(new: JSON, old: JSON | None) -> list[Cause]:
 
 def validate_tracker(new: JSON, old: JSON | None) -> list[Cause]:
     source = (new.get("spec") or {}).get("source") or {}
-    causes = _immutable_spec(new, old)
+    causes = immutable_spec(new, old)
     if source.get("apiGroup") != "kubevirt.io":
         causes.append(Cause("spec.source.apiGroup", "apiGroup must be kubevirt.io"))
     if source.get("kind") != "VirtualMachine":

@@ -12,8 +12,9 @@ from vmo.api.kubevirt._builders import (
     string_map,
     strings,
 )
-from vmo.api.kubevirt._common import kubevirt_condition, typed_local_ref
-from vmo.api.types import PrinterColumn, ResourceType
+from vmo.api.kubevirt._common import kubevirt_condition, reference_causes, typed_local_ref
+from vmo.api.kubevirt.validation import MAC_PATTERN
+from vmo.api.types import Cause, PrinterColumn, ResourceType
 
 CLONE_PHASES = (
     "SnapshotInProgress",
@@ -24,8 +25,37 @@ CLONE_PHASES = (
     "Unknown",
 )
 EXPORT_PHASES = ("Pending", "Ready", "Terminated", "Skipped")
+CLONE_SOURCES = {
+    ("kubevirt.io", "VirtualMachine"),
+    ("snapshot.kubevirt.io", "VirtualMachineSnapshot"),
+}
+CLONE_TARGETS = {("kubevirt.io", "VirtualMachine")}
+EXPORT_SOURCES = {
+    ("", "PersistentVolumeClaim"),
+    ("kubevirt.io", "VirtualMachine"),
+    ("snapshot.kubevirt.io", "VirtualMachineSnapshot"),
+    ("backup.kubevirt.io", "VirtualMachineBackup"),
+}
 SOURCE_KIND = PrinterColumn("SourceKind", "string", ".spec.source.kind")
 SOURCE_NAME = PrinterColumn("SourceName", "string", ".spec.source.name")
+
+
+def validate_clone(new: JSON, old: JSON | None) -> list[Cause]:
+    """Clone a VM or a VM snapshot into a VM; new MAC addresses must be MAC addresses."""
+    spec = new.get("spec") or {}
+    causes = reference_causes(spec.get("source"), "spec.source", CLONE_SOURCES)
+    target = spec.get("target")
+    if target is not None:
+        causes += reference_causes(target, "spec.target", CLONE_TARGETS)
+    for iface, mac in (spec.get("newMacAddresses") or {}).items():
+        if not isinstance(mac, str) or not MAC_PATTERN.match(mac):
+            causes.append(Cause(f"spec.newMacAddresses[{iface}]", f"{mac!r} is not a MAC address"))
+    return causes
+
+
+def validate_export(new: JSON, old: JSON | None) -> list[Cause]:
+    source = (new.get("spec") or {}).get("source")
+    return reference_causes(source, "spec.source", EXPORT_SOURCES)
 
 
 def clone_spec() -> JSON:
@@ -75,6 +105,7 @@ def virtual_machine_clone() -> ResourceType:
             PrinterColumn("TargetVirtualMachine", "string", ".spec.target.name"),
         ),
         schema=resource_schema(clone_spec(), clone_status()),
+        validate=validate_clone,
     )
 
 
@@ -117,6 +148,7 @@ def virtual_machine_export() -> ResourceType:
             PrinterColumn("Phase", "string", ".status.phase"),
         ),
         schema=resource_schema(export_spec(), export_status()),
+        validate=validate_export,
     )
 
 

@@ -17,10 +17,12 @@ from vmo.api.kubevirt._builders import (
     strings,
     unsupported,
 )
-from vmo.api.kubevirt._common import (
-    kubevirt_condition,
-    label_selector,
-    phase_transition_timestamps,
+from vmo.api.kubevirt._common import label_selector
+from vmo.api.kubevirt._status import (
+    RUN_STRATEGIES,
+    vm_status,
+    vmi_status,
+    vmim_status,
 )
 from vmo.api.kubevirt.cdi import datavolume_spec
 from vmo.api.kubevirt.defaults import default_vm, default_vmi
@@ -29,64 +31,21 @@ from vmo.api.types import PrinterColumn, ResourceType
 
 GROUP = "kubevirt.io"
 VERSION = "v1"
-RUN_STRATEGIES = ("Always", "RerunOnFailure", "Manual", "Halted", "Once", "WaitAsReceiver")
-PRINTABLE_STATUSES = (
-    "Stopped",
-    "Provisioning",
-    "Starting",
-    "Running",
-    "Paused",
-    "Stopping",
-    "Terminating",
-    "CrashLoopBackOff",
-    "Migrating",
-    "Unknown",
-    "ErrorUnschedulable",
-    "ErrImagePull",
-    "ImagePullBackOff",
-    "ErrorPvcNotFound",
-    "DataVolumeError",
-    "WaitingForVolumeBinding",
-    "WaitingForReceiver",
-)
-VMI_PHASES = (
-    "Pending",
-    "Scheduling",
-    "Scheduled",
-    "Running",
-    "Succeeded",
-    "Failed",
-    "WaitingForSync",
-    "Unknown",
-)
-MIGRATION_PHASES = (
-    "Pending",
-    "Scheduling",
-    "Scheduled",
-    "PreparingTarget",
-    "TargetReady",
-    "Running",
-    "Succeeded",
-    "Failed",
-    "WaitingForSync",
-    "Synchronizing",
-)
-
 AGE = PrinterColumn("Age", "date", ".metadata.creationTimestamp")
 PHASE = PrinterColumn("Phase", "string", ".status.phase")
 READY = PrinterColumn("Ready", "string", ".status.conditions[?(@.type=='Ready')].status")
 
 
 def instancetype_matcher() -> JSON:
+    """``spec.instancetype`` / ``spec.preference``; kind defaults to the cluster-wide kind."""
+    no_inference = "inferring instancetypes and preferences from volume labels is not implemented"
     return obj(
         {
             "name": string(),
             "kind": string(),
             "revisionName": string(),
-            "inferFromVolume": string(),
-            "inferFromVolumeFailurePolicy": string(
-                enum=("Reject", "Ignore", "RejectInferFromVolume")
-            ),
+            "inferFromVolume": unsupported(no_inference),
+            "inferFromVolumeFailurePolicy": unsupported(no_inference),
         }
     )
 
@@ -124,165 +83,6 @@ def vm_spec() -> JSON:
     )
 
 
-def vm_status() -> JSON:
-    revision_ref = obj(
-        {"name": string(), "kind": string(), "controllerRevisionRef": obj({"name": string()})},
-        preserve=True,
-    )
-    return obj(
-        {
-            "printableStatus": string(enum=PRINTABLE_STATUSES, default="Stopped"),
-            "ready": boolean(),
-            "created": boolean(),
-            "conditions": arr(kubevirt_condition()),
-            "runStrategy": string(enum=RUN_STRATEGIES),
-            "observedGeneration": integer(),
-            "desiredGeneration": integer(),
-            "volumeSnapshotStatuses": arr(
-                obj(
-                    {"name": string(), "enabled": boolean(), "reason": string()},
-                    required=("name", "enabled"),
-                )
-            ),
-            "instancetypeRef": revision_ref,
-            "preferenceRef": revision_ref,
-            "startFailure": obj(
-                {
-                    "consecutiveFailCount": integer(),
-                    "lastFailedVMIUID": string(),
-                    "retryAfterTimestamp": string(),
-                }
-            ),
-            "stateChangeRequests": arr(
-                obj(
-                    {
-                        "action": string(enum=("Start", "Stop")),
-                        "data": string_map(),
-                        "uid": string(),
-                    },
-                    required=("action",),
-                )
-            ),
-            "snapshotInProgress": string(),
-            "restoreInProgress": string(),
-            "memoryDumpRequest": any_object(),
-            "volumeRequests": arr(any_object()),
-            "volumeUpdateState": any_object(),
-            "changedBlockTracking": any_object(),
-        }
-    )
-
-
-def vmi_interface_status() -> JSON:
-    return obj(
-        {
-            "name": string(),
-            "interfaceName": string(),
-            "ipAddress": string(),
-            "ipAddresses": strings(),
-            "mac": string(),
-            "podInterfaceName": string(),
-            "infoSource": string(),
-            "queueCount": integer(),
-            "linkState": string(),
-        }
-    )
-
-
-def migration_state() -> JSON:
-    names = (
-        "abortStatus",
-        "endTimestamp",
-        "failureReason",
-        "migrationNetworkType",
-        "migrationPolicyName",
-        "migrationUid",
-        "mode",
-        "sourceNode",
-        "sourcePersistentStatePVCName",
-        "sourcePod",
-        "startTimestamp",
-        "targetAttachmentPodUID",
-        "targetNode",
-        "targetNodeAddress",
-        "targetNodeDomainReadyTimestamp",
-        "targetNodeTopology",
-        "targetPersistentStatePVCName",
-        "targetPod",
-    )
-    properties: dict[str, JSON] = {name: string() for name in names}
-    properties["abortStatus"] = string(enum=("Succeeded", "Failed", "Aborting"))
-    properties["mode"] = string(enum=("PreCopy", "PostCopy", "Paused"))
-    for flag in ("abortRequested", "completed", "failed", "targetNodeDomainDetected"):
-        properties[flag] = boolean()
-    for sub in ("migrationConfiguration", "sourceState", "targetState"):
-        properties[sub] = any_object()
-    properties["targetCPUSet"] = arr(integer())
-    properties["targetDirectMigrationNodePorts"] = {
-        "type": "object",
-        "additionalProperties": {"type": "integer"},
-    }
-    properties["targetMemoryOverhead"] = quantity()
-    return obj(properties)
-
-
-def vmi_status() -> JSON:
-    return obj(
-        {
-            "phase": string(enum=VMI_PHASES),
-            "reason": string(),
-            "nodeName": string(),
-            "conditions": arr(kubevirt_condition()),
-            "interfaces": arr(vmi_interface_status()),
-            "migrationState": migration_state(),
-            "migrationMethod": string(enum=("BlockMigration", "LiveMigration")),
-            "migrationTransport": string(),
-            "evacuationNodeName": string(),
-            "phaseTransitionTimestamps": phase_transition_timestamps(),
-            "guestOSInfo": obj(
-                {
-                    name: string()
-                    for name in (
-                        "id",
-                        "kernelRelease",
-                        "kernelVersion",
-                        "machine",
-                        "name",
-                        "prettyName",
-                        "version",
-                        "versionId",
-                    )
-                }
-            ),
-            "memory": obj(
-                {
-                    "guestAtBoot": quantity(),
-                    "guestCurrent": quantity(),
-                    "guestRequested": quantity(),
-                    "memoryOverhead": quantity(),
-                }
-            ),
-            "currentCPUTopology": obj(
-                {"sockets": integer(), "cores": integer(), "threads": integer()}
-            ),
-            "machine": obj({"type": string()}),
-            "qosClass": string(),
-            "activePods": string_map(),
-            "volumeStatus": arr(any_object()),
-            "migratedVolumes": arr(any_object()),
-            "fsFreezeStatus": string(),
-            "launcherContainerImageVersion": string(),
-            "virtualMachineRevisionName": string(),
-            "selinuxContext": string(),
-            "runtimeUser": integer(),
-            "VSOCKCID": integer(),
-            "topologyHints": any_object(),
-            "kernelBootStatus": any_object(),
-            "changedBlockTracking": any_object(),
-        }
-    )
-
-
 def vmim_spec() -> JSON:
     return obj(
         {
@@ -291,18 +91,6 @@ def vmim_spec() -> JSON:
             "priority": string(enum=("system-critical", "user-triggered", "system-maintenance")),
             "sendTo": unsupported("decentralized cross-cluster migration is not supported by VMO"),
             "receive": unsupported("decentralized cross-cluster migration is not supported by VMO"),
-        }
-    )
-
-
-def vmim_status() -> JSON:
-    return obj(
-        {
-            "phase": string(enum=MIGRATION_PHASES),
-            "phaseTransitionTimestamps": phase_transition_timestamps(),
-            "conditions": arr(kubevirt_condition()),
-            "migrationState": migration_state(),
-            "synchronizationAddresses": strings(),
         }
     )
 

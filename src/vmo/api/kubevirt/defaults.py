@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import uuid
-from typing import Any
 
 from vmo.api.types import JSON
 
@@ -33,12 +32,20 @@ def firmware_uuid(name: str) -> str:
 
 
 def _child(parent: JSON, key: str) -> JSON:
-    """``parent[key]`` as a dict, created empty when absent or null."""
+    """``parent[key]``, created empty when absent or null.
+
+    A value of the wrong type is left for the schema to report; defaults then go to a detached
+    object, so that they never mask the user's mistake.
+    """
     value = parent.get(key)
-    if not isinstance(value, dict):
-        value = {}
-        parent[key] = value
-    return value
+    if value is None:
+        value = parent[key] = {}
+    return value if isinstance(value, dict) else {}
+
+
+def _items(value: object) -> list[JSON]:
+    """The object items of a list; anything else is the schema's to report."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
 def default_vm(vm: JSON) -> None:
@@ -97,8 +104,8 @@ def default_vmi_spec(spec: JSON) -> None:
 
 def _default_memory(domain: JSON) -> None:
     resources = _child(domain, "resources")
-    requests: dict[str, Any] = resources.get("requests") or {}
-    limits: dict[str, Any] = resources.get("limits") or {}
+    requests = _child(resources, "requests")
+    limits = _child(resources, "limits")
     for resource in ("cpu", "memory"):
         if resource in limits and resource not in requests:
             requests[resource] = limits[resource]
@@ -110,9 +117,12 @@ def _default_memory(domain: JSON) -> None:
             memory["guest"] = guest
     if guest is not None and "memory" not in requests:
         requests["memory"] = guest  # memory overcommit 100%: request what the guest sees
-    if requests:
-        resources["requests"] = requests
-    if not memory:
+    for key, value in (("requests", requests), ("limits", limits)):
+        if not value and resources.get(key) == {}:
+            del resources[key]
+    if not resources and domain.get("resources") == {}:
+        del domain["resources"]
+    if not memory and domain.get("memory") == {}:
         del domain["memory"]
 
 
@@ -120,8 +130,9 @@ def _default_cpu(domain: JSON) -> None:
     cpu = _child(domain, "cpu")
     if not any(cpu.get(axis) for axis in ("sockets", "cores", "threads")):
         # no topology: as many sockets as whole CPUs requested, which guests schedule best
-        resources = domain.get("resources", {})
-        vcpus = resources.get("limits", {}).get("cpu") or resources.get("requests", {}).get("cpu")
+        resources = _child(domain, "resources")
+        limits, requests = _child(resources, "limits"), _child(resources, "requests")
+        vcpus = limits.get("cpu") or requests.get("cpu")
         cpu["sockets"] = max(1, _whole_cpus(vcpus))
         cpu["cores"] = 1
         cpu["threads"] = 1
@@ -142,7 +153,7 @@ def _whole_cpus(value: object) -> int:
 
 
 def _default_pull_policies(spec: JSON) -> None:
-    for volume in spec.get("volumes") or []:
+    for volume in _items(spec.get("volumes")):
         disk = volume.get("containerDisk")
         if not isinstance(disk, dict) or disk.get("imagePullPolicy"):
             continue
@@ -165,17 +176,17 @@ def _default_network_interface(spec: JSON) -> None:
 def _default_volume_disks(spec: JSON) -> None:
     """Every volume without a disk gets one of the same name."""
     devices = _child(_child(spec, "domain"), "devices")
-    disks: list[JSON] = devices.get("disks") or []
-    named = {disk.get("name") for disk in disks}
-    for volume in spec.get("volumes") or []:
-        if volume.get("name") not in named:
-            disks.append({"name": volume.get("name")})
-    if disks:
-        devices["disks"] = disks
+    disks = devices.get("disks") or []
+    if not isinstance(disks, list):
+        return
+    named = {disk.get("name") for disk in _items(disks)}
+    missing = [v["name"] for v in _items(spec.get("volumes")) if v.get("name") not in named]
+    if missing:
+        devices["disks"] = [*disks, *({"name": name} for name in missing)]
 
 
 def _default_disk_devices(domain: JSON) -> None:
-    for disk in domain.get("devices", {}).get("disks") or []:
+    for disk in _items(_child(domain, "devices").get("disks")):
         if not any(kind in disk for kind in ("disk", "cdrom", "lun")):
             disk["disk"] = {}
         if isinstance(disk.get("disk"), dict):
@@ -190,10 +201,10 @@ def _default_disk_devices(domain: JSON) -> None:
 def _default_status(vmi: JSON, domain: JSON) -> None:
     """Status fields KubeVirt's webhook records at creation: guest memory and CPU topology."""
     status = _child(vmi, "status")
-    guest = domain.get("memory", {}).get("guest")
+    guest = _child(domain, "memory").get("guest")
     if guest is not None and "memory" not in status:
         status["memory"] = {"guestAtBoot": guest, "guestCurrent": guest, "guestRequested": guest}
-    cpu = domain.get("cpu", {})
+    cpu = _child(domain, "cpu")
     if "currentCPUTopology" not in status:
         status["currentCPUTopology"] = {
             axis: cpu[axis] for axis in ("sockets", "cores", "threads") if axis in cpu

@@ -12,8 +12,13 @@ from vmo.api.kubevirt._builders import (
     string,
     strings,
 )
-from vmo.api.kubevirt._common import kubevirt_condition, typed_local_ref
-from vmo.api.types import PrinterColumn, ResourceType
+from vmo.api.kubevirt._common import (
+    immutable_spec,
+    kubevirt_condition,
+    reference_causes,
+    typed_local_ref,
+)
+from vmo.api.types import Cause, PrinterColumn, ResourceType, Validator
 
 GROUP = "snapshot.kubevirt.io"
 VERSION = "v1beta1"
@@ -27,9 +32,30 @@ INDICATIONS = (
     "PartialSnapshot",
 )
 
+VIRTUAL_MACHINE = {("kubevirt.io", "VirtualMachine")}
 CREATION_TIME = PrinterColumn("CreationTime", "date", ".status.creationTime")
 READY_TO_USE = PrinterColumn("ReadyToUse", "boolean", ".status.readyToUse")
 ERROR = PrinterColumn("Error", "string", ".status.error.message")
+
+
+def validate_snapshot(new: JSON, old: JSON | None) -> list[Cause]:
+    """A snapshot is of a kubevirt.io VirtualMachine, and its spec never changes."""
+    source = (new.get("spec") or {}).get("source")
+    return immutable_spec(new, old) + reference_causes(source, "spec.source", VIRTUAL_MACHINE)
+
+
+def validate_restore(new: JSON, old: JSON | None) -> list[Cause]:
+    """A restore targets a kubevirt.io VirtualMachine, and its spec never changes."""
+    spec = new.get("spec") or {}
+    causes = immutable_spec(new, old)
+    causes += reference_causes(spec.get("target"), "spec.target", VIRTUAL_MACHINE)
+    if not spec.get("virtualMachineSnapshotName"):
+        causes.append(
+            Cause(
+                "spec.virtualMachineSnapshotName", "the snapshot is required", "FieldValueRequired"
+            )
+        )
+    return causes
 
 
 def snapshot_error() -> JSON:
@@ -129,6 +155,7 @@ def _kind(
     columns: tuple[PrinterColumn, ...],
     spec: JSON,
     status: JSON,
+    validate: Validator | None = None,
 ) -> ResourceType:
     singular = kind.lower()
     return ResourceType(
@@ -143,6 +170,7 @@ def _kind(
         subresources=("status",),
         printer_columns=columns,
         schema=resource_schema(spec, status),
+        validate=validate,
     )
 
 
@@ -161,6 +189,7 @@ def snapshot_resource_types() -> list[ResourceType]:
             ),
             spec=snapshot_spec(),
             status=snapshot_status(),
+            validate=validate_snapshot,
         ),
         _kind(
             "VirtualMachineSnapshotContent",
@@ -180,5 +209,6 @@ def snapshot_resource_types() -> list[ResourceType]:
             ),
             spec=restore_spec(),
             status=restore_status(),
+            validate=validate_restore,
         ),
     ]

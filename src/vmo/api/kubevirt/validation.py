@@ -62,18 +62,28 @@ def quantity_value(value: object) -> Decimal | None:
         return None
 
 
+def _obj(value: object) -> JSON:
+    """``value`` if it is an object, else an empty one: the schema reports wrong types."""
+    return value if isinstance(value, dict) else {}
+
+
+def _items(value: object) -> list[JSON]:
+    """The object items of a list; anything else is the schema's to report."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
 def vm_warnings(vm: JSON) -> list[str]:
     """Admission warnings for a VirtualMachine (accepted, but worth telling the user)."""
-    spec = vm.get("spec") or {}
+    spec = _obj(vm.get("spec"))
     return [RUNNING_DEPRECATED] if "running" in spec else []
 
 
 def validate_vm(new: JSON, old: JSON | None) -> list[Cause]:
     """Semantic checks of a VirtualMachine (create and update alike)."""
-    spec = new.get("spec") or {}
+    spec = _obj(new.get("spec"))
     causes = list(_run_strategy(spec))
-    causes += _datavolume_templates(spec.get("dataVolumeTemplates") or [])
-    template_spec = (spec.get("template") or {}).get("spec")
+    causes += _datavolume_templates(_items(spec.get("dataVolumeTemplates")))
+    template_spec = _obj(spec.get("template")).get("spec")
     if not isinstance(template_spec, dict):
         return [*causes, Cause("spec.template.spec", "a VM needs a template spec", REQUIRED)]
     with_instancetype = isinstance(spec.get("instancetype"), dict)
@@ -87,9 +97,9 @@ def validate_vm(new: JSON, old: JSON | None) -> list[Cause]:
 
 def validate_vmi(new: JSON, old: JSON | None) -> list[Cause]:
     """Semantic checks of a VirtualMachineInstance; its spec is fixed once created."""
-    spec = new.get("spec") or {}
+    spec = _obj(new.get("spec"))
     causes = vmi_spec_causes(spec, path="spec", memory_required=True)
-    if old is not None and _frozen_vmi_spec(spec) != _frozen_vmi_spec(old.get("spec") or {}):
+    if old is not None and _frozen_vmi_spec(spec) != _frozen_vmi_spec(_obj(old.get("spec"))):
         causes.append(
             Cause("spec", "a VirtualMachineInstance spec cannot change after creation", FORBIDDEN)
         )
@@ -98,23 +108,23 @@ def validate_vmi(new: JSON, old: JSON | None) -> list[Cause]:
 
 def validate_vmim(new: JSON, old: JSON | None) -> list[Cause]:
     """A migration names its VMI, and its spec is fixed once created."""
-    spec = new.get("spec") or {}
+    spec = _obj(new.get("spec"))
     causes: list[Cause] = []
     if not spec.get("vmiName"):
         causes.append(Cause("spec.vmiName", "the VMI to migrate must be named", REQUIRED))
-    if old is not None and spec != (old.get("spec") or {}):
+    if old is not None and spec != _obj(old.get("spec")):
         causes.append(Cause("spec", "a migration's spec cannot change after creation", FORBIDDEN))
     return causes
 
 
 def vmi_spec_causes(spec: JSON, *, path: str, memory_required: bool) -> list[Cause]:
     """Every semantic check of a VMI spec found at ``path`` (``spec`` or ``spec.template.spec``)."""
-    domain = spec.get("domain") or {}
-    devices = domain.get("devices") or {}
-    disks = devices.get("disks") or []
-    interfaces = devices.get("interfaces") or []
-    volumes = spec.get("volumes") or []
-    networks = spec.get("networks") or []
+    domain = _obj(spec.get("domain"))
+    devices = _obj(domain.get("devices"))
+    disks = _items(devices.get("disks"))
+    interfaces = _items(devices.get("interfaces"))
+    volumes = _items(spec.get("volumes"))
+    networks = _items(spec.get("networks"))
     dev = f"{path}.domain.devices"
     return [
         *_disks(disks, volumes, dev, path),
@@ -140,7 +150,7 @@ def _run_strategy(spec: JSON) -> Iterator[Cause]:
 
 
 def _datavolume_templates(templates: list[JSON]) -> Iterator[Cause]:
-    names = [(t.get("metadata") or {}).get("name") for t in templates]
+    names = [_obj(t.get("metadata")).get("name") for t in templates]
     for i, name in enumerate(names):
         field = f"spec.dataVolumeTemplates[{i}].metadata.name"
         if not name:
@@ -250,7 +260,7 @@ def _mac_address(mac: object, field: str) -> Iterator[Cause]:
 
 
 def _ports(iface: JSON, field: str, *, masquerade: bool) -> Iterator[Cause]:
-    ports = iface.get("ports") or []
+    ports = _items(iface.get("ports"))
     if ports and not masquerade:
         yield Cause(f"{field}.ports", "ports are forwarded only by the masquerade binding")
     named: set[str] = set()
@@ -324,10 +334,10 @@ def _boot_order(disks: list[JSON], interfaces: list[JSON], dev: str) -> Iterator
 
 
 def _memory(domain: JSON, base: str, *, required: bool) -> Iterator[Cause]:
-    resources = domain.get("resources") or {}
-    requests = resources.get("requests") or {}
-    limits = resources.get("limits") or {}
-    guest_field, guest_raw = f"{base}.memory.guest", (domain.get("memory") or {}).get("guest")
+    resources = _obj(domain.get("resources"))
+    requests = _obj(resources.get("requests"))
+    limits = _obj(resources.get("limits"))
+    guest_field, guest_raw = f"{base}.memory.guest", _obj(domain.get("memory")).get("guest")
     if guest_raw is None:
         guest_field, guest_raw = f"{base}.resources.requests.memory", requests.get("memory")
     if guest_raw is None:
@@ -357,7 +367,7 @@ def _memory(domain: JSON, base: str, *, required: bool) -> Iterator[Cause]:
 
 
 def _cpu(domain: JSON, base: str) -> Iterator[Cause]:
-    cpu = domain.get("cpu") or {}
+    cpu = _obj(domain.get("cpu"))
     for axis in ("sockets", "cores", "threads"):
         value = cpu.get(axis)
         if value is not None and (not isinstance(value, int) or value < 1):
@@ -376,13 +386,13 @@ def _scalars(spec: JSON, path: str) -> Iterator[Cause]:
 
 def _instancetype_conflicts(spec: JSON, path: str) -> Iterator[Cause]:
     """With an instancetype, CPU count and guest memory come from it and may not be repeated."""
-    domain = spec.get("domain") or {}
+    domain = _obj(spec.get("domain"))
     for axis in ("sockets", "cores", "threads"):
-        if (domain.get("cpu") or {}).get(axis) is not None:
+        if _obj(domain.get("cpu")).get(axis) is not None:
             yield Cause(
                 f"{path}.domain.cpu.{axis}", "conflicts with the selected instancetype", FORBIDDEN
             )
-    if (domain.get("memory") or {}).get("guest") is not None:
+    if _obj(domain.get("memory")).get("guest") is not None:
         yield Cause(
             f"{path}.domain.memory.guest", "conflicts with the selected instancetype", FORBIDDEN
         )
@@ -391,8 +401,8 @@ def _instancetype_conflicts(spec: JSON, path: str) -> Iterator[Cause]:
 def _frozen_vmi_spec(spec: JSON) -> JSON:
     """The part of a VMI spec that may never change: everything but hotplugged volumes/disks."""
     frozen = {key: value for key, value in spec.items() if key != "volumes"}
-    domain = dict(frozen.get("domain") or {})
-    devices = {k: v for k, v in (domain.get("devices") or {}).items() if k != "disks"}
+    domain = dict(_obj(frozen.get("domain")))
+    devices = {k: v for k, v in _obj(domain.get("devices")).items() if k != "disks"}
     domain["devices"] = devices
     frozen["domain"] = domain
     return frozen
