@@ -28,7 +28,13 @@ import yaml
 
 NS = "virtual-machines"
 VM_PATH = f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines"
-TARGETS = {"mutating p99 ms": 25.0, "get p99 ms": 10.0, "watch p99 ms": 50.0, "list s": 1.0, "rss MB": 300.0}
+TARGETS = {
+    "mutating p99 ms": 25.0,
+    "get p99 ms": 10.0,
+    "watch p99 ms": 50.0,
+    "list s": 1.0,
+    "rss MB": 300.0,
+}
 
 
 def vm(name: str, generation: int = 0) -> dict[str, Any]:
@@ -50,7 +56,9 @@ def vm(name: str, generation: int = 0) -> dict[str, Any]:
                         },
                     },
                     "networks": [{"name": "default", "pod": {}}],
-                    "volumes": [{"name": "root", "persistentVolumeClaim": {"claimName": f"{name}-root"}}],
+                    "volumes": [
+                        {"name": "root", "persistentVolumeClaim": {"claimName": f"{name}-root"}}
+                    ],
                 },
             },
         },
@@ -59,7 +67,7 @@ def vm(name: str, generation: int = 0) -> dict[str, Any]:
 
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 # --- the server under test ---------------------------------------------------------------------
@@ -69,7 +77,8 @@ class Server:
     def __init__(self, home: Path) -> None:
         self.home = home
         argv = [sys.executable, "-m", "vmo.cli.main", "--home", str(home), "up", "--port", "0"]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(home / "log", "wb"))
+        with open(home / "log", "wb") as log:
+            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 30
         while not (home / "apiserver.url").exists():
             if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -92,7 +101,9 @@ class Server:
 
 
 async def timed_ops(
-    session: aiohttp.ClientSession, ops: list[Callable[[aiohttp.ClientSession], Awaitable[None]]], clients: int
+    session: aiohttp.ClientSession,
+    ops: list[Callable[[aiohttp.ClientSession], Awaitable[None]]],
+    clients: int,
 ) -> list[float]:
     latencies: list[float] = []
     queue = list(reversed(ops))
@@ -108,11 +119,15 @@ async def timed_ops(
     return latencies
 
 
-def request(method: str, path: str, body: Any = None, expect: int = 200) -> Callable[[aiohttp.ClientSession], Awaitable[None]]:
+def request(
+    method: str, path: str, body: Any = None, expect: int = 200
+) -> Callable[[aiohttp.ClientSession], Awaitable[None]]:
     data = json.dumps(body).encode() if body is not None else None
 
     async def run(session: aiohttp.ClientSession) -> None:
-        async with session.request(method, path, data=data, headers={"Content-Type": "application/json"}) as resp:
+        async with session.request(
+            method, path, data=data, headers={"Content-Type": "application/json"}
+        ) as resp:
             await resp.read()
             if resp.status != expect:
                 raise RuntimeError(f"{method} {path}: {resp.status}")
@@ -136,7 +151,9 @@ async def api_phase(server: Server, total: int, small: int) -> dict[str, float]:
             body = json.dumps({"metadata": {"labels": {"gen": str(gen)}}}).encode()
 
             async def run(session: aiohttp.ClientSession) -> None:
-                async with session.patch(f"{VM_PATH}/{name}", data=body, headers={"Content-Type": merge}) as resp:
+                async with session.patch(
+                    f"{VM_PATH}/{name}", data=body, headers={"Content-Type": merge}
+                ) as resp:
                     await resp.read()
                     assert resp.status == 200
 
@@ -147,7 +164,9 @@ async def api_phase(server: Server, total: int, small: int) -> dict[str, float]:
         out |= {"update p50 c1": pct(one, 50), "update p99 c1": pct(one, 99)}
         out |= {"update p50 c16": pct(many, 50), "update p99 c16": pct(many, 99)}
         one = await timed_ops(s, [request("GET", f"{VM_PATH}/{n}") for n in names[:small]], 1)
-        many = await timed_ops(s, [request("GET", f"{VM_PATH}/{n}") for n in names[: small * 4]], 16)
+        many = await timed_ops(
+            s, [request("GET", f"{VM_PATH}/{n}") for n in names[: small * 4]], 16
+        )
         out |= {"get p50 c1": pct(one, 50), "get p99 c1": pct(one, 99)}
         out |= {"get p50 c16": pct(many, 50), "get p99 c16": pct(many, 99)}
         lists = []
@@ -193,7 +212,9 @@ async def watch_delivery(s: aiohttp.ClientSession, names: list[str], watchers: i
     body = json.dumps({"metadata": {"labels": {"gen": marker}}}).encode()
     for name in names:
         sent[name] = time.perf_counter()
-        async with s.patch(f"{VM_PATH}/{name}", data=body, headers={"Content-Type": "application/merge-patch+json"}) as resp:
+        async with s.patch(
+            f"{VM_PATH}/{name}", data=body, headers={"Content-Type": "application/merge-patch+json"}
+        ) as resp:
             await resp.read()
     await asyncio.wait_for(done.wait(), 60)
     for t in tasks:
@@ -207,7 +228,9 @@ async def watch_delivery(s: aiohttp.ClientSession, names: list[str], watchers: i
 def sqlite_phase(path: Path, total: int, small: int) -> dict[str, float]:
     setup = sqlite3.connect(path)
     setup.execute("PRAGMA journal_mode=WAL")
-    setup.execute("CREATE TABLE objects (key TEXT PRIMARY KEY, rv INTEGER, data BLOB) WITHOUT ROWID")
+    setup.execute(
+        "CREATE TABLE objects (key TEXT PRIMARY KEY, rv INTEGER, data BLOB) WITHOUT ROWID"
+    )
     setup.close()
     names = [f"vm-{i:05d}" for i in range(total)]
     rv = iter(range(1, 10**9))
@@ -218,7 +241,9 @@ def sqlite_phase(path: Path, total: int, small: int) -> dict[str, float]:
         db.execute("PRAGMA synchronous=NORMAL")
         return db
 
-    def run(op: Callable[[sqlite3.Connection, str], None], items: list[str], threads: int) -> list[float]:
+    def run(
+        op: Callable[[sqlite3.Connection, str], None], items: list[str], threads: int
+    ) -> list[float]:
         latencies: list[float] = []
         queue = list(reversed(items))
 
@@ -242,14 +267,19 @@ def sqlite_phase(path: Path, total: int, small: int) -> dict[str, float]:
         return latencies
 
     def create(db: sqlite3.Connection, name: str) -> None:
-        db.execute("INSERT INTO objects VALUES (?, ?, ?)", (name, next(rv), json.dumps(vm(name)).encode()))
+        db.execute(
+            "INSERT INTO objects VALUES (?, ?, ?)", (name, next(rv), json.dumps(vm(name)).encode())
+        )
 
     def update(db: sqlite3.Connection, name: str) -> None:
         db.execute("BEGIN IMMEDIATE")
         (data,) = db.execute("SELECT data FROM objects WHERE key=?", (name,)).fetchone()
         obj = json.loads(data)
         obj["metadata"]["labels"]["gen"] = "x"
-        db.execute("UPDATE objects SET data=?, rv=? WHERE key=?", (json.dumps(obj).encode(), next(rv), name))
+        db.execute(
+            "UPDATE objects SET data=?, rv=? WHERE key=?",
+            (json.dumps(obj).encode(), next(rv), name),
+        )
         db.execute("COMMIT")
 
     def get(db: sqlite3.Connection, name: str) -> None:
@@ -257,7 +287,7 @@ def sqlite_phase(path: Path, total: int, small: int) -> dict[str, float]:
 
     out: dict[str, float] = {}
     for label, op in (("create", create), ("update", update), ("get", get)):
-        first = names[:small] if label != "create" else names[:small]
+        first = names[:small]
         rest = names[small:] if label == "create" else names[: small * 4]
         one, many = run(op, first, 1), run(op, rest, 16)
         out |= {f"{label} p50 c1": pct(one, 50), f"{label} p99 c1": pct(one, 99)}
@@ -304,7 +334,9 @@ def main() -> None:
             api = asyncio.run(api_phase(server, args.objects, args.sample))
         finally:
             server.stop()
-    print(f"VMO API server benchmark: {args.objects} VirtualMachines stored, {os.cpu_count()} CPUs; times in ms unless named")
+    print(
+        f"VMO API server benchmark: {args.objects} VirtualMachines stored, {os.cpu_count()} CPUs; times in ms unless named"
+    )
     report(api, floor)
 
 

@@ -31,7 +31,10 @@ def configmap(name: str, **data: str) -> dict[str, Any]:
 
 @pytest.fixture
 def ns(api: Api, unique: str) -> str:
-    r = api.post("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": unique}})
+    r = api.post(
+        "/api/v1/namespaces",
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": unique}},
+    )
     assert r.status_code == 201, r.text
     return unique
 
@@ -80,15 +83,21 @@ def test_invalid_name_is_422_with_field_causes(api: Api, ns: str) -> None:
 
 
 def test_malformed_json_and_yaml_are_400(api: Api, ns: str) -> None:
-    r = api.request("POST", CM.format(ns=ns), data=b"{not json", headers={"Content-Type": "application/json"})
+    r = api.request(
+        "POST", CM.format(ns=ns), data=b"{not json", headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 400 and r.json()["kind"] == "Status"
-    r = api.request("POST", CM.format(ns=ns), data=b"a: [", headers={"Content-Type": "application/yaml"})
+    r = api.request(
+        "POST", CM.format(ns=ns), data=b"a: [", headers={"Content-Type": "application/yaml"}
+    )
     assert r.status_code == 400
 
 
 def test_yaml_bodies_are_accepted(api: Api, ns: str) -> None:
     body = b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: from-yaml\ndata:\n  k: v\n"
-    r = api.request("POST", CM.format(ns=ns), data=body, headers={"Content-Type": "application/yaml"})
+    r = api.request(
+        "POST", CM.format(ns=ns), data=body, headers={"Content-Type": "application/yaml"}
+    )
     assert r.status_code == 201 and r.json()["data"] == {"k": "v"}
 
 
@@ -126,11 +135,17 @@ def test_patch_kinds(api: Api, ns: str) -> None:
     url = f"{CM.format(ns=ns)}/p"
     r = api.patch(url, {"data": {"a": None, "c": "3"}}, "application/merge-patch+json")
     assert r.json()["data"] == {"b": "2", "c": "3"}
-    r = api.patch(url, [{"op": "replace", "path": "/data/b", "value": "x"}], "application/json-patch+json")
+    r = api.patch(
+        url, [{"op": "replace", "path": "/data/b", "value": "x"}], "application/json-patch+json"
+    )
     assert r.json()["data"]["b"] == "x"
-    r = api.patch(url, {"metadata": {"labels": {"l": "v"}}}, "application/strategic-merge-patch+json")
+    r = api.patch(
+        url, {"metadata": {"labels": {"l": "v"}}}, "application/strategic-merge-patch+json"
+    )
     assert r.json()["metadata"]["labels"] == {"l": "v"}
-    r = api.patch(url, [{"op": "test", "path": "/data/b", "value": "nope"}], "application/json-patch+json")
+    r = api.patch(
+        url, [{"op": "test", "path": "/data/b", "value": "nope"}], "application/json-patch+json"
+    )
     assert r.status_code == 422
 
 
@@ -160,7 +175,9 @@ def test_field_selectors(api: Api, ns: str) -> None:
     api.post(CM.format(ns=ns), configmap("f2"))
     r = api.get(CM.format(ns=ns), params={"fieldSelector": "metadata.name=f2"})
     assert [i["metadata"]["name"] for i in r.json()["items"]] == ["f2"]
-    r = api.get("/api/v1/configmaps", params={"fieldSelector": f"metadata.namespace={ns},metadata.name!=f2"})
+    r = api.get(
+        "/api/v1/configmaps", params={"fieldSelector": f"metadata.namespace={ns},metadata.name!=f2"}
+    )
     assert {i["metadata"]["name"] for i in r.json()["items"]} == {"f1"}
     r = api.get(CM.format(ns=ns), params={"fieldSelector": "spec.nothing=x"})
     assert r.status_code == 400 and "field label not supported" in r.json()["message"]
@@ -197,7 +214,9 @@ def test_generation_moves_with_spec_not_metadata(api: Api, ns: str) -> None:
     created = api.post(url, vm)
     assert created.status_code == 201, created.text
     assert created.json()["metadata"]["generation"] == 1
-    r = api.patch(f"{url}/gen", {"metadata": {"labels": {"a": "b"}}}, "application/merge-patch+json")
+    r = api.patch(
+        f"{url}/gen", {"metadata": {"labels": {"a": "b"}}}, "application/merge-patch+json"
+    )
     assert r.json()["metadata"]["generation"] == 1
     r = api.patch(f"{url}/gen", {"spec": {"runStrategy": "Always"}}, "application/merge-patch+json")
     assert r.json()["metadata"]["generation"] == 2
@@ -217,10 +236,19 @@ def test_status_is_its_own_subresource(api: Api, ns: str) -> None:
     }
     created = api.post(url, vm).json()
     assert "printableStatus" not in created.get("status", {})
-    r = api.patch(f"{url}/st/status", {"status": {"printableStatus": "Stopped"}, "spec": {"runStrategy": "Always"}}, "application/merge-patch+json")
+    r = api.patch(
+        f"{url}/st/status",
+        {"status": {"printableStatus": "Stopped"}, "spec": {"runStrategy": "Always"}},
+        "application/merge-patch+json",
+    )
     assert r.status_code == 200, r.text
-    assert r.json()["status"]["printableStatus"] == "Stopped" and r.json()["spec"]["runStrategy"] == "Halted"
-    r = api.patch(f"{url}/st", {"status": {"printableStatus": "Paused"}}, "application/merge-patch+json")
+    assert (
+        r.json()["status"]["printableStatus"] == "Stopped"
+        and r.json()["spec"]["runStrategy"] == "Halted"
+    )
+    r = api.patch(
+        f"{url}/st", {"status": {"printableStatus": "Paused"}}, "application/merge-patch+json"
+    )
     assert r.json()["status"]["printableStatus"] == "Stopped"
 
 
@@ -231,7 +259,11 @@ def test_finalizers_hold_deletion_until_removed(api: Api, ns: str) -> None:
     r = api.delete(f"{CM.format(ns=ns)}/fin")
     assert r.status_code == 200 and r.json()["metadata"]["deletionTimestamp"]
     assert api.get(f"{CM.format(ns=ns)}/fin").status_code == 200
-    r = api.patch(f"{CM.format(ns=ns)}/fin", {"metadata": {"finalizers": None}}, "application/merge-patch+json")
+    r = api.patch(
+        f"{CM.format(ns=ns)}/fin",
+        {"metadata": {"finalizers": None}},
+        "application/merge-patch+json",
+    )
     assert r.status_code == 200
     assert api.get(f"{CM.format(ns=ns)}/fin").status_code == 404
 
@@ -239,7 +271,13 @@ def test_finalizers_hold_deletion_until_removed(api: Api, ns: str) -> None:
 def _owned(api: Api, ns: str, owner: dict[str, Any], name: str, block: bool = False) -> None:
     body = configmap(name)
     body["metadata"]["ownerReferences"] = [
-        {"apiVersion": "v1", "kind": "ConfigMap", "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"], "blockOwnerDeletion": block}
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "name": owner["metadata"]["name"],
+            "uid": owner["metadata"]["uid"],
+            "blockOwnerDeletion": block,
+        }
     ]
     assert api.post(CM.format(ns=ns), body).status_code == 201
 
@@ -286,7 +324,10 @@ def test_deletecollection_with_selector(api: Api, ns: str) -> None:
 
 def test_table_responses_carry_printer_columns(api: Api, ns: str) -> None:
     api.post(CM.format(ns=ns), configmap("tab"))
-    r = api.get(CM.format(ns=ns), headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"})
+    r = api.get(
+        CM.format(ns=ns),
+        headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"},
+    )
     body = r.json()
     assert body["kind"] == "Table"
     assert body["columnDefinitions"][0]["name"] == "Name"
@@ -319,8 +360,17 @@ def test_watch_with_label_selector_sees_objects_leave(api: Api, ns: str) -> None
     body = configmap("wl")
     body["metadata"]["labels"] = {"app": "x"}
     rv = api.post(CM.format(ns=ns), body).json()["metadata"]["resourceVersion"]
-    api.patch(f"{CM.format(ns=ns)}/wl", {"metadata": {"labels": {"app": "y"}}}, "application/merge-patch+json")
-    events = _watch_lines(api, CM.format(ns=ns), {"resourceVersion": rv, "labelSelector": "app=x", "timeoutSeconds": "5"}, 1)
+    api.patch(
+        f"{CM.format(ns=ns)}/wl",
+        {"metadata": {"labels": {"app": "y"}}},
+        "application/merge-patch+json",
+    )
+    events = _watch_lines(
+        api,
+        CM.format(ns=ns),
+        {"resourceVersion": rv, "labelSelector": "app=x", "timeoutSeconds": "5"},
+        1,
+    )
     assert events[0]["type"] == "DELETED"
 
 

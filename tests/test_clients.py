@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import kubernetes
 import pytest
@@ -40,7 +39,10 @@ GREETING_CRD = {
                         "type": "object",
                         "properties": {
                             "spec": {"type": "object", "properties": {"who": {"type": "string"}}},
-                            "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                            "status": {
+                                "type": "object",
+                                "x-kubernetes-preserve-unknown-fields": True,
+                            },
                         },
                     }
                 },
@@ -76,36 +78,73 @@ def test_python_client_watches(client: kubernetes.client.ApiClient, api: Api, ns
     def writer() -> None:
         time.sleep(0.3)
         api.post(f"/api/v1/namespaces/{ns}/configmaps", configmap("watched"))
-        api.patch(f"/api/v1/namespaces/{ns}/configmaps/watched", {"data": {"a": "b"}}, "application/merge-patch+json")
+        api.patch(
+            f"/api/v1/namespaces/{ns}/configmaps/watched",
+            {"data": {"a": "b"}},
+            "application/merge-patch+json",
+        )
         api.delete(f"/api/v1/namespaces/{ns}/configmaps/watched")
 
     threading.Thread(target=writer).start()
     seen = []
     watch = kubernetes.watch.Watch()
-    for event in watch.stream(core.list_namespaced_config_map, ns, resource_version=rv, timeout_seconds=10):
+    for event in watch.stream(
+        core.list_namespaced_config_map, ns, resource_version=rv, timeout_seconds=10
+    ):
         seen.append((event["type"], event["object"].metadata.name))
         if len(seen) == 3:
             watch.stop()
     assert seen == [("ADDED", "watched"), ("MODIFIED", "watched"), ("DELETED", "watched")]
 
 
-def test_a_kopf_operator_reacts_to_its_crd(apiserver: ThreadedServer, kubectl: Kubectl, api: Api, ns: str) -> None:
+def test_a_kopf_operator_reacts_to_its_crd(
+    apiserver: ThreadedServer, kubectl: Kubectl, api: Api, ns: str
+) -> None:
     kubectl.apply(GREETING_CRD)
     kubectl("wait", "--for=condition=Established", "crd/greetings.demo.vmo.dev", "--timeout=20s")
     env = {**os.environ, "KUBECONFIG": str(apiserver.kubeconfig)}
     operator = subprocess.Popen(
-        [sys.executable, "-m", "kopf", "run", "--standalone", "--namespace", ns, str(ROOT / "tests/operators/greeter.py")],
+        [
+            sys.executable,
+            "-m",
+            "kopf",
+            "run",
+            "--standalone",
+            "--namespace",
+            ns,
+            str(ROOT / "tests/operators/greeter.py"),
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     try:
-        kubectl.apply({"apiVersion": "demo.vmo.dev/v1", "kind": "Greeting", "metadata": {"name": "hi", "namespace": ns}, "spec": {"who": "VMO"}})
-        cm = wait_for(lambda: (r := api.get(f"/api/v1/namespaces/{ns}/configmaps/greeting-hi")).ok and r.json(), timeout=30)
+        kubectl.apply(
+            {
+                "apiVersion": "demo.vmo.dev/v1",
+                "kind": "Greeting",
+                "metadata": {"name": "hi", "namespace": ns},
+                "spec": {"who": "VMO"},
+            }
+        )
+        cm = wait_for(
+            lambda: (
+                (r := api.get(f"/api/v1/namespaces/{ns}/configmaps/greeting-hi")).ok and r.json()
+            ),
+            timeout=30,
+        )
         assert cm["data"]["message"] == "Hello, VMO!"
         assert cm["metadata"]["ownerReferences"][0]["kind"] == "Greeting"
-        status = wait_for(lambda: api.get(f"/apis/demo.vmo.dev/v1/namespaces/{ns}/greetings/hi").json().get("status", {}).get("greet"), timeout=30)
+        status = wait_for(
+            lambda: (
+                api.get(f"/apis/demo.vmo.dev/v1/namespaces/{ns}/greetings/hi")
+                .json()
+                .get("status", {})
+                .get("greet")
+            ),
+            timeout=30,
+        )
         assert status == {"configMap": "greeting-hi"}
     finally:
         operator.send_signal(signal.SIGINT)
@@ -140,20 +179,34 @@ def _start(home: Path) -> tuple[subprocess.Popen[bytes], str, Api]:
 def test_writes_and_watches_survive_kill_9(tmp_path: Path) -> None:
     proc, _, api = _start(tmp_path)
     try:
-        acked = [api.post("/api/v1/namespaces/default/configmaps", configmap(f"k{i}", i=str(i))).json() for i in range(20)]
+        acked = [
+            api.post("/api/v1/namespaces/default/configmaps", configmap(f"k{i}", i=str(i))).json()
+            for i in range(20)
+        ]
         middle = acked[9]["metadata"]["resourceVersion"]
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     proc, _, api = _start(tmp_path)
     try:
-        names = [i["metadata"]["name"] for i in api.get("/api/v1/namespaces/default/configmaps").json()["items"]]
+        names = [
+            i["metadata"]["name"]
+            for i in api.get("/api/v1/namespaces/default/configmaps").json()["items"]
+        ]
         assert sorted(names) == sorted(f"k{i}" for i in range(20))
-        r = api.get("/api/v1/namespaces/default/configmaps", params={"watch": "1", "resourceVersion": middle, "timeoutSeconds": "3"}, stream=True)
-        replayed = [json.loads(line)["object"]["metadata"]["name"] for line in r.iter_lines() if line]
+        r = api.get(
+            "/api/v1/namespaces/default/configmaps",
+            params={"watch": "1", "resourceVersion": middle, "timeoutSeconds": "3"},
+            stream=True,
+        )
+        replayed = [
+            json.loads(line)["object"]["metadata"]["name"] for line in r.iter_lines() if line
+        ]
         assert replayed == [f"k{i}" for i in range(10, 20)]
         after = api.post("/api/v1/namespaces/default/configmaps", configmap("after")).json()
-        assert int(after["metadata"]["resourceVersion"]) > int(acked[-1]["metadata"]["resourceVersion"])
+        assert int(after["metadata"]["resourceVersion"]) > int(
+            acked[-1]["metadata"]["resourceVersion"]
+        )
     finally:
         proc.terminate()
         proc.wait(15)
@@ -161,26 +214,53 @@ def test_writes_and_watches_survive_kill_9(tmp_path: Path) -> None:
 
 def test_vmo_up_daemon_status_down(tmp_path: Path) -> None:
     vmo = [sys.executable, "-m", "vmo.cli.main", "--home", str(tmp_path)]
-    up = subprocess.run([*vmo, "up", "-d", "--port", "0"], capture_output=True, text=True, timeout=60)
+    up = subprocess.run(
+        [*vmo, "up", "-d", "--port", "0"], capture_output=True, text=True, timeout=60
+    )
     assert up.returncode == 0, up.stderr
     try:
         assert (tmp_path / "admin.kubeconfig").stat().st_mode & 0o777 == 0o600
         status = subprocess.run([*vmo, "status"], capture_output=True, text=True, timeout=30)
         assert status.returncode == 0 and "running" in status.stdout
         pid = int((tmp_path / "apiserver.pid").read_text())
-        out = subprocess.run(["kubectl", "--kubeconfig", str(tmp_path / "admin.kubeconfig"), "get", "ns", "virtual-machines", "-o", "name"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [
+                "kubectl",
+                "--kubeconfig",
+                str(tmp_path / "admin.kubeconfig"),
+                "get",
+                "ns",
+                "virtual-machines",
+                "-o",
+                "name",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert out.stdout.strip() == "namespace/virtual-machines"
-        user = subprocess.run([*vmo, "user", "add", "alice", "--group", "devs"], capture_output=True, text=True, timeout=30)
+        user = subprocess.run(
+            [*vmo, "user", "add", "alice", "--group", "devs"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         config = yaml.safe_load(user.stdout)
         token = config["users"][0]["user"]["token"]
         url = (tmp_path / "apiserver.url").read_text().strip()
-        r = requests.get(f"{url}/apis/kubevirt.io/v1/namespaces/virtual-machines/virtualmachines", headers={"Authorization": f"Bearer {token}"}, verify=str(tmp_path / "pki" / "ca.crt"), timeout=10)
-        assert r.status_code == 403 and 'User "alice" cannot list resource "virtualmachines"' in r.json()["message"]
+        r = requests.get(
+            f"{url}/apis/kubevirt.io/v1/namespaces/virtual-machines/virtualmachines",
+            headers={"Authorization": f"Bearer {token}"},
+            verify=str(tmp_path / "pki" / "ca.crt"),
+            timeout=10,
+        )
+        assert (
+            r.status_code == 403
+            and 'User "alice" cannot list resource "virtualmachines"' in r.json()["message"]
+        )
     finally:
         down = subprocess.run([*vmo, "down"], capture_output=True, text=True, timeout=60)
     assert down.returncode == 0
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert "not running" in subprocess.run([*vmo, "status"], capture_output=True, text=True).stdout
-
-

@@ -105,7 +105,10 @@ def test_patch_label_and_delete(kubectl: Kubectl, ns: str) -> None:
     kubectl("patch", "vm", "p", "-n", ns, "--type=merge", "-p", '{"spec":{"runStrategy":"Manual"}}')
     vm = kubectl.json("get", "vm", "p", "-n", ns)
     assert vm["metadata"]["labels"]["tier"] == "gold" and vm["spec"]["runStrategy"] == "Manual"
-    assert kubectl("get", "vm", "-n", ns, "-l", "tier in (gold,silver)", "-o", "name").stdout.strip() == "virtualmachine.kubevirt.io/p"
+    assert (
+        kubectl("get", "vm", "-n", ns, "-l", "tier in (gold,silver)", "-o", "name").stdout.strip()
+        == "virtualmachine.kubevirt.io/p"
+    )
     kubectl("delete", "vm", "p", "-n", ns)
     assert kubectl("get", "vm", "p", "-n", ns, check=False).returncode != 0
 
@@ -120,11 +123,23 @@ def test_apply_refuses_an_invalid_vm_with_the_field_path(kubectl: Kubectl, ns: s
 def test_crd_is_served_with_validation_defaults_and_columns(kubectl: Kubectl, ns: str) -> None:
     kubectl.apply(WIDGET_CRD)
     kubectl("wait", "--for=condition=Established", "crd/widgets.example.com", "--timeout=20s")
-    kubectl.apply({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w", "namespace": ns}, "spec": {"color": "red"}})
+    kubectl.apply(
+        {
+            "apiVersion": "example.com/v1",
+            "kind": "Widget",
+            "metadata": {"name": "w", "namespace": ns},
+            "spec": {"color": "red"},
+        }
+    )
     assert kubectl.json("get", "wdg", "w", "-n", ns)["spec"]["size"] == 3
     header = kubectl("get", "widgets", "-n", ns).stdout.splitlines()[0].split()
     assert header == ["NAME", "SIZE", "AGE"]
-    bad = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "b", "namespace": ns}, "spec": {"color": "green"}}
+    bad = {
+        "apiVersion": "example.com/v1",
+        "kind": "Widget",
+        "metadata": {"name": "b", "namespace": ns},
+        "spec": {"color": "green"},
+    }
     proc = kubectl("apply", "-f", "-", input=__import__("yaml").safe_dump(bad), check=False)
     assert proc.returncode != 0 and "spec.color" in proc.stderr
 
@@ -132,26 +147,53 @@ def test_crd_is_served_with_validation_defaults_and_columns(kubectl: Kubectl, ns
 def test_wait_for_condition_on_status(kubectl: Kubectl, ns: str) -> None:
     kubectl.apply(WIDGET_CRD)
     kubectl("wait", "--for=condition=Established", "crd/widgets.example.com", "--timeout=20s")
-    kubectl.apply({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "ready", "namespace": ns}, "spec": {}})
+    kubectl.apply(
+        {
+            "apiVersion": "example.com/v1",
+            "kind": "Widget",
+            "metadata": {"name": "ready", "namespace": ns},
+            "spec": {},
+        }
+    )
     kubectl(
-        "patch", "widget", "ready", "-n", ns, "--subresource=status", "--type=merge",
-        "-p", '{"status":{"conditions":[{"type":"Ready","status":"True"}]}}',
+        "patch",
+        "widget",
+        "ready",
+        "-n",
+        ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        '{"status":{"conditions":[{"type":"Ready","status":"True"}]}}',
     )
     out = kubectl("wait", "--for=condition=Ready", "widget/ready", "-n", ns, "--timeout=20s").stdout
     assert "condition met" in out
 
 
-def test_auth_can_i_and_rbac_for_a_restricted_user(apiserver: ThreadedServer, kubectl: Kubectl, ns: str) -> None:
+def test_auth_can_i_and_rbac_for_a_restricted_user(
+    apiserver: ThreadedServer, kubectl: Kubectl, ns: str
+) -> None:
     _, config = make_user(apiserver, f"viewer-{ns}", "team")
     viewer = Kubectl(config)
     assert viewer("auth", "can-i", "get", "vm", "-n", ns, check=False).stdout.strip() == "no"
-    kubectl("create", "rolebinding", "view-vms", "--clusterrole=kubevirt.io:view", f"--user=viewer-{ns}", "-n", ns)
+    kubectl(
+        "create",
+        "rolebinding",
+        "view-vms",
+        "--clusterrole=kubevirt.io:view",
+        f"--user=viewer-{ns}",
+        "-n",
+        ns,
+    )
     assert viewer("auth", "can-i", "get", "vm", "-n", ns).stdout.strip() == "yes"
     assert viewer("auth", "can-i", "delete", "vm", "-n", ns, check=False).stdout.strip() == "no"
     assert viewer("auth", "can-i", "get", "vm", "-n", "default", check=False).stdout.strip() == "no"
     denied = viewer("delete", "vm", "x", "-n", ns, check=False)
     assert denied.returncode != 0
-    assert f'User "viewer-{ns}" cannot delete resource "virtualmachines" in API group "kubevirt.io" in the namespace "{ns}"' in denied.stderr
+    assert (
+        f'User "viewer-{ns}" cannot delete resource "virtualmachines" in API group "kubevirt.io" in the namespace "{ns}"'
+        in denied.stderr
+    )
 
 
 def test_explain_reads_the_openapi_documents(kubectl: Kubectl) -> None:
@@ -161,6 +203,11 @@ def test_explain_reads_the_openapi_documents(kubectl: Kubectl) -> None:
 
 
 def test_server_side_apply(kubectl: Kubectl, ns: str) -> None:
-    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ssa", "namespace": ns}, "data": {"a": "1"}}
+    cm = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "ssa", "namespace": ns},
+        "data": {"a": "1"},
+    }
     kubectl.apply(cm, "--server-side")
     assert kubectl.json("get", "cm", "ssa", "-n", ns)["data"] == {"a": "1"}

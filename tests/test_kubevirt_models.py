@@ -828,3 +828,29 @@ def test_backup_pull_mode_needs_a_token_secret() -> None:
     backup = load_example("vm-backup.yaml", 1)
     backup["spec"]["mode"] = "Pull"
     assert fields(validator("VirtualMachineBackup")(backup, None)) == ["spec.tokenSecretRef"]
+
+
+MALFORMED_SPECS: list[JSON] = [
+    {"domain": "big"},
+    {"domain": {"devices": {"disks": "x", "interfaces": [1, None]}}, "volumes": 3},
+    {"domain": {"devices": None, "resources": {"limits": "2"}, "cpu": [1]}, "networks": [{}]},
+    {"domain": {"devices": {"disks": [{"name": "a", "disk": "virtio"}]}}, "volumes": [{"x": 1}]},
+]
+
+
+@pytest.mark.parametrize("spec", MALFORMED_SPECS)
+def test_defaults_and_validation_survive_malformed_objects(spec: JSON) -> None:
+    vmi: JSON = {"kind": "VirtualMachineInstance", "metadata": {"name": "m"}, "spec": spec}
+    vm: JSON = {"kind": "VirtualMachine", "spec": {"template": {"spec": copy.deepcopy(spec)}}}
+    for obj, default, validate in ((vmi, default_vmi, validate_vmi), (vm, default_vm, validate_vm)):
+        default(obj)
+        validate(obj, None)
+        validate(obj, copy.deepcopy(obj))
+        assert vmo_draft7_errors(obj)  # the schema still reports the mistake
+
+
+def test_defaults_do_not_overwrite_a_wrongly_typed_value() -> None:
+    vmi = bare_vmi()
+    vmi["spec"]["domain"]["machine"] = "q35"
+    default_vmi(vmi)
+    assert vmi["spec"]["domain"]["machine"] == "q35"

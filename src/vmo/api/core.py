@@ -114,7 +114,10 @@ def quantity(description: str = "") -> JSON:
 
 
 def int_or_string(description: str = "") -> JSON:
-    node: JSON = {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}
+    node: JSON = {
+        "anyOf": [{"type": "integer"}, {"type": "string"}],
+        "x-kubernetes-int-or-string": True,
+    }
     return _described(node, description)
 
 
@@ -133,7 +136,9 @@ def resource(
         "apiVersion": string(
             "APIVersion defines the versioned schema of this representation of an object."
         ),
-        "kind": string("Kind is a string value representing the REST resource this object represents."),
+        "kind": string(
+            "Kind is a string value representing the REST resource this object represents."
+        ),
         "metadata": opaque("Standard object's metadata."),
         **fields,
     }
@@ -145,7 +150,9 @@ def condition(description: str = "") -> JSON:
         {
             "type": string("Type of condition."),
             "status": string("Status of the condition: True, False or Unknown."),
-            "reason": string("Unique, one-word, CamelCase reason for the condition's last transition."),
+            "reason": string(
+                "Unique, one-word, CamelCase reason for the condition's last transition."
+            ),
             "message": string("Human-readable message indicating details about last transition."),
             "lastTransitionTime": timestamp("Last time the condition transitioned."),
             "lastHeartbeatTime": timestamp("Last time the condition was probed."),
@@ -226,9 +233,7 @@ def namespace() -> ResourceType:
         short_names=("ns",),
         subresources=("status",),
         printer_columns=_columns(PrinterColumn("Status", "string", ".status.phase")),
-        schema=resource(
-            "Namespace provides a scope for names.", {"spec": spec, "status": status}
-        ),
+        schema=resource("Namespace provides a scope for names.", {"spec": spec, "status": status}),
         field_selectors={"status.phase": ".status.phase"},
     )
 
@@ -266,10 +271,18 @@ def node_status() -> JSON:
         },
         required=("type", "address"),
     )
-    info_fields = (
-        "machineID systemUUID bootID kernelVersion osImage containerRuntimeVersion "
-        "kubeletVersion kubeProxyVersion operatingSystem architecture"
-    ).split()
+    info_fields = [
+        "machineID",
+        "systemUUID",
+        "bootID",
+        "kernelVersion",
+        "osImage",
+        "containerRuntimeVersion",
+        "kubeletVersion",
+        "kubeProxyVersion",
+        "operatingSystem",
+        "architecture",
+    ]
     resources = {"additionalProperties": quantity(), "type": "object"}
     return obj(
         {
@@ -331,7 +344,9 @@ def service_spec() -> JSON:
     port = obj(
         {
             "name": string("The name of this port within the service."),
-            "protocol": string("The IP protocol for this port.", enum=("TCP", "UDP", "SCTP"), default="TCP"),
+            "protocol": string(
+                "The IP protocol for this port.", enum=("TCP", "UDP", "SCTP"), default="TCP"
+            ),
             "appProtocol": string("The application protocol for this port."),
             "port": integer("The port that will be exposed by this service."),
             "targetPort": int_or_string("Number or name of the port to reach on the endpoints."),
@@ -346,7 +361,10 @@ def service_spec() -> JSON:
                 "How the Service is exposed.", enum=("ClusterIP", "NodePort"), default="ClusterIP"
             ),
             "ports": array(
-                port, "The ports exposed by this service.", map_keys=("port", "protocol"), merge_key="port"
+                port,
+                "The ports exposed by this service.",
+                map_keys=("port", "protocol"),
+                merge_key="port",
             ),
             "selector": string_map("Route traffic to endpoints whose labels match this selector."),
             "clusterIP": string("The IP address of the service; None for a headless service."),
@@ -360,8 +378,12 @@ def service_spec() -> JSON:
                 "Session affinity.", enum=("ClientIP", "None"), default="None"
             ),
             "publishNotReadyAddresses": boolean("Publish endpoints that are not ready."),
-            "internalTrafficPolicy": string("How traffic from inside is routed.", enum=("Cluster", "Local")),
-            "externalTrafficPolicy": string("How external traffic is routed.", enum=("Cluster", "Local")),
+            "internalTrafficPolicy": string(
+                "How traffic from inside is routed.", enum=("Cluster", "Local")
+            ),
+            "externalTrafficPolicy": string(
+                "How external traffic is routed.", enum=("Cluster", "Local")
+            ),
             "externalIPs": unsupported(no_load_balancer),
             "externalName": unsupported(no_load_balancer),
             "loadBalancerIP": unsupported(no_load_balancer),
@@ -418,14 +440,18 @@ def endpoints() -> ResourceType:
         {
             "name": string("The name of this port."),
             "port": integer("The port number of the endpoint."),
-            "protocol": string("The IP protocol for this port.", enum=("TCP", "UDP", "SCTP"), default="TCP"),
+            "protocol": string(
+                "The IP protocol for this port.", enum=("TCP", "UDP", "SCTP"), default="TCP"
+            ),
             "appProtocol": string("The application protocol for this port."),
         },
         required=("port",),
     )
     subset = obj(
         {
-            "addresses": array(address, "IP addresses which offer the related ports and are ready."),
+            "addresses": array(
+                address, "IP addresses which offer the related ports and are ready."
+            ),
             "notReadyAddresses": array(address, "IP addresses which are not ready yet."),
             "ports": array(port, "Port numbers available on the related IP addresses."),
         }
@@ -485,7 +511,9 @@ def secret() -> ResourceType:
                 "stringData": string_map(
                     "Write-only convenience: plain-text values merged into data on write."
                 ),
-                "type": string("Used to facilitate programmatic handling of secret data.", default="Opaque"),
+                "type": string(
+                    "Used to facilitate programmatic handling of secret data.", default="Opaque"
+                ),
                 "immutable": boolean("If true, data cannot be updated."),
             },
         ),
@@ -508,10 +536,14 @@ def service_account() -> ResourceType:
             "ServiceAccount binds an identity that clients and controllers can act as.",
             {
                 "secrets": array(
-                    object_reference(), "Secrets allowed to be used by this account.", merge_key="name"
+                    object_reference(),
+                    "Secrets allowed to be used by this account.",
+                    merge_key="name",
                 ),
                 "imagePullSecrets": array(local_ref, "Secrets for pulling images."),
-                "automountServiceAccountToken": boolean("Whether a token is mounted automatically."),
+                "automountServiceAccountToken": boolean(
+                    "Whether a token is mounted automatically."
+                ),
             },
         ),
     )
@@ -533,7 +565,9 @@ def event_fields() -> JSON:
         "lastTimestamp": timestamp("The time of the most recent occurrence."),
         "count": integer("The number of times this event has occurred."),
         "type": string("Type of this event (Normal, Warning)."),
-        "eventTime": string("Time when this event was first observed.", fmt="date-time", nullable=True),
+        "eventTime": string(
+            "Time when this event was first observed.", fmt="date-time", nullable=True
+        ),
         "series": obj(
             {
                 "count": integer("Number of occurrences in this series up to the last heartbeat."),
@@ -592,7 +626,7 @@ def event() -> ResourceType:
     )
 
 
-# --------------------------------------------------------------------------- rbac.authorization.k8s.io/v1
+# ---------------------------------------------------------------- rbac.authorization.k8s.io/v1
 
 RBAC = "rbac.authorization.k8s.io"
 
@@ -733,7 +767,7 @@ def _review_kind(
 
 
 def resource_attributes() -> JSON:
-    names = "namespace verb group version resource subresource name".split()
+    names = ["namespace", "verb", "group", "version", "resource", "subresource", "name"]
     return obj(
         {name: string(f"The {name} of the request.") for name in names},
         "The resource request being checked.",
@@ -783,9 +817,7 @@ def rules_review_status() -> JSON:
         {name: strings() for name in ("verbs", "apiGroups", "resources", "resourceNames")},
         required=("verbs",),
     )
-    non_resource_rule = obj(
-        {"verbs": strings(), "nonResourceURLs": strings()}, required=("verbs",)
-    )
+    non_resource_rule = obj({"verbs": strings(), "nonResourceURLs": strings()}, required=("verbs",))
     return obj(
         {
             "resourceRules": array(resource_rule, "What the user may do with resources."),
@@ -859,7 +891,10 @@ def authentication_types() -> list[ResourceType]:
         "TokenReview",
         description="Authenticates a token.",
         spec=obj(
-            {"token": string("The opaque bearer token."), "audiences": strings("Audiences to check.")}
+            {
+                "token": string("The opaque bearer token."),
+                "audiences": strings("Audiences to check."),
+            }
         ),
         status=obj(
             {
@@ -893,7 +928,9 @@ def lease() -> ResourceType:
     spec = obj(
         {
             "holderIdentity": string("The identity of the current holder."),
-            "leaseDurationSeconds": integer("How long candidates wait before taking the lease over."),
+            "leaseDurationSeconds": integer(
+                "How long candidates wait before taking the lease over."
+            ),
             "acquireTime": timestamp("When the current lease was acquired."),
             "renewTime": timestamp("When the current holder last renewed the lease."),
             "leaseTransitions": integer("How many times the lease changed holders."),
@@ -914,7 +951,7 @@ def lease() -> ResourceType:
     )
 
 
-# --------------------------------------------------------------------------- apiextensions.k8s.io/v1
+# --------------------------------------------------------------------- apiextensions.k8s.io/v1
 
 
 def crd_names(description: str) -> JSON:
@@ -994,12 +1031,16 @@ def crd_spec() -> JSON:
         {
             "group": string("The API group of the resources, e.g. vmo.dev."),
             "names": crd_names("The resource and kind names of the custom resource."),
-            "scope": string("Whether the resources are namespaced.", enum=("Cluster", "Namespaced")),
+            "scope": string(
+                "Whether the resources are namespaced.", enum=("Cluster", "Namespaced")
+            ),
             "versions": array(crd_version(), "The versions served.", list_type="atomic"),
             "conversion": obj(
                 {
                     "strategy": string(
-                        "How objects are converted between versions.", enum=("None",), default="None"
+                        "How objects are converted between versions.",
+                        enum=("None",),
+                        default="None",
                     ),
                     "webhook": unsupported("VMO does not call conversion webhooks"),
                 },

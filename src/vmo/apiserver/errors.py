@@ -11,6 +11,19 @@ from typing import Any
 
 from vmo.api.types import Cause
 
+__all__ = [
+    "ApiError",
+    "Cause",
+    "already_exists",
+    "bad_request",
+    "conflict",
+    "gone",
+    "invalid",
+    "method_not_allowed",
+    "not_found",
+    "qualified",
+]
+
 JSON = dict[str, Any]
 
 

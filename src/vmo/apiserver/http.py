@@ -537,9 +537,13 @@ class ApiHandlers:
                 live, applied, manager=manager, force=force, schema=rt.schema
             )
         except patching.ApplyConflict as exc:
-            raise ApiError(409, "Conflict", str(exc), kind=rt.plural, group=rt.group, name=rp.name) from None
+            raise ApiError(
+                409, "Conflict", str(exc), kind=rt.plural, group=rt.group, name=rp.name
+            ) from None
         except patching.PatchError as exc:
-            raise ApiError(422, "Invalid", f"the apply configuration could not be applied: {exc}") from None
+            raise ApiError(
+                422, "Invalid", f"the apply configuration could not be applied: {exc}"
+            ) from None
         if live is None:
             merged.setdefault("metadata", {})["name"] = rp.name
             created = self.service.create(rt, rp.namespace, merged, caller)

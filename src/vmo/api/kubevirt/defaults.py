@@ -43,6 +43,12 @@ def _child(parent: JSON, key: str) -> JSON:
     return value if isinstance(value, dict) else {}
 
 
+def _peek(parent: JSON, key: str) -> JSON:
+    """``parent[key]`` if it is an object, else an empty one; nothing is created."""
+    value = parent.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _items(value: object) -> list[JSON]:
     """The object items of a list; anything else is the schema's to report."""
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
@@ -130,8 +136,8 @@ def _default_cpu(domain: JSON) -> None:
     cpu = _child(domain, "cpu")
     if not any(cpu.get(axis) for axis in ("sockets", "cores", "threads")):
         # no topology: as many sockets as whole CPUs requested, which guests schedule best
-        resources = _child(domain, "resources")
-        limits, requests = _child(resources, "limits"), _child(resources, "requests")
+        resources = _peek(domain, "resources")
+        limits, requests = _peek(resources, "limits"), _peek(resources, "requests")
         vcpus = limits.get("cpu") or requests.get("cpu")
         cpu["sockets"] = max(1, _whole_cpus(vcpus))
         cpu["cores"] = 1
@@ -180,7 +186,8 @@ def _default_volume_disks(spec: JSON) -> None:
     if not isinstance(disks, list):
         return
     named = {disk.get("name") for disk in _items(disks)}
-    missing = [v["name"] for v in _items(spec.get("volumes")) if v.get("name") not in named]
+    volume_names = [v.get("name") for v in _items(spec.get("volumes"))]
+    missing = [name for name in volume_names if isinstance(name, str) and name not in named]
     if missing:
         devices["disks"] = [*disks, *({"name": name} for name in missing)]
 
@@ -201,7 +208,7 @@ def _default_disk_devices(domain: JSON) -> None:
 def _default_status(vmi: JSON, domain: JSON) -> None:
     """Status fields KubeVirt's webhook records at creation: guest memory and CPU topology."""
     status = _child(vmi, "status")
-    guest = _child(domain, "memory").get("guest")
+    guest = _peek(domain, "memory").get("guest")
     if guest is not None and "memory" not in status:
         status["memory"] = {"guestAtBoot": guest, "guestCurrent": guest, "guestRequested": guest}
     cpu = _child(domain, "cpu")
