@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubectl_capture import KUBECTL, KubectlCapture
 
+from tests.kubectl_capture import KUBECTL, KubectlCapture
 from vmo.apiserver.protobuf import PROTOBUF_CONTENT_TYPE, ProtobufError, decode, encode, supports
 
 # Bodies captured from kubectl v1.32 (`kubectl create namespace demo`;
