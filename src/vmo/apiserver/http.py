@@ -656,10 +656,10 @@ class _Watch:
             resp.enable_chunked_encoding()
             await resp.prepare(self.request)
             if isinstance(backlog, ApiError):
-                await self._send(resp, "ERROR", backlog.status())
+                await resp.write(_dumps({"type": "ERROR", "object": backlog.status()}) + b"\n")
                 return resp
-            for etype, obj in backlog:
-                await self._send(resp, etype, obj)
+            for etype, change in backlog:
+                await self._send(resp, etype, change)
             if self.initial and self.bookmarks:
                 await self._bookmark(resp, initial_end=True)
             await self._follow(resp, sub)
@@ -667,13 +667,14 @@ class _Watch:
         finally:
             self.h.service.hub.unsubscribe(sub)
 
-    def _backlog(self, store: st.Store) -> list[tuple[str, JSON]] | ApiError:
+    def _backlog(self, store: st.Store) -> list[tuple[str, Change]] | ApiError:
         """What precedes live changes; computed without awaiting, so nothing slips in between."""
         rv_param = self.request.query.get("resourceVersion", "")
         self.last_rv = store.revision
         if self.initial or rv_param in ("", "0"):
             rows = store.scan(self.prefix)
-            return [("ADDED", obj) for obj in (r.obj() for r in rows) if self._match(obj)]
+            changes = [Change("ADDED", r.rv, r.key, r.data) for r in rows]
+            return [("ADDED", c) for c in changes if self.matches is None or self._match(c.obj)]
         if not rv_param.isdigit():
             return errors.bad_request(f'invalid resourceVersion "{rv_param}"')
         try:
@@ -683,25 +684,28 @@ class _Watch:
         out = []
         for event in history:
             prev = store.previous_state(event.key, event.rv) if self.matches is not None else None
-            change = Change(event.type.value, event.rv, event.key, event.data, prev)
-            translated = self._translate(change)
+            translated = self._translate(
+                Change(event.type.value, event.rv, event.key, event.data, prev)
+            )
             if translated is not None:
                 out.append(translated)
         return out
 
-    def _translate(self, change: Change) -> tuple[str, JSON] | None:
+    def _translate(self, change: Change) -> tuple[str, Change] | None:
+        """The event this watcher sees for a change: selectors turn entries and exits into
+        ADDED and DELETED, as upstream's filtered watches do."""
         if self.matches is None:
-            return change.type, change.obj
-        now = change.type != "DELETED" and self._match(change.obj)
-        before = self._match(change.prev_obj) if change.type != "ADDED" else False
+            return change.type, change
         if change.type == "DELETED":
-            return ("DELETED", change.obj) if self._match(change.obj) else None
+            return ("DELETED", change) if self._match(change.obj) else None
+        now = self._match(change.obj)
+        before = self._match(change.prev_obj) if change.type != "ADDED" else False
         if now and before:
-            return "MODIFIED", change.obj
+            return "MODIFIED", change
         if now:
-            return "ADDED", change.obj
+            return "ADDED", change
         if before:
-            return "DELETED", change.obj
+            return "DELETED", change
         return None
 
     async def _follow(self, resp: web.StreamResponse, sub: Any) -> None:
@@ -725,32 +729,23 @@ class _Watch:
             if translated is not None:
                 await self._send(resp, *translated)
 
-    async def _send(self, resp: web.StreamResponse, etype: str, obj: JSON) -> None:
-        if etype != "ERROR":
-            obj = ApiHandlers._as_version(obj, self.rt)
-            if self.wanted.table:
-                obj = self.h._table(
-                    [obj], self.rt, self.request, str(obj["metadata"].get("resourceVersion", ""))
-                )
+    async def _send(self, resp: web.StreamResponse, etype: str, change: Change) -> None:
+        if not self.wanted.table and not self.h._needs_rewrite(self.rt):
+            # the stored bytes are already the object as served: no parse, no dump
+            await resp.write(b'{"type":"' + etype.encode() + b'","object":' + change.data + b"}\n")
+            return
+        obj = ApiHandlers._as_version(json.loads(change.data), self.rt)
+        if self.wanted.table:
+            rv = str(obj["metadata"].get("resourceVersion", ""))
+            obj = self.h._table([obj], self.rt, self.request, rv)
         await resp.write(_dumps({"type": etype, "object": obj}) + b"\n")
 
     async def _bookmark(self, resp: web.StreamResponse, *, initial_end: bool = False) -> None:
         md: JSON = {"resourceVersion": str(max(self.last_rv, 0))}
         if initial_end:
             md["annotations"] = {"k8s.io/initial-events-end": "true"}
-        await resp.write(
-            _dumps(
-                {
-                    "type": "BOOKMARK",
-                    "object": {
-                        "kind": self.rt.kind,
-                        "apiVersion": self.rt.api_version,
-                        "metadata": md,
-                    },
-                }
-            )
-            + b"\n"
-        )
+        bookmark = {"kind": self.rt.kind, "apiVersion": self.rt.api_version, "metadata": md}
+        await resp.write(_dumps({"type": "BOOKMARK", "object": bookmark}) + b"\n")
 
 
 def _with_query(request: web.Request, **overrides: str) -> web.Request:

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 CRD_GROUP = "apiextensions.k8s.io"
 CRD_CLEANUP = "customresourcecleanup.apiextensions.k8s.io"
 RBAC_GROUP = "rbac.authorization.k8s.io"
+_OWNERS = b'"ownerReferences"'
+_DELETING = b'"deletionTimestamp"'
 
 
 def _uid(obj: JSON) -> str:
@@ -43,13 +45,19 @@ class OwnerIndex:
     dependents: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
 
     def observe(self, change: Change) -> None:
+        # Parsing every write is the hot path's largest cost: an update that touches no owner
+        # references leaves the index as it was (a uid never changes).
+        if change.type == "MODIFIED" and _OWNERS not in change.data and _OWNERS not in (change.prev or b""):
+            return
         if change.prev is not None:
             self._forget(change.key, change.prev_obj or {})
-        if change.type != "DELETED":
-            obj = change.obj
-            self.keys[_uid(obj)] = change.key
-            for owner in _owner_uids(obj):
-                self.dependents[owner].add(change.key)
+        if change.type == "DELETED":
+            self._forget(change.key, change.obj)
+            return
+        obj = change.obj
+        self.keys[_uid(obj)] = change.key
+        for owner in _owner_uids(obj):
+            self.dependents[owner].add(change.key)
 
     def _forget(self, key: str, prev: JSON) -> None:
         if self.keys.get(_uid(prev)) == key:
@@ -113,11 +121,11 @@ class Lifecycle:
 
     def observe(self, change: Change) -> None:
         self.index.observe(change)
-        obj = change.obj
-        md = obj.get("metadata", {})
-        if md.get("deletionTimestamp"):
+        if _DELETING in change.data:
             self._enqueue(change.key)
         if change.type == "DELETED":
+            obj = change.obj
+            md = obj.get("metadata", {})
             for dep in list(self.index.dependents.get(_uid(obj), ())):
                 self._enqueue(dep)
             for owner in _owner_uids(obj):

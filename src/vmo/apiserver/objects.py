@@ -8,7 +8,6 @@ validation), finalizers and graceful deletion. Each call either commits one writ
 
 from __future__ import annotations
 
-import copy
 import logging
 import secrets
 import uuid
@@ -17,7 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from vmo.api import meta as metav
-from vmo.api.types import JSON, ResourceType
+from vmo.api import schema
+from vmo.api.types import JSON, Cause, ResourceType
 from vmo.apiserver import errors
 from vmo.apiserver import store as st
 from vmo.apiserver.errors import ApiError
@@ -148,7 +148,7 @@ class ObjectService:
         return obj
 
     def _prepare_new(self, rt: ResourceType, namespace: str, body: JSON) -> JSON:
-        obj = copy.deepcopy(body)
+        obj = body  # callers hand over freshly decoded objects; no copy needed
         self._check_type_meta(rt, obj)
         md = obj.setdefault("metadata", {})
         if not isinstance(md, dict):
@@ -189,26 +189,30 @@ class ObjectService:
         md["namespace"] = namespace
 
     def _admit(self, rt: ResourceType, obj: JSON, old: JSON | None, caller: Caller) -> None:
-        from vmo.api import schema as schema_mod
-
-        if rt.schema is not None:
-            schema_mod.apply_defaults(rt.schema, obj)
-        if rt.default is not None:
-            rt.default(obj)
         md = obj["metadata"]
         causes = metav.validate_object_meta(
             md,
             name_rule=_NAME_RULES.get((rt.group, rt.kind), "subdomain"),
             namespaced=rt.namespaced,
         )
-        if rt.schema is not None:
-            causes += schema_mod.validate(rt.schema, _body_without(obj, "metadata"))
-        if not causes and rt.validate is not None:
-            causes += rt.validate(obj, old)
+        # An update that leaves everything but metadata as stored keeps a body that was
+        # defaulted and validated when it was written: skip that work (label patches, finalizers).
+        if old is None or _body_without(obj, "metadata") != _body_without(old, "metadata"):
+            causes += self._admit_body(rt, obj, old)
         if causes:
             raise errors.invalid(rt.kind, rt.group, str(md.get("name", "")), causes)
         for admit in self.admission:
             admit(rt, obj, old, caller)
+
+    def _admit_body(self, rt: ResourceType, obj: JSON, old: JSON | None) -> list[Cause]:
+        if rt.schema is not None:
+            schema.apply_defaults(rt.schema, obj)
+        if rt.default is not None:
+            rt.default(obj)
+        causes = schema.validate(rt.schema, _body_without(obj, "metadata")) if rt.schema else []
+        if not causes and rt.validate is not None:
+            causes += rt.validate(obj, old)
+        return causes
 
     # --- update ------------------------------------------------------------------------------
 
@@ -236,7 +240,7 @@ class ObjectService:
     ) -> JSON:
         """Writes ``body`` over the stored object ``current`` (an update or an applied patch)."""
         old = current.obj()
-        obj = copy.deepcopy(body)
+        obj = body  # callers hand over freshly decoded objects; no copy needed
         self._check_type_meta(rt, obj)
         md = obj.setdefault("metadata", {})
         if not isinstance(md, dict):
@@ -273,9 +277,7 @@ class ObjectService:
     ) -> JSON:
         old_md = old["metadata"]
         if subresource == "status":
-            merged = copy.deepcopy(old)
-            merged["status"] = new.get("status", {})
-            return merged
+            return {**old, "metadata": dict(old_md), "status": new.get("status", {})}
         md = new["metadata"]
         for fld in (*_SERVER_SET, "namespace", "name"):
             if fld in old_md:

@@ -1,0 +1,624 @@
+"""VMO's tiny test guest: a Debian kernel and busybox initramfs that boots in seconds under TCG.
+
+``build_guest`` makes it from Debian packages without root (kernel + initramfs, and the same
+boot files on a syslinux disk as raw, qcow2 and streamOptimized vmdk); ``seed_iso`` writes a
+NoCloud seed; ``RunningGuest`` runs QEMU on it and watches the serial console.
+
+Everything the guest does at boot lives in ``guest_init.sh`` (its /init): on success it prints
+``VMO-GUEST-READY hostname=<h> ip=<a,b> mac=<m,n>`` on the serial console, counts seconds in
+/run/vmo/counter, answers TCP 5432 with ``vmo-guest <hostname> counter=<n> macs=<...>`` and
+echoes on TCP 7, and powers off cleanly on an ACPI power-button press.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import IO, Literal
+
+__all__ = [
+    "DEFAULT_MAC",
+    "READY_MARKER",
+    "GuestBuildError",
+    "GuestImage",
+    "GuestTimeoutError",
+    "PackageVersions",
+    "ReadyMarker",
+    "RunningGuest",
+    "build_guest",
+    "default_cache_dir",
+    "free_port",
+    "qemu_argv",
+    "seed_iso",
+]
+
+log = logging.getLogger(__name__)
+
+KERNEL_META_PACKAGE = "linux-image-amd64"
+BUSYBOX_PACKAGE = "busybox-static"
+# Bump when the build recipe changes in a way the package versions and init script do not show.
+BUILD_REVISION = 1
+KERNEL_CMDLINE = "console=ttyS0 loglevel=4 panic=-1"
+READY_MARKER = "VMO-GUEST-READY"
+DEFAULT_MAC = "52:54:00:12:34:56"
+DISK_SIZE = 48 * 1024 * 1024
+PARTITION_OFFSET = 1024 * 1024
+SYSLINUX_MBR = Path("/usr/lib/syslinux/mbr/mbr.bin")
+
+# Drivers the guest loads at boot; their dependencies are resolved from the modules themselves.
+# virtio for KubeVirt's default buses, e1000/e1000e for `model: e1000*`, ATA/AHCI/SCSI CD-ROMs for
+# cdrom-attached seeds, isofs/vfat for NoCloud, button/evdev for ACPI power-off.
+GUEST_MODULES = (
+    "virtio_pci",
+    "virtio_net",
+    "virtio_blk",
+    "virtio_scsi",
+    "virtio_console",
+    "e1000",
+    "e1000e",
+    "ata_piix",
+    "ahci",
+    "sr_mod",
+    "sd_mod",
+    "isofs",
+    "vfat",
+    "nls_cp437",
+    "nls_utf8",
+    "nls_iso8859_1",
+    "button",
+    "evdev",
+)
+
+INITTAB = """\
+::sysinit:/init boot
+ttyS0::respawn:-/bin/sh
+::ctrlaltdel:/sbin/reboot
+::shutdown:/init shutdown
+"""
+ACPI_POWER_HANDLER = "#!/bin/sh\nexec /init power-button\n"
+
+SYSLINUX_CFG = f"""\
+DEFAULT vmo
+PROMPT 0
+TIMEOUT 0
+LABEL vmo
+  LINUX /vmlinuz
+  INITRD /initrd.gz
+  APPEND {KERNEL_CMDLINE}
+"""
+
+
+class GuestBuildError(Exception):
+    """A step of the guest build failed; carries the command and what it printed."""
+
+    def __init__(self, message: str, *, argv: Sequence[str] = (), output: str = "") -> None:
+        detail = f"{message}: {' '.join(argv)}\n{output}" if argv else message
+        super().__init__(detail.rstrip())
+        self.argv = list(argv)
+        self.output = output
+
+
+class GuestTimeoutError(Exception):
+    """The guest's console did not show what was awaited in time."""
+
+    def __init__(self, pattern: str, timeout: float, console: str) -> None:
+        tail = console[-3000:]
+        super().__init__(f"no {pattern!r} on the console within {timeout:.0f} s; tail:\n{tail}")
+        self.pattern = pattern
+        self.console = console
+
+
+@dataclass(frozen=True)
+class PackageVersions:
+    """The exact Debian packages a guest build is made of (the cache key's main part)."""
+
+    kernel_package: str
+    kernel_version: str
+    busybox_version: str
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """The files of one built guest, all inside ``root``."""
+
+    root: Path
+    kernel_release: str
+    cmdline: str = KERNEL_CMDLINE
+
+    @property
+    def kernel(self) -> Path:
+        return self.root / "vmlinuz"
+
+    @property
+    def initramfs(self) -> Path:
+        return self.root / "initramfs.cpio.gz"
+
+    @property
+    def disk_raw(self) -> Path:
+        return self.root / "disk.raw"
+
+    @property
+    def disk_qcow2(self) -> Path:
+        return self.root / "disk.qcow2"
+
+    @property
+    def disk_vmdk(self) -> Path:
+        return self.root / "disk.vmdk"
+
+
+def default_cache_dir() -> Path:
+    """``$VMO_GUEST_CACHE``, else ``~/.cache/vmo-test-guest``."""
+    env = os.environ.get("VMO_GUEST_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "vmo-test-guest"
+
+
+# --- running tools ---------------------------------------------------------------------------
+
+
+def _run(argv: Sequence[str], *, cwd: Path | None = None, stdin: bytes | None = None) -> str:
+    env = {**os.environ, "LC_ALL": "C", "MTOOLS_SKIP_CHECK": "1"}
+    try:
+        done = subprocess.run(
+            list(argv), cwd=cwd, input=stdin, capture_output=True, env=env, check=False
+        )
+    except FileNotFoundError as exc:
+        raise GuestBuildError(f"{argv[0]} is not installed (see packages/apt.txt)") from exc
+    if done.returncode != 0:
+        output = (done.stdout + done.stderr).decode(errors="replace")
+        raise GuestBuildError(f"exit status {done.returncode}", argv=argv, output=output)
+    return done.stdout.decode(errors="replace")
+
+
+def _apt_field(package: str, name: str) -> str:
+    text = _run(["apt-cache", "show", "--no-all-versions", package])
+    match = re.search(rf"^{name}: (.*)$", text, re.MULTILINE)
+    if match is None:
+        raise GuestBuildError(f"apt-cache shows no {name} for {package}")
+    return match.group(1).strip()
+
+
+def package_versions() -> PackageVersions:
+    """Asks apt which kernel ``linux-image-amd64`` points at, and the candidate versions."""
+    depends = _apt_field(KERNEL_META_PACKAGE, "Depends")
+    kernel = next(
+        (d.split()[0] for d in depends.split(",") if d.strip().startswith("linux-image-")), None
+    )
+    if kernel is None:
+        raise GuestBuildError(f"{KERNEL_META_PACKAGE} depends on no linux-image: {depends}")
+    return PackageVersions(
+        kernel_package=kernel,
+        kernel_version=_apt_field(kernel, "Version"),
+        busybox_version=_apt_field(BUSYBOX_PACKAGE, "Version"),
+    )
+
+
+# --- the build -------------------------------------------------------------------------------
+
+
+def _init_script() -> bytes:
+    return resources.files("vmo.testing").joinpath("guest_init.sh").read_bytes()
+
+
+def _cache_key(versions: PackageVersions) -> str:
+    recipe = {
+        "versions": versions.__dict__,
+        "revision": BUILD_REVISION,
+        "modules": GUEST_MODULES,
+        "cmdline": KERNEL_CMDLINE,
+        "inittab": INITTAB,
+        "init": hashlib.sha256(_init_script()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_guest(cache: Path) -> GuestImage:
+    """Returns the guest for the current Debian packages, building it under ``cache`` if needed.
+
+    Idempotent: a finished build lives in ``cache/guest-<key>`` (key = package versions + recipe)
+    and is reused. A build happens in a temporary directory inside ``cache`` and is renamed into
+    place whole, so an interrupted or concurrent build never leaves a half guest behind.
+    """
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        versions = package_versions()
+    except GuestBuildError:
+        # Offline, or apt lists missing: a guest built earlier is still good for tests.
+        built = _latest_build(cache)
+        if built is None:
+            raise
+        log.warning("apt-cache failed; reusing the guest in %s", built.root)
+        return built
+    final = cache / f"guest-{_cache_key(versions)}"
+    if (final / "manifest.json").exists():
+        return _load(final)
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
+    try:
+        image = _build_into(work / "guest", versions, downloads=work / "debs")
+        shutil.rmtree(work / "debs")
+        with contextlib.suppress(OSError):  # lost a race with a concurrent build: keep theirs
+            (work / "guest").rename(final)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("built test guest %s (kernel %s)", final, image.kernel_release)
+    return _load(final)
+
+
+def _load(root: Path) -> GuestImage:
+    manifest = json.loads((root / "manifest.json").read_text())
+    return GuestImage(root=root, kernel_release=manifest["kernel_release"])
+
+
+def _latest_build(cache: Path) -> GuestImage | None:
+    builds = sorted(cache.glob("guest-*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    return _load(builds[-1].parent) if builds else None
+
+
+def _build_into(root: Path, versions: PackageVersions, *, downloads: Path) -> GuestImage:
+    downloads.mkdir(parents=True)
+    root.mkdir()
+    tree = downloads / "tree"
+    for package, version in (
+        (versions.kernel_package, versions.kernel_version),
+        (BUSYBOX_PACKAGE, versions.busybox_version),
+    ):
+        _extract(_download(package, version, downloads), tree)
+    release = _kernel_release(tree)
+    shutil.copyfile(tree / "boot" / f"vmlinuz-{release}", root / "vmlinuz")
+    modules = module_load_order(tree / "lib" / "modules" / release, GUEST_MODULES)
+    _write_initramfs(root / "initramfs.cpio.gz", tree=tree, release=release, modules=modules)
+    image = GuestImage(root=root, kernel_release=release)
+    build_disk(image)
+    manifest = {"kernel_release": release, "versions": versions.__dict__, "modules": modules}
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return image
+
+
+def _download(package: str, version: str, into: Path) -> Path:
+    _run(["apt-get", "download", "-q", f"{package}={version}"], cwd=into)
+    debs = list(into.glob(f"{package}_*.deb"))
+    if len(debs) != 1:
+        raise GuestBuildError(f"apt-get download left {len(debs)} files for {package}")
+    return debs[0]
+
+
+def _extract(deb: Path, tree: Path) -> None:
+    tree.mkdir(exist_ok=True)
+    _run(["dpkg-deb", "-x", str(deb), str(tree)])
+
+
+def _kernel_release(tree: Path) -> str:
+    kernels = sorted(p.name.removeprefix("vmlinuz-") for p in (tree / "boot").glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise GuestBuildError(f"expected one kernel in the package, found {kernels}")
+    return kernels[0]
+
+
+# --- kernel modules --------------------------------------------------------------------------
+
+_DEPENDS = re.compile(rb"(?:^|\x00)depends=([^\x00]*)\x00")
+
+
+def _module_name(path: Path) -> str:
+    return path.name.removesuffix(".ko").replace("-", "_")
+
+
+def module_load_order(modules_dir: Path, wanted: Sequence[str]) -> list[str]:
+    """Paths (relative to ``modules_dir``) of ``wanted`` and their dependencies, in insmod order.
+
+    Reads each module's own ``depends=`` modinfo string, so no depmod or modules.dep is needed
+    (the kernel package ships none; it is generated at install time).
+    """
+    index = {_module_name(p): p for p in modules_dir.rglob("*.ko")}
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen:
+            return
+        seen.add(name)
+        path = index.get(name)
+        if path is None:
+            raise GuestBuildError(f"kernel module {name} not found in {modules_dir}")
+        match = _DEPENDS.search(path.read_bytes())
+        for dep in (match.group(1).decode().split(",") if match else []):
+            if dep:
+                visit(dep.replace("-", "_"))
+        order.append(str(path.relative_to(modules_dir)))
+
+    for name in wanted:
+        visit(name)
+    return order
+
+
+# --- initramfs (newc cpio, written here so that no root is needed for /dev/console) ----------
+
+
+@dataclass
+class _Cpio:
+    out: IO[bytes]
+    inode: int = 1
+
+    def entry(self, name: str, mode: int, data: bytes = b"", *, rdev: tuple[int, int] = (0, 0)) -> None:
+        fields = (self.inode, mode, 0, 0, 1, 0, len(data), 0, 0, *rdev, len(name) + 1, 0)
+        header = b"070701" + b"".join(b"%08X" % f for f in fields)
+        self.inode += 1
+        self._padded(header + name.encode() + b"\x00")
+        self._padded(data)
+
+    def _padded(self, blob: bytes) -> None:
+        self.out.write(blob + b"\x00" * (-len(blob) % 4))
+
+    def directory(self, name: str) -> None:
+        self.entry(name, 0o040755)
+
+    def file(self, name: str, data: bytes, *, executable: bool = False) -> None:
+        self.entry(name, 0o100755 if executable else 0o100644, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self.entry(name, 0o120777, target.encode())
+
+    def trailer(self) -> None:
+        self.entry("TRAILER!!!", 0)
+
+
+def _write_initramfs(path: Path, *, tree: Path, release: str, modules: Sequence[str]) -> None:
+    moddir = f"lib/modules/{release}"
+    dirs = {"bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "run", "tmp"}
+    dirs |= {"etc", "etc/vmo", "etc/acpi", "etc/acpi/PWRF", "root", "mnt", "var", "var/run"}
+    for module in modules:
+        parent = Path(moddir, module).parent
+        dirs |= {str(parent), *(str(p) for p in parent.parents if str(p) != ".")}
+    # mtime 0 keeps the initramfs byte-identical across builds of the same inputs.
+    with gzip.GzipFile(path, "wb", compresslevel=6, mtime=0) as gz:
+        cpio = _Cpio(gz)  # type: ignore[arg-type]
+        for name in sorted(dirs):
+            cpio.directory(name)
+        # Without /dev/console in the initramfs the kernel starts /init with no stdio.
+        cpio.entry("dev/console", 0o020600, rdev=(5, 1))
+        cpio.file("bin/busybox", (tree / "bin" / "busybox").read_bytes(), executable=True)
+        cpio.symlink("bin/sh", "busybox")
+        cpio.file("init", _init_script(), executable=True)
+        cpio.file("etc/inittab", INITTAB.encode())
+        cpio.file("etc/acpi/PWRF/00000080", ACPI_POWER_HANDLER.encode(), executable=True)
+        cpio.file("etc/vmo/modules", "".join(f"/{moddir}/{m}\n" for m in modules).encode())
+        cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+        cpio.file("etc/group", b"root:x:0:\n")
+        for module in modules:
+            cpio.file(f"{moddir}/{module}", (tree / moddir / module).read_bytes())
+        cpio.trailer()
+
+
+# --- the disk: MBR + one FAT partition with syslinux, built without loop devices ----------------
+
+
+def build_disk(image: GuestImage) -> None:
+    """Writes ``disk.raw`` booting ``image``'s kernel and initramfs, and its qcow2 and vmdk."""
+    raw = image.disk_raw
+    with raw.open("wb") as f:
+        f.truncate(DISK_SIZE)
+    sectors = PARTITION_OFFSET // 512
+    _run(["sfdisk", "-q", str(raw)], stdin=f"label: dos\nstart={sectors}, type=c, bootable\n".encode())
+    blocks = (DISK_SIZE - PARTITION_OFFSET) // 1024
+    _run(["mkfs.vfat", "--offset", str(sectors), "-n", "VMOBOOT", str(raw), str(blocks)])
+    cfg = raw.parent / "syslinux.cfg"
+    cfg.write_text(SYSLINUX_CFG)
+    fat = f"{raw}@@{PARTITION_OFFSET}"
+    for source, name in ((image.kernel, "vmlinuz"), (image.initramfs, "initrd.gz"), (cfg, "syslinux.cfg")):
+        _run(["mcopy", "-i", fat, str(source), f"::/{name}"])
+    cfg.unlink()
+    _run(["syslinux", "--offset", str(PARTITION_OFFSET), "--install", str(raw)])
+    _write_mbr(raw)
+    _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image.disk_qcow2)])
+    _run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized"]
+        + [str(raw), str(image.disk_vmdk)]
+    )
+
+
+def _write_mbr(raw: Path) -> None:
+    code = SYSLINUX_MBR.read_bytes()
+    if len(code) > 440:  # the partition table starts at byte 446 (disk signature at 440)
+        raise GuestBuildError(f"{SYSLINUX_MBR} is {len(code)} bytes, expected <= 440")
+    with raw.open("r+b") as f:
+        f.write(code)
+
+
+# --- NoCloud seed -----------------------------------------------------------------------------
+
+
+def seed_iso(
+    path: Path, *, meta_data: str, user_data: str, network_config: str | None = None
+) -> Path:
+    """Writes a NoCloud seed: an ISO9660 image labelled ``cidata`` with Joliet and Rock Ridge."""
+    files = {"meta-data": meta_data, "user-data": user_data}
+    if network_config is not None:
+        files["network-config"] = network_config
+    with tempfile.TemporaryDirectory(prefix=".seed-", dir=path.parent) as tmp:
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text)
+        argv = ["genisoimage", "-quiet", "-output", str(path), "-volid", "cidata", "-joliet"]
+        _run([*argv, "-rock", *sorted(files)], cwd=Path(tmp))
+    return path
+
+
+# --- booting it -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for user-net ``hostfwd``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+BootSource = Literal["kernel", "raw", "qcow2", "vmdk"]
+
+
+def qemu_argv(
+    image: GuestImage,
+    *,
+    boot: BootSource = "kernel",
+    seed: Path | None = None,
+    seed_bus: Literal["virtio", "cdrom"] = "virtio",
+    macs: Sequence[str] = (DEFAULT_MAC,),
+    host_forwards: Sequence[tuple[int, int]] = (),
+    memory_mib: int = 256,
+    qmp_socket: Path | None = None,
+) -> list[str]:
+    """A plain QEMU (TCG) command line for the test guest; serial console on stdio.
+
+    ``host_forwards`` are (host port, guest port) pairs on the first NIC's user network.
+    Disk boots use ``snapshot=on`` so the cached images are never written.
+    """
+    argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mib), "-smp", "1"]
+    argv += ["-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot"]
+    if boot == "kernel":
+        argv += ["-kernel", str(image.kernel), "-initrd", str(image.initramfs)]
+        argv += ["-append", image.cmdline]
+    else:
+        disk = {"raw": image.disk_raw, "qcow2": image.disk_qcow2, "vmdk": image.disk_vmdk}[boot]
+        argv += ["-drive", f"file={disk},format={boot},if=virtio,snapshot=on"]
+    if seed is not None:
+        if seed_bus == "virtio":
+            argv += ["-drive", f"file={seed},format=raw,if=virtio,readonly=on"]
+        else:
+            argv += ["-drive", f"file={seed},format=raw,media=cdrom,readonly=on"]
+    for i, mac in enumerate(macs):
+        forwards = "".join(
+            f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in (host_forwards if i == 0 else ())
+        )
+        argv += ["-netdev", f"user,id=net{i}{forwards}"]
+        argv += ["-device", f"virtio-net-pci,netdev=net{i},mac={mac}"]
+    if qmp_socket is not None:
+        argv += ["-qmp", f"unix:{qmp_socket},server=on,wait=off"]
+    return argv
+
+
+@dataclass(frozen=True)
+class ReadyMarker:
+    """The guest's ``VMO-GUEST-READY`` line, parsed."""
+
+    hostname: str
+    ips: tuple[str, ...]
+    macs: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, line: str) -> ReadyMarker:
+        fields = dict(re.findall(r"(\w+)=(\S*)", line))
+
+        def items(key: str) -> tuple[str, ...]:
+            return tuple(v for v in fields.get(key, "").split(",") if v)
+
+        return cls(hostname=fields.get("hostname", ""), ips=items("ip"), macs=items("mac"))
+
+
+@dataclass
+class RunningGuest:
+    """A QEMU process whose serial console (stdio) is captured and can be written to."""
+
+    argv: list[str]
+    started_at: float = 0.0
+    _process: subprocess.Popen[bytes] | None = None
+    _console: bytearray = field(default_factory=bytearray)
+    _changed: threading.Condition = field(default_factory=threading.Condition)
+    _reader: threading.Thread | None = None
+
+    def start(self) -> RunningGuest:
+        self.started_at = time.monotonic()
+        self._process = subprocess.Popen(
+            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        self._reader = threading.Thread(target=self._read, name="vmo-guest-console", daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        fd = self._process.stdout.fileno()
+        while chunk := os.read(fd, 65536):
+            with self._changed:
+                self._console += chunk
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def console(self) -> str:
+        """Everything the guest (and QEMU) printed so far, CR/LF normalised."""
+        with self._changed:
+            return self._console.decode(errors="replace").replace("\r\n", "\n")
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        if self._process is None:
+            raise RuntimeError("guest not started")
+        return self._process
+
+    def wait_for(self, pattern: str, *, timeout: float, start: int = 0) -> re.Match[str]:
+        """Waits until ``pattern`` (a regex) appears in the console at or after ``start``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                match = regex.search(self.console, start)
+                if match is not None:
+                    return match
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.process.poll() is not None and not self._reader_alive()):
+                    raise GuestTimeoutError(pattern, timeout, self.console)
+                self._changed.wait(min(left, 0.5))
+
+    def _reader_alive(self) -> bool:
+        return self._reader is not None and self._reader.is_alive()
+
+    def wait_ready(self, *, timeout: float = 30.0) -> ReadyMarker:
+        match = self.wait_for(rf"{READY_MARKER}[^\n]*", timeout=timeout)
+        return ReadyMarker.parse(match.group(0))
+
+    def send(self, text: str) -> None:
+        """Types ``text`` on the serial console."""
+        stdin = self.process.stdin
+        assert stdin is not None
+        stdin.write(text.encode())
+        stdin.flush()
+
+    def stop(self, *, grace: float = 5.0) -> int:
+        """Ends QEMU (terminate, then kill); returns its exit status."""
+        process = self.process
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(grace)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._reader is not None:
+            self._reader.join(grace)
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        return process.returncode
+
+    def __enter__(self) -> RunningGuest:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+

@@ -1,0 +1,323 @@
+#!/bin/sh
+# /init of VMO's test guest: a busybox system that boots in seconds under TCG.
+#
+# One file, several roles chosen by $1, so the initramfs carries a single script:
+#   (none)      PID 1: install busybox applets, then become busybox init (reads /etc/inittab)
+#   boot        sysinit: mounts, modules, NoCloud seed, network, services, ready marker
+#   dhcp-hook   udhcpc event script: applies a DHCP lease
+#   info        TCP 5432 handler: one line about the guest, then close
+#   echo        TCP 7 handler: echo back what the client sends
+#   power-button  ACPI power button: clean poweroff through init
+#   shutdown    init's shutdown action
+
+PATH=/sbin:/bin:/usr/sbin:/usr/bin
+export PATH
+STATE=/run/vmo
+SEED=/run/vmo/seed
+
+log() { echo "vmo-guest: $*" > /dev/console; }
+
+pid1() {
+	/bin/busybox mkdir -p /proc /sys /dev /run /tmp /sbin /usr/bin /usr/sbin
+	/bin/busybox --install -s
+	exec /sbin/init
+}
+
+mount_basics() {
+	mount -t proc proc /proc
+	mount -t sysfs sysfs /sys
+	mount -t devtmpfs devtmpfs /dev 2>/dev/null
+	mkdir -p /dev/pts /dev/shm "$STATE" "$SEED"
+	mount -t devpts devpts /dev/pts
+	mount -t tmpfs tmpfs /tmp
+}
+
+# The builder wrote /etc/vmo/modules in dependency order; insmod has no resolver.
+load_modules() {
+	while read -r ko; do
+		[ -n "$ko" ] && insmod "$ko" 2>/dev/null
+	done < /etc/vmo/modules
+}
+
+# Mounts the NoCloud seed (volume label cidata, ISO9660 or vfat) on $SEED.
+# Block devices appear asynchronously after the drivers load, so poll briefly.
+mount_seed() {
+	tries=0
+	while [ "$tries" -lt 30 ]; do
+		for label in cidata CIDATA; do
+			dev=$(findfs "LABEL=$label" 2>/dev/null) || continue
+			if mount -o ro "$dev" "$SEED" 2>/dev/null; then
+				log "seed from $dev"
+				return 0
+			fi
+		done
+		tries=$((tries + 1))
+		sleep 0.1
+	done
+	log "no cidata seed found"
+	return 1
+}
+
+# Prints the value of a top-level key of meta-data (YAML, or JSON on one line).
+meta_value() {
+	[ -f "$SEED/meta-data" ] || return 0
+	tr '{},\r' '\n\n\n\n' < "$SEED/meta-data" | awk -v k="$1" '
+	{
+		sub(/^[ \t]+/, ""); key = $0; sub(/[ \t]*:.*/, "", key); gsub(/"/, "", key)
+		if (key != k) next
+		v = $0; sub(/^[^:]*:[ \t]*/, "", v); gsub(/^["\047]|["\047][ \t]*$/, "", v); sub(/[ \t]+$/, "", v)
+		print v; exit
+	}'
+}
+
+# NoCloud network-config (v1 or v2 subset) -> one line per interface:
+#   <mac|-> <name|-> <addr/prefix,...|-> <gateway|-> <dhcp 0|1>
+network_plan() {
+	awk '
+	function unq(s) { gsub(/^[ \t"\047]+|[ \t"\047]+$/, "", s); return s }
+	function prefix(mask,   n, i, p, b) {
+		n = split(mask, p, "."); b = 0
+		for (i = 1; i <= n; i++) {
+			v = p[i] + 0
+			while (v > 0) { b += v % 2; v = int(v / 2) }
+		}
+		return b
+	}
+	function add(a) { a = unq(a); if (a == "") return; addrs = (addrs == "" ? a : addrs "," a); last = a }
+	function flush() {
+		if (open && kind != "skip")
+			print (mac == "" ? "-" : tolower(mac)), (name == "" ? "-" : name), (addrs == "" ? "-" : addrs), (gw == "" ? "-" : gw), dhcp
+		open = 0; kind = ""; mac = ""; name = ""; addrs = ""; gw = ""; dhcp = 0; last = ""
+	}
+	{
+		sub(/\r$/, "")
+		if ($0 ~ /^[ \t]*(#.*)?$/) next
+		match($0, /^ */); ind = RLENGTH
+		line = substr($0, ind + 1)
+		item = 0
+		if (line ~ /^- /) { item = 1; line = substr(line, 3); sub(/^ */, "", line) }
+		# a key closes every open key at its indentation or deeper; "- " items sit at the dash
+		while (depth > 0 && kind_ind[depth] >= ind) depth--
+		parent = (depth > 0 ? keys[depth] : "")
+		if (item && parent == "config") { flush(); open = 1 }
+		key = ""; val = line
+		if (match(line, /^[^ :]+:( |$)/)) {
+			key = substr(line, 1, RLENGTH); sub(/: *$/, "", key); sub(/:$/, "", key)
+			key = unq(key)
+			val = substr(line, RLENGTH + 1)
+		}
+		if (key != "" && parent == "ethernets") { flush(); open = 1; name = key }
+		if (key != "") {
+			depth++; keys[depth] = key; kind_ind[depth] = ind + (item ? 2 : 0)
+		}
+		if (!open) next
+		val = unq(val)
+		if (key == "" && item && parent == "addresses") { add(val); next }
+		if (key == "type" && val == "physical") kind = "physical"
+		else if (key == "type" && parent == "config" && val != "physical") kind = "skip"
+		else if (key == "type" && val ~ /^dhcp/) dhcp = 1
+		else if (key == "mac_address" || key == "macaddress") mac = val
+		else if (key == "name" && parent == "config") name = val
+		else if (key == "set-name") name = val
+		else if (key == "address" && parent == "subnets") add(val)
+		else if (key == "netmask" && last != "" && last !~ /\//) {
+			addrs = substr(addrs, 1, length(addrs) - length(last)) last "/" prefix(val); last = ""
+		}
+		else if (key == "addresses" && parent != "nameservers" && val ~ /^\[/) {
+			gsub(/\[|\]/, "", val); n = split(val, list, ","); for (i = 1; i <= n; i++) add(list[i])
+		}
+		else if ((key == "gateway" || key == "gateway4" || key == "via") && val !~ /:/ && gw == "") gw = val
+		else if (key == "dhcp4" && val ~ /^(true|yes|on)$/) dhcp = 1
+	}
+	END { flush() }
+	' "$1"
+}
+
+prefix_len() { echo "$1" | grep -q / && echo "$1" || echo "$1/24"; }
+
+nic_macs() {
+	for nic in /sys/class/net/*; do
+		name=${nic##*/}
+		[ "$name" = lo ] && continue
+		cat "$nic/address"
+	done
+}
+
+# Static addresses for a NIC from the plan, or nothing when DHCP should be used.
+plan_for() { # name mac
+	[ -s "$STATE/network-plan" ] || return 0
+	awk -v n="$1" -v m="$2" '($1 == m || ($1 == "-" && $2 == n)) { print; exit }' "$STATE/network-plan"
+}
+
+configure_static() { # name addrs gateway
+	ip link set "$1" up
+	for a in $(echo "$2" | tr , ' '); do
+		ip addr add "$(prefix_len "$a")" dev "$1"
+	done
+	[ "$3" != "-" ] && ip route add default via "$3" dev "$1" 2>/dev/null
+	log "$1 static $2 gw $3"
+}
+
+network_up() {
+	ip link set lo up
+	[ -f "$SEED/network-config" ] && network_plan "$SEED/network-config" > "$STATE/network-plan"
+	pids=""
+	for nic in /sys/class/net/*; do
+		name=${nic##*/}
+		[ "$name" = lo ] && continue
+		plan=$(plan_for "$name" "$(cat "$nic/address")")
+		set -- $plan
+		if [ -n "$plan" ] && [ "$3" != "-" ]; then
+			configure_static "$name" "$3" "$4"
+		else
+			ip link set "$name" up
+			# -b: keep trying in the background after ~4 s instead of blocking boot
+			udhcpc -i "$name" -t 4 -T 1 -b -S -s "/init" -p "$STATE/udhcpc.$name.pid" \
+				-x "hostname:$(hostname)" > /dev/null 2>&1 &
+			pids="$pids $!"
+		fi
+	done
+	[ -n "$pids" ] && wait $pids
+}
+
+dhcp_hook() { # udhcpc calls: /init <event>; we dispatch from "bound" etc.
+	case "$1" in
+	deconfig)
+		ip addr flush dev "$interface" 2>/dev/null
+		ip link set "$interface" up
+		;;
+	bound | renew)
+		ip addr flush dev "$interface" 2>/dev/null
+		ip addr add "$ip/${mask:-24}" dev "$interface"
+		for r in $router; do
+			ip route add default via "$r" dev "$interface" 2>/dev/null
+			break
+		done
+		[ -n "$dns" ] && for d in $dns; do echo "nameserver $d"; done > /etc/resolv.conf
+		echo "vmo-guest: $interface dhcp $ip/${mask:-24} gw $router" > /dev/console
+		;;
+	esac
+}
+
+# cloud-config subset (hostname, write_files, runcmd) -> a shell script.
+cloud_config_script() {
+	awk '
+	function unq(s) { gsub(/^[ \t]+|[ \t]+$/, "", s); if (s ~ /^".*"$/ || s ~ /^\047.*\047$/) s = substr(s, 2, length(s) - 2); return s }
+	function sq(s) { gsub(/\047/, "\047\\\047\047", s); return "\047" s "\047" }
+	function endfile() {
+		if (path != "") {
+			print "mkdir -p \"$(dirname " sq(path) ")\""
+			print "cat > " sq(path) " <<\047VMO_EOF\047"
+			printf "%s", content
+			print "VMO_EOF"
+			if (perms != "") print "chmod " perms " " sq(path)
+		}
+		path = ""; content = ""; perms = ""; inblock = 0
+	}
+	{ sub(/\r$/, "") }
+	inblock {
+		match($0, /^ */)
+		if ($0 ~ /^[ \t]*$/) { content = content "\n"; next }
+		if (RLENGTH >= bind) { content = content substr($0, bind + 1) "\n"; next }
+		inblock = 0
+	}
+	/^[^ #-][^:]*:/ {
+		endfile(); section = $0; sub(/:.*/, "", section)
+		if (section == "hostname") { v = $0; sub(/^[^:]*:/, "", v); print "hostname " sq(unq(v)); print "echo " sq(unq(v)) " > /etc/hostname" }
+		next
+	}
+	section == "write_files" && /^ *- *path:/ { endfile(); v = $0; sub(/^[^:]*:/, "", v); path = unq(v); next }
+	section == "write_files" && /^ *-? *permissions:/ { v = $0; sub(/^[^:]*:/, "", v); perms = unq(v); next }
+	section == "write_files" && /^ *-? *content:/ {
+		v = $0; sub(/^[^:]*:/, "", v); v = unq(v)
+		if (v ~ /^[|>]/) { match($0, /^ */); inblock = 1; bind = RLENGTH + 2; if ($0 ~ /^ *- /) bind += 2 }
+		else content = v "\n"
+		next
+	}
+	section == "runcmd" && /^ *- / {
+		v = $0; sub(/^ *- */, "", v)
+		if (v ~ /^\[/) { gsub(/^\[|\]$/, "", v); n = split(v, a, ","); v = ""; for (i = 1; i <= n; i++) v = v " " sq(unq(a[i])) }
+		else v = unq(v)
+		print v
+		next
+	}
+	END { endfile() }
+	' "$1"
+}
+
+run_user_data() {
+	ud="$SEED/user-data"
+	[ -s "$ud" ] || return 0
+	first=$(head -n 1 "$ud" | tr -d '\r')
+	case "$first" in
+	'#!'*)
+		cp "$ud" "$STATE/user-data.sh" && chmod +x "$STATE/user-data.sh"
+		log "running user-data script"
+		"$STATE/user-data.sh" > "$STATE/user-data.log" 2>&1
+		;;
+	'#cloud-config'*)
+		cloud_config_script "$ud" > "$STATE/cloud-config.sh"
+		log "applying cloud-config"
+		sh "$STATE/cloud-config.sh" > "$STATE/user-data.log" 2>&1
+		;;
+	*) log "user-data format not supported: $first" ;;
+	esac
+}
+
+start_counter() {
+	echo 0 > "$STATE/counter"
+	(
+		n=0
+		while :; do
+			sleep 1
+			n=$((n + 1))
+			echo "$n" > "$STATE/counter.new" && mv "$STATE/counter.new" "$STATE/counter"
+		done
+	) > /dev/null 2>&1 &
+}
+
+start_services() {
+	# -ll keeps one listener forking a handler per connection
+	nc -ll -p 5432 -e /init info > /dev/null 2>&1 &
+	nc -ll -p 7 -e /init echo > /dev/null 2>&1 &
+	if [ -d /dev/input ]; then
+		acpid -c /etc/acpi > /dev/null 2>&1
+	fi
+}
+
+addresses() {
+	ip -o -4 addr show scope global | awk '{ print $4 }' | cut -d/ -f1 | tr '\n' ',' | sed 's/,$//'
+}
+
+boot() {
+	mount_basics
+	load_modules
+	hostname vmo-guest
+	mount_seed
+	meta_host=$(meta_value local-hostname)
+	[ -n "$meta_host" ] && hostname "$meta_host"
+	hostname > /etc/hostname
+	meta_value instance-id > "$STATE/instance-id"
+	network_up
+	run_user_data
+	start_counter
+	start_services
+	macs=$(nic_macs | tr '\n' ',' | sed 's/,$//')
+	echo "VMO-GUEST-READY hostname=$(hostname) ip=$(addresses) mac=$macs" > /dev/console
+}
+
+info() {
+	macs=$(nic_macs | tr '\n' ',' | sed 's/,$//')
+	echo "vmo-guest $(hostname) counter=$(cat "$STATE/counter") macs=$macs"
+}
+
+case "$1" in
+"") if [ $$ -eq 1 ]; then pid1; fi ;;
+boot) boot ;;
+deconfig | bound | renew | leasefail | nak) dhcp_hook "$1" ;;
+info) info ;;
+echo) exec cat ;;
+power-button) log "ACPI power button: powering off"; poweroff ;;
+shutdown) log "shutting down"; sync; umount -a -r 2>/dev/null ;;
+*) log "unknown role: $1"; exit 2 ;;
+esac
