@@ -385,3 +385,43 @@ def test_watch_from_a_compacted_version_is_410(api: Api, apiserver: Any, ns: str
 
 async def _compact(server: Any, keep: int) -> None:
     server.store.compact(keep=keep)
+
+
+def _vm(name: str, **spec: Any) -> dict[str, Any]:
+    template = {"spec": {"domain": {"devices": {}, "memory": {"guest": "128Mi"}}}}
+    return {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": name},
+        "spec": {"runStrategy": "Halted", "template": template, **spec},
+    }
+
+
+def test_unknown_fields_strict_is_400_and_warn_drops_with_a_warning(api: Api, ns: str) -> None:
+    url = f"/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachines"
+    r = api.post(url + "?fieldValidation=Strict", _vm("strict", colour="blue"))
+    assert r.status_code == 400
+    assert 'strict decoding error: unknown field "spec.colour"' in r.json()["message"]
+    r = api.post(url, _vm("warned", colour="blue"))
+    assert r.status_code == 201 and "colour" not in r.json()["spec"]
+    assert 'unknown field "spec.colour"' in r.headers["Warning"]
+    assert api.post(url + "?fieldValidation=Sometimes", _vm("x")).status_code == 400
+
+
+def test_an_upstream_field_vmo_does_not_support_is_refused_by_name(api: Api, ns: str) -> None:
+    vm = _vm("gpu")
+    vm["spec"]["template"]["spec"]["domain"]["devices"]["gpus"] = [{"name": "g", "deviceName": "nvidia.com/x"}]
+    r = api.post(f"/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachines", vm)
+    assert r.status_code == 422
+    fields = [c["field"] for c in r.json()["details"]["causes"]]
+    assert fields == ["spec.template.spec.domain.devices.gpus"]
+    assert "not supported by VMO" in r.json()["details"]["causes"][0]["message"]
+
+
+def test_deprecated_running_is_accepted_with_a_warning(api: Api, ns: str) -> None:
+    vm = _vm("legacy")
+    del vm["spec"]["runStrategy"]
+    vm["spec"]["running"] = False
+    r = api.post(f"/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachines", vm)
+    assert r.status_code == 201, r.text
+    assert "spec.running is deprecated" in r.headers["Warning"]

@@ -8,6 +8,8 @@ closest plain field is shown instead.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -1089,8 +1091,11 @@ def custom_resource_definition() -> ResourceType:
 
 
 def core_resource_types() -> list[ResourceType]:
-    """Every built-in kind, in discovery order (the core group first)."""
-    return [
+    """Every built-in kind, in discovery order (the core group first).
+
+    Only the CRD carries ``metadata.generation``; upstream's core kinds served here do not.
+    """
+    plain = [
         namespace(),
         node(),
         service(),
@@ -1103,5 +1108,5 @@ def core_resource_types() -> list[ResourceType]:
         *authorization_types(),
         *authentication_types(),
         lease(),
-        custom_resource_definition(),
     ]
+    return [replace(rt, has_generation=False) for rt in plain] + [custom_resource_definition()]

@@ -54,6 +54,9 @@ Validator = Callable[[JSON, JSON | None], list[Cause]]
 Defaulter = Callable[[JSON], None]
 """Fills defaults into an object in place."""
 
+Warner = Callable[[JSON], list[str]]
+"""Admission warnings for an accepted object (sent as HTTP ``Warning`` headers)."""
+
 
 @dataclass(frozen=True)
 class ResourceType:
@@ -76,6 +79,7 @@ class ResourceType:
     schema: JSON | None = None
     validate: Validator | None = None
     default: Defaulter | None = None
+    warn: Warner | None = None
     # extra field selectors beyond metadata.name / metadata.namespace: selector -> JSON path
     field_selectors: Mapping[str, str] = field(default_factory=dict)
     # True when changes to the whole object except metadata/status bump generation

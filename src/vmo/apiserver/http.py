@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import time
@@ -250,7 +251,26 @@ class ApiHandlers:
             return self._respond(request, answer, rt, status=201)
         if rt.namespaced and rp.namespace and request.method in ("POST", "PUT", "PATCH"):
             self._check_namespace_open(rp.namespace, creating=request.method == "POST")
-        caller = ob.Caller(user.name, user.groups, dry_run=request.query.get("dryRun") == "All")
+        validation = request.query.get("fieldValidation", "Warn")
+        if validation not in ob.FIELD_VALIDATION:
+            raise errors.bad_request(
+                f'fieldValidation: unsupported value "{validation}": supported values: "Strict", "Warn", "Ignore"'
+            )
+        caller = ob.Caller(
+            user.name,
+            user.groups,
+            dry_run=request.query.get("dryRun") == "All",
+            field_validation=validation,
+            warnings=[],
+        )
+        response = await self._dispatch(request, rt, rp, caller)
+        for message in dict.fromkeys(caller.warnings or []):
+            response.headers.add("Warning", f'299 - "{message}"')
+        return response
+
+    async def _dispatch(
+        self, request: web.Request, rt: ResourceType, rp: ResourcePath, caller: ob.Caller
+    ) -> web.StreamResponse:
         method = request.method
         if method == "GET":
             if rp.name and not rp.watch_prefix and request.query.get("watch") not in ("true", "1"):
@@ -583,7 +603,7 @@ class ApiHandlers:
                 ],
             )
         if "dryRun" in options and options["dryRun"] == ["All"]:
-            caller = ob.Caller(caller.name, caller.groups, dry_run=True)
+            caller = dataclasses.replace(caller, dry_run=True)
         preconditions = options.get("preconditions") or {}
         if rp.name:
             obj, _ = self.service.delete(

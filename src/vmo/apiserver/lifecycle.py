@@ -47,7 +47,11 @@ class OwnerIndex:
     def observe(self, change: Change) -> None:
         # Parsing every write is the hot path's largest cost: an update that touches no owner
         # references leaves the index as it was (a uid never changes).
-        if change.type == "MODIFIED" and _OWNERS not in change.data and _OWNERS not in (change.prev or b""):
+        if (
+            change.type == "MODIFIED"
+            and _OWNERS not in change.data
+            and _OWNERS not in (change.prev or b"")
+        ):
             return
         if change.prev is not None:
             self._forget(change.key, change.prev_obj or {})

@@ -51,13 +51,25 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+FIELD_VALIDATION = ("Strict", "Warn", "Ignore")
+
+
 @dataclass(frozen=True)
 class Caller:
-    """Who asks, for admission checks that depend on it (RBAC escalation)."""
+    """Who asks and how: admission checks depend on it (RBAC escalation, field validation),
+    and it collects the warnings the response carries."""
 
     name: str = "system:vmo"
     groups: tuple[str, ...] = ("system:masters",)
     dry_run: bool = False
+    # upstream's default when a client sends no fieldValidation parameter
+    field_validation: str = "Warn"
+    # None for internal callers (controllers): nobody reads their warnings
+    warnings: list[str] | None = field(default=None, compare=False)
+
+    def warn(self, messages: list[str]) -> None:
+        if self.warnings is not None:
+            self.warnings.extend(messages)
 
 
 SYSTEM = Caller()
@@ -198,21 +210,42 @@ class ObjectService:
         # An update that leaves everything but metadata as stored keeps a body that was
         # defaulted and validated when it was written: skip that work (label patches, finalizers).
         if old is None or _body_without(obj, "metadata") != _body_without(old, "metadata"):
-            causes += self._admit_body(rt, obj, old)
+            causes += self._admit_body(rt, obj, old, caller)
         if causes:
             raise errors.invalid(rt.kind, rt.group, str(md.get("name", "")), causes)
         for admit in self.admission:
             admit(rt, obj, old, caller)
 
-    def _admit_body(self, rt: ResourceType, obj: JSON, old: JSON | None) -> list[Cause]:
+    def _admit_body(
+        self, rt: ResourceType, obj: JSON, old: JSON | None, caller: Caller
+    ) -> list[Cause]:
         if rt.schema is not None:
             schema.apply_defaults(rt.schema, obj)
         if rt.default is not None:
             rt.default(obj)
         causes = schema.validate(rt.schema, _body_without(obj, "metadata")) if rt.schema else []
+        if any(c.reason == schema.UNKNOWN for c in causes):
+            causes = self._unknown_fields(rt, obj, causes, caller)
         if not causes and rt.validate is not None:
             causes += rt.validate(obj, old)
+        if not causes and rt.warn is not None:
+            caller.warn(rt.warn(obj))
         return causes
+
+    def _unknown_fields(
+        self, rt: ResourceType, obj: JSON, causes: list[Cause], caller: Caller
+    ) -> list[Cause]:
+        """Strict refuses unknown fields (400, as upstream); Warn and Ignore drop them."""
+        assert rt.schema is not None
+        if caller.field_validation == "Strict":
+            message = schema.strict_decoding_message(causes)
+            raise errors.bad_request(
+                f'{rt.kind} in version "{rt.version}" cannot be handled as a {rt.kind}: {message}'
+            )
+        dropped = schema.prune_unknown(rt.schema, obj)
+        if caller.field_validation == "Warn":
+            caller.warn([f'unknown field "{path}"' for path in dropped])
+        return [c for c in causes if c.reason != schema.UNKNOWN]
 
     # --- update ------------------------------------------------------------------------------
 

@@ -335,7 +335,7 @@ def module_load_order(modules_dir: Path, wanted: Sequence[str]) -> list[str]:
         if path is None:
             raise GuestBuildError(f"kernel module {name} not found in {modules_dir}")
         match = _DEPENDS.search(path.read_bytes())
-        for dep in (match.group(1).decode().split(",") if match else []):
+        for dep in match.group(1).decode().split(",") if match else []:
             if dep:
                 visit(dep.replace("-", "_"))
         order.append(str(path.relative_to(modules_dir)))
@@ -353,7 +353,9 @@ class _Cpio:
     out: IO[bytes]
     inode: int = 1
 
-    def entry(self, name: str, mode: int, data: bytes = b"", *, rdev: tuple[int, int] = (0, 0)) -> None:
+    def entry(
+        self, name: str, mode: int, data: bytes = b"", *, rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         fields = (self.inode, mode, 0, 0, 1, 0, len(data), 0, 0, *rdev, len(name) + 1, 0)
         header = b"070701" + b"".join(b"%08X" % f for f in fields)
         self.inode += 1
@@ -412,13 +414,20 @@ def build_disk(image: GuestImage) -> None:
     with raw.open("wb") as f:
         f.truncate(DISK_SIZE)
     sectors = PARTITION_OFFSET // 512
-    _run(["sfdisk", "-q", str(raw)], stdin=f"label: dos\nstart={sectors}, type=c, bootable\n".encode())
+    _run(
+        ["sfdisk", "-q", str(raw)],
+        stdin=f"label: dos\nstart={sectors}, type=c, bootable\n".encode(),
+    )
     blocks = (DISK_SIZE - PARTITION_OFFSET) // 1024
     _run(["mkfs.vfat", "--offset", str(sectors), "-n", "VMOBOOT", str(raw), str(blocks)])
     cfg = raw.parent / "syslinux.cfg"
     cfg.write_text(SYSLINUX_CFG)
     fat = f"{raw}@@{PARTITION_OFFSET}"
-    for source, name in ((image.kernel, "vmlinuz"), (image.initramfs, "initrd.gz"), (cfg, "syslinux.cfg")):
+    for source, name in (
+        (image.kernel, "vmlinuz"),
+        (image.initramfs, "initrd.gz"),
+        (cfg, "syslinux.cfg"),
+    ):
         _run(["mcopy", "-i", fat, str(source), f"::/{name}"])
     cfg.unlink()
     _run(["syslinux", "--offset", str(PARTITION_OFFSET), "--install", str(raw)])
@@ -621,4 +630,3 @@ class RunningGuest:
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
-

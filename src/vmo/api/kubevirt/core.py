@@ -26,7 +26,7 @@ from vmo.api.kubevirt._status import (
 )
 from vmo.api.kubevirt.cdi import datavolume_spec
 from vmo.api.kubevirt.defaults import default_vm, default_vmi
-from vmo.api.kubevirt.validation import validate_vm, validate_vmi, validate_vmim
+from vmo.api.kubevirt.validation import validate_vm, validate_vmi, validate_vmim, vm_warnings
 from vmo.api.types import PrinterColumn, ResourceType
 
 GROUP = "kubevirt.io"
@@ -115,6 +115,7 @@ def virtual_machine() -> ResourceType:
         ),
         schema=resource_schema(vm_spec(), vm_status()),
         validate=validate_vm,
+        warn=vm_warnings,
         default=default_vm,
     )
 
