@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 # Bump when the build recipe changes in a way the package versions and init script do not show.
-BUILD_REVISION = 1
+BUILD_REVISION = 2
 KERNEL_CMDLINE = "console=ttyS0 loglevel=4 panic=-1"
 READY_MARKER = "VMO-GUEST-READY"
 DEFAULT_MAC = "52:54:00:12:34:56"
@@ -60,10 +60,10 @@ DISK_SIZE = 48 * 1024 * 1024
 PARTITION_OFFSET = 1024 * 1024
 SYSLINUX_MBR = Path("/usr/lib/syslinux/mbr/mbr.bin")
 
-# Drivers the guest loads at boot; their dependencies are resolved from the modules themselves.
-# virtio for KubeVirt's default buses, e1000/e1000e for `model: e1000*`, ATA/AHCI/SCSI CD-ROMs for
-# cdrom-attached seeds, isofs/vfat for NoCloud, button/evdev for ACPI power-off.
-GUEST_MODULES = (
+# Drivers the guest may need. Device drivers load only when a device on the PCI or virtio bus
+# matches one of their aliases: virtio for KubeVirt's default buses, e1000/e1000e for
+# `model: e1000*`, ATA/AHCI/virtio-scsi for cdrom-attached seeds (sr_mod/sd_mod follow them).
+DEVICE_MODULES = (
     "virtio_pci",
     "virtio_net",
     "virtio_blk",
@@ -75,14 +75,10 @@ GUEST_MODULES = (
     "ahci",
     "sr_mod",
     "sd_mod",
-    "isofs",
-    "vfat",
-    "nls_cp437",
-    "nls_utf8",
-    "nls_iso8859_1",
-    "button",
-    "evdev",
 )
+# Loaded on every boot: NoCloud filesystems, and the ACPI power button with its input events.
+ALWAYS_MODULES = ("isofs", "vfat", "nls_cp437", "nls_utf8", "nls_iso8859_1", "button", "evdev")
+GUEST_MODULES = DEVICE_MODULES + ALWAYS_MODULES
 
 INITTAB = """\
 ::sysinit:/init boot
@@ -279,11 +275,15 @@ def _build_into(root: Path, versions: PackageVersions, *, downloads: Path) -> Gu
         _extract(_download(package, version, downloads), tree)
     release = _kernel_release(tree)
     shutil.copyfile(tree / "boot" / f"vmlinuz-{release}", root / "vmlinuz")
-    modules = module_load_order(tree / "lib" / "modules" / release, GUEST_MODULES)
+    modules = module_plan(tree / "lib" / "modules" / release, GUEST_MODULES)
     _write_initramfs(root / "initramfs.cpio.gz", tree=tree, release=release, modules=modules)
     image = GuestImage(root=root, kernel_release=release)
     build_disk(image)
-    manifest = {"kernel_release": release, "versions": versions.__dict__, "modules": modules}
+    manifest = {
+        "kernel_release": release,
+        "versions": versions.__dict__,
+        "modules": modules.load_order,
+    }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return image
 
@@ -310,39 +310,52 @@ def _kernel_release(tree: Path) -> str:
 
 # --- kernel modules --------------------------------------------------------------------------
 
-_DEPENDS = re.compile(rb"(?:^|\x00)depends=([^\x00]*)\x00")
+
+def _modinfo(path: Path, key: str) -> list[str]:
+    """Values of one modinfo key, read from the module's NUL-separated ``.modinfo`` strings."""
+    pattern = re.compile(rb"(?:^|\x00)" + key.encode() + rb"=([^\x00]*)")
+    return [m.decode() for m in pattern.findall(path.read_bytes())]
 
 
 def _module_name(path: Path) -> str:
     return path.name.removesuffix(".ko").replace("-", "_")
 
 
-def module_load_order(modules_dir: Path, wanted: Sequence[str]) -> list[str]:
-    """Paths (relative to ``modules_dir``) of ``wanted`` and their dependencies, in insmod order.
+@dataclass(frozen=True)
+class ModulePlan:
+    """What the guest's /init needs to load modules without depmod: per module, its insmod
+    sequence (dependencies first, paths relative to the modules directory), and its aliases."""
 
-    Reads each module's own ``depends=`` modinfo string, so no depmod or modules.dep is needed
-    (the kernel package ships none; it is generated at install time).
-    """
+    load_order: dict[str, list[str]]
+    aliases: dict[str, list[str]]
+
+    def all_paths(self) -> list[str]:
+        return sorted({p for paths in self.load_order.values() for p in paths})
+
+
+def module_plan(modules_dir: Path, wanted: Sequence[str]) -> ModulePlan:
+    """Resolves ``wanted`` modules from each module's own ``depends=`` string (the kernel
+    package ships no modules.dep: depmod makes it at install time)."""
     index = {_module_name(p): p for p in modules_dir.rglob("*.ko")}
-    order: list[str] = []
-    seen: set[str] = set()
 
-    def visit(name: str) -> None:
-        if name in seen:
-            return
-        seen.add(name)
+    def visit(name: str, order: list[str]) -> None:
         path = index.get(name)
         if path is None:
             raise GuestBuildError(f"kernel module {name} not found in {modules_dir}")
-        match = _DEPENDS.search(path.read_bytes())
-        for dep in match.group(1).decode().split(",") if match else []:
-            if dep:
-                visit(dep.replace("-", "_"))
-        order.append(str(path.relative_to(modules_dir)))
+        relative = str(path.relative_to(modules_dir))
+        if relative in order:
+            return
+        for deps in _modinfo(path, "depends"):
+            for dep in filter(None, deps.split(",")):
+                visit(dep.replace("-", "_"), order)
+        order.append(relative)
 
+    load_order: dict[str, list[str]] = {}
     for name in wanted:
-        visit(name)
-    return order
+        load_order[name] = []
+        visit(name, load_order[name])
+    aliases = {name: _modinfo(index[name], "alias") for name in wanted}
+    return ModulePlan(load_order=load_order, aliases=aliases)
 
 
 # --- initramfs (newc cpio, written here so that no root is needed for /dev/console) ----------
@@ -378,11 +391,31 @@ class _Cpio:
         self.entry("TRAILER!!!", 0)
 
 
-def _write_initramfs(path: Path, *, tree: Path, release: str, modules: Sequence[str]) -> None:
+def _module_files(modules: ModulePlan, moddir: str) -> dict[str, str]:
+    """The /etc/vmo files through which /init loads modules (see its ``load``)."""
+    order = "".join(
+        f"{name} {' '.join(f'/{moddir}/{p}' for p in paths)}\n"
+        for name, paths in modules.load_order.items()
+    )
+    aliases = "".join(
+        f"{alias} {name}\n"
+        for name in DEVICE_MODULES
+        for alias in modules.aliases[name]
+        # only device buses /init scans; sr_mod/sd_mod are loaded after the controllers
+        if alias.startswith(("pci:", "virtio:"))
+    )
+    return {
+        "etc/vmo/modules": order,
+        "etc/vmo/modaliases": aliases,
+        "etc/vmo/modules-always": " ".join(ALWAYS_MODULES) + "\n",
+    }
+
+
+def _write_initramfs(path: Path, *, tree: Path, release: str, modules: ModulePlan) -> None:
     moddir = f"lib/modules/{release}"
     dirs = {"bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "run", "tmp"}
     dirs |= {"etc", "etc/vmo", "etc/acpi", "etc/acpi/PWRF", "root", "mnt", "var", "var/run"}
-    for module in modules:
+    for module in modules.all_paths():
         parent = Path(moddir, module).parent
         dirs |= {str(parent), *(str(p) for p in parent.parents if str(p) != ".")}
     # mtime 0 keeps the initramfs byte-identical across builds of the same inputs.
@@ -397,10 +430,11 @@ def _write_initramfs(path: Path, *, tree: Path, release: str, modules: Sequence[
         cpio.file("init", _init_script(), executable=True)
         cpio.file("etc/inittab", INITTAB.encode())
         cpio.file("etc/acpi/PWRF/00000080", ACPI_POWER_HANDLER.encode(), executable=True)
-        cpio.file("etc/vmo/modules", "".join(f"/{moddir}/{m}\n" for m in modules).encode())
+        for name, text in _module_files(modules, moddir).items():
+            cpio.file(name, text.encode())
         cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
         cpio.file("etc/group", b"root:x:0:\n")
-        for module in modules:
+        for module in modules.all_paths():
             cpio.file(f"{moddir}/{module}", (tree / moddir / module).read_bytes())
         cpio.trailer()
 

@@ -32,18 +32,55 @@ mount_basics() {
 	mount -t tmpfs tmpfs /tmp
 }
 
-# The builder wrote /etc/vmo/modules in dependency order; insmod has no resolver.
+# /etc/vmo/modules: "<name> <path>..." (the module and its dependencies in insmod order);
+# /etc/vmo/modaliases: "<glob> <name>" from the modules' own alias= strings. Matching the
+# devices' modalias against them is what udev+modprobe would do, and skips absent hardware.
+load() {
+	for name in "$@"; do
+		set -- $(grep "^$name " /etc/vmo/modules)
+		[ $# -gt 1 ] || { log "no module $name"; continue; }
+		shift
+		for ko in "$@"; do
+			mod=${ko##*/}
+			mod=$(echo "${mod%.ko}" | tr - _)
+			[ -d "/sys/module/$mod" ] || insmod "$ko" 2>/dev/null
+		done
+	done
+}
+
+modules_for_bus() { # bus -> module names whose aliases match a device present on it
+	for alias in $(cat /sys/bus/"$1"/devices/*/modalias 2>/dev/null); do
+		while read -r glob name; do
+			# shellcheck disable=SC2254
+			case "$alias" in $glob) echo "$name" ;; esac
+		done < /etc/vmo/modaliases
+	done | sort -u
+}
+
+# Disk controllers probe empty ports for most of a second under TCG: load them in the
+# background while the virtio devices (NICs, usually the seed) are already usable.
+SLOW_MODULES="ata_piix ahci"
+
 load_modules() {
-	while read -r ko; do
-		[ -n "$ko" ] && insmod "$ko" 2>/dev/null
-	done < /etc/vmo/modules
+	load $(cat /etc/vmo/modules-always)
+	slow=""
+	fast=""
+	for name in $(modules_for_bus pci); do
+		case " $SLOW_MODULES " in *" $name "*) slow="$slow $name" ;; *) fast="$fast $name" ;; esac
+	done
+	load $fast
+	load $(modules_for_bus virtio)
+	(
+		load $slow
+		[ -d /sys/bus/scsi ] && load sr_mod sd_mod
+	) &
 }
 
 # Mounts the NoCloud seed (volume label cidata, ISO9660 or vfat) on $SEED.
 # Block devices appear asynchronously after the drivers load, so poll briefly.
 mount_seed() {
 	tries=0
-	while [ "$tries" -lt 30 ]; do
+	while [ "$tries" -lt 50 ]; do
 		for label in cidata CIDATA; do
 			dev=$(findfs "LABEL=$label" 2>/dev/null) || continue
 			if mount -o ro "$dev" "$SEED" 2>/dev/null; then

@@ -27,11 +27,14 @@ __all__ = [
     "KernelBoot",
     "Nic",
     "NicModel",
+    "SATA_PORTS",
     "RuntimePaths",
     "TapBackend",
     "UserBackend",
 ]
 
+# q35's built-in ICH9 AHCI controller.
+SATA_PORTS = 6
 # Linux sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 _ID = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -260,6 +263,10 @@ class Domain:
         _require(bool(_ID.match(self.name)) and len(self.name) <= 63, f"bad name {self.name!r}")
         _require(self.memory_mib >= 16, "memory_mib must be >= 16")
         _require(self.machine.startswith(("q35", "pc-q35-")), f"machine {self.machine!r} not q35")
+        passthrough = self.cpu.model == "host-passthrough"
+        _require(not passthrough or self.accel is Accelerator.KVM, "host-passthrough needs KVM")
+        sata = [d for d in self.disks if d.bus is DiskBus.SATA]
+        _require(len(sata) <= SATA_PORTS, f"q35 has {SATA_PORTS} SATA ports, {len(sata)} disks")
         ids = [d.id for d in self.disks] + [n.id for n in self.nics]
         _require(len(ids) == len(set(ids)), "disk and nic ids must be unique")
         orders = [d.boot_order for d in self.disks] + [n.boot_order for n in self.nics]
