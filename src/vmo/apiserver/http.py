@@ -66,6 +66,14 @@ class Authorizer(Protocol):
 VirtualCreate = Callable[[JSON, Identity, str], JSON]
 """Kinds that are computed, not stored (access reviews): (body, caller, namespace) -> answer."""
 
+
+@dataclass(frozen=True)
+class ExtraGroup:
+    version: str
+    resources: JSON
+    handler: Callable[[web.Request, ResourcePath], Awaitable[web.StreamResponse]]
+
+
 SubresourceHandler = Callable[
     [web.Request, ResourceType, ResourcePath, Identity], Awaitable[web.StreamResponse]
 ]
@@ -103,6 +111,9 @@ class ApiHandlers:
     subresources: dict[tuple[str, str, str, str], SubresourceHandler] = field(default_factory=dict)
     extra_discovery: discovery.ExtraSubresources = field(default_factory=dict)
     virtual: dict[tuple[str, str], VirtualCreate] = field(default_factory=dict)
+    # API groups served outside the registry (subresource-only groups like
+    # subresources.kubevirt.io): group -> (version, APIResourceList, handler)
+    extra_groups: dict[str, ExtraGroup] = field(default_factory=dict)
     ready: bool = True
 
     # --- app -----------------------------------------------------------------------------------
@@ -196,7 +207,13 @@ class ApiHandlers:
     async def _apis(self, request: web.Request) -> web.Response:
         if parse_accept(request.headers.get("Accept", "")).discovery_v2:
             return self._discovery_v2(core=False)
-        return json_response(discovery.api_group_list(self.registry))
+        groups = discovery.api_group_list(self.registry)
+        for name, extra in self.extra_groups.items():
+            version = {"groupVersion": f"{name}/{extra.version}", "version": extra.version}
+            groups["groups"].append(
+                {"name": name, "versions": [version], "preferredVersion": version}
+            )
+        return json_response(groups)
 
     def _discovery_v2(self, *, core: bool) -> web.Response:
         body = discovery.aggregated(self.registry, core=core, extra=self.extra_discovery)
@@ -232,6 +249,9 @@ class ApiHandlers:
         rp = parse_resource_path(request.path)
         if rp is None:
             return await self._group_discovery(request)
+        extra = self.extra_groups.get(rp.group)
+        if extra is not None and rp.version == extra.version:
+            return await extra.handler(request, rp)
         rt = self.registry.lookup(rp.group, rp.version, rp.resource)
         if rt is None:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
@@ -297,6 +317,14 @@ class ApiHandlers:
     async def _group_discovery(self, request: web.Request) -> web.Response:
         parts = [p for p in request.path.split("/") if p]
         body: JSON | None = None
+        extra = self.extra_groups.get(parts[1]) if parts[0] == "apis" and len(parts) > 1 else None
+        if extra is not None and request.method == "GET":
+            version = {"groupVersion": f"{parts[1]}/{extra.version}", "version": extra.version}
+            if len(parts) == 2:
+                group = {"name": parts[1], "versions": [version], "preferredVersion": version}
+                return json_response({"kind": "APIGroup", "apiVersion": "v1", **group})
+            if parts[2:] == [extra.version]:
+                return json_response(extra.resources)
         if parts[0] == "api" and len(parts) == 2:
             body = discovery.api_resource_list(self.registry, "", parts[1], self.extra_discovery)
         elif parts[0] == "apis" and len(parts) == 2:

@@ -18,12 +18,13 @@ from vmo.api.core import core_resource_types
 from vmo.api.crd import crd_resource_types
 from vmo.api.kubevirt import kubevirt_resource_types
 from vmo.api.types import JSON, ResourceType
-from vmo.apiserver import bootstrap_roles, pki, rbac
+from vmo.apiserver import bootstrap_roles, kubevirt_api, pki, rbac
 from vmo.apiserver import objects as ob
 from vmo.apiserver import store as st
 from vmo.apiserver.auth import Authenticator, ServiceAccountTokens, TokenFile
 from vmo.apiserver.authz import RbacAuthorization, access_reviews, token_request_handler
-from vmo.apiserver.http import ApiHandlers
+from vmo.apiserver.http import ApiHandlers, ExtraGroup
+from vmo.apiserver.kubevirt_api import KubeVirtApi
 from vmo.apiserver.lifecycle import Lifecycle
 from vmo.apiserver.registry import Registry
 from vmo.apiserver.watch import WatchHub
@@ -158,6 +159,10 @@ class ApiServer:
         self.handlers.extra_discovery[("", "v1", "serviceaccounts")] = [
             ("token", "TokenRequest", ["create"])
         ]
+        virt_api = KubeVirtApi(self.service, self.registry)
+        self.handlers.extra_groups[kubevirt_api.GROUP] = ExtraGroup(
+            kubevirt_api.VERSION, kubevirt_api.resource_list(), virt_api.handle
+        )
         self._runner: web.AppRunner | None = None
         self._compactor: asyncio.Task[None] | None = None
 

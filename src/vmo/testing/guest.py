@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import json
 import logging
+import lzma
 import os
 import re
 import shutil
@@ -25,11 +26,12 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Literal, Protocol
 
 __all__ = [
     "DEFAULT_MAC",
@@ -52,7 +54,7 @@ log = logging.getLogger(__name__)
 KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 # Bump when the build recipe changes in a way the package versions and init script do not show.
-BUILD_REVISION = 2
+BUILD_REVISION = 3
 KERNEL_CMDLINE = "console=ttyS0 loglevel=4 panic=-1"
 READY_MARKER = "VMO-GUEST-READY"
 DEFAULT_MAC = "52:54:00:12:34:56"
@@ -99,6 +101,10 @@ LABEL vmo
 """
 
 
+class _Decompressor(Protocol):
+    def decompress(self, data: bytes, /) -> bytes: ...
+
+
 class GuestBuildError(Exception):
     """A step of the guest build failed; carries the command and what it printed."""
 
@@ -139,6 +145,12 @@ class GuestImage:
     @property
     def kernel(self) -> Path:
         return self.root / "vmlinuz"
+
+    @property
+    def kernel_elf(self) -> Path:
+        """The uncompressed kernel: QEMU boots it through its PVH entry point, skipping the
+        bzImage decompressor (about 4 s of a 7 s boot under TCG)."""
+        return self.root / "vmlinux"
 
     @property
     def initramfs(self) -> Path:
@@ -275,6 +287,7 @@ def _build_into(root: Path, versions: PackageVersions, *, downloads: Path) -> Gu
         _extract(_download(package, version, downloads), tree)
     release = _kernel_release(tree)
     shutil.copyfile(tree / "boot" / f"vmlinuz-{release}", root / "vmlinuz")
+    (root / "vmlinux").write_bytes(uncompressed_kernel(root / "vmlinuz"))
     modules = module_plan(tree / "lib" / "modules" / release, GUEST_MODULES)
     _write_initramfs(root / "initramfs.cpio.gz", tree=tree, release=release, modules=modules)
     image = GuestImage(root=root, kernel_release=release)
@@ -306,6 +319,24 @@ def _kernel_release(tree: Path) -> str:
     if len(kernels) != 1:
         raise GuestBuildError(f"expected one kernel in the package, found {kernels}")
     return kernels[0]
+
+
+def uncompressed_kernel(bzimage: Path) -> bytes:
+    """The ELF kernel inside a bzImage (what the kernel's extract-vmlinux script finds)."""
+    blob = bzimage.read_bytes()
+    streams: list[tuple[bytes, Callable[[], _Decompressor]]] = [
+        (b"\xfd7zXZ\x00", lzma.LZMADecompressor),
+        (b"\x1f\x8b\x08", lambda: zlib.decompressobj(16 + zlib.MAX_WBITS)),
+    ]
+    for magic, make in streams:
+        at = blob.find(magic)
+        while at >= 0:
+            with contextlib.suppress(lzma.LZMAError, zlib.error):
+                elf = make().decompress(blob[at:])
+                if elf.startswith(b"\x7fELF"):
+                    return elf
+            at = blob.find(magic, at + 1)
+    raise GuestBuildError(f"no xz or gzip compressed ELF kernel found in {bzimage}")
 
 
 # --- kernel modules --------------------------------------------------------------------------
@@ -532,7 +563,7 @@ def qemu_argv(
     argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mib), "-smp", "1"]
     argv += ["-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot"]
     if boot == "kernel":
-        argv += ["-kernel", str(image.kernel), "-initrd", str(image.initramfs)]
+        argv += ["-kernel", str(image.kernel_elf), "-initrd", str(image.initramfs)]
         argv += ["-append", image.cmdline]
     else:
         disk = {"raw": image.disk_raw, "qcow2": image.disk_qcow2, "vmdk": image.disk_vmdk}[boot]
@@ -631,7 +662,7 @@ class RunningGuest:
         return self._reader is not None and self._reader.is_alive()
 
     def wait_ready(self, *, timeout: float = 30.0) -> ReadyMarker:
-        match = self.wait_for(rf"{READY_MARKER}[^\n]*", timeout=timeout)
+        match = self.wait_for(rf"{READY_MARKER}[^\n]*\n", timeout=timeout)
         return ReadyMarker.parse(match.group(0))
 
     def send(self, text: str) -> None:

@@ -15,7 +15,7 @@ export PATH
 STATE=/run/vmo
 SEED=/run/vmo/seed
 
-log() { echo "vmo-guest: $*" > /dev/console; }
+log() { echo "vmo-guest: [$(cut -d' ' -f1 /proc/uptime)] $*" > /dev/console; }
 
 pid1() {
 	/bin/busybox mkdir -p /proc /sys /dev /run /tmp /sbin /usr/bin /usr/sbin
@@ -49,12 +49,20 @@ load() {
 }
 
 modules_for_bus() { # bus -> module names whose aliases match a device present on it
-	for alias in $(cat /sys/bus/"$1"/devices/*/modalias 2>/dev/null); do
-		while read -r glob name; do
-			# shellcheck disable=SC2254
-			case "$alias" in $glob) echo "$name" ;; esac
-		done < /etc/vmo/modaliases
-	done | sort -u
+	cat /sys/bus/"$1"/devices/*/modalias 2>/dev/null | awk '
+	NR == FNR {
+		# a modalias glob as an anchored regex ([...] classes mean the same in both)
+		re = $1; gsub(/[.+(){}|^$]/, "\\\\&", re); gsub(/\*/, ".*", re); gsub(/\?/, ".", re)
+		pat[++n] = "^" re "$"; name[n] = $2
+		# busybox awk compiles dynamic regexes on every use: compare the literal head first
+		head[n] = $1; sub(/[*?[].*/, "", head[n]); hlen[n] = length(head[n])
+		next
+	}
+	{
+		for (i = 1; i <= n; i++)
+			if (substr($0, 1, hlen[i]) == head[i] && $0 ~ pat[i] && !seen[name[i]]++) print name[i]
+	}
+	' /etc/vmo/modaliases -
 }
 
 # Disk controllers probe empty ports for most of a second under TCG: load them in the
@@ -329,6 +337,7 @@ addresses() {
 boot() {
 	mount_basics
 	load_modules
+	log "modules loaded"
 	hostname vmo-guest
 	mount_seed
 	meta_host=$(meta_value local-hostname)

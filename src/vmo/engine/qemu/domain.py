@@ -38,6 +38,7 @@ SATA_PORTS = 6
 # Linux sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 _ID = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _CPU_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
@@ -260,7 +261,7 @@ class Domain:
     efi: EfiFirmware | None = None
 
     def __post_init__(self) -> None:
-        _require(bool(_ID.match(self.name)) and len(self.name) <= 63, f"bad name {self.name!r}")
+        _require(bool(_NAME.match(self.name)) and len(self.name) <= 253, f"bad name {self.name!r}")
         _require(self.memory_mib >= 16, "memory_mib must be >= 16")
         _require(self.machine.startswith(("q35", "pc-q35-")), f"machine {self.machine!r} not q35")
         passthrough = self.cpu.model == "host-passthrough"

@@ -1,0 +1,382 @@
+"""The one Kubernetes client VMO's controllers, node agent and CLI use (async, aiohttp).
+
+It speaks only the Kubernetes API, so what uses it runs the same against VMO's embedded server
+and a real cluster. Errors carry the server's ``Status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import ssl
+import tempfile
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Resource:
+    """API coordinates of one kind."""
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool = True
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(self, namespace: str = "", name: str = "", subresource: str = "") -> str:
+        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        if self.namespaced and namespace:
+            base += f"/namespaces/{namespace}"
+        base += f"/{self.plural}"
+        if name:
+            base += f"/{name}"
+        if subresource:
+            base += f"/{subresource}"
+        return base
+
+
+NAMESPACE = Resource("", "v1", "namespaces", "Namespace", namespaced=False)
+NODE = Resource("", "v1", "nodes", "Node", namespaced=False)
+SERVICE = Resource("", "v1", "services", "Service")
+ENDPOINTS = Resource("", "v1", "endpoints", "Endpoints")
+EVENT = Resource("", "v1", "events", "Event")
+SECRET = Resource("", "v1", "secrets", "Secret")
+CONFIGMAP = Resource("", "v1", "configmaps", "ConfigMap")
+LEASE = Resource("coordination.k8s.io", "v1", "leases", "Lease")
+VM = Resource("kubevirt.io", "v1", "virtualmachines", "VirtualMachine")
+VMI = Resource("kubevirt.io", "v1", "virtualmachineinstances", "VirtualMachineInstance")
+VMIM = Resource(
+    "kubevirt.io", "v1", "virtualmachineinstancemigrations", "VirtualMachineInstanceMigration"
+)
+KUBEVIRT = Resource("kubevirt.io", "v1", "kubevirts", "KubeVirt")
+DATAVOLUME = Resource("cdi.kubevirt.io", "v1beta1", "datavolumes", "DataVolume")
+NAD = Resource(
+    "k8s.cni.cncf.io", "v1", "network-attachment-definitions", "NetworkAttachmentDefinition"
+)
+INSTANCETYPE = Resource(
+    "instancetype.kubevirt.io",
+    "v1beta1",
+    "virtualmachineinstancetypes",
+    "VirtualMachineInstancetype",
+)
+CLUSTER_INSTANCETYPE = Resource(
+    "instancetype.kubevirt.io",
+    "v1beta1",
+    "virtualmachineclusterinstancetypes",
+    "VirtualMachineClusterInstancetype",
+    namespaced=False,
+)
+PREFERENCE = Resource(
+    "instancetype.kubevirt.io", "v1beta1", "virtualmachinepreferences", "VirtualMachinePreference"
+)
+CLUSTER_PREFERENCE = Resource(
+    "instancetype.kubevirt.io",
+    "v1beta1",
+    "virtualmachineclusterpreferences",
+    "VirtualMachineClusterPreference",
+    namespaced=False,
+)
+
+
+class ApiStatusError(Exception):
+    """The server refused a request; ``status`` is its Kubernetes ``Status`` body."""
+
+    def __init__(self, code: int, status: JSON, method: str, path: str) -> None:
+        self.code = code
+        self.status = status
+        self.reason = str(status.get("reason", ""))
+        self.method = method
+        self.path = path
+        super().__init__(f"{method} {path}: {code} {self.reason}: {status.get('message', '')}")
+
+
+class NotFound(ApiStatusError):
+    pass
+
+
+class Conflict(ApiStatusError):
+    """409: a stale resourceVersion (reason Conflict) or an existing name (AlreadyExists)."""
+
+
+class Gone(ApiStatusError):
+    pass
+
+
+def _error(code: int, status: JSON, method: str, path: str) -> ApiStatusError:
+    cls = {404: NotFound, 409: Conflict, 410: Gone}.get(code, ApiStatusError)
+    return cls(code, status, method, path)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    server: str
+    token: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    namespace: str = "default"
+
+
+def load_kubeconfig(path: Path | str | None = None, *, context: str = "") -> Credentials:
+    """Reads a kubeconfig (``$KUBECONFIG`` or ``~/.kube/config`` when no path is given)."""
+    chosen = Path(path or os.environ.get("KUBECONFIG") or Path.home() / ".kube" / "config")
+    config = yaml.safe_load(chosen.read_text())
+    ctx_name = context or config.get("current-context", "")
+    ctx = next(c["context"] for c in config["contexts"] if c["name"] == ctx_name)
+    cluster = next(c["cluster"] for c in config["clusters"] if c["name"] == ctx["cluster"])
+    user = next(u["user"] for u in config["users"] if u["name"] == ctx["user"])
+    ca_file = cluster.get("certificate-authority", "")
+    if cluster.get("certificate-authority-data"):
+        ca_file = _materialise(base64.b64decode(cluster["certificate-authority-data"]), ".crt")
+    cert_file, key_file = user.get("client-certificate", ""), user.get("client-key", "")
+    if user.get("client-certificate-data"):
+        cert_file = _materialise(base64.b64decode(user["client-certificate-data"]), ".crt")
+        key_file = _materialise(base64.b64decode(user["client-key-data"]), ".key")
+    return Credentials(
+        server=cluster["server"].rstrip("/"),
+        token=user.get("token", ""),
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+        namespace=ctx.get("namespace", "default"),
+    )
+
+
+def _materialise(data: bytes, suffix: str) -> str:
+    fd, name = tempfile.mkstemp(prefix="vmo-kubeconfig-", suffix=suffix)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    return name
+
+
+class Client:
+    """Async Kubernetes API client. Use as ``async with Client(creds) as c: ...``."""
+
+    def __init__(self, creds: Credentials) -> None:
+        self.creds = creds
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_kubeconfig(cls, path: Path | str | None = None) -> Client:
+        return cls(load_kubeconfig(path))
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        if not self.creds.server.startswith("https"):
+            return False
+        ctx = ssl.create_default_context(cafile=self.creds.ca_file or None)
+        if self.creds.cert_file:
+            ctx.load_cert_chain(self.creds.cert_file, self.creds.key_file)
+        return ctx
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            headers = {"Authorization": f"Bearer {self.creds.token}"} if self.creds.token else {}
+            self._session = aiohttp.ClientSession(
+                self.creds.server,
+                headers=headers,
+                connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=32),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- raw ---------------------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        params: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": content_type} if data is not None else {}
+        async with self.session.request(
+            method, path, data=data, params=params, headers=headers
+        ) as resp:
+            raw = await resp.read()
+            if resp.status >= 400:
+                try:
+                    status = json.loads(raw)
+                except ValueError:
+                    status = {"message": raw.decode(errors="replace")}
+                raise _error(resp.status, status, method, path)
+            return json.loads(raw) if raw else None
+
+    # --- verbs -------------------------------------------------------------------------------
+
+    async def get(self, res: Resource, name: str, namespace: str = "") -> JSON:
+        result: JSON = await self.request("GET", res.path(namespace, name))
+        return result
+
+    async def find(self, res: Resource, name: str, namespace: str = "") -> JSON | None:
+        try:
+            return await self.get(res, name, namespace)
+        except NotFound:
+            return None
+
+    async def list(
+        self,
+        res: Resource,
+        namespace: str = "",
+        *,
+        label_selector: str = "",
+        field_selector: str = "",
+    ) -> tuple[list[JSON], str]:
+        """All items (following ``continue``) and the list's resourceVersion."""
+        params = {"limit": "500"}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        if field_selector:
+            params["fieldSelector"] = field_selector
+        items: list[JSON] = []
+        while True:
+            body = await self.request("GET", res.path(namespace), params=params)
+            items += body.get("items") or []
+            token = body.get("metadata", {}).get("continue")
+            if not token:
+                return items, str(body.get("metadata", {}).get("resourceVersion", ""))
+            params["continue"] = token
+
+    async def create(self, res: Resource, obj: JSON, namespace: str = "") -> JSON:
+        ns = namespace or obj.get("metadata", {}).get("namespace", "")
+        body = {"apiVersion": res.api_version, "kind": res.kind, **obj}
+        result: JSON = await self.request("POST", res.path(ns), body)
+        return result
+
+    async def replace(self, res: Resource, obj: JSON, *, subresource: str = "") -> JSON:
+        md = obj["metadata"]
+        path = res.path(md.get("namespace", ""), md["name"], subresource)
+        result: JSON = await self.request("PUT", path, obj)
+        return result
+
+    async def patch(
+        self,
+        res: Resource,
+        name: str,
+        patch: Any,
+        namespace: str = "",
+        *,
+        patch_type: str = "merge",
+        subresource: str = "",
+    ) -> JSON:
+        content_type = {
+            "merge": "application/merge-patch+json",
+            "json": "application/json-patch+json",
+            "strategic": "application/strategic-merge-patch+json",
+        }[patch_type]
+        path = res.path(namespace, name, subresource)
+        result: JSON = await self.request("PATCH", path, patch, content_type=content_type)
+        return result
+
+    async def patch_status(
+        self, res: Resource, name: str, status: JSON, namespace: str = ""
+    ) -> JSON:
+        return await self.patch(res, name, {"status": status}, namespace, subresource="status")
+
+    async def delete(
+        self, res: Resource, name: str, namespace: str = "", *, propagation: str = "Background"
+    ) -> JSON | None:
+        try:
+            result: JSON = await self.request(
+                "DELETE", res.path(namespace, name), {"propagationPolicy": propagation}
+            )
+            return result
+        except NotFound:
+            return None
+
+    # --- watch -------------------------------------------------------------------------------
+
+    async def watch(
+        self,
+        res: Resource,
+        namespace: str = "",
+        *,
+        resource_version: str = "",
+        label_selector: str = "",
+        field_selector: str = "",
+        timeout: int = 300,
+    ) -> AsyncIterator[tuple[str, JSON]]:
+        """(event type, object) pairs until the server ends the stream; raises Gone on 410."""
+        params = {"watch": "true", "allowWatchBookmarks": "true", "timeoutSeconds": str(timeout)}
+        if resource_version:
+            params["resourceVersion"] = resource_version
+        if label_selector:
+            params["labelSelector"] = label_selector
+        if field_selector:
+            params["fieldSelector"] = field_selector
+        path = res.path(namespace)
+        timeouts = aiohttp.ClientTimeout(total=None, sock_read=timeout + 30)
+        async with self.session.get(path, params=params, timeout=timeouts) as resp:
+            if resp.status >= 400:
+                raise _error(resp.status, await resp.json(), "GET", path)
+            async for line in resp.content:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if event["type"] == "ERROR":
+                    status = event["object"]
+                    raise _error(int(status.get("code", 500)), status, "WATCH", path)
+                yield event["type"], event["object"]
+
+    async def informer(
+        self,
+        res: Resource,
+        namespace: str = "",
+        *,
+        label_selector: str = "",
+        field_selector: str = "",
+    ) -> AsyncIterator[tuple[str, JSON]]:
+        """List then watch forever, re-listing after 410 or a dropped stream.
+
+        Yields ("SYNC", obj) for each listed object, then watch events; BOOKMARKs are absorbed.
+        """
+        while True:
+            items, rv = await self.list(
+                res, namespace, label_selector=label_selector, field_selector=field_selector
+            )
+            for item in items:
+                yield "SYNC", item
+            try:
+                async for etype, obj in self.watch(
+                    res,
+                    namespace,
+                    resource_version=rv,
+                    label_selector=label_selector,
+                    field_selector=field_selector,
+                ):
+                    if etype == "BOOKMARK":
+                        continue
+                    yield etype, obj
+            except (TimeoutError, Gone, aiohttp.ClientError) as exc:
+                log.info("watch of %s ended (%s); re-listing", res.plural, exc)
+                await asyncio.sleep(0.2)

@@ -1,0 +1,390 @@
+"""QEMU processes that outlive the agent: launch one into its working directory, or adopt it again.
+
+A launched QEMU runs in its own session with stdin from /dev/null and stdout/stderr appended to
+``<workdir>/qemu.log``; the argv is recorded in ``<workdir>/qemu.argv.json`` so that a restarted
+agent can prove (pidfile + /proc/<pid>/cmdline + a QMP answer) that a process is that VM's QEMU.
+Processes are tracked through a pidfd, so a recycled pid can never be signalled by mistake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from vmo.engine.qemu.argv import DEFAULT_QEMU, qemu_argv
+from vmo.engine.qemu.domain import Domain, RuntimePaths
+from vmo.engine.qemu.errors import (
+    LaunchError,
+    ProcessError,
+    ProtocolError,
+    QMPConnectionLost,
+    QMPTimeout,
+    WorkdirEscape,
+)
+from vmo.engine.qemu.qmp import QMPClient
+
+__all__ = ["LOG_NAME", "MANIFEST_NAME", "ExitStatus", "QemuProcess", "adopt", "launch"]
+
+log = logging.getLogger("vmo.engine.qemu.process")
+
+LOG_NAME = "qemu.log"
+MANIFEST_NAME = "qemu.argv.json"
+_STARTUP_POLL = 0.01
+_TAIL_BYTES = 64 << 10
+_TERMINATING = re.compile(rb"terminating on signal (\d+)")
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How QEMU ended. ``code``/``signal`` are known only to the agent that started it."""
+
+    code: int | None
+    signal: int | None
+    shutdown_reason: str | None = None
+    """The reason of QEMU's last SHUTDOWN event (e.g. ``guest-shutdown``), if one was seen."""
+
+
+def _confine(path: Path, workdir: Path) -> Path:
+    resolved = path.resolve()
+    if not resolved.is_relative_to(workdir):
+        raise WorkdirEscape(f"{path} is outside the working directory {workdir}")
+    return resolved
+
+
+def _confine_domain(domain: Domain, workdir: Path) -> None:
+    for path in domain.paths.all():
+        _confine(path, workdir)
+    if domain.efi is not None:
+        _confine(domain.efi.vars, workdir)
+
+
+def _unlink_runtime_files(paths: RuntimePaths) -> None:
+    for path in paths.all():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _read_pid(pidfile: Path) -> int | None:
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _cmdline(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [arg.decode(errors="surrogateescape") for arg in raw.split(b"\0")[:-1]]
+
+
+def _runs_argv(pid: int, argv: list[str]) -> bool:
+    """Whether ``pid`` runs exactly ``argv`` (argv[0] compared by name: PATH lookup may differ)."""
+    actual = _cmdline(pid)
+    if not actual or len(actual) != len(argv):
+        return False
+    return Path(actual[0]).name == Path(argv[0]).name and actual[1:] == argv[1:]
+
+
+@dataclass(frozen=True)
+class _Manifest:
+    argv: list[str]
+    paths: RuntimePaths
+    log_offset: int
+
+    def write(self, workdir: Path) -> None:
+        body = {
+            "argv": self.argv,
+            "paths": {name: str(getattr(self.paths, name)) for name in _PATH_FIELDS},
+            "logOffset": self.log_offset,
+        }
+        tmp = workdir / (MANIFEST_NAME + ".tmp")
+        tmp.write_text(json.dumps(body, indent=2) + "\n")
+        tmp.replace(workdir / MANIFEST_NAME)
+
+    @classmethod
+    def read(cls, workdir: Path) -> _Manifest | None:
+        try:
+            body = json.loads((workdir / MANIFEST_NAME).read_text())
+            paths = RuntimePaths(**{name: Path(body["paths"][name]) for name in _PATH_FIELDS})
+            return cls([str(arg) for arg in body["argv"]], paths, int(body["logOffset"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+_PATH_FIELDS = ("qmp", "serial", "vnc", "guest_agent", "pidfile")
+
+
+class QemuProcess:
+    """A running QEMU (launched here or adopted), its QMP connection and its exit."""
+
+    def __init__(self, *, pid: int, pidfd: int, workdir: Path, manifest: _Manifest) -> None:
+        self.pid = pid
+        self.workdir = workdir
+        self._pidfd: int | None = pidfd
+        self._manifest = manifest
+        self._qmp: QMPClient | None = None
+        self._shutdown_watch: asyncio.Task[None] | None = None
+        self._shutdown_reason: str | None = None
+        self._exit: asyncio.Future[ExitStatus] | None = None
+        self._status: ExitStatus | None = None
+
+    @property
+    def paths(self) -> RuntimePaths:
+        return self._manifest.paths
+
+    @property
+    def argv(self) -> list[str]:
+        return list(self._manifest.argv)
+
+    @property
+    def exit_status(self) -> ExitStatus | None:
+        """None while QEMU runs (or until its exit has been observed)."""
+        return self._status
+
+    async def qmp(self) -> QMPClient:
+        """This process's QMP client, connected (again) if need be."""
+        if self._qmp is not None and self._qmp.runstate.value == "running":
+            return self._qmp
+        await self._drop_qmp()
+        if self._status is not None:
+            raise QMPConnectionLost(f"QEMU {self.pid} has exited")
+        self._qmp = await QMPClient.connect(self.paths.qmp)
+        self._shutdown_watch = asyncio.create_task(self._watch_shutdown(self._qmp))
+        return self._qmp
+
+    async def _watch_shutdown(self, client: QMPClient) -> None:
+        with client.listen("SHUTDOWN") as listener:
+            async for event in listener:
+                self._shutdown_reason = (event.get("data") or {}).get("reason")
+
+    async def _drop_qmp(self) -> None:
+        if self._shutdown_watch is not None:
+            self._shutdown_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._shutdown_watch
+            self._shutdown_watch = None
+        if self._qmp is not None:
+            await self._qmp.disconnect()
+            self._qmp = None
+
+    def _exit_future(self) -> asyncio.Future[ExitStatus]:
+        if self._exit is None:
+            loop = asyncio.get_running_loop()
+            self._exit = loop.create_future()
+            if self._status is not None:
+                self._exit.set_result(self._status)
+            elif self._pidfd is not None:
+                loop.add_reader(self._pidfd, self._on_exit)
+        return self._exit
+
+    def _on_exit(self) -> None:
+        assert self._pidfd is not None and self._exit is not None
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        self._status = self._reap()
+        os.close(self._pidfd)
+        self._pidfd = None
+        _unlink_runtime_files(self.paths)
+        log.info("QEMU %d (%s) exited: %s", self.pid, self.workdir, self._status)
+        if not self._exit.done():
+            self._exit.set_result(self._status)
+
+    def _reap(self) -> ExitStatus:
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            # Started by an earlier agent: the exit code went to init; the log may name a signal.
+            return ExitStatus(None, self._signal_from_log(), self._shutdown_reason)
+        if os.WIFSIGNALED(status):
+            return ExitStatus(None, os.WTERMSIG(status), self._shutdown_reason)
+        return ExitStatus(os.WEXITSTATUS(status), self._signal_from_log(), self._shutdown_reason)
+
+    def _signal_from_log(self) -> int | None:
+        found = _TERMINATING.findall(self._log_tail())
+        return int(found[-1]) if found else None
+
+    async def wait_exit(self, timeout: float | None = None) -> ExitStatus:
+        """QEMU's exit status, once it has exited; ``TimeoutError`` if it runs past ``timeout``."""
+        status = await asyncio.wait_for(asyncio.shield(self._exit_future()), timeout)
+        await self._drop_qmp()
+        return status
+
+    def send_signal(self, signum: int) -> None:
+        if self._pidfd is not None and self._status is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signum)
+
+    async def kill(self) -> ExitStatus:
+        """SIGKILL, then the exit status."""
+        self._exit_future()
+        self.send_signal(signal.SIGKILL)
+        return await self.wait_exit()
+
+    async def powerdown(self, grace: float, *, term_timeout: float = 5.0) -> ExitStatus:
+        """ACPI power button; after ``grace`` seconds SIGTERM, after ``term_timeout`` more SIGKILL."""
+        self._exit_future()
+        if self._status is None:
+            try:
+                await (await self.qmp()).execute("system_powerdown")
+            except ProtocolError as exc:
+                log.warning("QEMU %d: system_powerdown failed, escalating: %s", self.pid, exc)
+        for timeout, next_signal in ((grace, signal.SIGTERM), (term_timeout, signal.SIGKILL)):
+            try:
+                return await self.wait_exit(timeout)
+            except TimeoutError:
+                log.info("QEMU %d still running; sending %s", self.pid, next_signal.name)
+                self.send_signal(next_signal)
+        return await self.wait_exit()
+
+    def _log_tail(self) -> bytes:
+        path = self.workdir / LOG_NAME
+        try:
+            with path.open("rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                start = max(self._manifest.log_offset, size - _TAIL_BYTES)
+                f.seek(start)
+                return f.read()
+        except OSError:
+            return b""
+
+    def last_stderr_lines(self, n: int = 5) -> list[str]:
+        """The last ``n`` non-empty lines QEMU wrote in this run (for a Failed VMI's message)."""
+        lines = self._log_tail().decode(errors="replace").splitlines()
+        return [line for line in lines if line.strip()][-n:]
+
+    async def detach(self) -> None:
+        """Lets go of QEMU without stopping it (the agent is going away); it can be adopted again."""
+        await self._drop_qmp()
+        if self._pidfd is not None:
+            if self._exit is not None and not self._exit.done():
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+                self._exit.cancel()
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+def _check_not_running(workdir: Path, paths: RuntimePaths) -> None:
+    manifest = _Manifest.read(workdir)
+    pid = _read_pid(paths.pidfile)
+    if manifest is not None and pid is not None and _runs_argv(pid, manifest.argv):
+        raise ProcessError(f"QEMU {pid} already runs in {workdir}; adopt it instead")
+
+
+def _prepare_workdir(domain: Domain, workdir: Path) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    _confine_domain(domain, workdir)
+    _check_not_running(workdir, domain.paths)
+    _unlink_runtime_files(domain.paths)
+    efi = domain.efi
+    if efi is not None and not efi.vars.exists():
+        shutil.copyfile(efi.vars_template, efi.vars)
+
+
+def _spawn(argv: list[str], logfile: Path) -> int:
+    log_fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        return os.posix_spawnp(
+            argv[0],
+            argv,
+            dict(os.environ),
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                (os.POSIX_SPAWN_DUP2, log_fd, 2),
+            ],
+            # Its own session: no terminal signals, and it survives the agent's process group.
+            setsid=True,
+        )
+    except OSError as exc:
+        raise LaunchError(f"cannot start {argv[0]}: {exc}") from exc
+    finally:
+        os.close(log_fd)
+
+
+def _log_header(logfile: Path) -> int:
+    """Marks the start of a run in the log; the offset where this run's output begins."""
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    with logfile.open("ab") as f:
+        f.write(f"--- vmo: launching QEMU at {stamp} ---\n".encode())
+        return f.tell()
+
+
+async def _wait_for_qmp(process: QemuProcess, timeout: float) -> None:
+    exited = process._exit_future()
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not exited.done():
+        try:
+            await process.qmp()
+            return
+        except (QMPConnectionLost, QMPTimeout):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            # The socket appears only once QEMU has parsed its options; there is no event for it.
+            await asyncio.wait([exited], timeout=_STARTUP_POLL)
+    lines = process.last_stderr_lines()
+    if not exited.done():
+        await process.kill()
+        raise LaunchError(f"QEMU did not answer on QMP within {timeout:g} s", stderr_lines=lines)
+    raise LaunchError(f"QEMU exited while starting ({exited.result()})", stderr_lines=lines)
+
+
+async def launch(
+    domain: Domain,
+    *,
+    workdir: Path,
+    binary: str = DEFAULT_QEMU,
+    startup_timeout: float = 10.0,
+) -> QemuProcess:
+    """Starts ``domain`` detached from the caller; returns once QMP answers."""
+    workdir = workdir.resolve()
+    _prepare_workdir(domain, workdir)
+    argv = qemu_argv(domain, binary=binary)
+    logfile = workdir / LOG_NAME
+    manifest = _Manifest(argv, domain.paths, _log_header(logfile))
+    manifest.write(workdir)
+    pid = _spawn(argv, logfile)
+    process = QemuProcess(pid=pid, pidfd=os.pidfd_open(pid), workdir=workdir, manifest=manifest)
+    log.info("launched QEMU %d for %s in %s", pid, domain.name, workdir)
+    await _wait_for_qmp(process, startup_timeout)
+    return process
+
+
+async def adopt(workdir: Path, *, qmp_timeout: float = 5.0) -> QemuProcess | None:
+    """The QEMU still running in ``workdir``, re-attached; None if there is none.
+
+    ``ProcessError`` if it runs but does not answer on QMP (the caller decides whether to kill it).
+    """
+    workdir = workdir.resolve()
+    manifest = _Manifest.read(workdir)
+    if manifest is None:
+        return None
+    pid = _read_pid(manifest.paths.pidfile)
+    if pid is None or not _runs_argv(pid, manifest.argv):
+        _unlink_runtime_files(manifest.paths)
+        return None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    # Checked again through the pidfd's process: the pid may have been recycled in between.
+    if not _runs_argv(pid, manifest.argv):
+        os.close(pidfd)
+        return None
+    process = QemuProcess(pid=pid, pidfd=pidfd, workdir=workdir, manifest=manifest)
+    try:
+        await asyncio.wait_for(process.qmp(), qmp_timeout)
+    except (ProtocolError, TimeoutError) as exc:
+        await process.detach()
+        raise ProcessError(f"QEMU {pid} in {workdir} does not answer on QMP: {exc}") from exc
+    log.info("adopted QEMU %d in %s", pid, workdir)
+    return process
