@@ -325,9 +325,8 @@ start_services() {
 	# -ll keeps one listener forking a handler per connection
 	nc -ll -p 5432 -e /init info > /dev/null 2>&1 &
 	nc -ll -p 7 -e /init echo > /dev/null 2>&1 &
-	if [ -d /dev/input ]; then
-		acpid -c /etc/acpi > /dev/null 2>&1
-	fi
+	# acpid runs /etc/acpi/PWRF/00000080 on the power button (KubeVirt's graceful stop)
+	[ -d /dev/input ] && acpid -d -c /etc/acpi > "$STATE/acpid.log" 2>&1 &
 }
 
 addresses() {

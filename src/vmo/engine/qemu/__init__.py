@@ -1,0 +1,106 @@
+"""VMO's QEMU layer: accelerator detection, VMI -> ``Domain`` -> argv, QMP and guest-agent
+clients, and QEMU processes that outlive the node agent.
+
+It knows nothing of the API server: callers hand it VMI JSON and a ``NodeContext``.
+"""
+
+from vmo.engine.qemu.accel import Accelerator, ProbeResult, detect_accelerator, probe_kvm
+from vmo.engine.qemu.argv import DEFAULT_QEMU, GUEST_AGENT_CHANNEL, cpu_model, qemu_argv
+from vmo.engine.qemu.domain import (
+    CpuTopology,
+    Disk,
+    DiskBus,
+    DiskCache,
+    DiskFormat,
+    Domain,
+    EfiFirmware,
+    HostForward,
+    KernelBoot,
+    Nic,
+    NicModel,
+    RuntimePaths,
+    TapBackend,
+    UserBackend,
+)
+from vmo.engine.qemu.errors import (
+    LaunchError,
+    ProcessError,
+    ProtocolError,
+    QemuError,
+    QemuNotFound,
+    QMPConnectionLost,
+    QMPError,
+    QMPProtocolError,
+    QMPTimeout,
+    StateError,
+    UnsupportedSpec,
+    WorkdirEscape,
+)
+from vmo.engine.qemu.guest_agent import GuestAgentClient
+from vmo.engine.qemu.process import ExitStatus, QemuProcess, adopt, launch
+from vmo.engine.qemu.qmp import (
+    DEFAULT_QMP_TIMEOUT,
+    QMP_TIMEOUTS,
+    EventListener,
+    MessageStream,
+    QMPClient,
+    Runstate,
+    VMRunState,
+    qmp_timeout,
+)
+from vmo.engine.qemu.vmi import LocalVolume, NodeContext, OvmfFiles, domain_from_vmi, stable_mac
+
+__all__ = [
+    "DEFAULT_QEMU",
+    "DEFAULT_QMP_TIMEOUT",
+    "GUEST_AGENT_CHANNEL",
+    "QMP_TIMEOUTS",
+    "Accelerator",
+    "CpuTopology",
+    "Disk",
+    "DiskBus",
+    "DiskCache",
+    "DiskFormat",
+    "Domain",
+    "EfiFirmware",
+    "EventListener",
+    "ExitStatus",
+    "GuestAgentClient",
+    "HostForward",
+    "KernelBoot",
+    "LaunchError",
+    "LocalVolume",
+    "MessageStream",
+    "Nic",
+    "NicModel",
+    "NodeContext",
+    "OvmfFiles",
+    "ProbeResult",
+    "ProcessError",
+    "ProtocolError",
+    "QMPClient",
+    "QMPConnectionLost",
+    "QMPError",
+    "QMPProtocolError",
+    "QMPTimeout",
+    "QemuError",
+    "QemuNotFound",
+    "QemuProcess",
+    "Runstate",
+    "RuntimePaths",
+    "StateError",
+    "TapBackend",
+    "UnsupportedSpec",
+    "UserBackend",
+    "VMRunState",
+    "WorkdirEscape",
+    "adopt",
+    "cpu_model",
+    "detect_accelerator",
+    "domain_from_vmi",
+    "launch",
+    "probe_kvm",
+    "qemu_argv",
+    "qmp_timeout",
+    "stable_mac",
+]

@@ -24,7 +24,7 @@ from vmo.engine.qemu.domain import (
     UserBackend,
 )
 
-__all__ = ["DEFAULT_QEMU", "qemu_argv"]
+__all__ = ["DEFAULT_QEMU", "GUEST_AGENT_CHANNEL", "cpu_model", "qemu_argv"]
 
 DEFAULT_QEMU = "qemu-system-x86_64"
 
@@ -55,6 +55,7 @@ _HOST_MODELS: dict[tuple[str, Accelerator], str] = {
     ("host-passthrough", Accelerator.KVM): "host",
 }
 
+
 def _sandbox(run_as: str | None) -> str:
     # QEMU installs its seccomp filter before -runas drops privileges, so the set*uid calls
     # -runas makes must stay allowed (measured: QEMU 7.2 dies of SIGSYS otherwise).
@@ -66,6 +67,7 @@ def _sandbox(run_as: str | None) -> str:
         ("spawn", "deny"),
         ("resourcecontrol", "deny"),
     )
+
 
 _SCSI_CONTROLLER = "scsi0"
 _VIRTIO_SERIAL = "virtio-serial0"
@@ -114,9 +116,13 @@ def _firmware_blockdevs(efi: EfiFirmware) -> list[str]:
     vars_ = {"driver": "file", "filename": str(efi.vars), "node-name": "fw-vars-file"}
     return [
         *_blockdev({**code, "read-only": True}),
-        *_blockdev({"driver": "raw", "file": "fw-code-file", "node-name": "fw-code", "read-only": True}),
+        *_blockdev(
+            {"driver": "raw", "file": "fw-code-file", "node-name": "fw-code", "read-only": True}
+        ),
         *_blockdev({**vars_, "read-only": False}),
-        *_blockdev({"driver": "raw", "file": "fw-vars-file", "node-name": "fw-vars", "read-only": False}),
+        *_blockdev(
+            {"driver": "raw", "file": "fw-vars-file", "node-name": "fw-vars", "read-only": False}
+        ),
     ]
 
 
@@ -151,7 +157,10 @@ def cpu_model(cpu: CpuTopology, accel: Accelerator) -> str:
 def _cpu_and_memory(domain: Domain) -> list[str]:
     cpu = domain.cpu
     smp = _opts(
-        f"cpus={cpu.vcpus}", ("sockets", cpu.sockets), ("cores", cpu.cores), ("threads", cpu.threads)
+        f"cpus={cpu.vcpus}",
+        ("sockets", cpu.sockets),
+        ("cores", cpu.cores),
+        ("threads", cpu.threads),
     )
     return ["-cpu", cpu_model(cpu, domain.accel), "-smp", smp, "-m", f"{domain.memory_mib}M"]
 
@@ -162,7 +171,13 @@ def _host_runtime(domain: Domain) -> list[str]:
         "-pidfile",
         str(paths.pidfile),
         "-chardev",
-        _opts("socket", ("id", "charmonitor"), ("path", str(paths.qmp)), ("server", True), ("wait", False)),
+        _opts(
+            "socket",
+            ("id", "charmonitor"),
+            ("path", str(paths.qmp)),
+            ("server", True),
+            ("wait", False),
+        ),
         "-mon",
         "chardev=charmonitor,id=monitor,mode=control",
     ]

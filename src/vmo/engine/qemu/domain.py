@@ -16,6 +16,7 @@ from uuid import UUID
 from vmo.engine.qemu.accel import Accelerator
 
 __all__ = [
+    "SATA_PORTS",
     "CpuTopology",
     "Disk",
     "DiskBus",
@@ -27,12 +28,13 @@ __all__ = [
     "KernelBoot",
     "Nic",
     "NicModel",
-    "SATA_PORTS",
     "RuntimePaths",
     "TapBackend",
     "UserBackend",
 ]
 
+# KubeVirt's default vmNetworkCIDR for masquerade.
+_KUBEVIRT_POD_CIDR = ipaddress.IPv4Network("10.0.2.0/24")
 # q35's built-in ICH9 AHCI controller.
 SATA_PORTS = 6
 # Linux sockaddr_un.sun_path is 108 bytes including the terminating NUL.
@@ -118,7 +120,9 @@ class Disk:
     def __post_init__(self) -> None:
         _check_id("disk", self.id)
         _require(self.path.is_absolute(), f"disk {self.id}: path must be absolute")
-        _require(not (self.cdrom and self.bus is DiskBus.VIRTIO), f"disk {self.id}: no virtio cdrom")
+        _require(
+            not (self.cdrom and self.bus is DiskBus.VIRTIO), f"disk {self.id}: no virtio cdrom"
+        )
         _require(self.boot_order is None or self.boot_order >= 1, "boot order starts at 1")
 
 
@@ -151,7 +155,7 @@ class HostForward:
 class UserBackend:
     """QEMU user networking, laid out as KubeVirt masquerade: gateway .1, guest .2."""
 
-    network: ipaddress.IPv4Network = ipaddress.IPv4Network("10.0.2.0/24")
+    network: ipaddress.IPv4Network = _KUBEVIRT_POD_CIDR
     hostfwds: tuple[HostForward, ...] = ()
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 from dataclasses import dataclass
@@ -149,7 +150,9 @@ class QemuProcess:
 
     @property
     def exit_status(self) -> ExitStatus | None:
-        """None while QEMU runs (or until its exit has been observed)."""
+        """None while QEMU runs; checked without blocking."""
+        if self._status is None and self._has_exited():
+            self._finish()
         return self._status
 
     async def qmp(self) -> QMPClient:
@@ -185,18 +188,28 @@ class QemuProcess:
             if self._status is not None:
                 self._exit.set_result(self._status)
             elif self._pidfd is not None:
-                loop.add_reader(self._pidfd, self._on_exit)
+                loop.add_reader(self._pidfd, self._finish)
         return self._exit
 
-    def _on_exit(self) -> None:
-        assert self._pidfd is not None and self._exit is not None
-        asyncio.get_running_loop().remove_reader(self._pidfd)
+    def _has_exited(self) -> bool:
+        if self._pidfd is None:
+            return self._status is not None
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def _finish(self) -> None:
+        """Collects the exit once the pidfd is readable; idempotent."""
+        if self._status is not None or self._pidfd is None:
+            return
+        if self._exit is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
         self._status = self._reap()
         os.close(self._pidfd)
         self._pidfd = None
         _unlink_runtime_files(self.paths)
         log.info("QEMU %d (%s) exited: %s", self.pid, self.workdir, self._status)
-        if not self._exit.done():
+        if self._exit is not None and not self._exit.done():
             self._exit.set_result(self._status)
 
     def _reap(self) -> ExitStatus:

@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from enum import Enum, StrEnum
 from pathlib import Path
 from types import TracebackType
@@ -219,7 +219,10 @@ class EventListener:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -292,7 +295,10 @@ class QMPClient:
         if "error" in reply:
             error = reply["error"]
             raise QMPError(
-                error.get("class", "?"), error.get("desc", ""), command="qmp_capabilities", arguments=None
+                error.get("class", "?"),
+                error.get("desc", ""),
+                command="qmp_capabilities",
+                arguments=None,
             )
 
     async def _read_loop(self, stream: MessageStream) -> None:
@@ -369,7 +375,7 @@ class QMPClient:
         self._listeners.add(listener)
         return listener
 
-    async def events(self) -> AsyncIterator[JSON]:
+    async def events(self) -> AsyncGenerator[JSON, None]:
         """Every event from now until the connection ends."""
         with self.listen() as listener:
             async for event in listener:
@@ -408,6 +414,9 @@ class QMPClient:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.disconnect()

@@ -292,14 +292,13 @@ def _check_features_and_clock(domain: JSON) -> None:
     _refuse_unknown(utc, set(), "spec.domain.clock.utc")
 
 
-def _resolve_volume(name: str, volumes: Sequence[JSON], ctx: NodeContext, where: str) -> LocalVolume:
+def _resolve_volume(
+    name: str, volumes: Sequence[JSON], ctx: NodeContext, where: str
+) -> LocalVolume:
     for index, volume in enumerate(volumes):
         if volume.get("name") != name:
             continue
-        if callable(ctx.volumes):
-            local = ctx.volumes(name, volume)
-        else:
-            local = ctx.volumes.get(name)
+        local = ctx.volumes(name, volume) if callable(ctx.volumes) else ctx.volumes.get(name)
         if local is None:
             raise UnsupportedSpec(f"spec.volumes[{index}]", f"volume {name!r} has no file here")
         return local
@@ -394,7 +393,9 @@ def _host_forwards(interface: JSON, where: str, ctx: NodeContext) -> tuple[HostF
     return tuple(forwards)
 
 
-def _pod_backend(interface: JSON, binding: str, pod: JSON, where: str, ctx: NodeContext) -> UserBackend:
+def _pod_backend(
+    interface: JSON, binding: str, pod: JSON, where: str, ctx: NodeContext
+) -> UserBackend:
     if binding != "masquerade":
         raise UnsupportedSpec(f"{where}.{binding}", "the pod network needs masquerade binding")
     cidr = str(pod.get("vmNetworkCIDR") or DEFAULT_VM_NETWORK_CIDR)
@@ -424,7 +425,9 @@ def _backend(
     return TapBackend(tap)
 
 
-def _nic(interface: JSON, where: str, vmi_uid: str, networks: Sequence[JSON], ctx: NodeContext) -> Nic:
+def _nic(
+    interface: JSON, where: str, vmi_uid: str, networks: Sequence[JSON], ctx: NodeContext
+) -> Nic:
     _refuse_unknown(interface, _INTERFACE_KEYS | set(_BINDINGS), where)
     name = str(interface.get("name") or "")
     model = str(interface.get("model") or "virtio")
@@ -443,7 +446,9 @@ def _nic(interface: JSON, where: str, vmi_uid: str, networks: Sequence[JSON], ct
         raise UnsupportedSpec(where, str(exc)) from exc
 
 
-def _devices(vmi: JSON, spec: JSON, ctx: NodeContext) -> tuple[tuple[Disk, ...], tuple[Nic, ...], JSON]:
+def _devices(
+    vmi: JSON, spec: JSON, ctx: NodeContext
+) -> tuple[tuple[Disk, ...], tuple[Nic, ...], JSON]:
     domain = _section(spec, "domain", "spec")
     devices = _section(domain, "devices", "spec.domain")
     _refuse_unknown(devices, _DEVICE_KEYS, "spec.domain.devices")

@@ -1,0 +1,433 @@
+"""The node agent: virt-handler's part for the VMIs scheduled to this node.
+
+It registers the Node, keeps its Lease, and reconciles each VMI assigned here: prepares volumes,
+cloud-init seed and taps, launches or re-adopts QEMU, reports phase, interfaces and conditions,
+and stops VMs gracefully when their VMI is deleted. QEMU processes outlive the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmo.client import VMI, ApiStatusError, Client, NotFound
+from vmo.engine.agent import node as nodeobj
+from vmo.engine.agent.runtime import VmiRuntime, workdir_name
+from vmo.engine.qemu.accel import Accelerator, detect_accelerator
+from vmo.engine.qemu.errors import QemuError
+from vmo.engine.qemu.vmi import LocalVolume
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+
+FINALIZER = "kubevirt.io/foregroundDeleteVirtualMachine"
+DEFAULT_GRACE = 30
+FINAL = ("Succeeded", "Failed")
+
+VolumePreparer = Callable[[JSON, Path], Awaitable[dict[str, LocalVolume]]]
+"""(VMI, its workdir) -> the local file behind each volume (raises PrepareError)."""
+
+NetworkPreparer = Callable[[JSON], Awaitable[tuple[dict[str, str], list[JSON]]]]
+"""VMI -> (network name -> tap, extra status interfaces info) (raises PrepareError)."""
+
+NetworkReleaser = Callable[[JSON, list[str]], Awaitable[None]]
+
+
+class PrepareError(Exception):
+    """A VMI cannot start here; ``reason`` and the message go to its status."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def now() -> str:
+    return nodeobj.now_rfc3339()
+
+
+def condition(ctype: str, status: bool, reason: str = "", message: str = "") -> JSON:
+    cond: JSON = {
+        "type": ctype,
+        "status": "True" if status else "False",
+        "lastProbeTime": None,
+        "lastTransitionTime": now(),
+    }
+    if reason:
+        cond["reason"] = reason
+    if message:
+        cond["message"] = message
+    return cond
+
+
+def pod_interfaces(vmi: JSON, runtime: VmiRuntime) -> list[JSON]:
+    """status.interfaces as KubeVirt reports them from the domain (masquerade: the guest IP)."""
+    from vmo.engine.qemu.vmi import stable_mac
+
+    networks = {n["name"]: n for n in vmi["spec"].get("networks") or []}
+    out = []
+    for iface in vmi["spec"]["domain"]["devices"].get("interfaces") or []:
+        name = iface["name"]
+        mac = str(iface.get("macAddress") or stable_mac(runtime.uid, name)).lower()
+        entry: JSON = {"name": name, "mac": mac, "infoSource": "domain", "queueCount": 1}
+        network = networks.get(name, {})
+        if "pod" in network:
+            cidr = network["pod"].get("vmNetworkCIDR") or "10.0.2.0/24"
+            guest = cidr.rsplit(".", 1)[0] + ".2" if cidr.endswith(".0/24") else "10.0.2.2"
+            entry |= {"ipAddress": guest, "ipAddresses": [guest], "podInterfaceName": "eth0"}
+        out.append(entry)
+    return out
+
+
+@dataclass
+class NodeAgent:
+    client: Client
+    node: str
+    state_dir: Path
+    prepare_volumes: VolumePreparer
+    prepare_networks: NetworkPreparer
+    release_networks: NetworkReleaser
+    use_emulation: bool | None = None
+    runtimes: dict[tuple[str, str], VmiRuntime] = field(default_factory=dict)
+    accel: Accelerator = Accelerator.TCG
+    _latest: dict[tuple[str, str], JSON | None] = field(default_factory=dict)
+    _queue: asyncio.Queue[tuple[str, str]] = field(default_factory=asyncio.Queue)
+    _queued: set[tuple[str, str]] = field(default_factory=set)
+    _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    _taps: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+
+    @property
+    def vms_dir(self) -> Path:
+        return self.state_dir / "vms"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.state_dir / "agent.sock"
+
+    def workdir(self, namespace: str, name: str) -> Path:
+        return self.vms_dir / workdir_name(namespace, name)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, stop: asyncio.Event) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.vms_dir.mkdir(exist_ok=True)
+        self.accel = await asyncio.to_thread(
+            detect_accelerator, self.state_dir / "accelerator.json", override=self.use_emulation
+        )
+        log.info("node %s: accelerator %s", self.node, self.accel)
+        await nodeobj.ensure_lease_namespace(self.client)
+        await nodeobj.register(
+            self.client, nodeobj.node_object(self.node, socket_path=str(self.socket_path))
+        )
+        loop = asyncio.get_running_loop()
+        self._tasks += [
+            loop.create_task(
+                nodeobj.heartbeat(self.client, self.node, stop), name=f"heartbeat-{self.node}"
+            ),
+            loop.create_task(self._watch_vmis(), name=f"vmi-informer-{self.node}"),
+            loop.create_task(self._work(), name=f"vmi-worker-{self.node}"),
+        ]
+
+    async def close(self) -> None:
+        """Stops reconciling; QEMU processes keep running to be adopted by the next agent."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for runtime in self.runtimes.values():
+            await runtime.close()
+        self.runtimes.clear()
+
+    async def _watch_vmis(self) -> None:
+        async for etype, vmi in self.client.informer(VMI):
+            md = vmi["metadata"]
+            key = (md["namespace"], md["name"])
+            self._latest[key] = None if etype == "DELETED" else vmi
+            if (
+                etype == "DELETED"
+                or vmi.get("status", {}).get("nodeName") == self.node
+                or key in self.runtimes
+            ):
+                self._enqueue(key)
+
+    def _enqueue(self, key: tuple[str, str]) -> None:
+        if key not in self._queued:
+            self._queued.add(key)
+            self._queue.put_nowait(key)
+
+    async def _work(self) -> None:
+        while True:
+            key = await self._queue.get()
+            self._queued.discard(key)
+            asyncio.get_running_loop().create_task(self._reconcile_locked(key))
+
+    async def _reconcile_locked(self, key: tuple[str, str]) -> None:
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            try:
+                await self.reconcile(key)
+            except Exception:
+                log.exception("reconciling VMI %s/%s failed; retrying", *key)
+                asyncio.get_running_loop().call_later(2.0, self._enqueue, key)
+
+    # --- reconcile -----------------------------------------------------------------------------
+
+    async def reconcile(self, key: tuple[str, str]) -> None:
+        vmi = self._latest.get(key)
+        runtime = self.runtimes.get(key)
+        if vmi is None:
+            if runtime is not None:
+                await self._teardown(runtime, None, grace=0)
+            return
+        if vmi.get("status", {}).get("nodeName") != self.node:
+            return
+        if vmi["metadata"].get("deletionTimestamp"):
+            await self._delete(vmi, runtime)
+            return
+        phase = vmi.get("status", {}).get("phase", "")
+        if phase in FINAL:
+            if runtime is not None and not runtime.alive:
+                await self._teardown(runtime, vmi, grace=0)
+            return
+        if runtime is None and phase == "Scheduled":
+            await self._launch(vmi)
+        elif runtime is None and phase == "Running":
+            await self._readopt(vmi)
+
+    async def _launch(self, vmi: JSON) -> None:
+        md = vmi["metadata"]
+        key = (md["namespace"], md["name"])
+        await self._add_finalizer(vmi)
+        runtime = VmiRuntime(md["namespace"], md["name"], md["uid"], self.workdir(*key))
+        self.runtimes[key] = runtime
+        try:
+            volumes = await self.prepare_volumes(vmi, runtime.workdir)
+            taps, _ = await self.prepare_networks(vmi)
+            self._taps[key] = list(taps.values())
+            await runtime.start(vmi, accel=self.accel, volumes=volumes, taps=taps)
+        except (PrepareError, QemuError, OSError) as exc:
+            reason = exc.reason if isinstance(exc, PrepareError) else type(exc).__name__
+            log.warning("VMI %s/%s failed to start: %s", *key, exc)
+            await self._teardown(runtime, vmi, grace=0)
+            await self._set_status(
+                vmi,
+                {
+                    "phase": "Failed",
+                    "reason": reason,
+                    "conditions": [condition("Ready", False, reason, str(exc))],
+                },
+                final_message=str(exc),
+            )
+            return
+        await self._report_running(vmi, runtime)
+        self._monitor(runtime)
+
+    async def _readopt(self, vmi: JSON) -> None:
+        md = vmi["metadata"]
+        key = (md["namespace"], md["name"])
+        runtime = VmiRuntime(md["namespace"], md["name"], md["uid"], self.workdir(*key))
+        if await runtime.adopt():
+            log.info("re-adopted QEMU of VMI %s/%s", *key)
+            self.runtimes[key] = runtime
+            await self._reclaim_forwards(runtime, vmi)
+            self._monitor(runtime)
+            return
+        await self._set_status(
+            vmi,
+            {
+                "phase": "Failed",
+                "reason": "QemuGone",
+                "conditions": [
+                    condition("Ready", False, "QemuGone", "the VM's QEMU process is gone")
+                ],
+            },
+            final_message="the VM's QEMU process is gone",
+        )
+
+    async def _reclaim_forwards(self, runtime: VmiRuntime, vmi: JSON) -> None:
+        """Host ports opened before a restart are listed in the VMI's annotations."""
+        raw = vmi["metadata"].get("annotations", {}).get("vmo.dev/host-forwards", "")
+        for item in filter(None, raw.split(",")):
+            proto, guest, host = item.split(":")
+            runtime.forwards[(proto, int(guest))] = int(host)
+        for iface in vmi["spec"]["domain"]["devices"].get("interfaces") or []:
+            if "masquerade" in iface:
+                runtime.pod_netdev = "netdev" + str(
+                    vmi["spec"]["domain"]["devices"]["interfaces"].index(iface)
+                )
+
+    def _monitor(self, runtime: VmiRuntime) -> None:
+        asyncio.get_running_loop().create_task(self._await_exit(runtime))
+
+    async def _await_exit(self, runtime: VmiRuntime) -> None:
+        try:
+            status = await runtime.wait_exit()
+        except asyncio.CancelledError:
+            return
+        if runtime.stopping or self.runtimes.get(runtime.key) is not runtime:
+            return
+        vmi = self._latest.get(runtime.key)
+        if vmi is None:
+            return
+        if status.shutdown_reason == "guest-shutdown":
+            phase, reason, message = "Succeeded", "GuestShutdown", "the guest shut down"
+        else:
+            tail = runtime.stderr_tail()
+            phase, reason = "Failed", "QemuExited"
+            message = f"QEMU exited unexpectedly ({status.code=}, {status.signal=})" + (
+                f": {tail}" if tail else ""
+            )
+        log.info("VMI %s/%s: %s (%s)", runtime.namespace, runtime.name, phase, message)
+        await self._release(runtime)
+        self.runtimes.pop(runtime.key, None)
+        await self._set_status(
+            vmi,
+            {
+                "phase": phase,
+                "reason": reason,
+                "conditions": [condition("Ready", False, reason, message)],
+            },
+            final_message=message,
+        )
+
+    async def _delete(self, vmi: JSON, runtime: VmiRuntime | None) -> None:
+        grace = vmi["spec"].get("terminationGracePeriodSeconds")
+        grace = DEFAULT_GRACE if grace is None else int(grace)
+        if runtime is None:
+            runtime = VmiRuntime(
+                vmi["metadata"]["namespace"],
+                vmi["metadata"]["name"],
+                vmi["metadata"]["uid"],
+                self.workdir(vmi["metadata"]["namespace"], vmi["metadata"]["name"]),
+            )
+            if not await runtime.adopt():
+                runtime.process = None
+        await self._teardown(runtime, vmi, grace=grace)
+        await self._remove_finalizer(vmi)
+
+    async def _teardown(self, runtime: VmiRuntime, vmi: JSON | None, *, grace: float) -> None:
+        await runtime.stop(grace)
+        await self._release(runtime)
+        runtime.remove_workdir()
+        self.runtimes.pop(runtime.key, None)
+
+    async def _release(self, runtime: VmiRuntime) -> None:
+        taps = self._taps.pop(runtime.key, [])
+        vmi = self._latest.get(runtime.key) or {
+            "metadata": {"namespace": runtime.namespace, "name": runtime.name, "uid": runtime.uid}
+        }
+        with contextlib.suppress(Exception):
+            await self.release_networks(vmi, taps)
+
+    # --- status --------------------------------------------------------------------------------
+
+    async def _report_running(self, vmi: JSON, runtime: VmiRuntime) -> None:
+        pod = any(
+            "masquerade" in i for i in vmi["spec"]["domain"]["devices"].get("interfaces") or []
+        )
+        migratable = (
+            condition(
+                "LiveMigratable",
+                False,
+                "DisksNotLiveMigratable",
+                "node-local volumes are copied on migration",
+            )
+            if pod
+            else condition("LiveMigratable", True)
+        )
+        status = {
+            "phase": "Running",
+            "interfaces": pod_interfaces(vmi, runtime),
+            "conditions": [condition("Ready", True), migratable],
+            "guestOSInfo": {},
+            "machine": {"type": "q35"},
+            "migrationMethod": "BlockMigration",
+        }
+        await self._set_status(vmi, status)
+
+    async def _set_status(self, vmi: JSON, status: JSON, *, final_message: str = "") -> None:
+        md = vmi["metadata"]
+        current = vmi.get("status", {})
+        transitions = list(current.get("phaseTransitionTimestamps") or [])
+        if status.get("phase") and status["phase"] != current.get("phase"):
+            transitions.append({"phase": status["phase"], "phaseTransitionTimestamp": now()})
+        merged = {**current, **status, "phaseTransitionTimestamps": transitions}
+        try:
+            fresh = await self.client.patch(VMI, md["name"], {"status": merged}, md["namespace"])
+            self._latest[(md["namespace"], md["name"])] = fresh
+        except NotFound:
+            pass
+        except ApiStatusError as exc:
+            log.warning("status of VMI %s/%s not written: %s", md["namespace"], md["name"], exc)
+
+    async def _add_finalizer(self, vmi: JSON) -> None:
+        finalizers = list(vmi["metadata"].get("finalizers") or [])
+        if FINALIZER not in finalizers:
+            md = vmi["metadata"]
+            patch = {
+                "metadata": {
+                    "finalizers": [*finalizers, FINALIZER],
+                    "resourceVersion": md["resourceVersion"],
+                }
+            }
+            vmi_now = await self.client.patch(VMI, md["name"], patch, md["namespace"])
+            self._latest[(md["namespace"], md["name"])] = vmi_now
+            vmi["metadata"] = vmi_now["metadata"]
+
+    async def _remove_finalizer(self, vmi: JSON) -> None:
+        md = vmi["metadata"]
+        try:
+            fresh = await self.client.get(VMI, md["name"], md["namespace"])
+        except NotFound:
+            return
+        finalizers = [f for f in fresh["metadata"].get("finalizers") or [] if f != FINALIZER]
+        with contextlib.suppress(NotFound):
+            await self.client.patch(
+                VMI, md["name"], {"metadata": {"finalizers": finalizers or None}}, md["namespace"]
+            )
+
+    # --- actions for the agent API -------------------------------------------------------------
+
+    def runtime(self, namespace: str, name: str) -> VmiRuntime | None:
+        return self.runtimes.get((namespace, name))
+
+    async def set_paused(self, namespace: str, name: str, paused: bool) -> None:
+        runtime = self.runtimes[(namespace, name)]
+        await (runtime.pause() if paused else runtime.unpause())
+        vmi = self._latest.get((namespace, name))
+        if vmi is None:
+            return
+        conditions = [
+            c for c in vmi.get("status", {}).get("conditions") or [] if c.get("type") != "Paused"
+        ]
+        if paused:
+            conditions.append(condition("Paused", True, "PausedByUser", "VMI was paused by user"))
+        await self._set_status(vmi, {"conditions": conditions})
+
+    async def host_port(self, namespace: str, name: str, proto: str, guest_port: int) -> int | None:
+        runtime = self.runtimes.get((namespace, name))
+        if runtime is None:
+            return None
+        known = dict(runtime.forwards)
+        port = await runtime.host_port(proto, guest_port)
+        if port is not None and runtime.forwards != known:
+            await self._record_forwards(runtime)
+        return port
+
+    async def _record_forwards(self, runtime: VmiRuntime) -> None:
+        value = ",".join(f"{p}:{g}:{h}" for (p, g), h in sorted(runtime.forwards.items()))
+        with contextlib.suppress(ApiStatusError):
+            await self.client.patch(
+                VMI,
+                runtime.name,
+                {"metadata": {"annotations": {"vmo.dev/host-forwards": value}}},
+                runtime.namespace,
+            )

@@ -1,0 +1,174 @@
+"""One VMI on this node: its working directory, QEMU process, taps and host port forwards.
+
+This is virt-launcher's part: the agent asks a ``VmiRuntime`` to start, pause, stop or open a
+port, and reads back what the VMI's status should say.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmo.engine.qemu.accel import Accelerator
+from vmo.engine.qemu.domain import UserBackend
+from vmo.engine.qemu.errors import QemuError
+from vmo.engine.qemu.process import ExitStatus, QemuProcess, adopt, launch
+from vmo.engine.qemu.vmi import LocalVolume, NodeContext, domain_from_vmi
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+
+
+def workdir_name(namespace: str, name: str) -> str:
+    """Short and stable: unix socket paths must stay under 108 bytes."""
+    digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:12]
+    return f"{name[:20]}-{digest}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class VmiRuntime:
+    """The node-side state of one VMI."""
+
+    namespace: str
+    name: str
+    uid: str
+    workdir: Path
+    process: QemuProcess | None = None
+    # (proto, guest port) -> host port on 127.0.0.1, for the pod network interface
+    forwards: dict[tuple[str, int], int] = field(default_factory=dict)
+    pod_netdev: str | None = None
+    taps: list[str] = field(default_factory=list)
+    stopping: bool = False
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.namespace, self.name
+
+    async def start(
+        self,
+        vmi: JSON,
+        *,
+        accel: Accelerator,
+        volumes: dict[str, LocalVolume],
+        taps: dict[str, str],
+        startup_timeout: float = 15.0,
+    ) -> None:
+        """Launches QEMU for the VMI; raises QemuError (or UnsupportedSpec) without leaving it."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        ctx = NodeContext(
+            workdir=self.workdir,
+            accel=accel,
+            volumes=volumes,
+            taps=taps,
+            host_ports=self._declared_ports(vmi),
+        )
+        domain = domain_from_vmi(vmi, ctx=ctx)
+        for index, nic in enumerate(domain.nics):
+            if isinstance(nic.backend, UserBackend):
+                self.pod_netdev = f"netdev{index}"
+        self.process = await launch(domain, workdir=self.workdir, startup_timeout=startup_timeout)
+
+    def _declared_ports(self, vmi: JSON) -> dict[str, int]:
+        """Host ports for the masquerade interface's declared ``ports`` (fixed at launch)."""
+        ports: dict[str, int] = {}
+        for iface in vmi["spec"]["domain"]["devices"].get("interfaces") or []:
+            for port in iface.get("ports") or []:
+                proto = str(port.get("protocol") or "TCP").lower()
+                host = free_port()
+                ports[f"{iface['name']}/{proto}/{port['port']}"] = host
+                self.forwards[(proto, int(port["port"]))] = host
+        return ports
+
+    async def adopt(self) -> bool:
+        """Re-attaches to a QEMU left running by an earlier agent; True when there was one."""
+        try:
+            self.process = await adopt(self.workdir)
+        except QemuError as exc:
+            log.warning(
+                "%s/%s: QEMU in %s does not answer: %s",
+                self.namespace,
+                self.name,
+                self.workdir,
+                exc,
+            )
+            return False
+        return self.process is not None
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.exit_status is None
+
+    async def wait_exit(self) -> ExitStatus:
+        assert self.process is not None
+        return await self.process.wait_exit()
+
+    async def qmp(self, command: str, arguments: JSON | None = None) -> Any:
+        if self.process is None:
+            raise QemuError(f"{self.namespace}/{self.name} has no QEMU")
+        client = await self.process.qmp()
+        return await client.execute(command, arguments)
+
+    async def pause(self) -> None:
+        await self.qmp("stop")
+
+    async def unpause(self) -> None:
+        await self.qmp("cont")
+
+    async def soft_reboot(self) -> None:
+        await self.qmp("system_reset")
+
+    async def running_state(self) -> str:
+        status = await self.qmp("query-status")
+        return str(status.get("status", "unknown"))
+
+    async def host_port(self, proto: str, guest_port: int) -> int | None:
+        """The 127.0.0.1 port forwarded to ``guest_port`` on the pod network, opened on demand."""
+        proto = proto.lower()
+        known = self.forwards.get((proto, guest_port))
+        if known is not None:
+            return known
+        if self.pod_netdev is None or not self.alive:
+            return None
+        host = free_port()
+        rule = f"{proto}:127.0.0.1:{host}-:{guest_port}"
+        reply = await self.qmp(
+            "human-monitor-command", {"command-line": f"hostfwd_add {self.pod_netdev} {rule}"}
+        )
+        if reply:
+            log.warning("%s/%s: hostfwd_add %s: %s", self.namespace, self.name, rule, reply)
+            return None
+        self.forwards[(proto, guest_port)] = host
+        return host
+
+    async def stop(self, grace: float) -> ExitStatus | None:
+        """ACPI power-down, then kill after ``grace`` seconds (terminationGracePeriodSeconds)."""
+        self.stopping = True
+        if self.process is None or self.process.exit_status is not None:
+            return self.process.exit_status if self.process else None
+        return await self.process.powerdown(grace)
+
+    async def close(self) -> None:
+        """Forgets the process without touching it (agent shutdown: QEMU keeps running)."""
+        if self.process is not None:
+            await self.process.detach()
+
+    def remove_workdir(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def stderr_tail(self) -> str:
+        if self.process is None:
+            return ""
+        return "; ".join(self.process.last_stderr_lines(5))
