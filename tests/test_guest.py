@@ -199,7 +199,9 @@ def test_database_port_answers_with_hostname_counter_and_macs(
     ready: ReadyMarker, db_port: int
 ) -> None:
     line = ask(db_port).decode()
-    assert re.fullmatch(rf"vmo-guest {HOSTNAME} counter=\d+ macs={DEFAULT_MAC},{SECOND_MAC}\n", line)
+    assert re.fullmatch(
+        rf"vmo-guest {HOSTNAME} counter=\d+ macs={DEFAULT_MAC},{SECOND_MAC}\n", line
+    )
 
 
 def test_counter_keeps_counting(ready: ReadyMarker, db_port: int) -> None:
@@ -267,7 +269,7 @@ def disk_guests(image: GuestImage, seeds: Path) -> Iterator[dict[str, RunningGue
     seed = seed_iso(seeds / "disk.iso", meta_data="local-hostname: from-disk\n", user_data="")
     with contextlib.ExitStack() as stack:
         yield {
-            fmt: stack.enter_context(booted(qemu_argv(image, boot=fmt, seed=seed)))  # type: ignore[arg-type]
+            fmt: stack.enter_context(booted(qemu_argv(image, boot=fmt, seed=seed)))
             for fmt in ("qcow2", "vmdk")
         }
 

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 ADMIN_USER = "vmo-admin"
 ADMIN_GROUPS = ("system:masters",)
+ENGINE_USER = "system:vmo-engine"
 BOOT_NAMESPACES = ("default", "kube-system", "kube-public", "virtual-machines")
 HISTORY_KEEP = 50_000
 COMPACT_EVERY = 60.0
@@ -67,6 +68,15 @@ class StateDir:
     @property
     def kubeconfig(self) -> Path:
         return self.root / "admin.kubeconfig"
+
+    @property
+    def engine_kubeconfig(self) -> Path:
+        """The identity VMO's own controllers and node agents use."""
+        return self.root / "engine.kubeconfig"
+
+    @property
+    def nodes(self) -> Path:
+        return self.root / "nodes"
 
     @property
     def pidfile(self) -> Path:
@@ -231,7 +241,12 @@ class ApiServer:
                 self.state.kubeconfig, url=url, user=ADMIN_USER, token=admin_token
             )
         else:
-            self._retarget_kubeconfig(url)
+            self._retarget_kubeconfig(self.state.kubeconfig, url)
+        if self.state.engine_kubeconfig.exists():
+            self._retarget_kubeconfig(self.state.engine_kubeconfig, url)
+        else:
+            token = self.tokens.add(ENGINE_USER, ADMIN_GROUPS)
+            self.write_kubeconfig(self.state.engine_kubeconfig, url=url, user=ENGINE_USER, token=token)
         self._compactor = asyncio.get_running_loop().create_task(self._compact_forever())
         log.info("VMO API server listening on %s", url)
         return url
@@ -244,8 +259,7 @@ class ApiServer:
         )
         write_private(path, yaml.safe_dump(config, sort_keys=False))
 
-    def _retarget_kubeconfig(self, url: str) -> None:
-        path = self.state.kubeconfig
+    def _retarget_kubeconfig(self, path: Path, url: str) -> None:
         config = yaml.safe_load(path.read_text())
         for cluster in config.get("clusters", []):
             cluster["cluster"]["server"] = url

@@ -19,7 +19,8 @@ from pathlib import Path
 import yaml
 
 from vmo.apiserver.auth import TokenFile
-from vmo.apiserver.server import ApiServer, StateDir, kubeconfig, serve_forever
+from vmo.apiserver.server import ApiServer, StateDir, kubeconfig
+from vmo.engine.embedded import Engine
 
 READY_TIMEOUT = 30.0
 
@@ -99,13 +100,19 @@ async def _serve(args: argparse.Namespace, state: StateDir) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     server = ApiServer(state, host=args.host, port=args.port)
-    start = asyncio.ensure_future(serve_forever(server, stop))
-    while not state.url_file.exists() and not start.done():
-        await asyncio.sleep(0.05)
-    if not start.done():
-        print(f"VMO API server ready at {state.url_file.read_text().strip()}", flush=True)
+    url = await server.start()
+    engine = None
+    try:
+        if not args.no_engine:
+            engine = Engine(state, nodes=args.nodes)
+            await engine.start(stop)
+        print(f"VMO API server ready at {url}", flush=True)
         print(f"kubectl --kubeconfig {state.kubeconfig} get namespaces", flush=True)
-    await start
+        await stop.wait()
+    finally:
+        if engine is not None:
+            await engine.close()
+        await server.stop()
 
 
 def _up_detached(args: argparse.Namespace, state: StateDir) -> int:
@@ -122,7 +129,11 @@ def _up_detached(args: argparse.Namespace, state: StateDir) -> int:
         args.host,
         "--port",
         str(args.port),
+        "--nodes",
+        str(args.nodes),
     ]
+    if args.no_engine:
+        argv.append("--no-engine")
     with open(state.logfile, "ab") as log:
         proc = subprocess.Popen(
             argv,
@@ -226,6 +237,10 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=6443)
     up.add_argument("-v", "--verbose", action="store_true")
+    up.add_argument("--nodes", type=int, default=1, help="node agents to run on this host")
+    up.add_argument(
+        "--no-engine", action="store_true", help="API server only: no controllers, no node"
+    )
     up.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop the embedded control plane").set_defaults(func=cmd_down)
     sub.add_parser("status", help="is the control plane running?").set_defaults(func=cmd_status)

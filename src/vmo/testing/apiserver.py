@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import yaml
 
 from vmo.apiserver.server import ApiServer, StateDir
+from vmo.engine.embedded import Engine
 
 T = TypeVar("T")
 
@@ -23,7 +24,10 @@ class ThreadedServer:
 
     home: Path
     port: int = 0
+    engine: bool = False
+    nodes: int = 1
     server: ApiServer | None = None
+    running_engine: Engine | None = None
     url: str = ""
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     _thread: threading.Thread | None = None
@@ -35,7 +39,14 @@ class ThreadedServer:
         self._thread.start()
         self.server = self.call(self._make())
         self.url = self.call(self.server.start())
+        if self.engine:
+            self.call(self._start_engine(), timeout=120)
         return self
+
+    async def _start_engine(self) -> None:
+        self._stop = asyncio.Event()
+        self.running_engine = Engine(StateDir(self.home), nodes=self.nodes)
+        await self.running_engine.start(self._stop)
 
     async def _make(self) -> ApiServer:
         return ApiServer(StateDir(self.home), port=self.port)
@@ -46,6 +57,9 @@ class ThreadedServer:
         return future.result(timeout)
 
     def stop(self) -> None:
+        if self.running_engine is not None:
+            self.call(self.running_engine.close(), timeout=120)
+            self.running_engine = None
         if self.server is not None:
             self.call(self.server.stop())
             self.server = None

@@ -192,26 +192,34 @@ def _run(argv: Sequence[str], *, cwd: Path | None = None, stdin: bytes | None = 
     return done.stdout.decode(errors="replace")
 
 
-def _apt_field(package: str, name: str) -> str:
-    text = _run(["apt-cache", "show", "--no-all-versions", package])
-    match = re.search(rf"^{name}: (.*)$", text, re.MULTILINE)
-    if match is None:
-        raise GuestBuildError(f"apt-cache shows no {name} for {package}")
-    return match.group(1).strip()
+def _apt_fields(packages: Sequence[str], name: str) -> dict[str, str]:
+    """One field of each package's candidate version, from a single ``apt-cache show``."""
+    text = _run(["apt-cache", "show", "--no-all-versions", *packages])
+    found: dict[str, str] = {}
+    for stanza in text.split("\n\n"):
+        package = re.search(r"^Package: (\S+)$", stanza, re.MULTILINE)
+        value = re.search(rf"^{name}: (.*)$", stanza, re.MULTILINE)
+        if package and value:
+            found[package.group(1)] = value.group(1).strip()
+    missing = set(packages) - set(found)
+    if missing:
+        raise GuestBuildError(f"apt-cache shows no {name} for {sorted(missing)}")
+    return found
 
 
 def package_versions() -> PackageVersions:
     """Asks apt which kernel ``linux-image-amd64`` points at, and the candidate versions."""
-    depends = _apt_field(KERNEL_META_PACKAGE, "Depends")
+    depends = _apt_fields([KERNEL_META_PACKAGE], "Depends")[KERNEL_META_PACKAGE]
     kernel = next(
         (d.split()[0] for d in depends.split(",") if d.strip().startswith("linux-image-")), None
     )
     if kernel is None:
         raise GuestBuildError(f"{KERNEL_META_PACKAGE} depends on no linux-image: {depends}")
+    versions = _apt_fields([kernel, BUSYBOX_PACKAGE], "Version")
     return PackageVersions(
         kernel_package=kernel,
-        kernel_version=_apt_field(kernel, "Version"),
-        busybox_version=_apt_field(BUSYBOX_PACKAGE, "Version"),
+        kernel_version=versions[kernel],
+        busybox_version=versions[BUSYBOX_PACKAGE],
     )
 
 
@@ -262,6 +270,7 @@ def build_guest(cache: Path) -> GuestImage:
             (work / "guest").rename(final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    _prune_except(cache, final)
     log.info("built test guest %s (kernel %s)", final, image.kernel_release)
     return _load(final)
 
@@ -269,6 +278,13 @@ def build_guest(cache: Path) -> GuestImage:
 def _load(root: Path) -> GuestImage:
     manifest = json.loads((root / "manifest.json").read_text())
     return GuestImage(root=root, kernel_release=manifest["kernel_release"])
+
+
+def _prune_except(cache: Path, keep: Path) -> None:
+    """Removes builds of older package versions or recipes (about 100 MB each)."""
+    for old in cache.glob("guest-*"):
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _latest_build(cache: Path) -> GuestImage | None:
@@ -498,10 +514,8 @@ def build_disk(image: GuestImage) -> None:
     _run(["syslinux", "--offset", str(PARTITION_OFFSET), "--install", str(raw)])
     _write_mbr(raw)
     _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image.disk_qcow2)])
-    _run(
-        ["qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized"]
-        + [str(raw), str(image.disk_vmdk)]
-    )
+    vmdk = ["-O", "vmdk", "-o", "subformat=streamOptimized"]
+    _run(["qemu-img", "convert", "-f", "raw", *vmdk, str(raw), str(image.disk_vmdk)])
 
 
 def _write_mbr(raw: Path) -> None:

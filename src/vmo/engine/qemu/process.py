@@ -31,7 +31,7 @@ from vmo.engine.qemu.errors import (
     QMPTimeout,
     WorkdirEscape,
 )
-from vmo.engine.qemu.qmp import QMPClient
+from vmo.engine.qemu.qmp import QMPClient, Runstate
 
 __all__ = ["LOG_NAME", "MANIFEST_NAME", "ExitStatus", "QemuProcess", "adopt", "launch"]
 
@@ -157,7 +157,7 @@ class QemuProcess:
 
     async def qmp(self) -> QMPClient:
         """This process's QMP client, connected (again) if need be."""
-        if self._qmp is not None and self._qmp.runstate.value == "running":
+        if self._qmp is not None and self._qmp.runstate is Runstate.RUNNING:
             return self._qmp
         await self._drop_qmp()
         if self._status is not None:
@@ -203,7 +203,7 @@ class QemuProcess:
         if self._status is not None or self._pidfd is None:
             return
         if self._exit is not None:
-            asyncio.get_running_loop().remove_reader(self._pidfd)
+            self._exit.get_loop().remove_reader(self._pidfd)
         self._status = self._reap()
         os.close(self._pidfd)
         self._pidfd = None
@@ -280,7 +280,7 @@ class QemuProcess:
         await self._drop_qmp()
         if self._pidfd is not None:
             if self._exit is not None and not self._exit.done():
-                asyncio.get_running_loop().remove_reader(self._pidfd)
+                self._exit.get_loop().remove_reader(self._pidfd)
                 self._exit.cancel()
             os.close(self._pidfd)
             self._pidfd = None
