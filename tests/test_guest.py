@@ -206,7 +206,9 @@ def test_database_port_answers_with_hostname_counter_and_macs(
 
 def test_counter_keeps_counting(ready: ReadyMarker, db_port: int) -> None:
     def counter() -> int:
-        return int(re.search(rb"counter=(\d+)", ask(db_port)).group(1))  # type: ignore[union-attr]
+        match = re.search(rb"counter=(\d+)", ask(db_port))
+        assert match is not None
+        return int(match.group(1))
 
     first = counter()
     deadline = time.monotonic() + 10

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import IO, Literal, Protocol
+from typing import Literal, Protocol
 
 __all__ = [
     "DEFAULT_MAC",
@@ -408,9 +408,13 @@ def module_plan(modules_dir: Path, wanted: Sequence[str]) -> ModulePlan:
 # --- initramfs (newc cpio, written here so that no root is needed for /dev/console) ----------
 
 
+class _Sink(Protocol):
+    def write(self, data: bytes, /) -> int: ...
+
+
 @dataclass
 class _Cpio:
-    out: IO[bytes]
+    out: _Sink
     inode: int = 1
 
     def entry(
@@ -467,7 +471,7 @@ def _write_initramfs(path: Path, *, tree: Path, release: str, modules: ModulePla
         dirs |= {str(parent), *(str(p) for p in parent.parents if str(p) != ".")}
     # mtime 0 keeps the initramfs byte-identical across builds of the same inputs.
     with gzip.GzipFile(path, "wb", compresslevel=6, mtime=0) as gz:
-        cpio = _Cpio(gz)  # type: ignore[arg-type]
+        cpio = _Cpio(gz)
         for name in sorted(dirs):
             cpio.directory(name)
         # Without /dev/console in the initramfs the kernel starts /init with no stdio.

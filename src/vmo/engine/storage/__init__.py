@@ -1,0 +1,1 @@
+"""Node storage for the embedded engine: the volume pool, DataVolume imports, uploads, VMI volumes."""

@@ -1,0 +1,836 @@
+"""The VirtualMachine controller: VM -> VMI per runStrategy, with KubeVirt's VM status.
+
+``decide()`` is the pure core: from a VM, its VMI (if any), its DataVolumes and its
+instancetype/preference it returns what to do (create or delete the VMI, create DataVolumes) and
+the VM's new status (printableStatus, ready, created, conditions, startFailure...).
+``VMController`` is the thin shell that reads fresh state, applies a decision and records Events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import enum
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from vmo.client import (
+    CLUSTER_INSTANCETYPE,
+    CLUSTER_PREFERENCE,
+    DATAVOLUME,
+    INSTANCETYPE,
+    PREFERENCE,
+    VM,
+    VMI,
+    ApiStatusError,
+    Client,
+    Conflict,
+    NotFound,
+    Resource,
+)
+from vmo.engine.virtcontroller.events import EventRecorder
+from vmo.engine.virtcontroller.vmi_template import (
+    GENERATION_ANNOTATION,
+    TEMPLATE_HASH_ANNOTATION,
+    build_vmi,
+    owner_reference,
+    template_hash,
+)
+from vmo.engine.virtcontroller.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+
+FINAL_PHASES = ("Succeeded", "Failed")
+STARTING_PHASES = ("", "Pending", "Scheduling", "Scheduled")
+RUN_STRATEGIES = ("Always", "RerunOnFailure", "Manual", "Halted", "Once")
+# Strategies that restart a VMI by themselves, and so back off when it keeps failing to start.
+RESTARTING_STRATEGIES = ("Always", "RerunOnFailure", "Once")
+# KubeVirt's crash-loop backoff: 10 s x failures^2 plus up to half again at random, capped at 5 min.
+MAX_START_BACKOFF_SECONDS = 300
+MIN_START_BACKOFF_INTERVAL = 10
+# DataVolume phases a VMI may start on (WaitForFirstConsumer waits for the VMI itself).
+DV_READY_PHASES = ("Succeeded", "WaitForFirstConsumer", "PendingPopulation")
+DV_FAILED_PHASES = ("Failed",)
+# VMI conditions the VM does not copy: it computes these itself.
+_OWN_CONDITIONS = ("Ready", "Failure", "RestartRequired")
+RESTART_REQUIRED_MESSAGE = "a non-live-updatable field was changed in the template spec"
+
+
+class VMIAction(enum.Enum):
+    NONE = "none"
+    CREATE = "create"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True)
+class VMEvent:
+    """An Event to record on the VM (core v1 Event reason, message and type)."""
+
+    reason: str
+    message: str
+    type: str = "Normal"
+
+
+@dataclass(frozen=True)
+class VMDecision:
+    """What the shell must do for one VM, and the status to write afterwards."""
+
+    action: VMIAction
+    status: JSON
+    vmi: JSON | None = None  # the VMI to create
+    delete_uid: str = ""  # the VMI to delete
+    data_volumes: tuple[JSON, ...] = ()  # DataVolumes to create
+    vm_patch: JSON | None = None  # a spec change (Halted + start request)
+    vmi_annotations: JSON | None = None  # annotations to set on the running VMI
+    events: tuple[VMEvent, ...] = ()
+    requeue_after: float | None = None  # seconds, while a start backs off
+
+
+@dataclass
+class _Plan:
+    """The mutable working state of one decide() call."""
+
+    vm: JSON
+    vmi: JSON | None
+    strategy: str
+    status: JSON
+    now: datetime
+    action: VMIAction = VMIAction.NONE
+    new_vmi: JSON | None = None
+    vm_patch: JSON | None = None
+    events: list[VMEvent] = field(default_factory=list)
+    requeue_after: float | None = None
+    failure: tuple[str, str] | None = None  # (reason, message) for the Failure condition
+
+
+# --- small readers -------------------------------------------------------------------------------
+
+
+def run_strategy(vm: JSON) -> str:
+    """``spec.runStrategy``, or what the deprecated ``spec.running`` means; Halted when neither."""
+    spec = vm.get("spec") or {}
+    if spec.get("runStrategy"):
+        return str(spec["runStrategy"])
+    return "Always" if spec.get("running") else "Halted"
+
+
+def _phase(vmi: JSON | None) -> str:
+    return str((vmi or {}).get("status", {}).get("phase") or "")
+
+
+def is_final(vmi: JSON | None) -> bool:
+    return _phase(vmi) in FINAL_PHASES
+
+
+def _deleting(obj: JSON | None) -> bool:
+    return bool((obj or {}).get("metadata", {}).get("deletionTimestamp"))
+
+
+def _condition(obj: JSON | None, ctype: str) -> JSON | None:
+    for cond in (obj or {}).get("status", {}).get("conditions") or []:
+        if cond.get("type") == ctype:
+            return dict(cond)
+    return None
+
+
+def _has_condition(obj: JSON | None, ctype: str, status: str = "True", reason: str = "") -> bool:
+    cond = _condition(obj, ctype)
+    return (
+        cond is not None
+        and cond.get("status") == status
+        and (not reason or cond.get("reason") == reason)
+    )
+
+
+def parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def format_time(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _requests(status: JSON) -> list[JSON]:
+    return list(status.get("stateChangeRequests") or [])
+
+
+def has_start_request(status: JSON) -> bool:
+    requests = _requests(status)
+    return bool(requests) and requests[0].get("action") == "Start"
+
+
+def has_start_paused_request(status: JSON) -> bool:
+    requests = _requests(status)
+    return has_start_request(status) and (requests[0].get("data") or {}).get("paused") == "true"
+
+
+def has_stop_request_for(status: JSON, vmi: JSON | None) -> bool:
+    requests = _requests(status)
+    if vmi is None or not requests or requests[0].get("action") != "Stop":
+        return False
+    return bool(requests[0].get("uid") == vmi["metadata"].get("uid"))
+
+
+# --- crash-loop backoff ----------------------------------------------------------------------------
+
+
+def start_backoff_seconds(
+    fail_count: int, *, max_delay: int = MAX_START_BACKOFF_SECONDS, jitter: float = 0.0
+) -> int:
+    """Seconds to wait before starting again after ``fail_count`` early failures.
+
+    ``jitter`` in [0, 1) picks the random extra (up to half the delay) that keeps many failing VMs
+    from restarting in step; 0 gives the floor.
+    """
+    count = max(fail_count, 1)
+    interval = max(max_delay // 30, MIN_START_BACKOFF_INTERVAL)
+    delay = interval * count * count
+    delay += int(jitter * (delay // 2 + 1))
+    return min(delay, max_delay)
+
+
+def was_running(vmi: JSON | None) -> bool:
+    """Whether the VMI ever reached phase Running (from its phase transition timestamps)."""
+    transitions = (vmi or {}).get("status", {}).get("phaseTransitionTimestamps") or []
+    return _phase(vmi) == "Running" or any(t.get("phase") == "Running" for t in transitions)
+
+
+def failed_early(vmi: JSON | None) -> bool:
+    """A final VMI that never ran: a start failure."""
+    return vmi is not None and is_final(vmi) and not was_running(vmi)
+
+
+def sync_start_failure(
+    status: JSON, vmi: JSON | None, strategy: str, now: datetime, jitter: float
+) -> None:
+    """Counts VMIs that end before running; clears the count once one runs."""
+    if was_running(vmi) or strategy not in RESTARTING_STRATEGIES:
+        status.pop("startFailure", None)
+        return
+    if vmi is None or not failed_early(vmi):
+        return
+    previous = status.get("startFailure") or {}
+    uid = vmi["metadata"].get("uid", "")
+    if previous.get("lastFailedVMIUID") == uid:
+        return  # this failure is already counted
+    count = int(previous.get("consecutiveFailCount") or 0) + 1
+    delay = start_backoff_seconds(count, jitter=jitter)
+    status["startFailure"] = {
+        "consecutiveFailCount": count,
+        "lastFailedVMIUID": uid,
+        "retryAfterTimestamp": format_time(now + timedelta(seconds=delay)),
+    }
+
+
+def backoff_left(status: JSON, now: datetime) -> float:
+    """Seconds until the next start is allowed (0 when it is)."""
+    retry = (status.get("startFailure") or {}).get("retryAfterTimestamp")
+    if not retry:
+        return 0.0
+    return max((parse_time(str(retry)) - now).total_seconds(), 0.0)
+
+
+# --- DataVolumes -----------------------------------------------------------------------------------
+
+
+def template_data_volume_names(vm: JSON) -> list[str]:
+    return [
+        str(t["metadata"]["name"])
+        for t in vm.get("spec", {}).get("dataVolumeTemplates") or []
+        if t.get("metadata", {}).get("name")
+    ]
+
+
+def referenced_data_volumes(vm: JSON) -> list[str]:
+    """DataVolume names the template's volumes use (``dataVolume.name``)."""
+    volumes = vm.get("spec", {}).get("template", {}).get("spec", {}).get("volumes") or []
+    return [
+        str(v["dataVolume"]["name"]) for v in volumes if (v.get("dataVolume") or {}).get("name")
+    ]
+
+
+def build_data_volume(vm: JSON, template: JSON) -> JSON:
+    """A DataVolume from one of the VM's ``dataVolumeTemplates``, owned by the VM."""
+    tmd = template.get("metadata") or {}
+    metadata: JSON = {
+        "name": tmd["name"],
+        "namespace": vm["metadata"].get("namespace", ""),
+        "ownerReferences": [owner_reference(vm)],
+    }
+    for key in ("labels", "annotations"):
+        if tmd.get(key):
+            metadata[key] = dict(tmd[key])
+    return {
+        "apiVersion": "cdi.kubevirt.io/v1beta1",
+        "kind": "DataVolume",
+        "metadata": metadata,
+        "spec": copy.deepcopy(template.get("spec") or {}),
+    }
+
+
+def missing_data_volumes(vm: JSON, existing: Mapping[str, JSON]) -> list[JSON]:
+    return [
+        build_data_volume(vm, t)
+        for t in vm.get("spec", {}).get("dataVolumeTemplates") or []
+        if t.get("metadata", {}).get("name") and t["metadata"]["name"] not in existing
+    ]
+
+
+def _dv_phase(dvs: Mapping[str, JSON], name: str) -> str:
+    return str((dvs.get(name) or {}).get("status", {}).get("phase") or "")
+
+
+def data_volumes_ready(vm: JSON, dvs: Mapping[str, JSON]) -> bool:
+    """Every DataVolume the VM creates or uses exists and can be attached."""
+    names = set(template_data_volume_names(vm)) | set(referenced_data_volumes(vm))
+    return all(name in dvs and _dv_phase(dvs, name) in DV_READY_PHASES for name in names)
+
+
+def data_volume_error(vm: JSON, dvs: Mapping[str, JSON]) -> bool:
+    return any(_dv_phase(dvs, n) in DV_FAILED_PHASES for n in referenced_data_volumes(vm))
+
+
+def data_volume_provisioning(vm: JSON, dvs: Mapping[str, JSON]) -> bool:
+    """Some DataVolume of the VM is still being imported (or not yet created from its template)."""
+    templated = set(template_data_volume_names(vm))
+    for name in referenced_data_volumes(vm):
+        if name not in dvs:
+            if name in templated:
+                return True
+            continue
+        if _dv_phase(dvs, name) not in (*DV_READY_PHASES, *DV_FAILED_PHASES):
+            return True
+    return False
+
+
+# --- run strategies --------------------------------------------------------------------------------
+
+
+def _start(plan: _Plan, ctx: _Inputs) -> None:
+    """Creates the VMI unless DataVolumes, references or the crash-loop backoff say wait."""
+    if not ctx.dvs_ready:
+        return
+    if ctx.missing_ref:
+        plan.failure = ("FailedCreate", ctx.missing_ref)
+        plan.events.append(
+            VMEvent(
+                "FailedCreate",
+                f"Error creating virtual machine instance: {ctx.missing_ref}",
+                "Warning",
+            )
+        )
+        return
+    plan.action = VMIAction.CREATE
+    plan.new_vmi = build_vmi(
+        plan.vm,
+        instancetype=ctx.instancetype,
+        preference=ctx.preference,
+        start_paused=has_start_paused_request(plan.status),
+    )
+    name = plan.vm["metadata"]["name"]
+    plan.events.append(
+        VMEvent(
+            "SuccessfulCreate",
+            f"Started the virtual machine by creating the new virtual machine instance {name}",
+        )
+    )
+
+
+def _start_after_backoff(plan: _Plan, ctx: _Inputs) -> None:
+    left = backoff_left(plan.status, plan.now)
+    if left > 0:
+        plan.requeue_after = left
+        return
+    _start(plan, ctx)
+
+
+def _stop(plan: _Plan) -> None:
+    vmi = plan.vmi
+    if vmi is None or _deleting(vmi):
+        return  # nothing to do, or already on its way out
+    plan.action = VMIAction.DELETE
+    plan.events.append(
+        VMEvent(
+            "SuccessfulDelete",
+            "Stopped the virtual machine by deleting the virtual machine instance "
+            f"{vmi['metadata'].get('uid', '')}",
+        )
+    )
+
+
+def _always(plan: _Plan, ctx: _Inputs) -> None:
+    if plan.vmi is not None:
+        if has_stop_request_for(plan.status, plan.vmi) or is_final(plan.vmi):
+            _stop(plan)
+        return
+    _start_after_backoff(plan, ctx)
+
+
+def _rerun_on_failure(plan: _Plan, ctx: _Inputs) -> None:
+    vmi = plan.vmi
+    if vmi is not None:
+        stop = has_stop_request_for(plan.status, vmi)
+        if not _deleting(vmi) and (stop or is_final(vmi)):
+            _stop(plan)
+            if _phase(vmi) == "Failed" and not has_start_request(plan.status):
+                plan.status["stateChangeRequests"] = [*_requests(plan.status), {"action": "Start"}]
+        return
+    # a VM just switched to RerunOnFailure starts; afterwards only a start request starts it
+    if not has_start_request(plan.status) and plan.status.get("runStrategy") == plan.strategy:
+        return
+    _start_after_backoff(plan, ctx)
+
+
+def _manual(plan: _Plan, ctx: _Inputs) -> None:
+    if plan.vmi is not None:
+        if has_stop_request_for(plan.status, plan.vmi):
+            _stop(plan)
+    elif has_start_request(plan.status):
+        _start(plan, ctx)
+
+
+def _halted(plan: _Plan, ctx: _Inputs) -> None:
+    if plan.vmi is not None:
+        _stop(plan)
+    elif has_start_request(plan.status):
+        # a start request on a Halted VM (start paused) turns it into an Always VM
+        uses_running = "running" in (plan.vm.get("spec") or {}) and not plan.vm["spec"].get(
+            "runStrategy"
+        )
+        plan.vm_patch = (
+            {"spec": {"running": True}} if uses_running else {"spec": {"runStrategy": "Always"}}
+        )
+
+
+def _once(plan: _Plan, ctx: _Inputs) -> None:
+    if plan.vmi is None:
+        _start_after_backoff(plan, ctx)
+
+
+_STRATEGIES = {
+    "Always": _always,
+    "RerunOnFailure": _rerun_on_failure,
+    "Manual": _manual,
+    "Halted": _halted,
+    "Once": _once,
+}
+
+
+# --- status ----------------------------------------------------------------------------------------
+
+
+def trim_state_change_requests(status: JSON, vmi: JSON | None) -> None:
+    """Drops the first request once it is done (KubeVirt acts on one request at a time)."""
+    requests = _requests(status)
+    if not requests:
+        return
+    first = requests[0]
+    done = False
+    if first.get("action") == "Stop":
+        done = vmi is None or not first.get("uid") or first["uid"] != vmi["metadata"].get("uid")
+    elif first.get("action") == "Start":
+        done = vmi is not None and not _deleting(vmi) and not is_final(vmi)
+    if done:
+        requests = requests[1:]
+    if requests:
+        status["stateChangeRequests"] = requests
+    else:
+        status.pop("stateChangeRequests", None)
+
+
+def _set_condition(status: JSON, cond: JSON, now: datetime) -> None:
+    conditions = [c for c in status.get("conditions") or [] if c.get("type") != cond["type"]]
+    old = next((c for c in status.get("conditions") or [] if c.get("type") == cond["type"]), None)
+    stamp = format_time(now)
+    if old is not None and old.get("status") == cond.get("status"):
+        stamp = old.get("lastTransitionTime") or stamp
+    new = {"lastProbeTime": None, "lastTransitionTime": stamp, **cond}
+    status["conditions"] = [*conditions, new]
+
+
+def _remove_condition(status: JSON, ctype: str) -> None:
+    status["conditions"] = [c for c in status.get("conditions") or [] if c.get("type") != ctype]
+
+
+def _sync_ready_condition(status: JSON, vmi: JSON | None, now: datetime) -> None:
+    ready = _condition(vmi, "Ready")
+    if vmi is None:
+        cond: JSON = {
+            "type": "Ready",
+            "status": "False",
+            "reason": "VMINotExists",
+            "message": "VMI does not exist",
+        }
+    elif ready is None:
+        cond = {
+            "type": "Ready",
+            "status": "False",
+            "reason": "VMIConditionMissing",
+            "message": "VMI is missing the Ready condition",
+        }
+    else:
+        cond = {k: v for k, v in ready.items() if k in ("type", "status", "reason", "message")}
+    _set_condition(status, cond, now)
+
+
+def _sync_vmi_conditions(status: JSON, vmi: JSON | None) -> None:
+    """Copies the VMI's conditions (Paused, PodScheduled, ...) and drops those it no longer has."""
+    if vmi is None:
+        return
+    copied = [
+        c
+        for c in vmi.get("status", {}).get("conditions") or []
+        if c.get("type") not in _OWN_CONDITIONS
+    ]
+    names = {c.get("type") for c in copied}
+    own = [c for c in status.get("conditions") or [] if c.get("type") in _OWN_CONDITIONS]
+    status["conditions"] = own + [dict(c) for c in copied if c.get("type") in names]
+
+
+def _sync_failure_condition(status: JSON, failure: tuple[str, str] | None, now: datetime) -> None:
+    if failure is None:
+        _remove_condition(status, "Failure")
+        return
+    reason, message = failure
+    _set_condition(
+        status, {"type": "Failure", "status": "True", "reason": reason, "message": message}, now
+    )
+
+
+def _restart_required(plan: _Plan) -> tuple[bool, JSON | None]:
+    """(RestartRequired?, annotations to bump on the VMI when only non-template fields changed)."""
+    vmi = plan.vmi
+    if vmi is None or is_final(vmi) or plan.action is not VMIAction.NONE:
+        return False, None
+    annotations = vmi["metadata"].get("annotations") or {}
+    generation = str(plan.vm["metadata"].get("generation", 1))
+    if annotations.get(GENERATION_ANNOTATION) == generation:
+        return False, None
+    recorded = annotations.get(TEMPLATE_HASH_ANNOTATION)
+    if recorded is not None and recorded == template_hash(plan.vm):
+        return False, {**annotations, GENERATION_ANNOTATION: generation}
+    return True, None
+
+
+def _migrating(vmi: JSON | None) -> bool:
+    state = (vmi or {}).get("status", {}).get("migrationState") or {}
+    return (
+        bool(state.get("startTimestamp"))
+        and not state.get("endTimestamp")
+        and not state.get("completed")
+    )
+
+
+def printable_status(plan: _Plan, ctx: _Inputs) -> str:
+    """KubeVirt's printableStatus: the first of these that holds, in this order."""
+    vm, vmi = plan.vm, plan.vmi
+    start_expected = plan.action is VMIAction.CREATE
+    stop_expected = plan.action is VMIAction.DELETE
+    running = _phase(vmi) == "Running"
+    paused = _has_condition(vmi, "Paused")
+    sync_false = _condition(vmi, "Synchronized") or {}
+    sync_reason = sync_false.get("reason") if sync_false.get("status") == "False" else None
+    checks: list[tuple[str, bool]] = [
+        ("Terminating", _deleting(vm)),
+        ("Stopping", vmi is not None and not is_final(vmi) and (_deleting(vmi) or stop_expected)),
+        ("Migrating", _migrating(vmi)),
+        ("Paused", running and paused),
+        ("Running", running and not paused),
+        ("ErrorPvcNotFound", sync_reason == "FailedPvcNotFound"),
+        ("DataVolumeError", data_volume_error(vm, ctx.dvs)),
+        ("ErrorUnschedulable", _has_condition(vmi, "PodScheduled", "False", "Unschedulable")),
+        ("Provisioning", data_volume_provisioning(vm, ctx.dvs)),
+        ("ErrImagePull", sync_reason == "ErrImagePull"),
+        ("ImagePullBackOff", sync_reason == "ImagePullBackOff"),
+        ("Starting", start_expected if vmi is None else _phase(vmi) in STARTING_PHASES),
+        (
+            "CrashLoopBackOff",
+            (vmi is None or is_final(vmi))
+            and not start_expected
+            and int((plan.status.get("startFailure") or {}).get("consecutiveFailCount") or 0) > 0
+            and plan.strategy in RESTARTING_STRATEGIES,
+        ),
+        ("Stopped", is_final(vmi) if vmi is not None else not start_expected),
+    ]
+    return next((name for name, holds in checks if holds), "Unknown")
+
+
+def _finish_status(plan: _Plan, ctx: _Inputs) -> JSON | None:
+    """Fills the status fields derived from the VM, the VMI and the decision; returns VMI annotations to bump."""
+    status, vmi, now = plan.status, plan.vmi, plan.now
+    restart, bump = _restart_required(plan)
+    _sync_vmi_conditions(status, vmi)
+    _sync_ready_condition(status, vmi, now)
+    _sync_failure_condition(status, plan.failure, now)
+    if restart:
+        _set_condition(
+            status,
+            {
+                "type": "RestartRequired",
+                "status": "True",
+                "reason": "",
+                "message": RESTART_REQUIRED_MESSAGE,
+            },
+            now,
+        )
+    elif vmi is None or plan.action is not VMIAction.NONE or bump is not None:
+        _remove_condition(status, "RestartRequired")
+    trim_state_change_requests(status, vmi)
+    status["created"] = vmi is not None
+    status["ready"] = vmi is not None and not is_final(vmi) and _has_condition(vmi, "Ready")
+    status["runStrategy"] = plan.strategy
+    generation = int(plan.vm["metadata"].get("generation", 1))
+    status["desiredGeneration"] = generation
+    observed = (vmi or {}).get("metadata", {}).get("annotations", {}).get(GENERATION_ANNOTATION)
+    if bump is not None or vmi is None:
+        # with no VMI (or an unchanged template) nothing lags behind the spec
+        status["observedGeneration"] = generation
+    elif observed is not None and str(observed).isdigit():
+        status["observedGeneration"] = int(observed)
+    status["printableStatus"] = printable_status(plan, ctx)
+    return bump
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    dvs: Mapping[str, JSON]
+    dvs_ready: bool
+    instancetype: JSON | None
+    preference: JSON | None
+    missing_ref: str
+
+
+def _missing_ref(vm: JSON, instancetype: JSON | None, preference: JSON | None) -> str:
+    spec = vm.get("spec") or {}
+    for key, found in (("instancetype", instancetype), ("preference", preference)):
+        matcher = spec.get(key) or {}
+        if matcher.get("name") and found is None:
+            kind = matcher.get("kind") or f"virtualmachinecluster{key}"
+            return f"{kind} {matcher['name']} not found"
+    return ""
+
+
+def decide(
+    vm: JSON,
+    vmi: JSON | None,
+    now: datetime,
+    *,
+    data_volumes: Mapping[str, JSON] | None = None,
+    instancetype: JSON | None = None,
+    preference: JSON | None = None,
+    jitter: float = 0.0,
+) -> VMDecision:
+    """What the VM controller does for ``vm`` now, and the VM status that results.
+
+    ``data_volumes`` maps DataVolume names in the VM's namespace to their objects;
+    ``instancetype``/``preference`` are the objects the VM references (None when absent);
+    ``jitter`` in [0, 1) randomises the crash-loop backoff as KubeVirt does.
+    """
+    dvs = data_volumes or {}
+    strategy = run_strategy(vm)
+    status = copy.deepcopy(vm.get("status") or {})
+    plan = _Plan(vm=vm, vmi=vmi, strategy=strategy, status=status, now=now)
+    ctx = _Inputs(
+        dvs=dvs,
+        dvs_ready=data_volumes_ready(vm, dvs),
+        instancetype=instancetype,
+        preference=preference,
+        missing_ref=_missing_ref(vm, instancetype, preference),
+    )
+    sync_start_failure(status, vmi, strategy, now, jitter)
+    if _deleting(vm):
+        _stop(plan)
+    elif strategy in _STRATEGIES:
+        _STRATEGIES[strategy](plan, ctx)
+    else:
+        plan.failure = ("FailedCreate", f"unknown runstrategy: {strategy}")
+    new_dvs = () if _deleting(vm) else tuple(missing_data_volumes(vm, dvs))
+    bump = _finish_status(plan, ctx)
+    return VMDecision(
+        action=plan.action,
+        status=status,
+        vmi=plan.new_vmi,
+        delete_uid=(vmi or {}).get("metadata", {}).get("uid", "")
+        if plan.action is VMIAction.DELETE
+        else "",
+        data_volumes=new_dvs,
+        vm_patch=plan.vm_patch,
+        vmi_annotations=bump,
+        events=tuple(plan.events),
+        requeue_after=plan.requeue_after,
+    )
+
+
+def with_failure(
+    decision: VMDecision, previous: JSON, reason: str, message: str, now: datetime
+) -> JSON:
+    """The status to write when applying ``decision`` failed: a Failure condition, and the old
+    ``runStrategy`` kept so that the next attempt still sees a strategy change."""
+    status = copy.deepcopy(decision.status)
+    _set_condition(
+        status, {"type": "Failure", "status": "True", "reason": reason, "message": message}, now
+    )
+    if previous.get("runStrategy"):
+        status["runStrategy"] = previous["runStrategy"]
+    else:
+        status.pop("runStrategy", None)
+    if decision.action is VMIAction.CREATE and status.get("printableStatus") == "Starting":
+        status["printableStatus"] = "Stopped"
+    return status
+
+
+# --- the shell -------------------------------------------------------------------------------------
+
+
+def _key(obj: JSON) -> str:
+    md = obj["metadata"]
+    return f"{md.get('namespace', '')}/{md['name']}"
+
+
+def _owner_vm_key(obj: JSON) -> str | None:
+    for ref in obj.get("metadata", {}).get("ownerReferences") or []:
+        if ref.get("kind") == "VirtualMachine" and ref.get("controller"):
+            return f"{obj['metadata'].get('namespace', '')}/{ref['name']}"
+    return None
+
+
+def _ref_resource(matcher: JSON, key: str) -> Resource:
+    kind = str(matcher.get("kind") or "").lower()
+    namespaced = kind in ("virtualmachineinstancetype", "virtualmachinepreference")
+    if key == "instancetype":
+        return INSTANCETYPE if namespaced else CLUSTER_INSTANCETYPE
+    return PREFERENCE if namespaced else CLUSTER_PREFERENCE
+
+
+class VMController:
+    """Runs ``decide()`` for every VirtualMachine whenever it, its VMI or a DataVolume changes."""
+
+    def __init__(self, client: Client, *, workers: int = 2) -> None:
+        self.client = client
+        self.queue = WorkQueue()
+        self.events = EventRecorder(client, component="virt-controller")
+        self.workers = workers
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [
+            asyncio.create_task(self._watch(VM, lambda o: _key(o))),
+            asyncio.create_task(self._watch(VMI, _vmi_key)),
+            asyncio.create_task(self._watch(DATAVOLUME, _owner_vm_key)),
+            *(
+                asyncio.create_task(self.queue.run_worker(self.reconcile))
+                for _ in range(self.workers)
+            ),
+        ]
+        try:
+            await stop.wait()
+        finally:
+            self.queue.shut_down()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watch(self, res: Resource, key_of: Any) -> None:
+        while True:
+            try:
+                async for _, obj in self.client.informer(res):
+                    key = key_of(obj)
+                    if key:
+                        self.queue.add(key)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the informer must outlive API hiccups
+                log.warning("informer for %s failed: %s; restarting", res.plural, exc)
+                await asyncio.sleep(1.0)
+
+    async def reconcile(self, key: str) -> float | None:
+        """One level-based pass for the VM ``namespace/name``; returns seconds to requeue after."""
+        namespace, name = key.split("/", 1)
+        vm = await self.client.find(VM, name, namespace)
+        if vm is None:
+            return None
+        vmi = await self.client.find(VMI, name, namespace)
+        if vmi is not None and _vmi_key(vmi) != key:
+            vmi = None  # a VMI of that name that this VM does not own is not its VMI
+        decision = decide(
+            vm,
+            vmi,
+            datetime.now(UTC),
+            data_volumes=await self._data_volumes(vm),
+            instancetype=await self._reference(vm, "instancetype"),
+            preference=await self._reference(vm, "preference"),
+            jitter=random.random(),
+        )
+        status = await self._apply(vm, decision)
+        await self._write_status(vm, status)
+        return decision.requeue_after
+
+    async def _data_volumes(self, vm: JSON) -> dict[str, JSON]:
+        namespace = vm["metadata"].get("namespace", "")
+        names = set(template_data_volume_names(vm)) | set(referenced_data_volumes(vm))
+        found: dict[str, JSON] = {}
+        for name in sorted(names):
+            dv = await self.client.find(DATAVOLUME, name, namespace)
+            if dv is not None:
+                found[name] = dv
+        return found
+
+    async def _reference(self, vm: JSON, key: str) -> JSON | None:
+        matcher = vm.get("spec", {}).get(key) or {}
+        if not matcher.get("name"):
+            return None
+        res = _ref_resource(matcher, key)
+        namespace = vm["metadata"].get("namespace", "") if res.namespaced else ""
+        return await self.client.find(res, str(matcher["name"]), namespace)
+
+    async def _apply(self, vm: JSON, decision: VMDecision) -> JSON:
+        """Carries out the decision; returns the status to write (with a Failure if it failed)."""
+        now = datetime.now(UTC)
+        namespace = vm["metadata"].get("namespace", "")
+        try:
+            for dv in decision.data_volumes:
+                await self._create(DATAVOLUME, dv, namespace)
+                await self.events.record(
+                    vm, "SuccessfulDataVolumeCreate", f"Created DataVolume {dv['metadata']['name']}"
+                )
+            if decision.vm_patch is not None:
+                await self.client.patch(VM, vm["metadata"]["name"], decision.vm_patch, namespace)
+            if decision.action is VMIAction.CREATE and decision.vmi is not None:
+                await self._create(VMI, decision.vmi, namespace)
+            elif decision.action is VMIAction.DELETE:
+                await self.client.delete(VMI, vm["metadata"]["name"], namespace)
+            if decision.vmi_annotations is not None:
+                patch = {"metadata": {"annotations": decision.vmi_annotations}}
+                await self.client.patch(VMI, vm["metadata"]["name"], patch, namespace)
+        except ApiStatusError as exc:
+            reason = "FailedDelete" if decision.action is VMIAction.DELETE else "FailedCreate"
+            await self.events.record(vm, reason, str(exc), type_="Warning")
+            return with_failure(decision, vm.get("status") or {}, reason, str(exc), now)
+        for event in decision.events:
+            await self.events.record(vm, event.reason, event.message, type_=event.type)
+        return decision.status
+
+    async def _create(self, res: Resource, obj: JSON, namespace: str) -> None:
+        try:
+            await self.client.create(res, obj, namespace)
+        except Conflict as exc:
+            if exc.reason != "AlreadyExists":
+                raise
+
+    async def _write_status(self, vm: JSON, status: JSON) -> None:
+        """Replaces the whole status (a merge patch could not drop fields), guarded by
+        resourceVersion so a concurrent start/stop request is never lost."""
+        if status == (vm.get("status") or {}):
+            return
+        with contextlib.suppress(NotFound):
+            await self.client.replace(VM, {**vm, "status": status}, subresource="status")
+
+
+def _vmi_key(vmi: JSON) -> str | None:
+    return _owner_vm_key(vmi)
