@@ -15,12 +15,15 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from vmo.apiserver.auth import TokenFile
 from vmo.apiserver.server import ApiServer, StateDir, kubeconfig
-from vmo.engine.embedded import Engine
+from vmo.cli import streams
+from vmo.client import Client, Credentials, load_kubeconfig
+from vmo.engine.embedded import Engine, NodeServices
 
 READY_TIMEOUT = 30.0
 
@@ -226,6 +229,85 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- virtctl-style commands ------------------------------------------------------------------
+
+
+def _creds(args: argparse.Namespace) -> Credentials:
+    path = args.kubeconfig or os.environ.get("KUBECONFIG") or str(_state(args).kubeconfig)
+    return load_kubeconfig(path)
+
+
+def _namespace(args: argparse.Namespace, creds: Credentials) -> str:
+    return str(args.namespace or creds.namespace or "default")
+
+
+def _vmi_name(ref: str) -> str:
+    """``vm/NAME``, ``vmi/NAME`` or ``NAME`` -> NAME (a VM's VMI shares its name)."""
+    return ref.split("/", 1)[1] if "/" in ref else ref
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    creds = _creds(args)
+    return asyncio.run(streams.console(creds, _namespace(args, creds), _vmi_name(args.name)))
+
+
+def cmd_vnc(args: argparse.Namespace) -> int:
+    creds = _creds(args)
+    url = streams.stream_url(creds, _namespace(args, creds), _vmi_name(args.name), "vnc")
+
+    def ready(port: int) -> None:
+        print(
+            f"VNC proxy for {args.name} listening on 127.0.0.1:{port} (connect a VNC viewer there)",
+            flush=True,
+        )
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(streams.tcp_proxy(creds, url, port=args.port, ready=ready))
+    return 0
+
+
+def cmd_port_forward(args: argparse.Namespace) -> int:
+    creds = _creds(args)
+    local, _, remote = args.ports.partition(":")
+    remote = remote or local
+    url = streams.stream_url(
+        creds, _namespace(args, creds), _vmi_name(args.name), f"portforward/{remote}"
+    )
+
+    def ready(port: int) -> None:
+        print(f"Forwarding from 127.0.0.1:{port} -> {remote}", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(streams.tcp_proxy(creds, url, port=int(local), ready=ready))
+    return 0
+
+
+def cmd_node_run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    state = _state(args)
+    kubeconfig = args.kubeconfig or str(state.engine_kubeconfig)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        client = Client.from_kubeconfig(kubeconfig)
+        node = NodeServices(client, args.name, state.nodes / args.name)
+        try:
+            await node.start(stop)
+            print(f"node {args.name} is running", flush=True)
+            await stop.wait()
+        finally:
+            await node.close()
+            await client.close()
+
+    asyncio.run(run())
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="vmo", description="VMO, a Virtual Machine Orchestrator")
     top.add_argument("--home", default="", help="state directory (default $VMO_HOME or ~/.vmo)")
@@ -259,7 +341,32 @@ def parser() -> argparse.ArgumentParser:
         "-o", "--output", default="", help="write the kubeconfig to this file (mode 0600)"
     )
     add.set_defaults(func=cmd_user_add)
+    _stream_commands(sub)
+    node = sub.add_parser("node", help="node agents").add_subparsers(
+        dest="node_command", required=True
+    )
+    run = node.add_parser("run", help="run a node agent alone (it joins the running control plane)")
+    run.add_argument("--name", required=True)
+    run.add_argument("--kubeconfig", default="", help="default: the engine kubeconfig of --home")
+    run.set_defaults(func=cmd_node_run)
     return top
+
+
+def _stream_commands(sub: Any) -> None:
+    for name, helptext, func in (
+        ("console", "serial console of a VM (Ctrl-] leaves)", cmd_console),
+        ("vnc", "a local VNC proxy to a VM's display", cmd_vnc),
+        ("port-forward", "forward a local port to a VM's port (pod network)", cmd_port_forward),
+    ):
+        cmd = sub.add_parser(name, help=helptext)
+        cmd.add_argument("name", help="NAME, vm/NAME or vmi/NAME")
+        if name == "port-forward":
+            cmd.add_argument("ports", help="LOCAL:REMOTE (LOCAL 0 picks a free port)")
+        if name == "vnc":
+            cmd.add_argument("--port", type=int, default=0)
+        cmd.add_argument("-n", "--namespace", default="")
+        cmd.add_argument("--kubeconfig", default="")
+        cmd.set_defaults(func=func)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -481,17 +481,11 @@ def _sync_ready_condition(status: JSON, vmi: JSON | None, now: datetime) -> None
 
 
 def _sync_vmi_conditions(status: JSON, vmi: JSON | None) -> None:
-    """Copies the VMI's conditions (Paused, PodScheduled, ...) and drops those it no longer has."""
-    if vmi is None:
-        return
-    copied = [
-        c
-        for c in vmi.get("status", {}).get("conditions") or []
-        if c.get("type") not in _OWN_CONDITIONS
-    ]
-    names = {c.get("type") for c in copied}
+    """Mirrors the VMI's conditions (Paused, PodScheduled, ...) except those the VM computes."""
+    conditions = (vmi or {}).get("status", {}).get("conditions") or []
+    copied = [dict(c) for c in conditions if c.get("type") not in _OWN_CONDITIONS]
     own = [c for c in status.get("conditions") or [] if c.get("type") in _OWN_CONDITIONS]
-    status["conditions"] = own + [dict(c) for c in copied if c.get("type") in names]
+    status["conditions"] = own + copied
 
 
 def _sync_failure_condition(status: JSON, failure: tuple[str, str] | None, now: datetime) -> None:
