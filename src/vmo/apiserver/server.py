@@ -21,6 +21,7 @@ from vmo.api.types import JSON, ResourceType
 from vmo.apiserver import bootstrap_roles, kubevirt_api, pki, rbac
 from vmo.apiserver import objects as ob
 from vmo.apiserver import store as st
+from vmo.apiserver.allocators import MacPool, ServiceAllocator
 from vmo.apiserver.auth import Authenticator, ServiceAccountTokens, TokenFile
 from vmo.apiserver.authz import RbacAuthorization, access_reviews, token_request_handler
 from vmo.apiserver.http import ApiHandlers, ExtraGroup
@@ -151,6 +152,10 @@ class ApiServer:
         self.sa_tokens = ServiceAccountTokens(state.sa_key)
         self.authz = RbacAuthorization(self.service, self.registry)
         self.service.admission.append(self.authz.admit_rbac_change)
+        mac_pool = MacPool(self.service, self.registry)
+        self.hub.listen(mac_pool.observe)
+        self.service.admission.append(mac_pool.admit)
+        self.service.admission.append(ServiceAllocator(self.service, self.registry).admit)
         self.lifecycle = Lifecycle(
             self.service,
             self.registry,
@@ -246,7 +251,9 @@ class ApiServer:
             self._retarget_kubeconfig(self.state.engine_kubeconfig, url)
         else:
             token = self.tokens.add(ENGINE_USER, ADMIN_GROUPS)
-            self.write_kubeconfig(self.state.engine_kubeconfig, url=url, user=ENGINE_USER, token=token)
+            self.write_kubeconfig(
+                self.state.engine_kubeconfig, url=url, user=ENGINE_USER, token=token
+            )
         self._compactor = asyncio.get_running_loop().create_task(self._compact_forever())
         log.info("VMO API server listening on %s", url)
         return url

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,8 +18,14 @@ from vmo.client import NAD, SECRET, Client
 from vmo.engine import cloudinit
 from vmo.engine.agent.agent import NodeAgent, PrepareError
 from vmo.engine.agent.api import AgentApi
+from vmo.engine.agent.node import AGENT_SOCKET_ANNOTATION as AGENT_SOCKET
+from vmo.engine.network import bridge, ipam
 from vmo.engine.qemu.domain import DiskFormat
 from vmo.engine.qemu.vmi import LocalVolume
+from vmo.engine.storage.importer import DataVolumeController
+from vmo.engine.storage.pool import Pool
+from vmo.engine.storage.upload import api_server_authorizer, upload_routes
+from vmo.engine.storage.volumes import VolumeError, resolve_volumes
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +42,11 @@ class NodeServices:
     use_emulation: bool | None = None
     agent: NodeAgent | None = None
     api: AgentApi | None = None
+    pool: Pool = field(init=False)
+    net_state: bridge.NetworkState = field(init=False)
+    ipam: ipam.IpamStore = field(init=False)
+    _network_config: dict[str, JSON] = field(default_factory=dict)
+    datavolumes: DataVolumeController = field(init=False)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     @property
@@ -41,9 +54,11 @@ class NodeServices:
         return self.state_dir / "pool"
 
     async def start(self, stop: asyncio.Event) -> None:
-        from vmo.engine.storage.pool import Pool
-
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         self.pool = Pool(self.pool_dir)
+        self.net_state = bridge.NetworkState(self.state_dir)
+        # one IPAM store per host: agents on one host share each bridge segment
+        self.ipam = ipam.IpamStore(self.state_dir.parent.parent / "network")
         self.agent = NodeAgent(
             self.client,
             self.name,
@@ -53,32 +68,27 @@ class NodeServices:
             release_networks=self._release_networks,
             use_emulation=self.use_emulation,
         )
+        self.datavolumes = DataVolumeController(
+            self.client, self.pool, self.name, import_dir=self.image_dir
+        )
         self.api = AgentApi(self.agent)
-        self._mount_storage_routes()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.api.extra_routes += upload_routes(
+            self.datavolumes, api_server_authorizer(self.client.creds)
+        )
         await self.api.start(self.agent.socket_path)
         await self.agent.start(stop)
-        for name, factory in self._background():
+        for name, factory in self._background(stop):
             self.tasks.append(
                 asyncio.get_running_loop().create_task(_forever(name, factory), name=name)
             )
 
-    def _mount_storage_routes(self) -> None:
-        with contextlib.suppress(ImportError):
-            from vmo.engine.storage.upload import upload_routes
+    @property
+    def image_dir(self) -> Path:
+        """Where ``file://`` DataVolume imports may read from: ``$VMO_HOME/images``."""
+        return self.state_dir.parent.parent / "images"
 
-            assert self.api is not None
-            self.api.extra_routes += upload_routes(self.client, self.pool)
-
-    def _background(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
-        from vmo.engine.network.services import ServiceProxy
-        from vmo.engine.storage.importer import DataVolumeController
-
-        assert self.agent is not None
-        agent = self.agent
-        dv = DataVolumeController(self.client, self.pool, self.name)
-        proxy = ServiceProxy(self.client, agent)
-        return [(f"datavolumes-{self.name}", dv.run), (f"service-proxy-{self.name}", proxy.run)]
+    def _background(self, stop: asyncio.Event) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+        return [(f"datavolumes-{self.name}", lambda: self.datavolumes.run(stop))]
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -97,11 +107,9 @@ class NodeServices:
         return await self.client.find(SECRET, name, namespace)
 
     async def _prepare_volumes(self, vmi: JSON, workdir: Path) -> dict[str, LocalVolume]:
-        from vmo.engine.storage.volumes import VolumeError, resolve_volumes
-
         workdir.mkdir(parents=True, exist_ok=True)
         try:
-            resolved = resolve_volumes(vmi, self.pool, workdir=workdir)
+            resolved = await resolve_volumes(vmi, self.pool, workdir=workdir)
         except VolumeError as exc:
             raise PrepareError("VolumeNotReady", str(exc)) from None
         volumes = {
@@ -111,6 +119,9 @@ class NodeServices:
             content = await cloudinit.seed_content(vmi, self._read_secret)
         except cloudinit.SeedError as exc:
             raise PrepareError("CloudInitError", str(exc)) from None
+        network_config = self._network_config.get(vmi["metadata"]["uid"])
+        if content is not None and content.network_data is None and network_config is not None:
+            content = dataclasses.replace(content, network_data=json.dumps(network_config))
         if content is not None:
             found = cloudinit.cloud_init_volume(vmi)
             assert found is not None
@@ -119,28 +130,45 @@ class NodeServices:
         return volumes
 
     async def _prepare_networks(self, vmi: JSON) -> tuple[dict[str, str], list[JSON]]:
-        from vmo.engine.network import bridge
-
+        """Bridges and taps for the VMI's Multus networks; IPAM leases go to its cloud-init."""
         taps: dict[str, str] = {}
-        interfaces = {
-            i["name"]: i for i in vmi["spec"]["domain"]["devices"].get("interfaces") or []
-        }
-        for index, network in enumerate(vmi["spec"].get("networks") or []):
-            if "multus" not in network:
-                continue
-            field_path = f"spec.networks[{index}].multus.networkName"
-            nad = await self._network_attachment(vmi, network["multus"]["networkName"], field_path)
-            try:
-                conf = bridge.parse_netconf(nad)
+        reported: list[JSON] = []
+        ethernets: dict[str, JSON] = {}
+        macs = _interface_macs(vmi)
+        uid = vmi["metadata"]["uid"]
+        try:
+            for index, network in enumerate(vmi["spec"].get("networks") or []):
+                if "multus" not in network:
+                    continue
+                field_path = f"spec.networks[{index}].multus.networkName"
+                nad = await self._network_attachment(
+                    vmi, network["multus"]["networkName"], field_path
+                )
+                conf = bridge.parse_bridge_conf(nad["spec"].get("config", ""))
                 plan = bridge.bridge_plan(conf, node=self.name)
-                await asyncio.to_thread(bridge.apply_bridge, plan)
-                tap = bridge.tap_name(vmi["metadata"]["uid"], network["name"])
-                await asyncio.to_thread(bridge.create_tap, tap, plan.bridge, mtu=conf.mtu)
-            except (bridge.NetworkError, OSError) as exc:
-                raise PrepareError("NetworkError", f"{field_path}: {exc}") from None
-            taps[network["name"]] = tap
-            del interfaces[network["name"]]
-        return taps, []
+                tap = bridge.tap_name(uid, network["name"])
+                mac = macs[network["name"]]
+                await asyncio.to_thread(
+                    bridge.attach_tap,
+                    self.net_state,
+                    plan,
+                    tap,
+                    owner=f"{uid}/{network['name']}",
+                    mac=mac,
+                    owner_uid=uid,
+                )
+                taps[network["name"]] = tap
+                lease = ipam.ipam_address(conf, vmi, iface=network["name"], store=self.ipam)
+                if lease is not None:
+                    ethernets[network["name"]] = ipam.static_ethernet(mac, lease)
+                    ip = str(lease.address.ip)
+                    reported.append({"name": network["name"], "ipAddress": ip, "ipAddresses": [ip]})
+        except (bridge.NetConfError, OSError, ValueError, RuntimeError) as exc:
+            await self._release_networks(vmi, list(taps.values()))
+            raise PrepareError("NetworkError", str(exc)) from None
+        if ethernets:
+            self._network_config[uid] = ipam.network_config(ethernets)
+        return taps, reported
 
     async def _network_attachment(self, vmi: JSON, ref: str, field_path: str) -> JSON:
         namespace, _, name = ref.rpartition("/")
@@ -154,10 +182,20 @@ class NodeServices:
         return nad
 
     async def _release_networks(self, vmi: JSON, taps: list[str]) -> None:
-        from vmo.engine.network import bridge
-
         for tap in taps:
-            await asyncio.to_thread(bridge.delete_tap, tap)
+            await asyncio.to_thread(bridge.detach_tap, self.net_state, tap)
+        md = vmi["metadata"]
+        self._network_config.pop(md.get("uid", ""), None)
+
+
+def _interface_macs(vmi: JSON) -> dict[str, str]:
+    from vmo.engine.qemu.vmi import stable_mac
+
+    uid = vmi["metadata"]["uid"]
+    return {
+        i["name"]: str(i.get("macAddress") or stable_mac(uid, i["name"])).lower()
+        for i in vmi["spec"]["domain"]["devices"].get("interfaces") or []
+    }
 
 
 async def _forever(name: str, factory: Callable[[], Awaitable[None]]) -> None:
@@ -181,7 +219,7 @@ async def run_controllers(client: Client, stop: asyncio.Event) -> None:
     endpoints = EndpointsController(client)
     tasks = [
         asyncio.create_task(_forever("virt-controller", lambda: run_virt(client, stop=stop))),
-        asyncio.create_task(_forever("endpoints", endpoints.run)),
+        asyncio.create_task(_forever("endpoints", lambda: endpoints.run(stop))),
     ]
     try:
         await stop.wait()
@@ -203,11 +241,15 @@ class Engine:
     client: Client | None = None
     node_services: list[NodeServices] = field(default_factory=list)
     _controllers: asyncio.Task[None] | None = None
+    _proxy: asyncio.Task[None] | None = None
 
     async def start(self, stop: asyncio.Event) -> None:
-        self.client = Client.from_kubeconfig(self.state.engine_kubeconfig)
-        self._controllers = asyncio.get_running_loop().create_task(
-            run_controllers(self.client, stop)
+        client = self.client = Client.from_kubeconfig(self.state.engine_kubeconfig)
+        loop = asyncio.get_running_loop()
+        self._controllers = loop.create_task(run_controllers(client, stop))
+        opener = AgentPortOpener(client, self.node_services)
+        self._proxy = loop.create_task(
+            _forever("service-proxy", lambda: run_service_proxy(client, opener, stop))
         )
         for index in range(1, self.nodes + 1):
             name = f"node-{index}"
@@ -220,9 +262,82 @@ class Engine:
     async def close(self) -> None:
         for node in self.node_services:
             await node.close()
-        if self._controllers is not None:
-            self._controllers.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._controllers
+        for task in (self._controllers, self._proxy):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self.client is not None:
             await self.client.close()
+
+
+@dataclass
+class AgentPortOpener:
+    """Finds the host port behind a VMI's guest port on whichever node agent runs it: in this
+    process directly, otherwise through that agent's unix socket."""
+
+    client: Client
+    local: list[NodeServices]
+
+    async def host_port(self, namespace: str, vmi: str, proto: str, guest_port: int) -> int | None:
+        for node in self.local:
+            if node.agent is not None and node.agent.runtime(namespace, vmi) is not None:
+                return await node.agent.host_port(namespace, vmi, proto, guest_port)
+        return await self._remote(namespace, vmi, proto, guest_port)
+
+    async def _remote(self, namespace: str, vmi: str, proto: str, guest_port: int) -> int | None:
+        import aiohttp
+
+        from vmo.client import NODE, VMI
+
+        obj = await self.client.find(VMI, vmi, namespace)
+        node_name = (obj or {}).get("status", {}).get("nodeName")
+        node = await self.client.find(NODE, node_name) if node_name else None
+        socket_path = (node or {}).get("metadata", {}).get("annotations", {}).get(AGENT_SOCKET)
+        if not socket_path:
+            return None
+        url = f"http://agent/v1/namespaces/{namespace}/virtualmachineinstances/{vmi}/hostport/{proto}/{guest_port}"
+        try:
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=socket_path)) as session,
+                session.get(url) as resp,
+            ):
+                if resp.status != 200:
+                    return None
+                port = (await resp.json()).get("port")
+                return int(port) if port else None
+        except (aiohttp.ClientError, OSError):
+            return None
+
+
+async def run_service_proxy(client: Client, opener: AgentPortOpener, stop: asyncio.Event) -> None:
+    """kube-proxy's role on this host: Services' ClusterIPs and NodePorts forward to VMIs."""
+    from vmo.client import ENDPOINTS, SERVICE
+    from vmo.engine.network.services import ServiceProxy
+
+    proxy = ServiceProxy(opener)
+    services: dict[str, JSON] = {}
+    endpoints: dict[str, JSON] = {}
+    lock = asyncio.Lock()
+
+    async def follow(res: Any, store: dict[str, JSON]) -> None:
+        async for etype, obj in client.informer(res):
+            md = obj["metadata"]
+            key = f"{md.get('namespace', '')}/{md['name']}"
+            if etype == "DELETED":
+                store.pop(key, None)
+            else:
+                store[key] = obj
+            async with lock:
+                await proxy.sync(list(services.values()), list(endpoints.values()))
+
+    tasks = [
+        asyncio.create_task(follow(SERVICE, services)),
+        asyncio.create_task(follow(ENDPOINTS, endpoints)),
+    ]
+    try:
+        await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await proxy.close()

@@ -80,6 +80,8 @@ def pod_interfaces(vmi: JSON, runtime: VmiRuntime) -> list[JSON]:
             cidr = network["pod"].get("vmNetworkCIDR") or "10.0.2.0/24"
             guest = cidr.rsplit(".", 1)[0] + ".2" if cidr.endswith(".0/24") else "10.0.2.2"
             entry |= {"ipAddress": guest, "ipAddresses": [guest], "podInterfaceName": "eth0"}
+        extra = next((e for e in runtime.extra_interfaces if e.get("name") == name), {})
+        entry.update(extra)
         out.append(entry)
     return out
 
@@ -209,9 +211,10 @@ class NodeAgent:
         runtime = VmiRuntime(md["namespace"], md["name"], md["uid"], self.workdir(*key))
         self.runtimes[key] = runtime
         try:
-            volumes = await self.prepare_volumes(vmi, runtime.workdir)
-            taps, _ = await self.prepare_networks(vmi)
+            # networks first: their IPAM leases become the seed's network-config
+            taps, runtime.extra_interfaces = await self.prepare_networks(vmi)
             self._taps[key] = list(taps.values())
+            volumes = await self.prepare_volumes(vmi, runtime.workdir)
             await runtime.start(vmi, accel=self.accel, volumes=volumes, taps=taps)
         except (PrepareError, QemuError, OSError) as exc:
             reason = exc.reason if isinstance(exc, PrepareError) else type(exc).__name__

@@ -56,6 +56,7 @@ class AgentApi:
         app.router.add_get(BASE + "/vnc", self._vnc)
         app.router.add_get(BASE + "/portforward/{port:\\d+}", self._portforward)
         app.router.add_get(BASE + "/portforward/{port:\\d+}/{proto:tcp|udp}", self._portforward)
+        app.router.add_get(BASE + "/hostport/{proto:tcp|udp}/{port:\\d+}", self._hostport)
         app.router.add_routes(self.extra_routes)
         return app
 
@@ -114,6 +115,16 @@ class AgentApi:
         paths = runtime.process.paths
         path = str(paths.serial if which == "serial" else paths.vnc)
         return await _bridge(request, lambda: asyncio.open_unix_connection(path))
+
+    async def _hostport(self, request: web.Request) -> web.Response:
+        runtime = self._runtime(request)
+        if runtime is None:
+            return _status(404, "NotFound", "VMI is not running on this node")
+        proto, guest = request.match_info["proto"], int(request.match_info["port"])
+        port = await self.agent.host_port(runtime.namespace, runtime.name, proto, guest)
+        if port is None:
+            return _status(404, "NotFound", "no pod network port to forward to")
+        return web.json_response({"port": port})
 
     async def _portforward(self, request: web.Request) -> web.StreamResponse:
         runtime = self._runtime(request)

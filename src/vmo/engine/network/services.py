@@ -23,7 +23,7 @@ import subprocess
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 log = logging.getLogger(__name__)
 
@@ -264,16 +264,19 @@ class ServiceProxy:
     async def _serve_tcp(
         self, listener: _Listener, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        writers = [writer]
         try:
             upstream = await self._connect_tcp(listener)
             if upstream is None:
                 return
             up_reader, up_writer = upstream
+            writers.append(up_writer)
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
         finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+            for each in writers:
+                each.close()
+                with contextlib.suppress(OSError):
+                    await each.wait_closed()
 
     async def _connect_tcp(
         self, listener: _Listener
@@ -312,8 +315,8 @@ class _UdpFront(asyncio.DatagramProtocol):
         self.pending: set[asyncio.Task[None]] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # the selector loop's datagram transport does not subclass DatagramTransport
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self._expire()
@@ -371,10 +374,10 @@ class _UdpFlow(asyncio.DatagramProtocol):
         self.last_seen = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # the selector loop's datagram transport does not subclass DatagramTransport
+        self.transport = cast(asyncio.DatagramTransport, transport)
         for data in self.backlog:
-            transport.sendto(data)
+            self.transport.sendto(data)
         self.backlog.clear()
 
     def send(self, data: bytes) -> None:

@@ -41,6 +41,7 @@ NOT_READY_TAINT = {"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"
 UNREACHABLE_TAINT = {"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule"}
 BLOCKING_EFFECTS = ("NoSchedule", "NoExecute")
 PREFER_NO_SCHEDULE_PENALTY = 50
+SHUTDOWN_GRACE_SECONDS = 5.0
 
 # kube-scheduler's reasons, word for word.
 REASON_UNSCHEDULABLE = "node(s) were unschedulable"
@@ -505,17 +506,17 @@ class SchedulerController:
         self._wake = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
-        tasks = [
-            asyncio.create_task(self._watch(NODE)),
-            asyncio.create_task(self._watch(VMI)),
-            asyncio.create_task(self._loop(stop)),
-        ]
+        watchers = [asyncio.create_task(self._watch(NODE)), asyncio.create_task(self._watch(VMI))]
+        loop = asyncio.create_task(self._loop(stop))
         try:
             await stop.wait()
+            self._wake.set()
+            # let a pass in flight finish its writes rather than cut them off
+            await asyncio.wait([loop], timeout=SHUTDOWN_GRACE_SECONDS)
         finally:
-            for task in tasks:
+            for task in [*watchers, loop]:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*watchers, loop, return_exceptions=True)
 
     async def _watch(self, res: Resource) -> None:
         while True:
@@ -533,6 +534,8 @@ class SchedulerController:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.RESYNC_SECONDS)
             self._wake.clear()
+            if stop.is_set():
+                return
             try:
                 await self.schedule_pending()
             except Exception as exc:  # a failed pass is retried soon

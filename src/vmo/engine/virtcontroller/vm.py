@@ -60,6 +60,7 @@ DV_READY_PHASES = ("Succeeded", "WaitForFirstConsumer", "PendingPopulation")
 DV_FAILED_PHASES = ("Failed",)
 # VMI conditions the VM does not copy: it computes these itself.
 _OWN_CONDITIONS = ("Ready", "Failure", "RestartRequired")
+SHUTDOWN_GRACE_SECONDS = 5.0
 RESTART_REQUIRED_MESSAGE = "a non-live-updatable field was changed in the template spec"
 
 
@@ -713,22 +714,24 @@ class VMController:
         self.workers = workers
 
     async def run(self, stop: asyncio.Event) -> None:
-        tasks = [
-            asyncio.create_task(self._watch(VM, lambda o: _key(o))),
+        watchers = [
+            asyncio.create_task(self._watch(VM, _key)),
             asyncio.create_task(self._watch(VMI, _vmi_key)),
             asyncio.create_task(self._watch(DATAVOLUME, _owner_vm_key)),
-            *(
-                asyncio.create_task(self.queue.run_worker(self.reconcile))
-                for _ in range(self.workers)
-            ),
+        ]
+        workers = [
+            asyncio.create_task(self.queue.run_worker(self.reconcile)) for _ in range(self.workers)
         ]
         try:
             await stop.wait()
+            self.queue.shut_down()
+            # let a reconcile in flight finish its requests rather than cut them off
+            await asyncio.wait(workers, timeout=SHUTDOWN_GRACE_SECONDS)
         finally:
             self.queue.shut_down()
-            for task in tasks:
+            for task in watchers + workers:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*watchers, *workers, return_exceptions=True)
 
     async def _watch(self, res: Resource, key_of: Any) -> None:
         while True:
