@@ -248,7 +248,8 @@ def test_an_imported_vmdk_boots(k: Kubectl, capi: Api, image_server: str) -> Non
     vmi = wait_running(capi, "from-vmdk")
     assert vmi["status"]["phase"] == "Running"
     k("delete", "vm", "from-vmdk", "-n", NS, "--wait=true", "--timeout=60s")
-    assert vmi_of(capi, "from-vmdk") is None
+    # the VMI goes after its guest is stopped (terminationGracePeriodSeconds)
+    wait_for(lambda: vmi_of(capi, "from-vmdk") is None, 60, "the VMI to go with its VM")
 
 
 def test_impossible_specs_are_refused_with_field_paths(k: Kubectl) -> None:

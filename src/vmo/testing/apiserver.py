@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Coroutine
 from concurrent.futures import Future
@@ -63,6 +64,8 @@ class ThreadedServer:
         if self.server is not None:
             self.call(self.server.stop())
             self.server = None
+        with contextlib.suppress(Exception):
+            self.call(self._loop.shutdown_asyncgens(), timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(10)

@@ -196,6 +196,7 @@ class ServiceProxy:
         self.opener = opener
         self.addresses = addresses if addresses is not None else ServiceAddresses()
         self.listeners: dict[ListenKey, _Listener] = {}
+        self._connections: set[asyncio.Task[Any]] = set()
 
     async def sync(self, services: Iterable[JSON], endpoints: Iterable[JSON]) -> None:
         """Opens, updates and closes listeners to match ``services`` and their ``endpoints``."""
@@ -224,6 +225,12 @@ class ServiceProxy:
         for listener in self.listeners.values():
             await self._close(listener)
         self.listeners.clear()
+        # connections in flight end with the proxy (servers no longer own them once closed)
+        for task in list(self._connections):
+            task.cancel()
+        for task in list(self._connections):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await asyncio.to_thread(self.addresses.teardown)
 
     async def _open(self, listener: _Listener) -> None:
@@ -231,7 +238,13 @@ class ServiceProxy:
         if key.proto == "TCP":
 
             async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                await self._serve_tcp(listener, reader, writer)
+                task = asyncio.current_task()
+                assert task is not None
+                self._connections.add(task)
+                try:
+                    await self._serve_tcp(listener, reader, writer)
+                finally:
+                    self._connections.discard(task)
 
             listener.server = await asyncio.start_server(handle, key.host, key.port)
         else:
