@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from vmo.client import EVENT, NAMESPACE, NODE, VM, VMI, Client
+from vmo.client import DATAVOLUME, EVENT, NAMESPACE, NODE, VM, VMI, Client
 from vmo.engine.virtcontroller.controllers import run_controllers
 from vmo.engine.virtcontroller.scheduler import (
     MEMORY_OVERHEAD_BYTES,
@@ -22,12 +22,8 @@ from vmo.engine.virtcontroller.scheduler import (
     unschedulable_vmi,
     vmi_request,
 )
-from vmo.engine.virtcontroller.vm import (
-    VMIAction,
-    decide,
-    start_backoff_seconds,
-    with_failure,
-)
+from vmo.engine.virtcontroller.startfailure import start_backoff_seconds
+from vmo.engine.virtcontroller.vm import VMIAction, decide, with_failure
 from vmo.engine.virtcontroller.vmi_template import (
     GENERATION_ANNOTATION,
     TEMPLATE_HASH_ANNOTATION,
@@ -35,6 +31,7 @@ from vmo.engine.virtcontroller.vmi_template import (
     guest_topology,
     template_hash,
 )
+from vmo.engine.virtcontroller.workqueue import WorkQueue
 from vmo.testing.apiserver import ThreadedServer
 
 JSON = dict[str, Any]
@@ -811,6 +808,49 @@ def test_unschedulable_vmi_carries_pod_scheduled_false() -> None:
     )
 
 
+# --- the work queue ------------------------------------------------------------------------------
+
+
+async def test_work_queue_handles_a_key_once_and_retries_failures() -> None:
+    queue = WorkQueue()
+    calls: list[str] = []
+    done = asyncio.Event()
+
+    async def handler(key: str) -> float | None:
+        calls.append(key)
+        if calls.count(key) == 1 and key == "flaky":
+            raise RuntimeError("first attempt fails")
+        if len(calls) == 3:
+            done.set()
+        return None
+
+    for key in ("a", "a", "flaky"):
+        queue.add(key)
+    worker = asyncio.create_task(queue.run_worker(handler))
+    await asyncio.wait_for(done.wait(), 5)
+    queue.shut_down()
+    await asyncio.wait_for(worker, 5)
+    assert calls == ["a", "flaky", "flaky"]
+
+
+async def test_work_queue_requeues_after_the_delay_a_handler_asks_for() -> None:
+    queue = WorkQueue()
+    seen: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def handler(key: str) -> float | None:
+        seen.append(loop.time())
+        return 0.05 if len(seen) == 1 else None
+
+    queue.add("k")
+    worker = asyncio.create_task(queue.run_worker(handler))
+    while len(seen) < 2:
+        await asyncio.sleep(0.01)
+    queue.shut_down()
+    await asyncio.wait_for(worker, 5)
+    assert seen[1] - seen[0] >= 0.05
+
+
 # --- the controllers against the embedded API server ---------------------------------------------
 
 
@@ -830,6 +870,8 @@ async def eventually(probe: Callable[[], Awaitable[Any]], timeout: float = 10.0)
 async def client(apiserver: ThreadedServer) -> AsyncIterator[Client]:
     async with Client.from_kubeconfig(apiserver.kubeconfig) as c:
         yield c
+    # aiohttp closes TLS transports on a later loop iteration; give it one before the loop ends
+    await asyncio.sleep(0.25)
 
 
 @pytest.fixture
@@ -899,6 +941,24 @@ async def test_vm_lifecycle_against_the_api_server(
         assert vmi["metadata"]["labels"]["kubevirt.io/nodeName"] == node_name
         await eventually(lambda: vm_status("Starting"))
 
+        # virt-api's restart leaves [Stop uid, Start] in status.stateChangeRequests
+        restart = f"/apis/subresources.kubevirt.io/v1/namespaces/{ns}/virtualmachines/db/restart"
+        await client.request("PUT", restart, {})
+        old_uid = vmi["metadata"]["uid"]
+
+        async def replaced() -> JSON | None:
+            got = await client.find(VMI, "db", ns)
+            return got if got and got["metadata"]["uid"] != old_uid else None
+
+        await eventually(replaced)
+        await eventually(lambda: vmi_phase("Scheduled"))
+
+        async def requests_done() -> bool:
+            got = await client.get(VM, "db", ns)
+            return not got["status"].get("stateChangeRequests")
+
+        await eventually(requests_done)
+
         await client.patch(VM, "db", {"spec": {"runStrategy": "Halted"}}, ns)
 
         async def vmi_gone() -> bool:
@@ -916,3 +976,29 @@ async def test_vm_lifecycle_against_the_api_server(
     finally:
         await client.delete(VM, "db", ns)
         await client.delete(NODE, node_name)
+
+
+async def test_data_volume_templates_against_the_api_server(
+    client: Client, controllers: None, unique: str
+) -> None:
+    ns = f"vc-{unique}"
+    await client.create(NAMESPACE, {"metadata": {"name": ns}})
+    vm = a_vm_with_dv()
+    vm["metadata"] = {"name": "db", "namespace": ns}
+    created = await client.create(VM, vm)
+
+    async def provisioning() -> JSON | None:
+        got = await client.get(VM, "db", ns)
+        return got if got.get("status", {}).get("printableStatus") == "Provisioning" else None
+
+    try:
+        await eventually(provisioning)
+        dv = await client.get(DATAVOLUME, "db-root", ns)
+        assert dv["metadata"]["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
+        assert await client.find(VMI, "db", ns) is None
+        await client.patch_status(DATAVOLUME, "db-root", {"phase": "Succeeded"}, ns)
+        vmi = await eventually(lambda: client.find(VMI, "db", ns))
+        assert vmi["spec"]["volumes"] == [{"name": "root", "dataVolume": {"name": "db-root"}}]
+    finally:
+        await client.delete(VM, "db", ns)
+        await client.delete(DATAVOLUME, "db-root", ns)

@@ -8,6 +8,7 @@ DataVolume imports over HTTP, as a user's image server would.
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,7 +36,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     while time.monotonic() < deadline:
         try:
             last = predicate()
-        except (OSError, KeyError, IndexError, ValueError) as exc:
+        except (OSError, KeyError, IndexError, ValueError, AssertionError) as exc:
             last = exc
         if last and not isinstance(last, Exception):
             return last
@@ -66,8 +68,36 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
     server = ThreadedServer(tmp_path_factory.mktemp("vmo-engine"), engine=True).start()
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        _stop_all_vms(server)
+        server.stop()
+        leaked = _qemus_under(server.home)
+        for pid in leaked:
+            os.kill(pid, signal.SIGKILL)
+        assert not leaked, f"QEMU processes left running: {leaked}"
+
+
+def _stop_all_vms(server: ThreadedServer) -> None:
+    """Deleting the VMs makes the agent power their guests down, as a user's delete would."""
+    api = Api(server.url, server.ca, server.admin_token)
+    api.delete(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines")
+    base = f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances"
+    wait_for(lambda: not api.get(base).json()["items"], 120, "every VMI to be gone")
+
+
+def _qemus_under(home: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"qemu-system" in cmdline and str(home).encode() in cmdline:
+                pids.append(int(proc.name))
+    return pids
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +295,118 @@ def test_impossible_specs_are_refused_with_field_paths(k: Kubectl) -> None:
     )
     proc = k("apply", "-f", "-", input=yaml.safe_dump(bad), check=False)
     assert proc.returncode != 0 and "macAddress" in proc.stderr
+
+
+def nad(name: str, vlan: int, first: int) -> dict[str, Any]:
+    config = {
+        "cniVersion": "0.3.1",
+        "name": name,
+        "type": "bridge",
+        "bridge": "br-vmo-e2e",
+        "vlan": vlan,
+        "ipam": {
+            "type": "host-local",
+            "subnet": "192.168.50.0/24",
+            "rangeStart": f"192.168.50.{first}",
+            "rangeEnd": f"192.168.50.{first + 9}",
+        },
+    }
+    return {
+        "apiVersion": "k8s.cni.cncf.io/v1",
+        "kind": "NetworkAttachmentDefinition",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"config": json.dumps(config)},
+    }
+
+
+def l2_vm(name: str, network: str, mac: str | None = None) -> dict[str, Any]:
+    iface: dict[str, Any] = {"name": "lan", "bridge": {}}
+    if mac:
+        iface["macAddress"] = mac
+    obj = vm(name, disk=f"{name}-root")
+    spec = obj["spec"]["template"]["spec"]
+    spec["domain"]["devices"]["interfaces"] = [iface]
+    spec["networks"] = [{"name": "lan", "multus": {"networkName": network}}]
+    return obj
+
+
+async def _console_exchange(
+    server: ThreadedServer, vmi: str, command: str, timeout: float = 30
+) -> str:
+    """Types ``command`` on the VM's serial console (through the API server) and returns what it
+    printed between two markers."""
+    import aiohttp
+
+    url = f"{server.url}/apis/subresources.kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances/{vmi}/console"
+    headers = {"Authorization": f"Bearer {server.admin_token}"}
+    ctx = __import__("ssl").create_default_context(cafile=str(server.ca))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url, headers=headers, ssl=ctx) as ws,
+    ):
+        await ws.send_bytes(f"\necho BEGIN-$((6*7)); {command}; echo END-$((6*7))\n".encode())
+        seen = ""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                msg = await ws.receive(timeout=max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                break
+            seen += msg.data.decode(errors="replace")
+            if "END-42" in seen:
+                return seen.split("BEGIN-42", 1)[1].split("END-42", 1)[0]
+    raise AssertionError(f"no answer from the console of {vmi}: {seen[-500:]!r}")
+
+
+def console(server: ThreadedServer, vmi: str, command: str) -> str:
+    return server.call(_console_exchange(server, vmi, command), timeout=60)
+
+
+VSPHERE_MAC = "00:50:56:aa:bb:01"
+
+
+@pytest.fixture(scope="module")
+def l2(cluster: ThreadedServer, k: Kubectl, capi: Api, image_server: str) -> dict[str, str]:
+    k.apply(nad("vlan10", 10, 10))
+    k.apply(nad("vlan20", 20, 20))
+    for name, network, mac in (
+        ("l2-a", "vlan10", VSPHERE_MAC),
+        ("l2-b", "vlan10", None),
+        ("l2-c", "vlan20", None),
+    ):
+        k.apply(datavolume(f"{name}-root", f"{image_server}/disk.qcow2"))
+        k.apply(l2_vm(name, network, mac))
+    ips = {}
+    for name in ("l2-a", "l2-b", "l2-c"):
+        vmi = wait_running(capi, name)
+        ips[name] = vmi["status"]["interfaces"][0]["ipAddress"]
+    for name in ips:
+        wait_for(
+            lambda n=name: "ready" in console(cluster, n, "echo ready"),
+            BOOT_TIMEOUT,
+            f"{name} booted",
+        )
+    return ips
+
+
+def test_two_vms_on_one_vlan_reach_each_other_and_not_across(
+    cluster: ThreadedServer, l2: dict[str, str]
+) -> None:
+    same = console(cluster, "l2-a", f"nc -w 3 {l2['l2-b']} 5432")
+    assert "vmo-guest l2-b" in same
+    across = console(cluster, "l2-a", f"nc -w 3 {l2['l2-c']} 5432 || echo UNREACHABLE")
+    assert "vmo-guest" not in across and "UNREACHABLE" in across
+
+
+def test_the_guest_sees_the_mac_from_the_spec(
+    cluster: ThreadedServer, capi: Api, l2: dict[str, str]
+) -> None:
+    seen = console(cluster, "l2-b", f"nc -w 3 {l2['l2-a']} 5432")
+    assert VSPHERE_MAC in seen
+    vm_obj = capi.get(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines/l2-b").json()
+    generated = vm_obj["spec"]["template"]["spec"]["domain"]["devices"]["interfaces"][0][
+        "macAddress"
+    ]
+    assert generated.startswith("02:")  # assigned once by the MAC pool, kept in the VM's spec

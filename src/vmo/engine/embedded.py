@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from vmo.client import NAD, SECRET, Client
 from vmo.engine import cloudinit
@@ -121,7 +122,7 @@ class NodeServices:
             raise PrepareError("CloudInitError", str(exc)) from None
         network_config = self._network_config.get(vmi["metadata"]["uid"])
         if content is not None and content.network_data is None and network_config is not None:
-            content = dataclasses.replace(content, network_data=json.dumps(network_config))
+            content = dataclasses.replace(content, network_data=yaml.safe_dump(network_config, sort_keys=False))
         if content is not None:
             found = cloudinit.cloud_init_volume(vmi)
             assert found is not None
@@ -155,7 +156,6 @@ class NodeServices:
                     tap,
                     owner=f"{uid}/{network['name']}",
                     mac=mac,
-                    owner_uid=uid,
                 )
                 taps[network["name"]] = tap
                 lease = ipam.ipam_address(conf, vmi, iface=network["name"], store=self.ipam)

@@ -141,8 +141,9 @@ network_plan() {
 		line = substr($0, ind + 1)
 		item = 0
 		if (line ~ /^- /) { item = 1; line = substr(line, 3); sub(/^ */, "", line) }
-		# a key closes every open key at its indentation or deeper; "- " items sit at the dash
-		while (depth > 0 && kind_ind[depth] >= ind) depth--
+		# a key closes every open key at its indentation or deeper; "- " items sit at the dash,
+		# which may be at the parent key'"'"'s own indentation (PyYAML'"'"'s indentless sequences)
+		while (depth > 0 && (kind_ind[depth] > ind || (kind_ind[depth] == ind && !(item && keys[depth] == "addresses")))) depth--
 		parent = (depth > 0 ? keys[depth] : "")
 		if (item && parent == "config") { flush(); open = 1 }
 		key = ""; val = line

@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
 
+# How many (object, reason, message) keys are remembered for aggregating repeats.
+MAX_REMEMBERED = 4096
+
 
 def _stamp() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -76,6 +79,8 @@ class EventRecorder:
                 await self.client.patch(EVENT, name, patch, namespace)
                 self._seen[key] = (namespace, name, count + 1)
                 return
+            if len(self._seen) >= MAX_REMEMBERED:
+                self._seen.clear()  # only aggregation is lost, never an Event
             event = event_object(obj, reason, message, type_=type_, component=self.component)
             await self.client.create(EVENT, event)
             self._seen[key] = (event["metadata"]["namespace"], event["metadata"]["name"], 1)

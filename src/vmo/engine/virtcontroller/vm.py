@@ -16,7 +16,7 @@ import logging
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from vmo.client import (
@@ -33,31 +33,46 @@ from vmo.client import (
     NotFound,
     Resource,
 )
+from vmo.engine.virtcontroller.datavolumes import (
+    data_volume_error,
+    data_volume_provisioning,
+    data_volumes_ready,
+    missing_data_volumes,
+    referenced_data_volumes,
+    template_data_volume_names,
+)
 from vmo.engine.virtcontroller.events import EventRecorder
+from vmo.engine.virtcontroller.startfailure import (
+    RESTARTING_STRATEGIES,
+    backoff_left,
+    sync_start_failure,
+)
 from vmo.engine.virtcontroller.vmi_template import (
     GENERATION_ANNOTATION,
     TEMPLATE_HASH_ANNOTATION,
     build_vmi,
-    owner_reference,
     template_hash,
+)
+from vmo.engine.virtcontroller.vmstate import (
+    JSON,
+    STARTING_PHASES,
+    condition,
+    deleting,
+    format_time,
+    has_condition,
+    has_start_paused_request,
+    has_start_request,
+    has_stop_request_for,
+    is_final,
+    phase,
+    run_strategy,
+    state_change_requests,
 )
 from vmo.engine.virtcontroller.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
-JSON = dict[str, Any]
 
-FINAL_PHASES = ("Succeeded", "Failed")
-STARTING_PHASES = ("", "Pending", "Scheduling", "Scheduled")
-RUN_STRATEGIES = ("Always", "RerunOnFailure", "Manual", "Halted", "Once")
-# Strategies that restart a VMI by themselves, and so back off when it keeps failing to start.
-RESTARTING_STRATEGIES = ("Always", "RerunOnFailure", "Once")
-# KubeVirt's crash-loop backoff: 10 s x failures^2 plus up to half again at random, capped at 5 min.
-MAX_START_BACKOFF_SECONDS = 300
-MIN_START_BACKOFF_INTERVAL = 10
-# DataVolume phases a VMI may start on (WaitForFirstConsumer waits for the VMI itself).
-DV_READY_PHASES = ("Succeeded", "WaitForFirstConsumer", "PendingPopulation")
-DV_FAILED_PHASES = ("Failed",)
 # VMI conditions the VM does not copy: it computes these itself.
 _OWN_CONDITIONS = ("Ready", "Failure", "RestartRequired")
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -114,203 +129,6 @@ class _Plan:
 # --- small readers -------------------------------------------------------------------------------
 
 
-def run_strategy(vm: JSON) -> str:
-    """``spec.runStrategy``, or what the deprecated ``spec.running`` means; Halted when neither."""
-    spec = vm.get("spec") or {}
-    if spec.get("runStrategy"):
-        return str(spec["runStrategy"])
-    return "Always" if spec.get("running") else "Halted"
-
-
-def _phase(vmi: JSON | None) -> str:
-    return str((vmi or {}).get("status", {}).get("phase") or "")
-
-
-def is_final(vmi: JSON | None) -> bool:
-    return _phase(vmi) in FINAL_PHASES
-
-
-def _deleting(obj: JSON | None) -> bool:
-    return bool((obj or {}).get("metadata", {}).get("deletionTimestamp"))
-
-
-def _condition(obj: JSON | None, ctype: str) -> JSON | None:
-    for cond in (obj or {}).get("status", {}).get("conditions") or []:
-        if cond.get("type") == ctype:
-            return dict(cond)
-    return None
-
-
-def _has_condition(obj: JSON | None, ctype: str, status: str = "True", reason: str = "") -> bool:
-    cond = _condition(obj, ctype)
-    return (
-        cond is not None
-        and cond.get("status") == status
-        and (not reason or cond.get("reason") == reason)
-    )
-
-
-def parse_time(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def format_time(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _requests(status: JSON) -> list[JSON]:
-    return list(status.get("stateChangeRequests") or [])
-
-
-def has_start_request(status: JSON) -> bool:
-    requests = _requests(status)
-    return bool(requests) and requests[0].get("action") == "Start"
-
-
-def has_start_paused_request(status: JSON) -> bool:
-    requests = _requests(status)
-    return has_start_request(status) and (requests[0].get("data") or {}).get("paused") == "true"
-
-
-def has_stop_request_for(status: JSON, vmi: JSON | None) -> bool:
-    requests = _requests(status)
-    if vmi is None or not requests or requests[0].get("action") != "Stop":
-        return False
-    return bool(requests[0].get("uid") == vmi["metadata"].get("uid"))
-
-
-# --- crash-loop backoff ----------------------------------------------------------------------------
-
-
-def start_backoff_seconds(
-    fail_count: int, *, max_delay: int = MAX_START_BACKOFF_SECONDS, jitter: float = 0.0
-) -> int:
-    """Seconds to wait before starting again after ``fail_count`` early failures.
-
-    ``jitter`` in [0, 1) picks the random extra (up to half the delay) that keeps many failing VMs
-    from restarting in step; 0 gives the floor.
-    """
-    count = max(fail_count, 1)
-    interval = max(max_delay // 30, MIN_START_BACKOFF_INTERVAL)
-    delay = interval * count * count
-    delay += int(jitter * (delay // 2 + 1))
-    return min(delay, max_delay)
-
-
-def was_running(vmi: JSON | None) -> bool:
-    """Whether the VMI ever reached phase Running (from its phase transition timestamps)."""
-    transitions = (vmi or {}).get("status", {}).get("phaseTransitionTimestamps") or []
-    return _phase(vmi) == "Running" or any(t.get("phase") == "Running" for t in transitions)
-
-
-def failed_early(vmi: JSON | None) -> bool:
-    """A final VMI that never ran: a start failure."""
-    return vmi is not None and is_final(vmi) and not was_running(vmi)
-
-
-def sync_start_failure(
-    status: JSON, vmi: JSON | None, strategy: str, now: datetime, jitter: float
-) -> None:
-    """Counts VMIs that end before running; clears the count once one runs."""
-    if was_running(vmi) or strategy not in RESTARTING_STRATEGIES:
-        status.pop("startFailure", None)
-        return
-    if vmi is None or not failed_early(vmi):
-        return
-    previous = status.get("startFailure") or {}
-    uid = vmi["metadata"].get("uid", "")
-    if previous.get("lastFailedVMIUID") == uid:
-        return  # this failure is already counted
-    count = int(previous.get("consecutiveFailCount") or 0) + 1
-    delay = start_backoff_seconds(count, jitter=jitter)
-    status["startFailure"] = {
-        "consecutiveFailCount": count,
-        "lastFailedVMIUID": uid,
-        "retryAfterTimestamp": format_time(now + timedelta(seconds=delay)),
-    }
-
-
-def backoff_left(status: JSON, now: datetime) -> float:
-    """Seconds until the next start is allowed (0 when it is)."""
-    retry = (status.get("startFailure") or {}).get("retryAfterTimestamp")
-    if not retry:
-        return 0.0
-    return max((parse_time(str(retry)) - now).total_seconds(), 0.0)
-
-
-# --- DataVolumes -----------------------------------------------------------------------------------
-
-
-def template_data_volume_names(vm: JSON) -> list[str]:
-    return [
-        str(t["metadata"]["name"])
-        for t in vm.get("spec", {}).get("dataVolumeTemplates") or []
-        if t.get("metadata", {}).get("name")
-    ]
-
-
-def referenced_data_volumes(vm: JSON) -> list[str]:
-    """DataVolume names the template's volumes use (``dataVolume.name``)."""
-    volumes = vm.get("spec", {}).get("template", {}).get("spec", {}).get("volumes") or []
-    return [
-        str(v["dataVolume"]["name"]) for v in volumes if (v.get("dataVolume") or {}).get("name")
-    ]
-
-
-def build_data_volume(vm: JSON, template: JSON) -> JSON:
-    """A DataVolume from one of the VM's ``dataVolumeTemplates``, owned by the VM."""
-    tmd = template.get("metadata") or {}
-    metadata: JSON = {
-        "name": tmd["name"],
-        "namespace": vm["metadata"].get("namespace", ""),
-        "ownerReferences": [owner_reference(vm)],
-    }
-    for key in ("labels", "annotations"):
-        if tmd.get(key):
-            metadata[key] = dict(tmd[key])
-    return {
-        "apiVersion": "cdi.kubevirt.io/v1beta1",
-        "kind": "DataVolume",
-        "metadata": metadata,
-        "spec": copy.deepcopy(template.get("spec") or {}),
-    }
-
-
-def missing_data_volumes(vm: JSON, existing: Mapping[str, JSON]) -> list[JSON]:
-    return [
-        build_data_volume(vm, t)
-        for t in vm.get("spec", {}).get("dataVolumeTemplates") or []
-        if t.get("metadata", {}).get("name") and t["metadata"]["name"] not in existing
-    ]
-
-
-def _dv_phase(dvs: Mapping[str, JSON], name: str) -> str:
-    return str((dvs.get(name) or {}).get("status", {}).get("phase") or "")
-
-
-def data_volumes_ready(vm: JSON, dvs: Mapping[str, JSON]) -> bool:
-    """Every DataVolume the VM creates or uses exists and can be attached."""
-    names = set(template_data_volume_names(vm)) | set(referenced_data_volumes(vm))
-    return all(name in dvs and _dv_phase(dvs, name) in DV_READY_PHASES for name in names)
-
-
-def data_volume_error(vm: JSON, dvs: Mapping[str, JSON]) -> bool:
-    return any(_dv_phase(dvs, n) in DV_FAILED_PHASES for n in referenced_data_volumes(vm))
-
-
-def data_volume_provisioning(vm: JSON, dvs: Mapping[str, JSON]) -> bool:
-    """Some DataVolume of the VM is still being imported (or not yet created from its template)."""
-    templated = set(template_data_volume_names(vm))
-    for name in referenced_data_volumes(vm):
-        if name not in dvs:
-            if name in templated:
-                return True
-            continue
-        if _dv_phase(dvs, name) not in (*DV_READY_PHASES, *DV_FAILED_PHASES):
-            return True
-    return False
-
-
 # --- run strategies --------------------------------------------------------------------------------
 
 
@@ -354,7 +172,7 @@ def _start_after_backoff(plan: _Plan, ctx: _Inputs) -> None:
 
 def _stop(plan: _Plan) -> None:
     vmi = plan.vmi
-    if vmi is None or _deleting(vmi):
+    if vmi is None or deleting(vmi):
         return  # nothing to do, or already on its way out
     plan.action = VMIAction.DELETE
     plan.events.append(
@@ -378,10 +196,13 @@ def _rerun_on_failure(plan: _Plan, ctx: _Inputs) -> None:
     vmi = plan.vmi
     if vmi is not None:
         stop = has_stop_request_for(plan.status, vmi)
-        if not _deleting(vmi) and (stop or is_final(vmi)):
+        if not deleting(vmi) and (stop or is_final(vmi)):
             _stop(plan)
-            if _phase(vmi) == "Failed" and not has_start_request(plan.status):
-                plan.status["stateChangeRequests"] = [*_requests(plan.status), {"action": "Start"}]
+            if phase(vmi) == "Failed" and not has_start_request(plan.status):
+                plan.status["stateChangeRequests"] = [
+                    *state_change_requests(plan.status),
+                    {"action": "Start"},
+                ]
         return
     # a VM just switched to RerunOnFailure starts; afterwards only a start request starts it
     if not has_start_request(plan.status) and plan.status.get("runStrategy") == plan.strategy:
@@ -429,7 +250,7 @@ _STRATEGIES = {
 
 def trim_state_change_requests(status: JSON, vmi: JSON | None) -> None:
     """Drops the first request once it is done (KubeVirt acts on one request at a time)."""
-    requests = _requests(status)
+    requests = state_change_requests(status)
     if not requests:
         return
     first = requests[0]
@@ -437,7 +258,7 @@ def trim_state_change_requests(status: JSON, vmi: JSON | None) -> None:
     if first.get("action") == "Stop":
         done = vmi is None or not first.get("uid") or first["uid"] != vmi["metadata"].get("uid")
     elif first.get("action") == "Start":
-        done = vmi is not None and not _deleting(vmi) and not is_final(vmi)
+        done = vmi is not None and not deleting(vmi) and not is_final(vmi)
     if done:
         requests = requests[1:]
     if requests:
@@ -461,7 +282,7 @@ def _remove_condition(status: JSON, ctype: str) -> None:
 
 
 def _sync_ready_condition(status: JSON, vmi: JSON | None, now: datetime) -> None:
-    ready = _condition(vmi, "Ready")
+    ready = condition(vmi, "Ready")
     if vmi is None:
         cond: JSON = {
             "type": "Ready",
@@ -528,23 +349,23 @@ def printable_status(plan: _Plan, ctx: _Inputs) -> str:
     vm, vmi = plan.vm, plan.vmi
     start_expected = plan.action is VMIAction.CREATE
     stop_expected = plan.action is VMIAction.DELETE
-    running = _phase(vmi) == "Running"
-    paused = _has_condition(vmi, "Paused")
-    sync_false = _condition(vmi, "Synchronized") or {}
+    running = phase(vmi) == "Running"
+    paused = has_condition(vmi, "Paused")
+    sync_false = condition(vmi, "Synchronized") or {}
     sync_reason = sync_false.get("reason") if sync_false.get("status") == "False" else None
     checks: list[tuple[str, bool]] = [
-        ("Terminating", _deleting(vm)),
-        ("Stopping", vmi is not None and not is_final(vmi) and (_deleting(vmi) or stop_expected)),
+        ("Terminating", deleting(vm)),
+        ("Stopping", vmi is not None and not is_final(vmi) and (deleting(vmi) or stop_expected)),
         ("Migrating", _migrating(vmi)),
         ("Paused", running and paused),
         ("Running", running and not paused),
         ("ErrorPvcNotFound", sync_reason == "FailedPvcNotFound"),
         ("DataVolumeError", data_volume_error(vm, ctx.dvs)),
-        ("ErrorUnschedulable", _has_condition(vmi, "PodScheduled", "False", "Unschedulable")),
+        ("ErrorUnschedulable", has_condition(vmi, "PodScheduled", "False", "Unschedulable")),
         ("Provisioning", data_volume_provisioning(vm, ctx.dvs)),
         ("ErrImagePull", sync_reason == "ErrImagePull"),
         ("ImagePullBackOff", sync_reason == "ImagePullBackOff"),
-        ("Starting", start_expected if vmi is None else _phase(vmi) in STARTING_PHASES),
+        ("Starting", start_expected if vmi is None else phase(vmi) in STARTING_PHASES),
         (
             "CrashLoopBackOff",
             (vmi is None or is_final(vmi))
@@ -579,7 +400,7 @@ def _finish_status(plan: _Plan, ctx: _Inputs) -> JSON | None:
         _remove_condition(status, "RestartRequired")
     trim_state_change_requests(status, vmi)
     status["created"] = vmi is not None
-    status["ready"] = vmi is not None and not is_final(vmi) and _has_condition(vmi, "Ready")
+    status["ready"] = vmi is not None and not is_final(vmi) and has_condition(vmi, "Ready")
     status["runStrategy"] = plan.strategy
     generation = int(plan.vm["metadata"].get("generation", 1))
     status["desiredGeneration"] = generation
@@ -640,13 +461,13 @@ def decide(
         missing_ref=_missing_ref(vm, instancetype, preference),
     )
     sync_start_failure(status, vmi, strategy, now, jitter)
-    if _deleting(vm):
+    if deleting(vm):
         _stop(plan)
     elif strategy in _STRATEGIES:
         _STRATEGIES[strategy](plan, ctx)
     else:
         plan.failure = ("FailedCreate", f"unknown runstrategy: {strategy}")
-    new_dvs = () if _deleting(vm) else tuple(missing_data_volumes(vm, dvs))
+    new_dvs = () if deleting(vm) else tuple(missing_data_volumes(vm, dvs))
     bump = _finish_status(plan, ctx)
     return VMDecision(
         action=plan.action,
@@ -799,7 +620,8 @@ class VMController:
             if decision.vm_patch is not None:
                 await self.client.patch(VM, vm["metadata"]["name"], decision.vm_patch, namespace)
             if decision.action is VMIAction.CREATE and decision.vmi is not None:
-                await self._create(VMI, decision.vmi, namespace)
+                # no AlreadyExists tolerance here: a VMI of that name we did not see is not ours
+                await self.client.create(VMI, decision.vmi, namespace)
             elif decision.action is VMIAction.DELETE:
                 await self.client.delete(VMI, vm["metadata"]["name"], namespace)
             if decision.vmi_annotations is not None:
@@ -814,6 +636,7 @@ class VMController:
         return decision.status
 
     async def _create(self, res: Resource, obj: JSON, namespace: str) -> None:
+        """Creates ``obj``; one that already exists (created by an earlier pass) is fine."""
         try:
             await self.client.create(res, obj, namespace)
         except Conflict as exc:
