@@ -410,7 +410,9 @@ def test_unknown_fields_strict_is_400_and_warn_drops_with_a_warning(api: Api, ns
 
 def test_an_upstream_field_vmo_does_not_support_is_refused_by_name(api: Api, ns: str) -> None:
     vm = _vm("gpu")
-    vm["spec"]["template"]["spec"]["domain"]["devices"]["gpus"] = [{"name": "g", "deviceName": "nvidia.com/x"}]
+    vm["spec"]["template"]["spec"]["domain"]["devices"]["gpus"] = [
+        {"name": "g", "deviceName": "nvidia.com/x"}
+    ]
     r = api.post(f"/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachines", vm)
     assert r.status_code == 422
     fields = [c["field"] for c in r.json()["details"]["causes"]]

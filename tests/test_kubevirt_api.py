@@ -38,7 +38,11 @@ def test_discovery_lists_the_subresources(api: Api) -> None:
     groups = [g["name"] for g in api.get("/apis").json()["groups"]]
     assert "subresources.kubevirt.io" in groups
     names = {r["name"] for r in api.get("/apis/subresources.kubevirt.io/v1").json()["resources"]}
-    assert {"virtualmachines/start", "virtualmachineinstances/console", "virtualmachineinstances/vnc"} <= names
+    assert {
+        "virtualmachines/start",
+        "virtualmachineinstances/console",
+        "virtualmachineinstances/vnc",
+    } <= names
 
 
 def test_start_and_stop_flip_the_run_strategy(api: Api, ns: str) -> None:
@@ -46,7 +50,10 @@ def test_start_and_stop_flip_the_run_strategy(api: Api, ns: str) -> None:
     assert api.put(SUB.format(ns=ns, name="s", action="start")).status_code == 202
     assert api.get(_vm_url(ns, "s")).json()["spec"]["runStrategy"] == "Always"
     r = api.put(SUB.format(ns=ns, name="s", action="start"))
-    assert r.status_code == 409 and "Always does not support manual start requests" in r.json()["message"]
+    assert (
+        r.status_code == 409
+        and "Always does not support manual start requests" in r.json()["message"]
+    )
     assert api.put(SUB.format(ns=ns, name="s", action="stop")).status_code == 202
     assert api.get(_vm_url(ns, "s")).json()["spec"]["runStrategy"] == "Halted"
 
@@ -76,13 +83,20 @@ def test_rbac_covers_the_subresources(apiserver: ThreadedServer, api: Api, ns: s
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
         "metadata": {"name": "viewers"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "kubevirt.io:view"},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": "kubevirt.io:view",
+        },
         "subjects": [{"kind": "User", "name": f"op-{ns}", "apiGroup": "rbac.authorization.k8s.io"}],
     }
     api.post(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings", binding)
     r = op.put(SUB.format(ns=ns, name="r", action="start"))
     assert r.status_code == 403
-    assert 'cannot update resource "virtualmachines/start" in API group "subresources.kubevirt.io"' in r.json()["message"]
+    assert (
+        'cannot update resource "virtualmachines/start" in API group "subresources.kubevirt.io"'
+        in r.json()["message"]
+    )
     binding["metadata"]["name"] = "editors"
     binding["roleRef"]["name"] = "kubevirt.io:edit"
     api.post(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings", binding)

@@ -8,9 +8,8 @@ closest plain field is shown instead.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from vmo.api.crd import validate_crd

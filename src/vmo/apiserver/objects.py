@@ -292,11 +292,15 @@ class ObjectService:
         obj = self._merge_server_fields(rt, old, obj, subresource)
         if _comparable(obj) == _comparable(old):
             return old
+        self._admit(rt, obj, old, caller)
+        # admission may restore what the request left out (defaults, assigned MACs): judge
+        # "no change" and the generation on what would be stored
+        if _comparable(obj) == _comparable(old):
+            return old
         if rt.has_generation and _body_without(obj, "metadata", "status") != _body_without(
             old, "metadata", "status"
         ):
             obj["metadata"]["generation"] = int(old["metadata"].get("generation", 1)) + 1
-        self._admit(rt, obj, old, caller)
         if caller.dry_run:
             return obj
         if self._ready_to_vanish(rt, obj):

@@ -122,7 +122,9 @@ class NodeServices:
             raise PrepareError("CloudInitError", str(exc)) from None
         network_config = self._network_config.get(vmi["metadata"]["uid"])
         if content is not None and content.network_data is None and network_config is not None:
-            content = dataclasses.replace(content, network_data=yaml.safe_dump(network_config, sort_keys=False))
+            content = dataclasses.replace(
+                content, network_data=yaml.safe_dump(network_config, sort_keys=False)
+            )
         if content is not None:
             found = cloudinit.cloud_init_volume(vmi)
             assert found is not None
