@@ -8,7 +8,7 @@ APT_PACKAGES := $(shell cat packages/apt.txt)
 
 up: install
 	$(BIN)/vmo up -d
-	@echo "Try: kubectl --kubeconfig $${VMO_HOME:-$$HOME/.vmo}/admin.kubeconfig get namespaces"
+	$(BIN)/vmo demo
 
 down:
 	$(BIN)/vmo down
@@ -24,6 +24,7 @@ check: install
 
 bench: install
 	$(BIN)/python bench/apiserver.py
+	$(BIN)/python bench/vm_start.py
 
 install: system-packages $(VENV)/.installed
 

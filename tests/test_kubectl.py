@@ -102,7 +102,10 @@ def test_apply_get_describe_a_vm_with_kubevirt_columns(kubectl: Kubectl, ns: str
     # KubeMacPool keeps it, and the generation does not move
     assert after["metadata"]["generation"] == before["metadata"]["generation"]
     mac = after["spec"]["template"]["spec"]["domain"]["devices"]["interfaces"][0]["macAddress"]
-    assert mac == before["spec"]["template"]["spec"]["domain"]["devices"]["interfaces"][0]["macAddress"]
+    assert (
+        mac
+        == before["spec"]["template"]["spec"]["domain"]["devices"]["interfaces"][0]["macAddress"]
+    )
 
 
 def test_patch_label_and_delete(kubectl: Kubectl, ns: str) -> None:

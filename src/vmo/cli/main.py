@@ -308,6 +308,37 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vmo.cli import demo
+
+    state = _state(args)
+    if _probe(state) is None:
+        print("vmo demo: VMO is not running; start it with `vmo up -d`", file=sys.stderr)
+        return 1
+    print(
+        "building the demo guest from Debian packages (cached after the first time)...", flush=True
+    )
+    image_url = demo.stage_image(state.root)
+    print(
+        "applying the hybrid demo (a database VM behind a Service, two VMs on VLAN 100)...",
+        flush=True,
+    )
+    service = asyncio.run(demo.apply_demo(state.kubeconfig, image_url))
+    node_port = service["spec"]["ports"][0]["nodePort"]
+    cluster_ip = service["spec"]["clusterIP"]
+    kubeconfig = state.kubeconfig
+    print(
+        f"""
+The demo VM is running.
+  VMs:      kubectl --kubeconfig {kubeconfig} get vm,vmi -n {demo.NS}
+  console:  vmo console demo-db -n {demo.NS}        (Ctrl-] leaves)
+  service:  nc {cluster_ip} 5432   or   nc 127.0.0.1 {node_port}   (NodePort)
+  VNC:      vmo vnc demo-db -n {demo.NS}
+The VLAN VMs app-1 and app-2 keep their vSphere MACs {", ".join(demo.VLAN_MACS.values())}."""
+    )
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="vmo", description="VMO, a Virtual Machine Orchestrator")
     top.add_argument("--home", default="", help="state directory (default $VMO_HOME or ~/.vmo)")
@@ -342,6 +373,8 @@ def parser() -> argparse.ArgumentParser:
     )
     add.set_defaults(func=cmd_user_add)
     _stream_commands(sub)
+    demo_cmd = sub.add_parser("demo", help="run the hybrid demo (database VM + Service + VLAN VMs)")
+    demo_cmd.set_defaults(func=cmd_demo)
     node = sub.add_parser("node", help="node agents").add_subparsers(
         dest="node_command", required=True
     )
