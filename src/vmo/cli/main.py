@@ -167,13 +167,58 @@ def _up_detached(args: argparse.Namespace, state: StateDir) -> int:
     return 1
 
 
+def _guest_pids(state: StateDir) -> list[int]:
+    """QEMU processes VMO started under this state directory (their pidfile and cmdline agree)."""
+    pids = []
+    for pidfile in state.nodes.glob("*/vms/*/qemu.pid"):
+        try:
+            pid = int(pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if str(pidfile.parent).encode() in cmdline:
+            pids.append(pid)
+    return pids
+
+
+def _stop_guests(state: StateDir) -> None:
+    pids = _guest_pids(state)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if pids:
+        print(f"stopped {len(pids)} guest(s)")
+    from vmo.engine.network.bridge import NetworkState, cleanup_orphans
+
+    for node_dir in sorted(state.nodes.glob("*")):
+        removed = cleanup_orphans(NetworkState(node_dir))
+        if removed:
+            print(f"removed {len(removed)} tap(s) of {node_dir.name}")
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     state = _state(args)
+    code = _stop_control_plane(state)
+    if args.stop_vms and code == 0:
+        # after the control plane, so no controller restarts the guests being stopped
+        _stop_guests(state)
+    return code
+
+
+def _stop_control_plane(state: StateDir) -> int:
     pid = _running_pid(state)
     if pid is None:
         print("VMO is not running")
         return 0
-    os.kill(pid, signal.SIGTERM)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and _pid_alive(pid):
         time.sleep(0.1)
@@ -355,7 +400,9 @@ def parser() -> argparse.ArgumentParser:
         "--no-engine", action="store_true", help="API server only: no controllers, no node"
     )
     up.set_defaults(func=cmd_up)
-    sub.add_parser("down", help="stop the embedded control plane").set_defaults(func=cmd_down)
+    down = sub.add_parser("down", help="stop the embedded control plane (guests keep running)")
+    down.add_argument("--stop-vms", action="store_true", help="also stop every guest VMO started")
+    down.set_defaults(func=cmd_down)
     sub.add_parser("status", help="is the control plane running?").set_defaults(func=cmd_status)
     user = sub.add_parser("user", help="manage users").add_subparsers(
         dest="user_command", required=True

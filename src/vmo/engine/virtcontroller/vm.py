@@ -533,12 +533,39 @@ class VMController:
         self.queue = WorkQueue()
         self.events = EventRecorder(client, component="virt-controller")
         self.workers = workers
+        # (namespace, DataVolume name) -> VMs whose volumes name it, so a DataVolume that
+        # finishes importing wakes the standalone-DataVolume VMs waiting on it too
+        self._dv_users: dict[tuple[str, str], set[str]] = {}
+
+    def _vm_key_indexing_volumes(self, vm: JSON) -> str | None:
+        key = _key(vm)
+        namespace = vm["metadata"].get("namespace", "")
+        for users in self._dv_users.values():
+            users.discard(key)
+        volumes = (vm.get("spec", {}).get("template", {}).get("spec", {}) or {}).get(
+            "volumes"
+        ) or []
+        for volume in volumes:
+            name = (volume.get("dataVolume") or {}).get("name") or (
+                volume.get("persistentVolumeClaim") or {}
+            ).get("claimName")
+            if name:
+                self._dv_users.setdefault((namespace, name), set()).add(key)
+        return key
+
+    def _dv_keys(self, dv: JSON) -> list[str]:
+        md = dv.get("metadata", {})
+        keys = set(self._dv_users.get((md.get("namespace", ""), md.get("name", "")), set()))
+        owner = _owner_vm_key(dv)
+        if owner:
+            keys.add(owner)
+        return sorted(keys)
 
     async def run(self, stop: asyncio.Event) -> None:
         watchers = [
-            asyncio.create_task(self._watch(VM, _key)),
+            asyncio.create_task(self._watch(VM, self._vm_key_indexing_volumes)),
             asyncio.create_task(self._watch(VMI, _vmi_key)),
-            asyncio.create_task(self._watch(DATAVOLUME, _owner_vm_key)),
+            asyncio.create_task(self._watch(DATAVOLUME, self._dv_keys)),
         ]
         workers = [
             asyncio.create_task(self.queue.run_worker(self.reconcile)) for _ in range(self.workers)
@@ -558,8 +585,8 @@ class VMController:
         while True:
             try:
                 async for _, obj in self.client.informer(res):
-                    key = key_of(obj)
-                    if key:
+                    keys = key_of(obj)
+                    for key in [keys] if isinstance(keys, str) else keys or []:
                         self.queue.add(key)
             except asyncio.CancelledError:
                 raise
