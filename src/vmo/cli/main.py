@@ -185,8 +185,7 @@ def _stop_guests(state: StateDir) -> None:
     pids = _guest_pids(state)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
-            with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
         time.sleep(0.1)
