@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +18,24 @@ import yaml
 from vmo.testing.apiserver import ThreadedServer
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMAS = ROOT.parent / "shared" / "schemas"
+
+
+def _upstream_schemas() -> Path:
+    """The upstream schemas, the conformance oracle: ``../shared/schemas`` beside the checkout
+    (``$VMO_UPSTREAM_SCHEMAS`` overrides). Their absence is an error, not a reason to skip."""
+    for candidate in (
+        os.environ.get("VMO_UPSTREAM_SCHEMAS"),
+        ROOT.parent / "shared" / "schemas",
+        "/work/shared/schemas",
+    ):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    raise RuntimeError(
+        "the upstream schemas (../shared/schemas) are missing: the conformance tests need them"
+    )
+
+
+SCHEMAS = _upstream_schemas()
 _names = itertools.count()
 
 

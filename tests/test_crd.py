@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import SCHEMAS
 from vmo.api import schema
 from vmo.api.core import core_resource_types
 from vmo.api.crd import crd_resource_types, structural_errors, validate_crd, version_priority
 from vmo.api.types import JSON, PrinterColumn
 
 LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
 
 WIDGET_SCHEMA: JSON = {
     "type": "object",
@@ -272,7 +272,6 @@ def upstream_schemas() -> list[Path]:
     return sorted((SCHEMAS / "kubevirt-v1.9.0").glob("*.yaml"))
 
 
-@pytest.mark.skipif(not SCHEMAS.is_dir(), reason="shared schemas not present")
 @pytest.mark.parametrize("path", upstream_crds(), ids=lambda p: p.name)
 def test_upstream_crds_are_accepted(path: Path) -> None:
     crd = yaml.load(path.read_text(), Loader=LOADER)
@@ -284,7 +283,6 @@ def test_upstream_crds_are_accepted(path: Path) -> None:
     assert crd_resource_types(crd)
 
 
-@pytest.mark.skipif(not SCHEMAS.is_dir(), reason="shared schemas not present")
 @pytest.mark.parametrize("path", upstream_schemas(), ids=lambda p: p.name)
 def test_kubevirt_schemas_are_structural(path: Path) -> None:
     document = yaml.load(path.read_text(), Loader=LOADER)

@@ -10,7 +10,6 @@ import contextlib
 import gzip
 import json
 import re
-import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -28,11 +27,6 @@ from vmo.testing.guest import (
     free_port,
     qemu_argv,
     seed_iso,
-)
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("qemu-system-x86_64") is None or shutil.which("apt-get") is None,
-    reason="needs qemu-system-x86 and apt (packages/apt.txt)",
 )
 
 SECOND_MAC = "52:54:00:12:34:57"

@@ -9,7 +9,6 @@ import ipaddress
 import json
 import os
 import random
-import shutil
 import socket
 import subprocess
 import sys
@@ -73,9 +72,6 @@ from vmo.testing.apiserver import ThreadedServer
 
 JSON = dict[str, Any]
 SUFFIX = f"{os.getpid() % 10000:04d}"
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2"
-)
 
 
 # --------------------------------------------------------------------------- builders
@@ -467,7 +463,6 @@ def force_delete(*names: str) -> None:
         subprocess.run(["ip", "link", "del", "dev", name], capture_output=True, check=False)
 
 
-@needs_root
 def test_bridge_and_two_taps_are_created_then_removed_without_trace(tmp_path: Path) -> None:
     plan = bridge_plan(
         BridgeNetConf(name="t", bridge=f"vmot{SUFFIX}", vlan=10, mtu=1400), node="n1"
@@ -490,7 +485,6 @@ def test_bridge_and_two_taps_are_created_then_removed_without_trace(tmp_path: Pa
         force_delete(*taps, plan.host_bridge)
 
 
-@needs_root
 def test_creating_links_twice_and_deleting_missing_ones_is_harmless() -> None:
     plan = bridge_plan(BridgeNetConf(name="t", bridge=f"vmoi{SUFFIX}"), node="n1")
     tap = tap_name(f"idem-{SUFFIX}", "a")
@@ -507,7 +501,6 @@ def test_creating_links_twice_and_deleting_missing_ones_is_harmless() -> None:
         force_delete(tap, plan.host_bridge)
 
 
-@needs_root
 def test_a_host_bridge_vmo_did_not_create_is_never_removed() -> None:
     name = f"vmoh{SUFFIX}"
     try:
@@ -518,7 +511,6 @@ def test_a_host_bridge_vmo_did_not_create_is_never_removed() -> None:
         force_delete(name)
 
 
-@needs_root
 def test_cleanup_orphans_removes_recorded_taps_except_the_live_ones(tmp_path: Path) -> None:
     plan = bridge_plan(BridgeNetConf(name="t", bridge=f"vmoo{SUFFIX}", vlan=7), node="n1")
     state = NetworkState(tmp_path)
@@ -585,7 +577,6 @@ def reaches(src: str, ip: str, seconds: float) -> bool:
     return proc.returncode == 0
 
 
-@needs_root
 def test_same_vlan_reaches_and_different_vlans_do_not() -> None:
     vlan10 = bridge_plan(BridgeNetConf(name="v10", bridge=f"vmov{SUFFIX}", vlan=10), node="node-1")
     vlan20 = bridge_plan(BridgeNetConf(name="v20", bridge=f"vmov{SUFFIX}", vlan=20), node="node-2")
@@ -752,7 +743,6 @@ def addresses() -> Iterator[ServiceAddresses]:
         force_delete(addrs.device)
 
 
-@needs_root
 async def test_proxy_forwards_tcp_on_cluster_ip_and_node_port_round_robin(
     addresses: ServiceAddresses,
 ) -> None:

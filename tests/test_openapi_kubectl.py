@@ -275,8 +275,6 @@ def kubectl(tiny: TinyServer, tmp_path_factory: pytest.TempPathFactory) -> Kubec
     return Kubectl(tiny, tmp_path_factory.mktemp("kubectl-cache"))
 
 
-needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
-
 CONFIG_MAP: JSON = {
     "apiVersion": "v1",
     "kind": "ConfigMap",
@@ -285,7 +283,6 @@ CONFIG_MAP: JSON = {
 }
 
 
-@needs_kubectl
 def test_explain_configmaps_shows_vmo_descriptions(kubectl: Kubectl) -> None:
     out = kubectl("explain", "configmaps")
     assert out.returncode == 0, out.stderr
@@ -294,7 +291,6 @@ def test_explain_configmaps_shows_vmo_descriptions(kubectl: Kubectl) -> None:
     assert "binaryData\t<map[string]string>" in out.stdout
 
 
-@needs_kubectl
 def test_explain_follows_the_object_meta_reference(kubectl: Kubectl) -> None:
     out = kubectl("explain", "namespace.metadata")
     assert out.returncode == 0, out.stderr
@@ -302,7 +298,6 @@ def test_explain_follows_the_object_meta_reference(kubectl: Kubectl) -> None:
     assert "ownerReferences\t<[]OwnerReference>" in out.stdout
 
 
-@needs_kubectl
 def test_explain_reaches_nested_crd_fields_by_short_name(kubectl: Kubectl) -> None:
     out = kubectl("explain", "crd.spec.versions")
     assert out.returncode == 0, out.stderr
@@ -311,7 +306,6 @@ def test_explain_reaches_nested_crd_fields_by_short_name(kubectl: Kubectl) -> No
     assert "served\t<boolean> -required-" in out.stdout
 
 
-@needs_kubectl
 def test_apply_of_unknown_field_is_refused_by_server_side_validation(kubectl: Kubectl) -> None:
     bad = {**CONFIG_MAP, "colour": "red"}
     out = kubectl("apply", "-f", "-", stdin=yaml.safe_dump(bad))
@@ -321,14 +315,12 @@ def test_apply_of_unknown_field_is_refused_by_server_side_validation(kubectl: Ku
     assert any("POST" in r and "fieldValidation=Strict" in r for r in kubectl.server.requests)
 
 
-@needs_kubectl
 def test_apply_of_valid_object_succeeds(kubectl: Kubectl) -> None:
     out = kubectl("apply", "-f", "-", stdin=yaml.safe_dump(CONFIG_MAP))
     assert out.returncode == 0, out.stderr
     assert "configmap/settings created" in out.stdout
 
 
-@needs_kubectl
 def test_without_field_validation_parameter_kubectl_falls_back_to_v2(
     tmp_path: Path,
 ) -> None:

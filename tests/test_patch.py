@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import copy
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from tests.conftest import SCHEMAS
 from vmo.apiserver.patch import (
     ApplyConflict,
     PatchError,
@@ -582,10 +582,9 @@ def test_update_after_apply_takes_changed_fields_so_apply_conflicts() -> None:
 
 # --------------------------------------------------------------------------- upstream schemas
 
-VM_CRD = Path(__file__).parents[2] / "shared/schemas/kubevirt-v1.9.0/virtualmachine.yaml"
+VM_CRD = SCHEMAS / "kubevirt-v1.9.0" / "virtualmachine.yaml"
 
 
-@pytest.mark.skipif(not VM_CRD.exists(), reason="upstream schemas not present")
 def test_kubevirt_vm_schema_merges_list_maps_and_replaces_atomic_lists() -> None:
     schema = yaml.safe_load(VM_CRD.read_text())["openAPIV3Schema"]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.kubectl_capture import KUBECTL, KubectlCapture
+from tests.kubectl_capture import KubectlCapture
 from vmo.apiserver.protobuf import PROTOBUF_CONTENT_TYPE, ProtobufError, decode, encode, supports
 
 # Bodies captured from kubectl v1.32 (`kubectl create namespace demo`;
@@ -27,8 +27,6 @@ KUBECTL_ACCESS_REVIEW = bytes.fromhex(
     "7441636365737352657669657712390a100a0012001a0022002a00320038004200121b0a190a0178120663"
     "72656174651a0022002a04706f647332003a001a08080012001a0020001a002200"
 )
-
-needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
 
 
 def _varint(value: int) -> bytes:
@@ -383,7 +381,6 @@ def test_compressed_envelope_is_rejected() -> None:
 KUBECTL_ACCEPT = "application/vnd.kubernetes.protobuf,application/json"
 
 
-@needs_kubectl
 @pytest.mark.parametrize("answer_protobuf", [False, True], ids=["json-answer", "protobuf-answer"])
 def test_kubectl_create_namespace(tmp_path: Path, answer_protobuf: bool) -> None:
     with KubectlCapture(tmp_path, answer_protobuf=answer_protobuf) as capture:
@@ -396,7 +393,6 @@ def test_kubectl_create_namespace(tmp_path: Path, answer_protobuf: bool) -> None
     assert decode(post.body)["metadata"] == {"name": "demo"}
 
 
-@needs_kubectl
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -484,7 +480,6 @@ def _allow(review: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     return 201, review | {"status": {"allowed": True}}
 
 
-@needs_kubectl
 def test_kubectl_auth_can_i_sends_a_self_subject_access_review(tmp_path: Path) -> None:
     with KubectlCapture(tmp_path, responder=_allow, answer_protobuf=True) as capture:
         result = capture.kubectl("auth", "can-i", "create", "pods", "-n", "x")
@@ -502,7 +497,6 @@ def _rules(review: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     return 201, review | {"status": {"resourceRules": rules, "incomplete": False}}
 
 
-@needs_kubectl
 def test_kubectl_auth_can_i_list_reads_a_protobuf_rules_review(tmp_path: Path) -> None:
     with KubectlCapture(tmp_path, responder=_rules, answer_protobuf=True) as capture:
         result = capture.kubectl("auth", "can-i", "--list", "-n", "y")
@@ -516,7 +510,6 @@ def _token(request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     return 201, request | {"status": status}
 
 
-@needs_kubectl
 def test_kubectl_create_token_reads_a_protobuf_token_request(tmp_path: Path) -> None:
     with KubectlCapture(tmp_path, responder=_token, answer_protobuf=True) as capture:
         result = capture.kubectl("create", "token", "robot", "--audience=vmo", "--duration=10m")
@@ -538,7 +531,6 @@ def _forbid(obj: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     }
 
 
-@needs_kubectl
 def test_kubectl_reads_a_protobuf_error_status(tmp_path: Path) -> None:
     with KubectlCapture(tmp_path, responder=_forbid, answer_protobuf=True) as capture:
         result = capture.kubectl("create", "namespace", "demo")
