@@ -76,7 +76,17 @@ def pct(values: list[float], p: float) -> float:
 class Server:
     def __init__(self, home: Path) -> None:
         self.home = home
-        argv = [sys.executable, "-m", "vmo.cli.main", "--home", str(home), "up", "--port", "0"]
+        argv = [
+            sys.executable,
+            "-m",
+            "vmo.cli.main",
+            "--home",
+            str(home),
+            "up",
+            "--port",
+            "0",
+            "--no-engine",
+        ]
         with open(home / "log", "wb") as log:
             self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.monotonic() + 30

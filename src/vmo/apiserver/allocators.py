@@ -69,18 +69,33 @@ class MacPool:
                     self._remember(row.key, row.obj())
         self._loaded = True
 
-    def _used_by_others(self, obj: JSON) -> dict[str, set[str]]:
-        """MACs in use, minus those of this object and of its VM/VMI twin (same name)."""
+    def _taken_elsewhere(self, network: str, mac: str, obj: JSON) -> bool:
+        """Whether another object holds ``mac`` on ``network`` (the VM/VMI twin does not count)."""
+        count = self._counts.get(network, Counter())[mac]
+        if count <= 0:
+            return False
         namespace, name = _coords(obj)
-        own: Counter[tuple[str, str]] = Counter()
-        for plural in _MAC_KINDS:
-            key = f"kubevirt.io/{plural}/{namespace}/{name}"
-            for network, found in self._by_object.get(key, {}).items():
-                own.update((network, mac) for mac in found)
-        return {
-            network: {mac for mac, n in counts.items() if n - own[(network, mac)] > 0}
-            for network, counts in self._counts.items()
-        }
+        own = sum(
+            mac
+            in self._by_object.get(f"kubevirt.io/{plural}/{namespace}/{name}", {}).get(network, ())
+            for plural in _MAC_KINDS
+        )
+        return count - own > 0
+
+    def _used_by_others(self, obj: JSON) -> dict[str, set[str]]:
+        """The object's own MACs that others hold, per network: all the conflict check needs,
+        without materialising every MAC in the cluster on each write."""
+        used: dict[str, set[str]] = {}
+        for network, found in macs.macs_in_use([obj]).items():
+            taken = {mac for mac in found if self._taken_elsewhere(network, mac, obj)}
+            if taken:
+                used[network] = taken
+        return used
+
+    def _fresh_everywhere(self, assigned: dict[str, str]) -> bool:
+        return not any(
+            self._counts[n][mac] > 0 for n in list(self._counts) for mac in assigned.values()
+        )
 
     def admit(self, rt: ResourceType, obj: JSON, old: JSON | None, caller: ob.Caller) -> None:
         if rt.group != "kubevirt.io" or rt.plural not in _MAC_KINDS:
@@ -90,9 +105,26 @@ class MacPool:
         causes = macs.mac_conflicts(obj, used)
         if causes:
             raise errors.invalid(rt.kind, rt.group, _coords(obj)[1], causes)
-        assigned = macs.macs_to_assign(obj, used, rng=self.rng, old=old)
+        previous = _interface_macs(old) if old is not None else {}
+        for _ in range(16):
+            assigned = macs.macs_to_assign(obj, used, rng=self.rng, old=old)
+            fresh = {k: v for k, v in assigned.items() if previous.get(k) != v}
+            # a new random address in a 2^40 space is almost never taken; check to be sure
+            if not fresh or self._fresh_everywhere(fresh):
+                break
         if assigned:
             macs.apply_macs(obj, assigned)
+
+
+def _interface_macs(obj: JSON) -> dict[str, str]:
+    spec = obj.get("spec") or {}
+    template_spec: JSON = (spec.get("template") or {}).get("spec") or spec
+    domain: JSON = template_spec.get("domain") or {}
+    return {
+        str(i.get("name")): macs.normalize_mac(i["macAddress"])
+        for i in (domain.get("devices") or {}).get("interfaces") or []
+        if isinstance(i.get("macAddress"), str)
+    }
 
 
 @dataclass
