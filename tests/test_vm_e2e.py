@@ -410,3 +410,36 @@ def test_the_guest_sees_the_mac_from_the_spec(
         "macAddress"
     ]
     assert generated.startswith("02:")  # assigned once by the MAC pool, kept in the VM's spec
+
+
+def test_image_upload_fills_a_datavolume(
+    cluster: ThreadedServer, capi: Api, guest: GuestImage
+) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vmo.cli.main",
+            "image-upload",
+            "dv",
+            "uploaded",
+            "--size",
+            "1Gi",
+            "--image-path",
+            str(guest.disk_vmdk),
+            "-n",
+            NS,
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Succeeded" in proc.stdout and "100.0%" in proc.stdout
+    dv = capi.get(f"/apis/cdi.kubevirt.io/v1beta1/namespaces/{NS}/datavolumes/uploaded").json()
+    assert dv["status"]["phase"] == "Succeeded"

@@ -326,6 +326,38 @@ def cmd_port_forward(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image_upload(args: argparse.Namespace) -> int:
+    """Like ``virtctl image-upload dv NAME --size S --image-path P``."""
+    from vmo.engine.storage.upload import UploadError, image_upload
+
+    creds = _creds(args)
+    namespace = _namespace(args, creds)
+
+    def progress(percent: float) -> None:
+        filled = int(percent / 5)
+        print(f"\r[{'#' * filled}{'.' * (20 - filled)}] {percent:5.1f}%", end="", flush=True)
+
+    async def run() -> None:
+        async with Client(creds) as client:
+            dv = await image_upload(
+                client,
+                namespace=namespace,
+                name=args.name,
+                path=Path(args.image_path),
+                size=args.size,
+                progress=progress,
+                timeout=args.timeout,
+            )
+        print(f"\nDataVolume {namespace}/{args.name}: {dv['status']['phase']}")
+
+    try:
+        asyncio.run(run())
+    except (UploadError, OSError) as exc:
+        print(f"\nvmo image-upload: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_node_run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -419,6 +451,15 @@ def parser() -> argparse.ArgumentParser:
     )
     add.set_defaults(func=cmd_user_add)
     _stream_commands(sub)
+    upload = sub.add_parser("image-upload", help="upload a disk image into a new DataVolume")
+    upload.add_argument("kind", choices=["dv"], help="what to upload into (a DataVolume)")
+    upload.add_argument("name")
+    upload.add_argument("--image-path", required=True)
+    upload.add_argument("--size", required=True, help="e.g. 2Gi")
+    upload.add_argument("--timeout", type=float, default=300)
+    upload.add_argument("-n", "--namespace", default="")
+    upload.add_argument("--kubeconfig", default="")
+    upload.set_defaults(func=cmd_image_upload)
     demo_cmd = sub.add_parser("demo", help="run the hybrid demo (database VM + Service + VLAN VMs)")
     demo_cmd.set_defaults(func=cmd_demo)
     node = sub.add_parser("node", help="node agents").add_subparsers(

@@ -24,7 +24,12 @@ import aiohttp
 from aiohttp import web
 
 from vmo.client import DATAVOLUME, Client, Credentials
-from vmo.engine.storage.importer import DataVolumeController, DataVolumePhase, UploadRefused
+from vmo.engine.storage.importer import (
+    STORAGE_NODE,
+    DataVolumeController,
+    DataVolumePhase,
+    UploadRefused,
+)
 from vmo.engine.storage.pool import PoolError, PoolFull
 
 log = logging.getLogger(__name__)
@@ -195,7 +200,7 @@ async def image_upload(
     name: str,
     path: Path,
     size: str,
-    agent_socket: Path,
+    agent_socket: Path | None = None,
     progress: Callable[[float], None] | None = None,
     timeout: float = 120.0,
 ) -> JSON:
@@ -210,11 +215,26 @@ async def image_upload(
         await client.create(DATAVOLUME, upload_datavolume(namespace, name, size), namespace)
     elif "upload" not in ((existing.get("spec") or {}).get("source") or {}):
         raise UploadError(f"DataVolume {namespace}/{name} exists and is not an upload DataVolume")
-    await wait_for_phase(client, namespace, name, (DataVolumePhase.UPLOAD_READY,), timeout=timeout)
-    await _send(client.creds.token, agent_socket, namespace, name, path, progress)
+    ready = await wait_for_phase(
+        client, namespace, name, (DataVolumePhase.UPLOAD_READY,), timeout=timeout
+    )
+    socket = agent_socket or await _claiming_agent_socket(client, ready)
+    await _send(client.creds.token, socket, namespace, name, path, progress)
     return await wait_for_phase(
         client, namespace, name, (DataVolumePhase.SUCCEEDED,), timeout=timeout
     )
+
+
+async def _claiming_agent_socket(client: Client, dv: JSON) -> Path:
+    """The upload endpoint of the node agent that claimed the DataVolume (named on its Node)."""
+    from vmo.client import NODE
+
+    node_name = (dv.get("metadata", {}).get("annotations") or {}).get(STORAGE_NODE)
+    node = await client.find(NODE, node_name) if node_name else None
+    socket = ((node or {}).get("metadata", {}).get("annotations") or {}).get("vmo.dev/agent-socket")
+    if not socket:
+        raise UploadError(f"no node agent has claimed DataVolume {dv['metadata']['name']} yet")
+    return Path(socket)
 
 
 async def _send(
