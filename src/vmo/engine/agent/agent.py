@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmo.client import VMI, ApiStatusError, Client, NotFound
+from vmo.client import KUBEVIRT, VMI, ApiStatusError, Client, NotFound
 from vmo.engine.agent import node as nodeobj
 from vmo.engine.agent.runtime import VmiRuntime, workdir_name
 from vmo.engine.qemu.accel import Accelerator, detect_accelerator
@@ -45,6 +45,20 @@ class PrepareError(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+async def use_emulation_from_kubevirt(client: Client) -> bool | None:
+    """``spec.configuration.developerConfiguration.useEmulation`` of the KubeVirt CR, if any
+    (true forces TCG without probing, as KubeVirt does)."""
+    try:
+        crs, _ = await client.list(KUBEVIRT)
+    except ApiStatusError:
+        return None
+    for cr in crs:
+        dev = cr.get("spec", {}).get("configuration", {}).get("developerConfiguration", {})
+        if dev.get("useEmulation") is True:
+            return True
+    return None
 
 
 def now() -> str:
@@ -120,8 +134,11 @@ class NodeAgent:
     async def start(self, stop: asyncio.Event) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.vms_dir.mkdir(exist_ok=True)
+        override = self.use_emulation
+        if override is None:
+            override = await use_emulation_from_kubevirt(self.client)
         self.accel = await asyncio.to_thread(
-            detect_accelerator, self.state_dir / "accelerator.json", override=self.use_emulation
+            detect_accelerator, self.state_dir / "accelerator.json", override=override
         )
         log.info("node %s: accelerator %s", self.node, self.accel)
         await nodeobj.ensure_lease_namespace(self.client)
