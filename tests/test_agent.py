@@ -49,3 +49,20 @@ def test_use_emulation_is_read_from_the_kubevirt_cr(apiserver: ThreadedServer, a
         assert asyncio.run(read()) is True
     finally:
         api.delete("/apis/kubevirt.io/v1/namespaces/kube-system/kubevirts/kubevirt")
+
+
+def test_the_hybrid_example_is_what_vmo_demo_applies() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from vmo.cli.demo import manifests
+
+    shipped = list(
+        yaml.safe_load_all((Path(__file__).parent.parent / "examples/hybrid-demo.yaml").read_text())
+    )
+    rendered = [
+        {"apiVersion": res.api_version, "kind": res.kind, **obj}
+        for res, obj in manifests("file:///root/.vmo/images/vmo-guest.qcow2")
+    ]
+    assert shipped == rendered
