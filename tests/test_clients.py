@@ -161,18 +161,28 @@ def _start(home: Path) -> tuple[subprocess.Popen[bytes], str, Api]:
     if url_file.exists():
         url_file.unlink()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vmo.cli.main", "--home", str(home), "up", "--port", "0"],
+        [
+            sys.executable,
+            "-m",
+            "vmo.cli.main",
+            "--home",
+            str(home),
+            "up",
+            "--port",
+            "0",
+            "--no-engine",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         wait_for(url_file.exists, timeout=30)
-    except AssertionError:
+        url = url_file.read_text().strip()
+        token = yaml.safe_load((home / "admin.kubeconfig").read_text())["users"][0]["user"]["token"]
+    except (AssertionError, OSError):
         proc.kill()
         proc.wait()
         raise
-    url = url_file.read_text().strip()
-    token = yaml.safe_load((home / "admin.kubeconfig").read_text())["users"][0]["user"]["token"]
     return proc, url, Api(url, home / "pki" / "ca.crt", token)
 
 

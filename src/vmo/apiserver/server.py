@@ -240,7 +240,6 @@ class ApiServer:
         await site.start()
         sockname: Any = self._runner.addresses[0]
         url = f"https://{self.host}:{sockname[1]}"
-        self.state.url_file.write_text(url + "\n")
         if admin_token is not None:
             self.write_kubeconfig(
                 self.state.kubeconfig, url=url, user=ADMIN_USER, token=admin_token
@@ -254,6 +253,8 @@ class ApiServer:
             self.write_kubeconfig(
                 self.state.engine_kubeconfig, url=url, user=ENGINE_USER, token=token
             )
+        # written last: its presence tells `vmo up -d` and scripts that the kubeconfigs are ready
+        self.state.url_file.write_text(url + "\n")
         self._compactor = asyncio.get_running_loop().create_task(self._compact_forever())
         log.info("VMO API server listening on %s", url)
         return url
