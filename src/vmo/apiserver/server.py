@@ -317,11 +317,3 @@ def _kind_hooks() -> dict[tuple[str, str], ob.KindHooks]:
             on_create=_crd_on_create
         ),
     }
-
-
-async def serve_forever(server: ApiServer, stop: asyncio.Event) -> None:
-    await server.start()
-    try:
-        await stop.wait()
-    finally:
-        await server.stop()

@@ -244,7 +244,6 @@ class NodeAgent:
                     "reason": reason,
                     "conditions": [condition("Ready", False, reason, str(exc))],
                 },
-                final_message=str(exc),
             )
             return
         await self._report_running(vmi, runtime)
@@ -269,7 +268,6 @@ class NodeAgent:
                     condition("Ready", False, "QemuGone", "the VM's QEMU process is gone")
                 ],
             },
-            final_message="the VM's QEMU process is gone",
         )
 
     async def _reclaim_forwards(self, runtime: VmiRuntime, vmi: JSON) -> None:
@@ -315,7 +313,6 @@ class NodeAgent:
                 "reason": reason,
                 "conditions": [condition("Ready", False, reason, message)],
             },
-            final_message=message,
         )
 
     async def _delete(self, vmi: JSON, runtime: VmiRuntime | None) -> None:
@@ -373,7 +370,7 @@ class NodeAgent:
         }
         await self._set_status(vmi, status)
 
-    async def _set_status(self, vmi: JSON, status: JSON, *, final_message: str = "") -> None:
+    async def _set_status(self, vmi: JSON, status: JSON) -> None:
         md = vmi["metadata"]
         current = vmi.get("status", {})
         transitions = list(current.get("phaseTransitionTimestamps") or [])

@@ -50,7 +50,6 @@ class VmiRuntime:
     # (proto, guest port) -> host port on 127.0.0.1, for the pod network interface
     forwards: dict[tuple[str, int], int] = field(default_factory=dict)
     pod_netdev: str | None = None
-    taps: list[str] = field(default_factory=list)
     # status.interfaces details the network layer knows (IPAM addresses), by interface name
     extra_interfaces: list[JSON] = field(default_factory=list)
     stopping: bool = False
