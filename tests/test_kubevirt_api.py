@@ -101,3 +101,51 @@ def test_rbac_covers_the_subresources(apiserver: ThreadedServer, api: Api, ns: s
     binding["roleRef"]["name"] = "kubevirt.io:edit"
     api.post(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings", binding)
     assert op.put(SUB.format(ns=ns, name="r", action="start")).status_code == 202
+
+
+def test_edit_users_may_import_and_upload_disks(
+    apiserver: ThreadedServer, api: Api, ns: str
+) -> None:
+    token, _ = make_user(apiserver, f"editor-{ns}")
+    editor = Api(apiserver.url, apiserver.ca, token)
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "editors"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+        "subjects": [
+            {"kind": "User", "name": f"editor-{ns}", "apiGroup": "rbac.authorization.k8s.io"}
+        ],
+    }
+    api.post(f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings", binding)
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SelfSubjectAccessReview",
+        "spec": {
+            "resourceAttributes": {
+                "namespace": ns,
+                "verb": "create",
+                "group": "upload.cdi.kubevirt.io",
+                "resource": "uploadtokenrequests",
+            }
+        },
+    }
+    assert (
+        editor.post("/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", review).json()[
+            "status"
+        ]["allowed"]
+        is True
+    )
+    dv = {
+        "apiVersion": "cdi.kubevirt.io/v1beta1",
+        "kind": "DataVolume",
+        "metadata": {"name": "disk"},
+        "spec": {
+            "source": {"blank": {}},
+            "storage": {"resources": {"requests": {"storage": "1Gi"}}},
+        },
+    }
+    assert (
+        editor.post(f"/apis/cdi.kubevirt.io/v1beta1/namespaces/{ns}/datavolumes", dv).status_code
+        == 201
+    )

@@ -410,12 +410,34 @@ def _kubevirt_cluster_roles() -> list[JSON]:
     ]
 
 
+def _cdi_cluster_roles() -> list[JSON]:
+    """CDI's own aggregated roles, so admin/edit users may import and upload disks."""
+    data = ["datavolumes", "datasources", "dataimportcrons"]
+    labels = {"cdi.kubevirt.io": ""}
+    write = [
+        _rule(KV_ALL, ["cdi.kubevirt.io"], data),
+        _rule(["create"], ["cdi.kubevirt.io"], ["datavolumes/source"]),
+        _rule(KV_ALL, ["upload.cdi.kubevirt.io"], ["uploadtokenrequests"]),
+    ]
+    return [
+        _cluster_role(
+            "cdi.kubevirt.io:admin", write, labels={**labels, AGGREGATE_TO_ADMIN: "true"}
+        ),
+        _cluster_role("cdi.kubevirt.io:edit", write, labels={**labels, AGGREGATE_TO_EDIT: "true"}),
+        _cluster_role(
+            "cdi.kubevirt.io:view",
+            [_rule(READ, ["cdi.kubevirt.io"], [*data, "cdiconfigs"])],
+            labels={**labels, AGGREGATE_TO_VIEW: "true"},
+        ),
+    ]
+
+
 # --------------------------------------------------------------------------- public
 
 
 def bootstrap_cluster_roles() -> list[JSON]:
     """Every bootstrap ClusterRole, aggregated roles already holding their aggregated rules."""
-    roles = _kubernetes_cluster_roles() + _kubevirt_cluster_roles()
+    roles = _kubernetes_cluster_roles() + _kubevirt_cluster_roles() + _cdi_cluster_roles()
     aggregated = aggregate_cluster_roles(roles)
     for role in roles:
         name = role["metadata"]["name"]
