@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := $(shell cat packages/apt.txt)
 
-.PHONY: up down test check install system-packages bench clean
+.PHONY: up down test check install system-packages qemu-user bench clean
 
 up: install
 	$(BIN)/vmo up -d
@@ -26,7 +26,12 @@ bench: install
 	$(BIN)/python bench/apiserver.py
 	$(BIN)/python bench/vm_start.py
 
-install: system-packages $(VENV)/.installed
+install: system-packages qemu-user $(VENV)/.installed
+
+# QEMU drops root's privileges to this account after opening its disks, taps and sockets
+qemu-user:
+	@id vmo-qemu >/dev/null 2>&1 || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin vmo-qemu; }
 
 system-packages:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import pwd
 import shutil
 import socket
 from dataclasses import dataclass, field
@@ -29,6 +31,22 @@ def workdir_name(namespace: str, name: str) -> str:
     """Short and stable: unix socket paths must stay under 108 bytes."""
     digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:12]
     return f"{name[:20]}-{digest}"
+
+
+QEMU_USER = "vmo-qemu"
+
+
+def qemu_user() -> str | None:
+    """The unprivileged account QEMU drops to when the agent runs as root (``-runas``); None
+    when the agent is unprivileged itself or the account does not exist (`make install` makes it)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(QEMU_USER)
+    except KeyError:
+        log.warning("user %s does not exist: QEMU keeps root's privileges (sandboxed)", QEMU_USER)
+        return None
+    return QEMU_USER
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -75,6 +93,7 @@ class VmiRuntime:
             volumes=volumes,
             taps=taps,
             host_ports=self._declared_ports(vmi),
+            run_as=qemu_user(),
         )
         domain = domain_from_vmi(vmi, ctx=ctx)
         for index, nic in enumerate(domain.nics):
