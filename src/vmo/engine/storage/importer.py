@@ -533,6 +533,13 @@ class DataVolumeController:
     async def _transfer(self, dv: JSON, plan: ImportPlan) -> None:
         try:
             await self._attempts(dv, plan)
+            # a delete that raced with the last steps of the transfer may have found no volume
+            # yet: whoever finishes last makes sure no volume outlives its DataVolume
+            current = await self.client.find(
+                DATAVOLUME, dv["metadata"]["name"], dv["metadata"]["namespace"]
+            )
+            if current is None or current["metadata"].get("uid") != dv["metadata"].get("uid"):
+                self.pool.delete(*_key(dv))
         except NotFound:
             # the DataVolume went away mid-transfer; its DELETED event cleans the pool
             log.info("DataVolume %s/%s deleted during its transfer", *_key(dv))
