@@ -439,8 +439,10 @@ class DataVolumeController:
             try:
                 await self.reconcile(key)
             except Exception:
-                # the next event (or the informer's re-list) brings the key back
-                log.exception("reconciling DataVolume %s/%s failed", *key)
+                # retried: a DELETED event brings no second chance, so waiting for the next
+                # event could leave a volume behind
+                log.exception("reconciling DataVolume %s/%s failed; retrying", *key)
+                asyncio.get_running_loop().call_later(1.0, self._enqueue, key)
 
     # --- reconcile ----------------------------------------------------------------------------
 
