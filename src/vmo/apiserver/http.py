@@ -689,6 +689,8 @@ class _Watch:
         )
         self.prefix = ob.resource_prefix(rt, rp.namespace)
         self.last_rv = 0
+        # decided once per stream, not per event: stored bytes can go out as they are
+        self.raw = not self.wanted.table and not handlers._needs_rewrite(rt)
 
     def _match(self, data: JSON | None) -> bool:
         return data is not None and (self.matches is None or self.matches(data))
@@ -778,7 +780,7 @@ class _Watch:
                 await self._send(resp, *translated)
 
     async def _send(self, resp: web.StreamResponse, etype: str, change: Change) -> None:
-        if not self.wanted.table and not self.h._needs_rewrite(self.rt):
+        if self.raw:
             # the stored bytes are already the object as served: no parse, no dump
             await resp.write(b'{"type":"' + etype.encode() + b'","object":' + change.data + b"}\n")
             return

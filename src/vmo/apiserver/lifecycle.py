@@ -162,11 +162,6 @@ class Lifecycle:
                 log.exception("lifecycle: %s failed; retrying", key)
                 asyncio.get_running_loop().call_later(2.0, self._enqueue, key)
 
-    async def idle(self) -> None:
-        """Waits until the queue is drained (for tests and orderly shutdown)."""
-        while self._queued:
-            await asyncio.sleep(0.01)
-
     # --- processing --------------------------------------------------------------------------
 
     def _process(self, key: str) -> None:

@@ -356,7 +356,7 @@ class ObjectService:
             finalizers.append(FOREGROUND)
         elif propagation == "Orphan" and ORPHAN not in finalizers:
             finalizers.append(ORPHAN)
-        pending = bool(finalizers) or self._kind_pending(rt, obj, deleting=True)
+        pending = bool(finalizers) or self._kind_pending(rt, obj)
         if caller.dry_run:
             return obj, not pending
         if not pending:
@@ -386,7 +386,7 @@ class ObjectService:
         if rv and str(rv) != str(current.rv):
             raise errors.conflict(rt.plural, rt.group, md["name"])
 
-    def _kind_pending(self, rt: ResourceType, obj: JSON, *, deleting: bool) -> bool:
+    def _kind_pending(self, rt: ResourceType, obj: JSON) -> bool:
         hooks = self.hooks.get((rt.group, rt.kind))
         return bool(hooks and hooks.pending_deletion and hooks.pending_deletion(obj))
 
@@ -395,7 +395,7 @@ class ObjectService:
         return (
             bool(md.get("deletionTimestamp"))
             and not md.get("finalizers")
-            and not self._kind_pending(rt, obj, deleting=True)
+            and not self._kind_pending(rt, obj)
         )
 
     def _remove(self, rt: ResourceType, current: st.Row, last: JSON) -> JSON:
