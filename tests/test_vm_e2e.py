@@ -24,6 +24,7 @@ import yaml
 
 from tests.conftest import Api, Kubectl
 from vmo.testing.apiserver import ThreadedServer
+from vmo.testing.builders import boot_vm, http_datavolume
 from vmo.testing.guest import GuestImage, build_guest, default_cache_dir
 
 NS = "virtual-machines"
@@ -111,15 +112,7 @@ def capi(cluster: ThreadedServer) -> Api:
 
 
 def datavolume(name: str, url: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "cdi.kubevirt.io/v1beta1",
-        "kind": "DataVolume",
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "source": {"http": {"url": url}},
-            "storage": {"resources": {"requests": {"storage": "1Gi"}}},
-        },
-    }
+    return http_datavolume(name, url, namespace=NS)
 
 
 def vm(
@@ -142,36 +135,15 @@ def vm(
     nocloud: dict[str, Any] = {"userData": user_data or "#cloud-config\n"}
     if network_data is not None:
         nocloud["networkData"] = network_data
-    return {
-        "apiVersion": "kubevirt.io/v1",
-        "kind": "VirtualMachine",
-        "metadata": {"name": name, "namespace": NS, "labels": labels or {}},
-        "spec": {
-            "runStrategy": "Always",
-            "template": {
-                "metadata": {"labels": labels or {}},
-                "spec": {
-                    "terminationGracePeriodSeconds": 5,
-                    "domain": {
-                        "cpu": {"cores": 1},
-                        "memory": {"guest": "256Mi"},
-                        "devices": {
-                            "disks": [
-                                {"name": "root", "disk": {"bus": "virtio"}, "bootOrder": 1},
-                                {"name": "cloudinit", "disk": {"bus": "virtio"}},
-                            ],
-                            "interfaces": interfaces,
-                        },
-                    },
-                    "networks": networks,
-                    "volumes": [
-                        {"name": "root", "dataVolume": {"name": disk}},
-                        {"name": "cloudinit", "cloudInitNoCloud": nocloud},
-                    ],
-                },
-            },
-        },
-    }
+    return boot_vm(
+        name,
+        namespace=NS,
+        disk=disk,
+        interfaces=interfaces,
+        networks=networks,
+        labels=labels,
+        cloud_init=nocloud,
+    )
 
 
 def vmi_of(capi: Api, name: str) -> dict[str, Any] | None:

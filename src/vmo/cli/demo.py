@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vmo.client import DATAVOLUME, NAD, SERVICE, VM, VMI, Client, Conflict
+from vmo.testing.builders import boot_vm, http_datavolume
 
 NS = "virtual-machines"
 IMAGE_NAME = "vmo-guest.qcow2"
@@ -25,44 +26,19 @@ JSON = dict[str, Any]
 
 
 def _datavolume(name: str, url: str) -> JSON:
-    return {
-        "metadata": {"name": name, "namespace": NS},
-        "spec": {
-            "source": {"http": {"url": url}},
-            "storage": {"resources": {"requests": {"storage": "1Gi"}}},
-        },
-    }
+    return http_datavolume(name, url, namespace=NS)
 
 
 def _vm(name: str, *, labels: JSON, interfaces: list[JSON], networks: list[JSON]) -> JSON:
-    return {
-        "metadata": {"name": name, "namespace": NS, "labels": labels},
-        "spec": {
-            "runStrategy": "Always",
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "terminationGracePeriodSeconds": 10,
-                    "domain": {
-                        "cpu": {"cores": 1},
-                        "memory": {"guest": "256Mi"},
-                        "devices": {
-                            "disks": [
-                                {"name": "root", "disk": {"bus": "virtio"}, "bootOrder": 1},
-                                {"name": "cloudinit", "disk": {"bus": "virtio"}},
-                            ],
-                            "interfaces": interfaces,
-                        },
-                    },
-                    "networks": networks,
-                    "volumes": [
-                        {"name": "root", "dataVolume": {"name": f"{name}-root"}},
-                        {"name": "cloudinit", "cloudInitNoCloud": {"userData": "#cloud-config\n"}},
-                    ],
-                },
-            },
-        },
-    }
+    return boot_vm(
+        name,
+        namespace=NS,
+        disk=f"{name}-root",
+        interfaces=interfaces,
+        networks=networks,
+        labels=labels,
+        grace=10,
+    )
 
 
 def manifests(image_url: str) -> list[tuple[Any, JSON]]:
