@@ -377,6 +377,9 @@ def test_tap_names_are_short_stable_and_distinct() -> None:
     assert tap_name(uid, "vlan10") == "vt-d0de41cad637"
     assert tap_name(uid, "vlan10") == tap_name(uid, "vlan10")
     assert len({tap_name(uid, "a"), tap_name(uid, "b"), tap_name(uid + "2", "a")}) == 3
+    # a migration's source and target taps live side by side on one host
+    assert tap_name(uid, "a", "node-1") != tap_name(uid, "a", "node-2")
+    assert len(tap_name(uid, "a", "node-1")) <= 15
 
 
 def test_macspoofchk_rules_golden() -> None:

@@ -233,12 +233,13 @@ def test_empty_values_of_unknown_fields_are_accepted() -> None:
     assert argv_for(vmi)
 
 
-def test_pod_network_with_bridge_binding_is_refused() -> None:
+def test_pod_network_with_bridge_binding_gets_user_networking() -> None:
+    """KubeVirt's default interface (bridge on the pod network) runs; it is only refused for
+    live migration (vmo.api.kubevirt.migratable)."""
     vmi = base_vmi()
     vmi["spec"]["domain"]["devices"]["interfaces"] = [{"name": "default", "bridge": {}}]
-    with pytest.raises(UnsupportedSpec) as caught:
-        domain_from_vmi(vmi, ctx=base_ctx())
-    assert caught.value.field == "spec.domain.devices.interfaces[0].bridge"
+    argv = argv_for(vmi, base_ctx())
+    assert any(a.startswith("user,id=netdev0,net=10.0.2.0/24") for a in argv)
 
 
 def test_multus_network_without_a_tap_is_refused() -> None:

@@ -27,6 +27,7 @@ from vmo.apiserver.authz import RbacAuthorization, access_reviews, token_request
 from vmo.apiserver.http import ApiHandlers, ExtraGroup
 from vmo.apiserver.kubevirt_api import KubeVirtApi
 from vmo.apiserver.lifecycle import Lifecycle
+from vmo.apiserver.migrations import MigrationAdmission
 from vmo.apiserver.registry import Registry
 from vmo.apiserver.watch import WatchHub
 
@@ -156,6 +157,7 @@ class ApiServer:
         self.hub.listen(mac_pool.observe)
         self.service.admission.append(mac_pool.admit)
         self.service.admission.append(ServiceAllocator(self.service, self.registry).admit)
+        self.service.admission.append(MigrationAdmission(self.service, self.registry).admit)
         self.lifecycle = Lifecycle(
             self.service,
             self.registry,

@@ -26,7 +26,7 @@ from vmo.engine.qemu.vmi import LocalVolume
 from vmo.engine.storage.importer import DataVolumeController
 from vmo.engine.storage.pool import Pool
 from vmo.engine.storage.upload import api_server_authorizer, upload_routes
-from vmo.engine.storage.volumes import VolumeError, resolve_volumes
+from vmo.engine.storage.volumes import VolumeError, resolve_volumes, virtual_size
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class NodeServices:
     agent: NodeAgent | None = None
     api: AgentApi | None = None
     pool: Pool = field(init=False)
+    shared_pool: Pool = field(init=False)
     net_state: bridge.NetworkState = field(init=False)
     ipam: ipam.IpamStore = field(init=False)
     _network_config: dict[str, JSON] = field(default_factory=dict)
@@ -54,9 +55,16 @@ class NodeServices:
     def pool_dir(self) -> Path:
         return self.state_dir / "pool"
 
+    @property
+    def shared_pool_dir(self) -> Path:
+        """``$VMO_HOME/shared-pool``: ReadWriteMany volumes every node of this host opens in place
+        (what shared storage is to a cluster)."""
+        return self.state_dir.parent.parent / "shared-pool"
+
     async def start(self, stop: asyncio.Event) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.pool = Pool(self.pool_dir)
+        self.shared_pool = Pool(self.shared_pool_dir)
         self.net_state = bridge.NetworkState(self.state_dir)
         # one IPAM store per host: agents on one host share each bridge segment
         self.ipam = ipam.IpamStore(self.state_dir.parent.parent / "network")
@@ -70,7 +78,11 @@ class NodeServices:
             use_emulation=self.use_emulation,
         )
         self.datavolumes = DataVolumeController(
-            self.client, self.pool, self.name, import_dir=self.image_dir
+            self.client,
+            self.pool,
+            self.name,
+            import_dir=self.image_dir,
+            shared_pool=self.shared_pool,
         )
         self.api = AgentApi(self.agent)
         self.api.extra_routes += upload_routes(
@@ -110,11 +122,22 @@ class NodeServices:
     async def _prepare_volumes(self, vmi: JSON, workdir: Path) -> dict[str, LocalVolume]:
         workdir.mkdir(parents=True, exist_ok=True)
         try:
-            resolved = await resolve_volumes(vmi, self.pool, workdir=workdir)
+            resolved = await resolve_volumes(
+                vmi, self.pool, workdir=workdir, shared_pool=self.shared_pool
+            )
         except VolumeError as exc:
             raise PrepareError("VolumeNotReady", str(exc)) from None
         volumes = {
-            name: LocalVolume(Path(v.path), DiskFormat(v.format)) for name, v in resolved.items()
+            name: LocalVolume(
+                Path(v.path),
+                DiskFormat(v.format),
+                shared=v.shared,
+                claim=v.claim,
+                backing=v.backing,
+                readonly=v.readonly,
+                virtual_size=virtual_size(Path(v.path), v.format),
+            )
+            for name, v in resolved.items()
         }
         try:
             content = await cloudinit.seed_content(vmi, self._read_secret)
@@ -129,7 +152,9 @@ class NodeServices:
             found = cloudinit.cloud_init_volume(vmi)
             assert found is not None
             seed = await asyncio.to_thread(cloudinit.write_seed, content, workdir / "seed.iso")
-            volumes[found[1]["name"]] = LocalVolume(seed, DiskFormat.RAW)
+            volumes[found[1]["name"]] = LocalVolume(
+                seed, DiskFormat.RAW, readonly=True, virtual_size=seed.stat().st_size
+            )
         return volumes
 
     async def _prepare_networks(self, vmi: JSON) -> tuple[dict[str, str], list[JSON]]:
@@ -149,7 +174,7 @@ class NodeServices:
                 )
                 conf = bridge.parse_bridge_conf(nad["spec"].get("config", ""))
                 plan = bridge.bridge_plan(conf, node=self.name)
-                tap = bridge.tap_name(uid, network["name"])
+                tap = bridge.tap_name(uid, network["name"], self.name)
                 mac = macs[network["name"]]
                 await asyncio.to_thread(
                     bridge.attach_tap,

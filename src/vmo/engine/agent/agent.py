@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmo.api.kubevirt.migratable import live_migratable, migration_method
 from vmo.client import KUBEVIRT, VMI, ApiStatusError, Client, NotFound
 from vmo.engine.agent import node as nodeobj
 from vmo.engine.agent.runtime import VmiRuntime, workdir_name
@@ -98,6 +99,61 @@ def pod_interfaces(vmi: JSON, runtime: VmiRuntime) -> list[JSON]:
         entry.update(extra)
         out.append(entry)
     return out
+
+
+def shared_claims(runtime: VmiRuntime) -> set[str]:
+    return {
+        str(_claim_of(vmi_volume))
+        for vmi_volume, local in runtime.volume_sources()
+        if local.shared and _claim_of(vmi_volume)
+    }
+
+
+def _claim_of(volume: JSON) -> str:
+    if "dataVolume" in volume:
+        return str((volume["dataVolume"] or {}).get("name", ""))
+    if "persistentVolumeClaim" in volume:
+        return str((volume["persistentVolumeClaim"] or {}).get("claimName", ""))
+    return ""
+
+
+def volume_status(vmi: JSON, runtime: VmiRuntime) -> list[JSON]:
+    """status.volumeStatus as upstream: one entry per volume with its disk target and size
+    (a migration's target sizes its copies from these)."""
+    out = []
+    for index, (volume, local) in enumerate(runtime.volume_sources()):
+        entry: JSON = {"name": volume["name"], "target": f"disk{index}"}
+        if local.virtual_size:
+            entry["size"] = local.virtual_size
+        claim = _claim_of(volume)
+        if claim:
+            info: JSON = {
+                "claimName": claim,
+                "accessModes": ["ReadWriteMany" if local.shared else "ReadWriteOnce"],
+            }
+            if local.virtual_size:
+                info["capacity"] = {"storage": str(local.virtual_size)}
+            entry["persistentVolumeClaimInfo"] = info
+        out.append(entry)
+    return out
+
+
+def running_status(vmi: JSON, runtime: VmiRuntime) -> JSON:
+    shared = shared_claims(runtime)
+    stamp = now()
+    return {
+        "phase": "Running",
+        "nodeName": runtime.node,
+        "interfaces": pod_interfaces(vmi, runtime),
+        "conditions": [
+            condition("Ready", True),
+            live_migratable(vmi, shared_claims=shared).condition(stamp),
+        ],
+        "guestOSInfo": {},
+        "machine": {"type": "q35"},
+        "migrationMethod": migration_method(vmi, shared_claims=shared),
+        "volumeStatus": volume_status(vmi, runtime),
+    }
 
 
 @dataclass
@@ -225,7 +281,9 @@ class NodeAgent:
         md = vmi["metadata"]
         key = (md["namespace"], md["name"])
         await self._add_finalizer(vmi)
-        runtime = VmiRuntime(md["namespace"], md["name"], md["uid"], self.workdir(*key))
+        runtime = VmiRuntime(
+            md["namespace"], md["name"], md["uid"], self.workdir(*key), node=self.node
+        )
         self.runtimes[key] = runtime
         try:
             # networks first: their IPAM leases become the seed's network-config
@@ -252,7 +310,9 @@ class NodeAgent:
     async def _readopt(self, vmi: JSON) -> None:
         md = vmi["metadata"]
         key = (md["namespace"], md["name"])
-        runtime = VmiRuntime(md["namespace"], md["name"], md["uid"], self.workdir(*key))
+        runtime = VmiRuntime(
+            md["namespace"], md["name"], md["uid"], self.workdir(*key), node=self.node
+        )
         if await runtime.adopt():
             log.info("re-adopted QEMU of VMI %s/%s", *key)
             self.runtimes[key] = runtime
@@ -347,38 +407,20 @@ class NodeAgent:
     # --- status --------------------------------------------------------------------------------
 
     async def _report_running(self, vmi: JSON, runtime: VmiRuntime) -> None:
-        pod = any(
-            "masquerade" in i for i in vmi["spec"]["domain"]["devices"].get("interfaces") or []
-        )
-        migratable = (
-            condition(
-                "LiveMigratable",
-                False,
-                "DisksNotLiveMigratable",
-                "node-local volumes are copied on migration",
-            )
-            if pod
-            else condition("LiveMigratable", True)
-        )
-        status = {
-            "phase": "Running",
-            "interfaces": pod_interfaces(vmi, runtime),
-            "conditions": [condition("Ready", True), migratable],
-            "guestOSInfo": {},
-            "machine": {"type": "q35"},
-            "migrationMethod": "BlockMigration",
-        }
-        await self._set_status(vmi, status)
+        await self._set_status(vmi, running_status(vmi, runtime))
 
     async def _set_status(self, vmi: JSON, status: JSON) -> None:
+        """Merge-patches the given status keys only: the migration controller and the other
+        node's agent write other keys of the same status concurrently."""
         md = vmi["metadata"]
         current = vmi.get("status", {})
-        transitions = list(current.get("phaseTransitionTimestamps") or [])
+        patch = dict(status)
         if status.get("phase") and status["phase"] != current.get("phase"):
+            transitions = list(current.get("phaseTransitionTimestamps") or [])
             transitions.append({"phase": status["phase"], "phaseTransitionTimestamp": now()})
-        merged = {**current, **status, "phaseTransitionTimestamps": transitions}
+            patch["phaseTransitionTimestamps"] = transitions
         try:
-            fresh = await self.client.patch(VMI, md["name"], {"status": merged}, md["namespace"])
+            fresh = await self.client.patch(VMI, md["name"], {"status": patch}, md["namespace"])
             self._latest[(md["namespace"], md["name"])] = fresh
         except NotFound:
             pass

@@ -7,6 +7,7 @@ port, and reads back what the VMI's status should say.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pwd
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vmo.engine.qemu.accel import Accelerator
-from vmo.engine.qemu.domain import UserBackend
+from vmo.engine.qemu.domain import DiskFormat, UserBackend
 from vmo.engine.qemu.errors import QemuError
 from vmo.engine.qemu.process import ExitStatus, QemuProcess, adopt, launch
 from vmo.engine.qemu.vmi import LocalVolume, NodeContext, domain_from_vmi
@@ -71,6 +72,19 @@ class VmiRuntime:
     # status.interfaces details the network layer knows (IPAM addresses), by interface name
     extra_interfaces: list[JSON] = field(default_factory=list)
     stopping: bool = False
+    node: str = ""
+    # the files behind the VMI's volumes, by volume name (kept for status and migration)
+    volumes: dict[str, LocalVolume] = field(default_factory=dict)
+    # the VMI spec this runtime was started from
+    spec: JSON = field(default_factory=dict)
+
+    def volume_sources(self) -> list[tuple[JSON, LocalVolume]]:
+        """(the VMI's volume entry, its local file), in the VMI's volume order."""
+        return [
+            (volume, self.volumes[volume["name"]])
+            for volume in self.spec.get("volumes") or []
+            if volume.get("name") in self.volumes
+        ]
 
     @property
     def key(self) -> tuple[str, str]:
@@ -87,6 +101,8 @@ class VmiRuntime:
     ) -> None:
         """Launches QEMU for the VMI; raises QemuError (or UnsupportedSpec) without leaving it."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.volumes, self.spec = dict(volumes), vmi.get("spec") or {}
+        self._save_volumes()
         ctx = NodeContext(
             workdir=self.workdir,
             accel=accel,
@@ -112,8 +128,49 @@ class VmiRuntime:
                 self.forwards[(proto, int(port["port"]))] = host
         return ports
 
+    def _save_volumes(self) -> None:
+        """What ``adopt`` needs to know again: the files behind the volumes, and the spec."""
+        data = {
+            "spec": self.spec,
+            "volumes": {
+                name: {
+                    "path": str(v.path),
+                    "format": str(v.format),
+                    "shared": v.shared,
+                    "claim": list(v.claim) if v.claim else None,
+                    "backing": str(v.backing) if v.backing else None,
+                    "readonly": v.readonly,
+                    "virtual_size": v.virtual_size,
+                }
+                for name, v in self.volumes.items()
+            },
+        }
+        tmp = self.workdir / ".volumes.json.tmp"
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.workdir / "volumes.json")
+
+    def _load_volumes(self) -> None:
+        try:
+            data = json.loads((self.workdir / "volumes.json").read_text())
+        except (OSError, ValueError):
+            return
+        self.spec = data.get("spec") or {}
+        self.volumes = {
+            name: LocalVolume(
+                Path(v["path"]),
+                DiskFormat(v["format"]),
+                shared=bool(v.get("shared")),
+                claim=(str(v["claim"][0]), str(v["claim"][1])) if v.get("claim") else None,
+                backing=Path(v["backing"]) if v.get("backing") else None,
+                readonly=bool(v.get("readonly")),
+                virtual_size=int(v.get("virtual_size") or 0),
+            )
+            for name, v in (data.get("volumes") or {}).items()
+        }
+
     async def adopt(self) -> bool:
         """Re-attaches to a QEMU left running by an earlier agent; True when there was one."""
+        self._load_volumes()
         try:
             self.process = await adopt(self.workdir)
         except QemuError as exc:

@@ -281,9 +281,11 @@ def bridge_plan(conf: BridgeNetConf, *, node: str) -> BridgePlan:
     )
 
 
-def tap_name(vmi_uid: str, iface: str) -> str:
-    """``vt-<hash12>``: 15 characters, stable for one VMI interface, distinct across VMIs."""
-    return f"vt-{_digest(vmi_uid, iface, length=12)}"
+def tap_name(vmi_uid: str, iface: str, node: str = "") -> str:
+    """``vt-<hash12>``: 15 characters, stable for one VMI interface on one node, distinct across
+    VMIs, and across nodes sharing a host (a migration's source and target taps coexist)."""
+    parts = (vmi_uid, iface, node) if node else (vmi_uid, iface)
+    return f"vt-{_digest(*parts, length=12)}"
 
 
 def macspoof_argv(tap: str, mac: str) -> list[list[str]]:

@@ -106,10 +106,18 @@ _NIC_MODELS = {
 
 @dataclass(frozen=True)
 class LocalVolume:
-    """A volume as it exists on this node: a file and its format."""
+    """A volume as it exists on this node: a file and its format, and what a migration needs to
+    know of it: on shared storage (opened in place by the target), a node-local pool volume
+    (``claim``: copied, then moved to the target's pool), or an overlay on a ``backing`` file
+    every node has (only the overlay is copied)."""
 
     path: Path
     format: DiskFormat = DiskFormat.RAW
+    shared: bool = False
+    claim: tuple[str, str] | None = None
+    backing: Path | None = None
+    readonly: bool = False
+    virtual_size: int = 0
 
 
 VolumeResolver = Callable[[str, JSON], LocalVolume | None]
@@ -396,8 +404,8 @@ def _host_forwards(interface: JSON, where: str, ctx: NodeContext) -> tuple[HostF
 def _pod_backend(
     interface: JSON, binding: str, pod: JSON, where: str, ctx: NodeContext
 ) -> UserBackend:
-    if binding != "masquerade":
-        raise UnsupportedSpec(f"{where}.{binding}", "the pod network needs masquerade binding")
+    # bridge binding on the pod network (KubeVirt's default interface) gets the same user-mode
+    # network: the guest takes its address by DHCP; it is not live-migratable (see migratable.py)
     cidr = str(pod.get("vmNetworkCIDR") or DEFAULT_VM_NETWORK_CIDR)
     try:
         network = ipaddress.IPv4Network(cidr)

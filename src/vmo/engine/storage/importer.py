@@ -400,6 +400,8 @@ class DataVolumeController:
     pool: Pool
     node_name: str
     import_dir: Path = field(default_factory=lambda: Path.home() / ".vmo" / "images")
+    # the host-wide pool every node opens in place: DataVolumes asking ReadWriteMany live there
+    shared_pool: Pool | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     _tasks: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
     _uploading: set[tuple[str, str]] = field(default_factory=set)
@@ -470,8 +472,19 @@ class DataVolumeController:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-        if self.pool.delete(*key):
-            log.info("deleted volume %s/%s with its DataVolume", *key)
+        for pool in self._pools():
+            if pool.delete(*key):
+                log.info("deleted volume %s/%s with its DataVolume", *key)
+
+    def _pools(self) -> list[Pool]:
+        return [self.pool] + ([self.shared_pool] if self.shared_pool is not None else [])
+
+    def pool_for(self, dv: JSON) -> Pool:
+        """The shared pool for a DataVolume asking ReadWriteMany (when there is one), else the
+        node's own pool."""
+        if self.shared_pool is not None and is_shared(dv):
+            return self.shared_pool
+        return self.pool
 
     async def _claim(self, dv: JSON) -> JSON | None:
         """Sets this node as the DataVolume's storage node unless another agent got there first."""
@@ -490,12 +503,13 @@ class DataVolumeController:
     async def _converge(self, dv: JSON) -> None:
         md, status = dv["metadata"], dv.get("status") or {}
         namespace, name, uid = md["namespace"], md["name"], md.get("uid", "")
-        if self.pool.exists(namespace, name):
-            if self.pool.record(namespace, name).owner_uid == uid:
+        pool = self.pool_for(dv)
+        if pool.exists(namespace, name):
+            if pool.record(namespace, name).owner_uid == uid:
                 await self._ensure_succeeded(dv)
                 return
             # a volume left by an earlier DataVolume of the same name
-            self.pool.delete(namespace, name)
+            pool.delete(namespace, name)
         if status.get("phase") == DataVolumePhase.FAILED:
             return
         try:
@@ -541,7 +555,7 @@ class DataVolumeController:
                 DATAVOLUME, dv["metadata"]["name"], dv["metadata"]["namespace"]
             )
             if current is None or current["metadata"].get("uid") != dv["metadata"].get("uid"):
-                self.pool.delete(*_key(dv))
+                self.pool_for(dv).delete(*_key(dv))
         except NotFound:
             # the DataVolume went away mid-transfer; its DELETED event cleans the pool
             log.info("DataVolume %s/%s deleted during its transfer", *_key(dv))
@@ -590,13 +604,14 @@ class DataVolumeController:
         md = dv["metadata"]
         ns, name, uid = md["namespace"], md["name"], md.get("uid", "")
         size = plan.size or 0
+        pool = self.pool_for(dv)
         if plan.kind is SourceKind.BLANK:
-            return await self.pool.create_blank(ns, name, size, owner_uid=uid)
+            return await pool.create_blank(ns, name, size, owner_uid=uid)
         if plan.kind is SourceKind.FILE:
             assert plan.path is not None
             if not plan.path.is_file():
                 raise TransferError(f"Unable to read local data source: no file {plan.path}")
-            return await self.pool.import_file(
+            return await pool.import_file(
                 ns,
                 name,
                 plan.path,
@@ -608,14 +623,12 @@ class DataVolumeController:
         if plan.kind is SourceKind.PVC:
             assert plan.source_pvc is not None
             try:
-                return await self.pool.clone(
-                    plan.source_pvc, ns, name, progress=progress, owner_uid=uid
-                )
+                return await pool.clone(plan.source_pvc, ns, name, progress=progress, owner_uid=uid)
             except VolumeNotFound as exc:
                 raise TransferError(f"{exc} on node {self.node_name}") from exc
         access = await http_access(self.client, ns, plan)
         async with open_http(plan.url, access) as (chunks, total):
-            return await self.pool.import_stream(
+            return await pool.import_stream(
                 ns,
                 name,
                 chunks,
@@ -668,7 +681,7 @@ class DataVolumeController:
         ticker = asyncio.create_task(publisher.run())
         await report(0.0)
         try:
-            info = await self.pool.import_stream(
+            info = await self.pool_for(dv).import_stream(
                 ns,
                 name,
                 chunks,
@@ -696,6 +709,17 @@ class DataVolumeController:
         full = {**status, "conditions": merge_conditions(old, status["conditions"], _now())}
         updated = await self.client.patch_status(DATAVOLUME, md["name"], full, md["namespace"])
         dv["status"] = updated.get("status") or full
+
+
+def access_modes(dv: JSON) -> list[str]:
+    spec = dv.get("spec") or {}
+    section = spec.get("storage") or spec.get("pvc") or {}
+    return [str(m) for m in section.get("accessModes") or []]
+
+
+def is_shared(dv: JSON) -> bool:
+    """A DataVolume asking ``ReadWriteMany``: every node opens it in place (RWX-like)."""
+    return "ReadWriteMany" in access_modes(dv)
 
 
 def _kind_of(dv: JSON) -> SourceKind | None:

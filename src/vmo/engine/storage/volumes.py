@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,23 @@ class ResolvedVolume:
     path: Path
     format: str  # "qcow2" or "raw", as QEMU's block driver names it
     readonly: bool = False
+    # in the host-wide shared pool: opened in place by a migration's target
+    shared: bool = False
+    # (namespace, claim) of a node-local pool volume: copied, then moved, by a migration
+    claim: tuple[str, str] | None = None
+    # the file a node-local copy starts from on a target (containerDisk/ephemeral base)
+    backing: Path | None = None
+
+
+def virtual_size(path: Path, fmt: str) -> int:
+    """The disk size a guest sees: the qcow2 header's size field, or a raw file's length."""
+    if fmt == "qcow2":
+        with path.open("rb") as fh:
+            header = fh.read(32)
+        if len(header) < 32 or header[:4] != b"QFI\xfb":
+            raise ValueError(f"{path} is not a qcow2 image")
+        return int.from_bytes(header[24:32], "big")
+    return path.stat().st_size
 
 
 def container_disk_file(image: str, store: Path) -> Path:
@@ -70,14 +87,24 @@ async def _blank(dest: Path, size: int, field: str) -> Path:
     return dest
 
 
-def _pool_volume(pool: Pool, namespace: str, claim: str, field: str) -> Path:
-    try:
-        path = pool.path(namespace, claim)
-    except InvalidVolumeName as exc:
-        raise VolumeError(field, str(exc)) from exc
-    if not path.is_file():
-        raise VolumeError(field, f"no volume {claim!r} in namespace {namespace} on this node")
-    return path
+def _pool_volume(pools: Sequence[Pool], namespace: str, claim: str, field: str) -> Path:
+    """The claim's volume in the node's pool, else in the shared pool."""
+    for pool in pools:
+        try:
+            path = pool.path(namespace, claim)
+        except InvalidVolumeName as exc:
+            raise VolumeError(field, str(exc)) from exc
+        if path.is_file():
+            return path
+    raise VolumeError(field, f"no volume {claim!r} in namespace {namespace} on this node")
+
+
+def _pool_resolved(ctx: _Context, claim: str, field: str, readonly: bool) -> ResolvedVolume:
+    path = _pool_volume(ctx.pools, ctx.namespace, claim, field)
+    shared = ctx.shared_root is not None and path.parent == ctx.shared_root
+    return ResolvedVolume(
+        path, "qcow2", readonly, shared=shared, claim=None if shared else (ctx.namespace, claim)
+    )
 
 
 def _datavolume_ready(name: str, field: str, datavolumes: Mapping[str, JSON] | None) -> None:
@@ -98,7 +125,8 @@ def _capacity(value: Any, field: str) -> int:
 
 @dataclass(frozen=True)
 class _Context:
-    pool: Pool
+    pools: Sequence[Pool]
+    shared_root: Path | None
     namespace: str
     workdir: Path
     image_store: Path | None
@@ -110,19 +138,20 @@ async def _resolve_one(volume: JSON, base: str, ctx: _Context) -> ResolvedVolume
     if "persistentVolumeClaim" in volume:
         src = volume["persistentVolumeClaim"] or {}
         field = f"{base}.persistentVolumeClaim.claimName"
-        path = _pool_volume(ctx.pool, ctx.namespace, str(src.get("claimName", "")), field)
-        return ResolvedVolume(path, "qcow2", bool(src.get("readOnly")))
+        return _pool_resolved(ctx, str(src.get("claimName", "")), field, bool(src.get("readOnly")))
     if "dataVolume" in volume:
         dv_name = str((volume["dataVolume"] or {}).get("name", ""))
         field = f"{base}.dataVolume.name"
         _datavolume_ready(dv_name, field, ctx.datavolumes)
-        return ResolvedVolume(_pool_volume(ctx.pool, ctx.namespace, dv_name, field), "qcow2")
+        return _pool_resolved(ctx, dv_name, field, False)
     if "ephemeral" in volume:
         claim = ((volume["ephemeral"] or {}).get("persistentVolumeClaim") or {}).get("claimName")
         field = f"{base}.ephemeral.persistentVolumeClaim.claimName"
-        source = _pool_volume(ctx.pool, ctx.namespace, str(claim or ""), field)
+        source = _pool_volume(ctx.pools, ctx.namespace, str(claim or ""), field)
         return ResolvedVolume(
-            await _overlay(source, ctx.workdir / f"ephemeral-{name}.qcow2", field), "qcow2"
+            await _overlay(source, ctx.workdir / f"ephemeral-{name}.qcow2", field),
+            "qcow2",
+            backing=source,
         )
     if "emptyDisk" in volume:
         field = f"{base}.emptyDisk.capacity"
@@ -154,7 +183,9 @@ async def _container_disk(volume: JSON, base: str, ctx: _Context) -> ResolvedVol
         )
     name = str(volume.get("name", ""))
     return ResolvedVolume(
-        await _overlay(source, ctx.workdir / f"containerdisk-{name}.qcow2", field), "qcow2"
+        await _overlay(source, ctx.workdir / f"containerdisk-{name}.qcow2", field),
+        "qcow2",
+        backing=source,
     )
 
 
@@ -165,6 +196,7 @@ async def resolve_volumes(
     workdir: Path,
     image_store: Path | None = None,
     datavolumes: Mapping[str, JSON] | None = None,
+    shared_pool: Pool | None = None,
 ) -> dict[str, ResolvedVolume]:
     """Each VMI volume's local file (cloud-init volumes excluded); raises ``VolumeError``.
 
@@ -172,7 +204,9 @@ async def resolve_volumes(
     ``dataVolume`` source as Succeeded; the pool only ever holds complete volumes anyway.
     """
     namespace = str((vmi.get("metadata") or {}).get("namespace") or "default")
-    ctx = _Context(pool, namespace, workdir, image_store, datavolumes)
+    pools = [pool] + ([shared_pool] if shared_pool is not None else [])
+    shared_root = shared_pool.root if shared_pool is not None else None
+    ctx = _Context(pools, shared_root, namespace, workdir, image_store, datavolumes)
     workdir.mkdir(parents=True, exist_ok=True)
     resolved: dict[str, ResolvedVolume] = {}
     for index, volume in enumerate((vmi.get("spec") or {}).get("volumes") or []):

@@ -14,13 +14,23 @@ import contextlib
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from vmo.api.quantity import QuantityError, parse_quantity
-from vmo.client import NODE, VMI, ApiStatusError, Client, Conflict, NotFound, Resource
+from vmo.client import (
+    DATAVOLUME,
+    NODE,
+    VMI,
+    ApiStatusError,
+    Client,
+    Conflict,
+    NotFound,
+    Resource,
+)
+from vmo.engine.storage.importer import STORAGE_NODE, is_shared
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +59,7 @@ REASON_SELECTOR = "node(s) didn't match Pod's node affinity/selector"
 REASON_AFFINITY = "node(s) didn't match pod affinity rules"
 REASON_ANTI_AFFINITY = "node(s) didn't match pod anti-affinity rules"
 REASON_EXISTING_ANTI_AFFINITY = "node(s) didn't satisfy existing pods anti-affinity rules"
+REASON_VOLUME_NODE = "node(s) had volume node affinity conflict"
 NO_NODES = "no nodes available to schedule pods"
 
 
@@ -313,12 +324,38 @@ def _check_pod_affinity(vmi: JSON, node: JSON, ctx: _Context) -> list[str]:
     return []
 
 
+def claim_names(vmi: JSON) -> list[str]:
+    """The pool volumes (claims) a VMI's volumes name: DataVolumes, PVCs, ephemeral PVCs."""
+    names = []
+    for volume in (vmi.get("spec") or {}).get("volumes") or []:
+        if "dataVolume" in volume:
+            names.append(str((volume["dataVolume"] or {}).get("name", "")))
+        elif "persistentVolumeClaim" in volume:
+            names.append(str((volume["persistentVolumeClaim"] or {}).get("claimName", "")))
+        elif "ephemeral" in volume:
+            pvc = (volume["ephemeral"] or {}).get("persistentVolumeClaim") or {}
+            names.append(str(pvc.get("claimName", "")))
+    return names
+
+
+def _check_volumes(vmi: JSON, node: JSON, ctx: _Context) -> list[str]:
+    """A node-local volume binds its VMI to the node holding it (a local PV's node affinity)."""
+    namespace = str(vmi.get("metadata", {}).get("namespace", ""))
+    for claim in claim_names(vmi):
+        holder = ctx.volume_nodes.get((namespace, claim))
+        if holder is not None and holder != node["metadata"]["name"]:
+            return [REASON_VOLUME_NODE]
+    return []
+
+
 @dataclass(frozen=True)
 class _Context:
     request: ResourceRequest
     nodes: dict[str, JSON]
     placed: list[JSON]  # other VMIs holding a node
     used: dict[str, ResourceRequest]
+    # (namespace, claim) -> the node whose local pool holds it (shared volumes are absent)
+    volume_nodes: Mapping[tuple[str, str], str] = field(default_factory=dict)
 
 
 Filter = Callable[[JSON, JSON, _Context], list[str]]
@@ -329,6 +366,7 @@ FILTERS: tuple[Filter, ...] = (
     _check_selector,
     _check_resources,
     _check_pod_affinity,
+    _check_volumes,
 )
 
 
@@ -379,20 +417,36 @@ def score(vmi: JSON, node: JSON, ctx: _Context) -> float:
 # --- place -----------------------------------------------------------------------------------------
 
 
-def _context(vmi: JSON, nodes: Sequence[JSON], vmis: Sequence[JSON]) -> _Context:
+def migration_target(vmi: JSON) -> str | None:
+    """The target node of a VMI's migration in flight: its target holds resources too."""
+    state = (vmi.get("status") or {}).get("migrationState") or {}
+    if state.get("completed") or state.get("failed") or not state.get("targetNode"):
+        return None
+    target = str(state["targetNode"])
+    return None if target == (vmi.get("status") or {}).get("nodeName") else target
+
+
+def _context(
+    vmi: JSON,
+    nodes: Sequence[JSON],
+    vmis: Sequence[JSON],
+    volume_nodes: Mapping[tuple[str, str], str] | None = None,
+) -> _Context:
     placed = [v for v in vmis if holds_resources(v) and not _same(v, vmi)]
     used: dict[str, ResourceRequest] = {}
     for other in placed:
-        name = other["status"]["nodeName"]
-        req, total = vmi_request(other), used.get(name, ResourceRequest(0, 0))
-        used[name] = ResourceRequest(
-            total.cpu_millis + req.cpu_millis, total.memory_bytes + req.memory_bytes
-        )
+        req = vmi_request(other)
+        for name in filter(None, (other["status"]["nodeName"], migration_target(other))):
+            total = used.get(name, ResourceRequest(0, 0))
+            used[name] = ResourceRequest(
+                total.cpu_millis + req.cpu_millis, total.memory_bytes + req.memory_bytes
+            )
     return _Context(
         request=vmi_request(vmi),
         nodes={n["metadata"]["name"]: n for n in nodes},
         placed=placed,
         used=used,
+        volume_nodes=volume_nodes or {},
     )
 
 
@@ -404,9 +458,15 @@ def unschedulable_message(total: int, reasons: Counter[str]) -> str:
     return f"0/{total} nodes are available: {', '.join(parts)}."
 
 
-def place(vmi: JSON, nodes: Sequence[JSON], vmis: Sequence[JSON]) -> Placement:
-    """The node ``vmi`` should run on, or why there is none."""
-    ctx = _context(vmi, nodes, vmis)
+def place(
+    vmi: JSON,
+    nodes: Sequence[JSON],
+    vmis: Sequence[JSON],
+    volume_nodes: Mapping[tuple[str, str], str] | None = None,
+) -> Placement:
+    """The node ``vmi`` should run on, or why there is none. ``volume_nodes`` maps the
+    node-local volumes (namespace, claim) to the node holding each."""
+    ctx = _context(vmi, nodes, vmis, volume_nodes)
     reasons: Counter[str] = Counter()
     feasible: list[JSON] = []
     for node in nodes:
@@ -548,18 +608,27 @@ class SchedulerController:
         nodes, _ = await self.client.list(NODE)
         vmis, _ = await self.client.list(VMI)
         waiting = sorted((v for v in vmis if needs_scheduling(v)), key=_creation_order)
+        if not waiting:
+            return 0
+        volumes = await local_volume_nodes(self.client)
         placed = 0
         for vmi in waiting:
-            fresh = await self.schedule(vmi, nodes, vmis)
+            fresh = await self.schedule(vmi, nodes, vmis, volumes)
             if fresh is not None and fresh.get("status", {}).get("nodeName"):
                 # later VMIs of this pass see the capacity this one took
                 vmis = [fresh if _vmi_key(v) == _vmi_key(fresh) else v for v in vmis]
                 placed += 1
         return placed
 
-    async def schedule(self, vmi: JSON, nodes: list[JSON], vmis: list[JSON]) -> JSON | None:
+    async def schedule(
+        self,
+        vmi: JSON,
+        nodes: list[JSON],
+        vmis: list[JSON],
+        volume_nodes: Mapping[tuple[str, str], str] | None = None,
+    ) -> JSON | None:
         """Places one VMI and writes the result; returns the VMI as stored (None if not written)."""
-        placement = place(vmi, nodes, vmis)
+        placement = place(vmi, nodes, vmis, volume_nodes)
         stamp = _now()
         if isinstance(placement, Unschedulable):
             updated = unschedulable_vmi(vmi, placement.message, stamp)
@@ -581,6 +650,18 @@ class SchedulerController:
         except ApiStatusError as exc:
             log.warning("VMI %s/%s not updated: %s", md.get("namespace"), md["name"], exc)
             return None
+
+
+async def local_volume_nodes(client: Client) -> dict[tuple[str, str], str]:
+    """(namespace, claim) -> node, for every DataVolume held in one node's local pool."""
+    dvs, _ = await client.list(DATAVOLUME)
+    found = {}
+    for dv in dvs:
+        md = dv["metadata"]
+        holder = (md.get("annotations") or {}).get(STORAGE_NODE)
+        if holder and not is_shared(dv):
+            found[(str(md.get("namespace", "")), str(md["name"]))] = str(holder)
+    return found
 
 
 def _with_phase_vmi(vmi: JSON, phase: str, stamp: str) -> JSON:
