@@ -22,8 +22,9 @@ def _denied(webhook: str, message: str) -> errors.ApiError:
     return errors.bad_request(f'admission webhook "{webhook}" denied the request: {message}')
 
 
-def migration_refusal(vmim: JSON, vmi: JSON | None) -> str | None:
-    """Why a new migration of ``vmi`` is refused, or None."""
+def migration_refusal(vmim: JSON, vmi: JSON | None, others: list[JSON] | None = None) -> str | None:
+    """Why a new migration of ``vmi`` is refused, or None; ``others`` are the namespace's
+    migrations (one not yet final for the same VMI refuses the new one)."""
     namespace = str(vmim.get("metadata", {}).get("namespace", ""))
     name = str((vmim.get("spec") or {}).get("vmiName", ""))
     if vmi is None:
@@ -39,6 +40,17 @@ def migration_refusal(vmim: JSON, vmi: JSON | None) -> str | None:
             return (
                 f"Cannot migrate VMI, Reason: {cond.get('reason', '')}, "
                 f"Message: {cond.get('message', '')}"
+            )
+    for other in others or []:
+        phase = (other.get("status") or {}).get("phase")
+        if (other.get("spec") or {}).get("vmiName") == name and phase not in (
+            "Succeeded",
+            "Failed",
+        ):
+            return (
+                f"in-flight migration detected. Active migration job "
+                f"({other['metadata'].get('uid', '')}) is currently already in progress for "
+                f"VMI {name}."
             )
     state = status.get("migrationState") or {}
     if state.get("migrationUid") and not state.get("completed") and not state.get("failed"):
@@ -66,6 +78,7 @@ class MigrationAdmission:
         namespace = str(obj.get("metadata", {}).get("namespace", ""))
         name = str((obj.get("spec") or {}).get("vmiName", ""))
         vmi = self.service.find(vmi_type, namespace, name) if name else None
-        refusal = migration_refusal(obj, vmi)
+        others = [row.obj() for row in self.service.scan(rt, namespace)]
+        refusal = migration_refusal(obj, vmi, others)
         if refusal is not None:
             raise _denied(CREATE_WEBHOOK, refusal)

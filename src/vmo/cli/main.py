@@ -371,7 +371,13 @@ def cmd_node_run(args: argparse.Namespace) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         client = Client.from_kubeconfig(kubeconfig)
-        node = NodeServices(client, args.name, state.nodes / args.name)
+        node = NodeServices(
+            client,
+            args.name,
+            state.nodes / args.name,
+            cpus=args.cpus,
+            memory_ki=_memory_ki(args.memory),
+        )
         try:
             await node.start(stop)
             print(f"node {args.name} is running", flush=True)
@@ -382,6 +388,57 @@ def cmd_node_run(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     return 0
+
+
+def _memory_ki(value: str | None) -> int | None:
+    if value is None:
+        return None
+    from vmo.api.quantity import QuantityError, parse_quantity
+
+    try:
+        return int(parse_quantity(value)) // 1024
+    except QuantityError as exc:
+        raise SystemExit(f"vmo node run: --memory {value!r}: {exc}") from None
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Like ``virtctl migrate NAME``; ``--cancel`` like ``virtctl migrate-cancel NAME``."""
+    from vmo.cli import maintenance
+
+    creds = _creds(args)
+    namespace, name = _namespace(args, creds), _vmi_name(args.name)
+    if args.cancel:
+        return maintenance.run(creds, lambda c: maintenance.cancel_migration(c, namespace, name))
+    selector = maintenance.parse_node_selector(args.added_node_selector)
+    return maintenance.run(
+        creds,
+        lambda c: maintenance.migrate(
+            c,
+            namespace,
+            name,
+            added_node_selector=selector,
+            wait=not args.no_wait,
+            timeout=args.timeout,
+        ),
+        on_interrupt=maintenance.migrate_interrupted(namespace, name),
+    )
+
+
+def cmd_node_cordon(args: argparse.Namespace) -> int:
+    from vmo.cli import maintenance
+
+    undo = args.node_command == "uncordon"
+    return maintenance.run(_creds(args), lambda c: maintenance.cordon(c, args.node, undo=undo))
+
+
+def cmd_node_drain(args: argparse.Namespace) -> int:
+    from vmo.cli import maintenance
+
+    return maintenance.run(
+        _creds(args),
+        lambda c: maintenance.drain(c, args.node, timeout=args.timeout, dry_run=args.dry_run),
+        on_interrupt=maintenance.drain_interrupted(args.node),
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -462,14 +519,70 @@ def parser() -> argparse.ArgumentParser:
     upload.set_defaults(func=cmd_image_upload)
     demo_cmd = sub.add_parser("demo", help="run the hybrid demo (database VM + Service + VLAN VMs)")
     demo_cmd.set_defaults(func=cmd_demo)
-    node = sub.add_parser("node", help="node agents").add_subparsers(
+    node = sub.add_parser("node", help="node agents and node maintenance").add_subparsers(
         dest="node_command", required=True
     )
     run = node.add_parser("run", help="run a node agent alone (it joins the running control plane)")
     run.add_argument("--name", required=True)
     run.add_argument("--kubeconfig", default="", help="default: the engine kubeconfig of --home")
+    run.add_argument(
+        "--cpus", type=int, default=None, help="CPU capacity to report (default: host)"
+    )
+    run.add_argument(
+        "--memory", default=None, help="memory capacity to report, e.g. 4Gi (default: host)"
+    )
     run.set_defaults(func=cmd_node_run)
+    _maintenance_commands(sub, node)
     return top
+
+
+def _maintenance_commands(sub: Any, node: Any) -> None:
+    from vmo.cli.maintenance import node_selector_arg
+
+    migrate = sub.add_parser(
+        "migrate", help="live-migrate a VM to another node (Ctrl-C stops following, not it)"
+    )
+    migrate.add_argument("name", help="NAME, vm/NAME or vmi/NAME")
+    migrate.add_argument(
+        "--cancel", action="store_true", help="abort the VM's migration in flight instead"
+    )
+    migrate.add_argument(
+        "--added-node-selector",
+        action="append",
+        default=[],
+        type=node_selector_arg,
+        metavar="KEY=VALUE",
+        help="an extra node selector for the target (repeatable)",
+    )
+    migrate.add_argument("--no-wait", action="store_true", help="create the migration and return")
+    migrate.add_argument(
+        "--timeout",
+        type=float,
+        default=0,
+        metavar="S",
+        help="stop following after S seconds (0: never)",
+    )
+    migrate.add_argument("-n", "--namespace", default="")
+    migrate.add_argument("--kubeconfig", default="")
+    migrate.set_defaults(func=cmd_migrate)
+    for verb, helptext in (
+        ("cordon", "mark a node unschedulable"),
+        ("uncordon", "mark a node schedulable again"),
+    ):
+        cmd = node.add_parser(verb, help=helptext)
+        cmd.add_argument("node")
+        cmd.add_argument("--kubeconfig", default="")
+        cmd.set_defaults(func=cmd_node_cordon)
+    drain = node.add_parser(
+        "drain", help="cordon a node and move its VMs off by their eviction strategy"
+    )
+    drain.add_argument("node")
+    drain.add_argument(
+        "--timeout", type=float, default=0, metavar="S", help="give up after S seconds (0: never)"
+    )
+    drain.add_argument("--dry-run", action="store_true", help="print the plan only")
+    drain.add_argument("--kubeconfig", default="")
+    drain.set_defaults(func=cmd_node_drain)
 
 
 def _stream_commands(sub: Any) -> None:

@@ -15,16 +15,18 @@ from typing import Any
 
 import yaml
 
-from vmo.client import NAD, SECRET, Client
+from vmo.client import DATAVOLUME, NAD, SECRET, ApiStatusError, Client
 from vmo.engine import cloudinit
 from vmo.engine.agent.agent import NodeAgent, PrepareError
 from vmo.engine.agent.api import AgentApi
+from vmo.engine.agent.migration import MigrationRoles
+from vmo.engine.agent.node import now_rfc3339 as nodeobj_now
 from vmo.engine.agent.node import AGENT_SOCKET_ANNOTATION as AGENT_SOCKET
 from vmo.engine.network import bridge, ipam
 from vmo.engine.qemu.domain import DiskFormat
 from vmo.engine.qemu.vmi import LocalVolume
-from vmo.engine.storage.importer import DataVolumeController
-from vmo.engine.storage.pool import Pool
+from vmo.engine.storage.importer import STORAGE_NODE, DataVolumeController
+from vmo.engine.storage.pool import Pool, VolumeRecord
 from vmo.engine.storage.upload import api_server_authorizer, upload_routes
 from vmo.engine.storage.volumes import VolumeError, resolve_volumes, virtual_size
 
@@ -41,6 +43,8 @@ class NodeServices:
     name: str
     state_dir: Path
     use_emulation: bool | None = None
+    cpus: int | None = None
+    memory_ki: int | None = None
     agent: NodeAgent | None = None
     api: AgentApi | None = None
     pool: Pool = field(init=False)
@@ -76,6 +80,8 @@ class NodeServices:
             prepare_networks=self._prepare_networks,
             release_networks=self._release_networks,
             use_emulation=self.use_emulation,
+            cpus=self.cpus,
+            memory_ki=self.memory_ki,
         )
         self.datavolumes = DataVolumeController(
             self.client,
@@ -83,6 +89,12 @@ class NodeServices:
             self.name,
             import_dir=self.image_dir,
             shared_pool=self.shared_pool,
+        )
+        self.agent.migrations = MigrationRoles(
+            self.agent,
+            prepare_target_volumes=self._prepare_target_volumes,
+            adopt_volume=self._adopt_volume,
+            release_source_volume=self._release_source_volume,
         )
         self.api = AgentApi(self.agent)
         self.api.extra_routes += upload_routes(
@@ -157,6 +169,78 @@ class NodeServices:
             )
         return volumes
 
+    # --- what a live migration needs from storage ------------------------------------------------
+
+    async def _prepare_target_volumes(self, vmi: JSON, workdir: Path) -> dict[str, LocalVolume]:
+        """The target's files: shared volumes as they are, fresh overlays and blank disks for
+        ephemeral ones, and an empty copy (of the size the source reports) of every volume held
+        in the source node's own pool; the source mirrors into the copies."""
+        namespace, uid = vmi["metadata"]["namespace"], vmi["metadata"]["uid"]
+        sizes = {
+            str(v.get("name")): int(v.get("size") or 0)
+            for v in (vmi.get("status") or {}).get("volumeStatus") or []
+        }
+        kept, remote = [], []
+        for volume in vmi["spec"].get("volumes") or []:
+            claim = _claim_name(volume)
+            if claim and not any(p.exists(namespace, claim) for p in (self.pool, self.shared_pool)):
+                remote.append((volume, claim))
+            else:
+                kept.append(volume)
+        local_vmi = {**vmi, "spec": {**vmi["spec"], "volumes": kept}}
+        volumes = await self._prepare_volumes(local_vmi, workdir)
+        try:
+            for volume, claim in remote:
+                size = sizes.get(str(volume["name"]), 0)
+                if size <= 0:
+                    raise PrepareError(
+                        "VolumeNotReady",
+                        f"the source reports no size for volume {volume['name']} in "
+                        "status.volumeStatus",
+                    )
+                path = self.pool.incoming_path(namespace, claim, uid.replace("-", "")[:16])
+                await _qemu_img_create(path, size)
+                volumes[str(volume["name"])] = LocalVolume(
+                    path, DiskFormat.QCOW2, claim=(namespace, claim), virtual_size=size
+                )
+        except BaseException:
+            for local in volumes.values():
+                if local.path.parent == self.pool.root:
+                    local.path.unlink(missing_ok=True)
+            raise
+        return volumes
+
+    async def _adopt_volume(self, vmi: JSON, local: LocalVolume) -> LocalVolume:
+        """A migrated copy becomes this node's pool volume; its DataVolume names this node."""
+        assert local.claim is not None
+        namespace, claim = local.claim
+        if not local.path.name.startswith(".migrating-"):
+            return local
+        dv = await self.client.find(DATAVOLUME, claim, namespace)
+        record = VolumeRecord(
+            namespace,
+            claim,
+            local.virtual_size,
+            "qcow2",
+            f"live migration to {self.name}",
+            nodeobj_now(),
+            str((dv or {}).get("metadata", {}).get("uid", "")),
+        )
+        path = self.pool.adopt_incoming(local.path, record)
+        if dv is not None:
+            with contextlib.suppress(ApiStatusError):
+                await self.client.patch(
+                    DATAVOLUME,
+                    claim,
+                    {"metadata": {"annotations": {STORAGE_NODE: self.name}}},
+                    namespace,
+                )
+        return dataclasses.replace(local, path=path)
+
+    async def _release_source_volume(self, claim: tuple[str, str]) -> None:
+        if self.pool.delete(*claim):
+            log.info("volume %s/%s left node %s with its VM", *claim, self.name)
+
     async def _prepare_networks(self, vmi: JSON) -> tuple[dict[str, str], list[JSON]]:
         """Bridges and taps for the VMI's Multus networks; IPAM leases go to its cloud-init."""
         taps: dict[str, str] = {}
@@ -213,6 +297,31 @@ class NodeServices:
             await asyncio.to_thread(bridge.detach_tap, self.net_state, tap)
         md = vmi["metadata"]
         self._network_config.pop(md.get("uid", ""), None)
+
+
+def _claim_name(volume: JSON) -> str:
+    if "dataVolume" in volume:
+        return str((volume["dataVolume"] or {}).get("name", ""))
+    if "persistentVolumeClaim" in volume:
+        return str((volume["persistentVolumeClaim"] or {}).get("claimName", ""))
+    return ""
+
+
+async def _qemu_img_create(path: Path, size: int) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        str(path),
+        str(size),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise PrepareError("VolumeNotReady", f"qemu-img create failed: {err.decode().strip()}")
 
 
 def _interface_macs(vmi: JSON) -> dict[str, str]:

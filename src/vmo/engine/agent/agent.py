@@ -18,6 +18,7 @@ from typing import Any
 from vmo.api.kubevirt.migratable import live_migratable, migration_method
 from vmo.client import KUBEVIRT, VMI, ApiStatusError, Client, NotFound
 from vmo.engine.agent import node as nodeobj
+from vmo.engine.agent.migration import MigrationRoles
 from vmo.engine.agent.runtime import VmiRuntime, workdir_name
 from vmo.engine.qemu.accel import Accelerator, detect_accelerator
 from vmo.engine.qemu.errors import QemuError
@@ -173,6 +174,9 @@ class NodeAgent:
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _taps: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    migrations: MigrationRoles | None = None
+    cpus: int | None = None
+    memory_ki: int | None = None
 
     @property
     def vms_dir(self) -> Path:
@@ -199,7 +203,13 @@ class NodeAgent:
         log.info("node %s: accelerator %s", self.node, self.accel)
         await nodeobj.ensure_lease_namespace(self.client)
         await nodeobj.register(
-            self.client, nodeobj.node_object(self.node, socket_path=str(self.socket_path))
+            self.client,
+            nodeobj.node_object(
+                self.node,
+                socket_path=str(self.socket_path),
+                cpus=self.cpus,
+                memory_ki=self.memory_ki,
+            ),
         )
         loop = asyncio.get_running_loop()
         self._tasks += [
@@ -230,6 +240,7 @@ class NodeAgent:
                 etype == "DELETED"
                 or vmi.get("status", {}).get("nodeName") == self.node
                 or key in self.runtimes
+                or (self.migrations is not None and self.migrations.concerns(vmi))
             ):
                 self._enqueue(key)
 
@@ -258,6 +269,8 @@ class NodeAgent:
     async def reconcile(self, key: tuple[str, str]) -> None:
         vmi = self._latest.get(key)
         runtime = self.runtimes.get(key)
+        if self.migrations is not None and await self.migrations.reconcile(key, vmi):
+            return
         if vmi is None:
             if runtime is not None:
                 await self._teardown(runtime, None, grace=0)
@@ -310,6 +323,8 @@ class NodeAgent:
     async def _readopt(self, vmi: JSON) -> None:
         md = vmi["metadata"]
         key = (md["namespace"], md["name"])
+        if self.migrations is not None and await self.migrations.recover_target(vmi):
+            return  # the guest came here by a migration whose hand-over a restart interrupted
         runtime = VmiRuntime(
             md["namespace"], md["name"], md["uid"], self.workdir(*key), node=self.node
         )
@@ -318,6 +333,8 @@ class NodeAgent:
             self.runtimes[key] = runtime
             await self._reclaim_forwards(runtime, vmi)
             self._monitor(runtime)
+            if self.migrations is not None:
+                await self.migrations.recover_source(vmi, runtime)
             return
         await self._set_status(
             vmi,

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from vmo.engine.qemu.accel import Accelerator
-from vmo.engine.qemu.domain import DiskFormat, UserBackend
+from vmo.engine.qemu.argv import disk_node_names
+from vmo.engine.qemu.domain import DiskFormat, Domain, UserBackend
 from vmo.engine.qemu.errors import QemuError
 from vmo.engine.qemu.process import ExitStatus, QemuProcess, adopt, launch
 from vmo.engine.qemu.vmi import LocalVolume, NodeContext, domain_from_vmi
@@ -77,6 +78,10 @@ class VmiRuntime:
     volumes: dict[str, LocalVolume] = field(default_factory=dict)
     # the VMI spec this runtime was started from
     spec: JSON = field(default_factory=dict)
+    domain: Domain | None = None
+    # disk (volume) name -> QEMU block node name (what block jobs and NBD exports name)
+    disk_nodes: dict[str, str] = field(default_factory=dict)
+    memory_mib: int = 0
 
     def volume_sources(self) -> list[tuple[JSON, LocalVolume]]:
         """(the VMI's volume entry, its local file), in the VMI's volume order."""
@@ -98,11 +103,11 @@ class VmiRuntime:
         volumes: dict[str, LocalVolume],
         taps: dict[str, str],
         startup_timeout: float = 15.0,
+        incoming: str | None = None,
     ) -> None:
         """Launches QEMU for the VMI; raises QemuError (or UnsupportedSpec) without leaving it."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.volumes, self.spec = dict(volumes), vmi.get("spec") or {}
-        self._save_volumes()
         ctx = NodeContext(
             workdir=self.workdir,
             accel=accel,
@@ -110,11 +115,15 @@ class VmiRuntime:
             taps=taps,
             host_ports=self._declared_ports(vmi),
             run_as=qemu_user(),
+            incoming=incoming,
         )
         domain = domain_from_vmi(vmi, ctx=ctx)
         for index, nic in enumerate(domain.nics):
             if isinstance(nic.backend, UserBackend):
                 self.pod_netdev = f"netdev{index}"
+        self.domain, self.memory_mib = domain, domain.memory_mib
+        self.disk_nodes = disk_node_names(domain)
+        self.save_volumes()
         self.process = await launch(domain, workdir=self.workdir, startup_timeout=startup_timeout)
 
     def _declared_ports(self, vmi: JSON) -> dict[str, int]:
@@ -128,10 +137,12 @@ class VmiRuntime:
                 self.forwards[(proto, int(port["port"]))] = host
         return ports
 
-    def _save_volumes(self) -> None:
+    def save_volumes(self) -> None:
         """What ``adopt`` needs to know again: the files behind the volumes, and the spec."""
         data = {
             "spec": self.spec,
+            "disk_nodes": self.disk_nodes,
+            "memory_mib": self.domain.memory_mib if self.domain else self.memory_mib,
             "volumes": {
                 name: {
                     "path": str(v.path),
@@ -155,6 +166,8 @@ class VmiRuntime:
         except (OSError, ValueError):
             return
         self.spec = data.get("spec") or {}
+        self.disk_nodes = dict(data.get("disk_nodes") or {})
+        self.memory_mib = int(data.get("memory_mib") or 0)
         self.volumes = {
             name: LocalVolume(
                 Path(v["path"]),

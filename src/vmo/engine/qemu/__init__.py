@@ -5,7 +5,13 @@ It knows nothing of the API server: callers hand it VMI JSON and a ``NodeContext
 """
 
 from vmo.engine.qemu.accel import Accelerator, ProbeResult, detect_accelerator, probe_kvm
-from vmo.engine.qemu.argv import DEFAULT_QEMU, GUEST_AGENT_CHANNEL, cpu_model, qemu_argv
+from vmo.engine.qemu.argv import (
+    DEFAULT_QEMU,
+    GUEST_AGENT_CHANNEL,
+    cpu_model,
+    disk_node_names,
+    qemu_argv,
+)
 from vmo.engine.qemu.domain import (
     CpuTopology,
     Disk,
@@ -97,6 +103,7 @@ __all__ = [
     "adopt",
     "cpu_model",
     "detect_accelerator",
+    "disk_node_names",
     "domain_from_vmi",
     "launch",
     "probe_kvm",

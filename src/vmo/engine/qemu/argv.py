@@ -24,7 +24,7 @@ from vmo.engine.qemu.domain import (
     UserBackend,
 )
 
-__all__ = ["DEFAULT_QEMU", "GUEST_AGENT_CHANNEL", "cpu_model", "qemu_argv"]
+__all__ = ["DEFAULT_QEMU", "GUEST_AGENT_CHANNEL", "cpu_model", "disk_node_names", "qemu_argv"]
 
 DEFAULT_QEMU = "qemu-system-x86_64"
 
@@ -203,7 +203,7 @@ def _disk_backend(index: int, disk: Disk) -> list[str]:
     format_spec = {
         "driver": disk.format.value,
         "file": file_node,
-        "node-name": f"disk{index}-format",
+        "node-name": _format_node(index),
         "cache": cache,
         "read-only": disk.readonly,
         "discard": "unmap",
@@ -229,7 +229,7 @@ def _disk_device(index: int, disk: Disk, bus: str | None) -> list[str]:
     device = _opts(
         _DISK_DRIVERS[(disk.bus, disk.cdrom)],
         ("bus", bus),
-        ("drive", f"disk{index}-format"),
+        ("drive", _format_node(index)),
         ("id", _device_id(disk.id)),
         ("bootindex", disk.boot_order),
         ("serial", disk.serial),
@@ -347,6 +347,20 @@ def _kernel_boot(domain: Domain) -> list[str]:
     return argv
 
 
+def _incoming(domain: Domain) -> list[str]:
+    # No -S: the destination runs the guest by itself once the migration completes.
+    return [] if domain.incoming is None else ["-incoming", domain.incoming]
+
+
+def disk_node_names(domain: Domain) -> dict[str, str]:
+    """Each disk's id -> the node name of its format layer (what block jobs and exports name)."""
+    return {disk.id: _format_node(index) for index, disk in enumerate(domain.disks)}
+
+
+def _format_node(index: int) -> str:
+    return f"disk{index}-format"
+
+
 def qemu_argv(domain: Domain, *, binary: str = DEFAULT_QEMU) -> list[str]:
     """The complete command line (``argv[0]`` is ``binary``) that runs ``domain``."""
     return [
@@ -366,4 +380,5 @@ def qemu_argv(domain: Domain, *, binary: str = DEFAULT_QEMU) -> list[str]:
         *_consoles(domain),
         *_rng(domain),
         *_kernel_boot(domain),
+        *_incoming(domain),
     ]

@@ -44,6 +44,7 @@ _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _CPU_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_INCOMING = re.compile(r"^(defer|unix:/\S+|tcp:\S*:\d+)$")
 
 
 class DiskBus(StrEnum):
@@ -263,9 +264,17 @@ class Domain:
     graphics: bool = True
     kernel_boot: KernelBoot | None = None
     efi: EfiFirmware | None = None
+    incoming: str | None = None
+    """A live migration's destination: ``defer`` (the URI comes later, through QMP
+    ``migrate-incoming``) or a ``unix:``/``tcp:`` URI to listen on. QEMU starts in the
+    ``inmigrate`` state and runs the guest as soon as the migration completes."""
 
     def __post_init__(self) -> None:
         _require(bool(_NAME.match(self.name)) and len(self.name) <= 253, f"bad name {self.name!r}")
+        _require(
+            self.incoming is None or bool(_INCOMING.match(self.incoming)),
+            f"incoming {self.incoming!r} is not 'defer' nor a unix:/tcp: URI",
+        )
         _require(self.memory_mib >= 16, "memory_mib must be >= 16")
         _require(self.machine.startswith(("q35", "pc-q35-")), f"machine {self.machine!r} not q35")
         passthrough = self.cpu.model == "host-passthrough"

@@ -358,7 +358,11 @@ async def launch(
     binary: str = DEFAULT_QEMU,
     startup_timeout: float = 10.0,
 ) -> QemuProcess:
-    """Starts ``domain`` detached from the caller; returns once QMP answers."""
+    """Starts ``domain`` detached from the caller; returns once QMP answers.
+
+    A migration destination (``domain.incoming``) answers in the ``inmigrate`` state: that is
+    ready too; it runs the guest once the migration completes (see ``migration``).
+    """
     workdir = workdir.resolve()
     _prepare_workdir(domain, workdir)
     argv = qemu_argv(domain, binary=binary)

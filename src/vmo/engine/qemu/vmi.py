@@ -149,6 +149,8 @@ class NodeContext:
     ovmf: OvmfFiles | None = None
     run_as: str | None = None
     default_disk_cache: DiskCache = DiskCache.NONE
+    incoming: str | None = None
+    """A migration target's ``-incoming`` URI (the QEMU waits for the source's state)."""
 
 
 def _is_empty(value: Any) -> bool:
@@ -500,6 +502,7 @@ def domain_from_vmi(vmi: JSON, *, ctx: NodeContext) -> Domain:
             rng="rng" in devices,
             graphics=devices.get("autoattachGraphicsDevice", True) is not False,
             efi=_firmware(domain, ctx),
+            incoming=ctx.incoming,
         )
     except ValueError as exc:
         raise UnsupportedSpec("spec", str(exc)) from exc

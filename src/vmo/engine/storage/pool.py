@@ -357,6 +357,23 @@ class Pool:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
+    def incoming_path(self, namespace: str, name: str, tag: str) -> Path:
+        """Where a live migration's copy of a volume grows before it belongs to this pool (not a
+        ``.part-`` file: a running destination QEMU has it open across an agent restart)."""
+        if not re.fullmatch(r"[a-z0-9]{1,16}", tag):
+            raise InvalidVolumeName(f"invalid migration tag {tag!r}")
+        return self._confined(f".migrating-{volume_stem(namespace, name)}-{tag}.qcow2")
+
+    def incoming_files(self) -> list[Path]:
+        return sorted(self.root.glob(".migrating-*"))
+
+    def adopt_incoming(self, path: Path, record: VolumeRecord) -> Path:
+        """Makes a migrated copy this pool's volume (replacing any stale one of that name)."""
+        if path.parent != self.root or not path.name.startswith(".migrating-"):
+            raise InvalidVolumeName(f"{path} is not a migration copy of this pool")
+        self._commit(path, record)
+        return self.path(record.namespace, record.name)
+
     def _require_absent(self, namespace: str, name: str) -> None:
         if self.exists(namespace, name):
             raise VolumeExists(f"volume {namespace}/{name} already exists in the pool")

@@ -1,0 +1,392 @@
+"""Live migration end to end: two node agents on this host, real guests moved between them.
+
+The guests boot from DataVolumes held in node-local pools (their disks are copied during the
+migration) and sit on the pod network behind a Service and on a VLAN bridge network with a
+vSphere-style MAC and an IPAM address; the tests check that the guest keeps counting (no
+reboot), keeps its MAC and IP, stays reachable, and that every failure leaves the source running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import Api, Kubectl
+from tests.test_vm_e2e import (
+    BOOT_TIMEOUT,
+    NS,
+    _qemus_under,
+    _stop_all_vms,
+    guest,  # noqa: F401  (fixture)
+    image_server,  # noqa: F401  (fixture)
+    tcp_line,
+    vm,
+    vmi_of,
+    wait_for,
+    wait_running,
+)
+from vmo.testing.apiserver import ThreadedServer
+from vmo.testing.builders import http_datavolume
+
+VMIM = f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstancemigrations"
+POLICIES = "/apis/migrations.kubevirt.io/v1alpha1/migrationpolicies"
+MIGRATION_TIMEOUT = 120.0
+VLAN_NAD = "mig-vlan"
+SLOW_LABEL = {"mig-test": "slow"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
+    server = ThreadedServer(tmp_path_factory.mktemp("vmo-mig"), engine=True, nodes=2).start()
+    try:
+        yield server
+    finally:
+        _stop_all_vms(server)
+        server.stop()
+        leaked = _qemus_under(server.home)
+        for pid in leaked:
+            os.kill(pid, signal.SIGKILL)
+        assert not leaked, f"QEMU processes left running: {leaked}"
+
+
+@pytest.fixture(scope="module")
+def k(cluster: ThreadedServer) -> Kubectl:
+    return Kubectl(cluster.kubeconfig)
+
+
+@pytest.fixture(scope="module")
+def capi(cluster: ThreadedServer) -> Api:
+    return Api(cluster.url, cluster.ca, cluster.admin_token)
+
+
+@pytest.fixture(scope="module")
+def slow_policy(capi: Api) -> Iterator[None]:
+    """VMs labelled mig-test=slow migrate at 12 MiB/s: a window for the fault tests."""
+    policy = {
+        "apiVersion": "migrations.kubevirt.io/v1alpha1",
+        "kind": "MigrationPolicy",
+        "metadata": {"name": "mig-test-slow"},
+        "spec": {
+            "selectors": {"virtualMachineInstanceSelector": SLOW_LABEL},
+            "bandwidthPerMigration": "12Mi",
+        },
+    }
+    assert capi.post(POLICIES, policy).status_code == 201
+    yield
+    capi.delete(f"{POLICIES}/mig-test-slow")
+
+
+def vlan_nad() -> dict[str, Any]:
+    config = (
+        '{"cniVersion":"0.3.1","type":"bridge","bridge":"vmo-mig","vlan":31,'
+        '"ipam":{"type":"host-local","subnet":"192.168.31.0/24"}}'
+    )
+    return {
+        "apiVersion": "k8s.cni.cncf.io/v1",
+        "kind": "NetworkAttachmentDefinition",
+        "metadata": {"name": VLAN_NAD, "namespace": NS},
+        "spec": {"config": config},
+    }
+
+
+def start_vm(
+    k: Kubectl,
+    capi: Api,
+    image_server: str,
+    name: str,
+    *,
+    labels: dict[str, str] | None = None,
+    size: str = "1Gi",
+) -> dict[str, Any]:
+    k.apply(http_datavolume(f"{name}-root", f"{image_server}/disk.qcow2", namespace=NS, size=size))
+    nets = [{"name": "vlan", "nad": VLAN_NAD, "mac": "00:50:56:a1:00:" + f"{len(name):02x}"}]
+    manifest = vm(name, disk=f"{name}-root", labels={"app": name, **(labels or {})}, nets=nets)
+    manifest["spec"]["template"]["spec"]["evictionStrategy"] = "LiveMigrate"
+    k.apply(manifest)
+    return wait_running(capi, name)
+
+
+def guest_counter(port: int) -> int:
+    line = wait_for(lambda: tcp_line("127.0.0.1", port), BOOT_TIMEOUT, "the guest's service")
+    return int(line.split("counter=")[1].split()[0])
+
+
+def service(k: Kubectl, capi: Api, name: str) -> int:
+    k.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {
+                "type": "NodePort",
+                "selector": {"app": name},
+                "ports": [{"name": "info", "port": 5432, "targetPort": 5432}],
+            },
+        }
+    )
+    svc = capi.get(f"/api/v1/namespaces/{NS}/services/{name}").json()
+    return int(svc["spec"]["ports"][0]["nodePort"])
+
+
+def migrate(capi: Api, vmi: str, **spec: Any) -> dict[str, Any]:
+    body = {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstanceMigration",
+        "metadata": {"generateName": f"{vmi}-mig-", "namespace": NS},
+        "spec": {"vmiName": vmi, **spec},
+    }
+    r = capi.post(VMIM, body)
+    assert r.status_code == 201, r.text
+    created: dict[str, Any] = r.json()
+    return created
+
+
+def vmim(capi: Api, name: str) -> dict[str, Any]:
+    obj: dict[str, Any] = capi.get(f"{VMIM}/{name}").json()
+    return obj
+
+
+def wait_phase(capi: Api, name: str, *phases: str, timeout: float = MIGRATION_TIMEOUT) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = vmim(capi, name)
+        if found.get("status", {}).get("phase") in phases:
+            return found
+        if time.monotonic() > deadline:
+            vmi = vmi_of(capi, found.get("spec", {}).get("vmiName", ""))
+            state = (vmi or {}).get("status", {}).get("migrationState")
+            raise AssertionError(
+                f"migration {name} not in {phases}: {found.get('status')}; VMI: {state}"
+            )
+        time.sleep(0.25)
+
+
+def node_of(capi: Api, name: str) -> str:
+    vmi = vmi_of(capi, name)
+    assert vmi is not None
+    return str(vmi["status"]["nodeName"])
+
+
+@pytest.fixture(scope="module")
+def moved(k: Kubectl, capi: Api, image_server: str) -> dict[str, Any]:
+    """One guest migrated once, with what it looked like before."""
+    k.apply(vlan_nad())
+    before = start_vm(k, capi, image_server, "mover")
+    port = service(k, capi, "mover")
+    counter = guest_counter(port)
+    mig = migrate(capi, "mover")
+    done = wait_phase(capi, mig["metadata"]["name"], "Succeeded", "Failed")
+    return {"before": before, "counter": counter, "port": port, "vmim": done}
+
+
+def test_migration_succeeds_with_upstream_phases(capi: Api, moved: dict[str, Any]) -> None:
+    status = moved["vmim"]["status"]
+    assert status["phase"] == "Succeeded", status
+    seen = [p["phase"] for p in status["phaseTransitionTimestamps"]]
+    for phase in ("Scheduling", "Scheduled", "PreparingTarget", "TargetReady", "Running"):
+        assert phase in seen
+    assert seen[-1] == "Succeeded"
+
+
+def test_vmi_reports_the_move_as_upstream(capi: Api, moved: dict[str, Any]) -> None:
+    vmi = vmi_of(capi, "mover")
+    assert vmi is not None
+    source = moved["before"]["status"]["nodeName"]
+    state = vmi["status"]["migrationState"]
+    assert state["sourceNode"] == source
+    assert state["targetNode"] == vmi["status"]["nodeName"] != source
+    assert state["completed"] is True and not state.get("failed")
+    assert state["migrationUid"] == moved["vmim"]["metadata"]["uid"]
+    assert state["mode"] == "PreCopy"
+    assert state["startTimestamp"] <= state["endTimestamp"]
+    assert vmi["status"]["migrationMethod"] == "BlockMigration"
+    assert vmi["status"]["phase"] == "Running"
+    assert "kubevirt.io/migrationTargetNodeName" not in vmi["metadata"].get("labels", {})
+
+
+def test_guest_keeps_running_and_stays_reachable(capi: Api, moved: dict[str, Any]) -> None:
+    after = guest_counter(moved["port"])
+    # the counter is the guest's seconds since boot: a reboot would restart it from 0
+    assert after >= moved["counter"]
+    time.sleep(1.5)
+    assert guest_counter(moved["port"]) > after
+
+
+def test_bridge_network_identity_survives(capi: Api, moved: dict[str, Any]) -> None:
+    vmi = vmi_of(capi, "mover")
+    assert vmi is not None
+
+    def vlan(status: dict[str, Any]) -> dict[str, Any]:
+        return next(i for i in status["interfaces"] if i["name"] == "vlan")
+
+    before, after = vlan(moved["before"]["status"]), vlan(vmi["status"])
+    assert after["mac"] == before["mac"] == "00:50:56:a1:00:05"
+    assert after["ipAddress"] == before["ipAddress"]
+    line = tcp_line("127.0.0.1", moved["port"])
+    assert "00:50:56:a1:00:05" in line
+
+
+def test_node_local_disk_moved_with_the_guest(
+    cluster: ThreadedServer, capi: Api, moved: dict[str, Any]
+) -> None:
+    source = moved["before"]["status"]["nodeName"]
+    target = node_of(capi, "mover")
+    pools = cluster.home / "nodes"
+    assert not list((pools / source / "pool").glob(f"{NS}--mover-root.*"))
+    assert (pools / target / "pool" / f"{NS}--mover-root.qcow2").is_file()
+    assert not list((pools / target / "pool").glob(".migrating-*"))
+    dv = capi.get(f"/apis/cdi.kubevirt.io/v1beta1/namespaces/{NS}/datavolumes/mover-root")
+    assert dv.json()["metadata"]["annotations"]["vmo.dev/storage-node"] == target
+    # the source's working directory (QEMU, seed) is gone
+    assert not list((pools / source / "vms").glob("mover-*"))
+
+
+def test_a_second_migration_moves_it_back(capi: Api, moved: dict[str, Any]) -> None:
+    source = node_of(capi, "mover")
+    mig = migrate(capi, "mover")
+    done = wait_phase(capi, mig["metadata"]["name"], "Succeeded", "Failed")
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    assert node_of(capi, "mover") != source
+    assert guest_counter(moved["port"]) > moved["counter"]
+
+
+def test_admission_refuses_what_cannot_migrate(
+    k: Kubectl, capi: Api, moved: dict[str, Any]
+) -> None:
+    body = {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstanceMigration",
+        "metadata": {"generateName": "nothing-", "namespace": NS},
+        "spec": {"vmiName": "no-such-vmi"},
+    }
+    r = capi.post(VMIM, body)
+    assert r.status_code == 400
+    assert f'the VMI "{NS}/no-such-vmi" does not exist' in r.json()["message"]
+    # a second migration while one is in flight
+    first = migrate(capi, "mover")
+    r = capi.post(VMIM, {**body, "spec": {"vmiName": "mover"}})
+    assert r.status_code == 400 and "in-flight migration detected" in r.json()["message"]
+    wait_phase(capi, first["metadata"]["name"], "Succeeded", "Failed")
+
+
+def test_target_that_fits_nowhere_fails_and_changes_nothing(
+    capi: Api, moved: dict[str, Any]
+) -> None:
+    node = node_of(capi, "mover")
+    body = {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstanceMigration",
+        "metadata": {
+            "generateName": "mover-nowhere-",
+            "namespace": NS,
+            "annotations": {"kubevirt.io/migrationUnschedulablePodTimeoutSeconds": "2"},
+        },
+        "spec": {"vmiName": "mover", "addedNodeSelector": {"kubernetes.io/hostname": "node-9"}},
+    }
+    r = capi.post(VMIM, body)
+    assert r.status_code == 201, r.text
+    done = wait_phase(capi, r.json()["metadata"]["name"], "Failed", "Succeeded", timeout=60)
+    assert done["status"]["phase"] == "Failed"
+    messages = " ".join(c.get("message", "") for c in done["status"].get("conditions") or [])
+    assert "0/2 nodes are available" in messages
+    assert node_of(capi, "mover") == node
+    assert vmi_of(capi, "mover")["status"]["phase"] == "Running"  # type: ignore[index]
+
+
+def _in_running(capi: Api, name: str) -> dict[str, Any]:
+    return wait_phase(capi, name, "Running", "Succeeded", "Failed")  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def slow(
+    k: Kubectl, capi: Api, image_server: str, slow_policy: None, moved: dict[str, Any]
+) -> dict[str, Any]:
+    """A guest whose migrations crawl at 12 MiB/s (MigrationPolicy), for the fault tests."""
+    # a disk as small as the image: QEMU 7.2 charges a capped copy for the whole virtual size
+    start_vm(k, capi, image_server, "crawler", labels=SLOW_LABEL, size="48Mi")
+    port = service(k, capi, "crawler")
+    return {"port": port, "counter": guest_counter(port)}
+
+
+def assert_source_unchanged(capi: Api, name: str, node: str, port: int, counter: int) -> None:
+    vmi = vmi_of(capi, name)
+    assert vmi is not None
+    assert vmi["status"]["nodeName"] == node
+    assert vmi["status"]["phase"] == "Running"
+    assert vmi["status"]["migrationState"]["failed"] is True
+    assert guest_counter(port) >= counter
+
+
+def test_policy_applies_and_killing_the_target_qemu_fails_safely(
+    cluster: ThreadedServer, capi: Api, slow: dict[str, Any]
+) -> None:
+    node = node_of(capi, "crawler")
+    mig = migrate(capi, "crawler")
+    running = _in_running(capi, mig["metadata"]["name"])
+    assert running["status"]["phase"] == "Running"
+    vmi = vmi_of(capi, "crawler")
+    assert vmi is not None
+    state = vmi["status"]["migrationState"]
+    assert state["migrationPolicyName"] == "mig-test-slow"
+    assert state["migrationConfiguration"]["bandwidthPerMigration"] == "12Mi"
+    target = state["targetNode"]
+    pid = int(
+        next((cluster.home / "nodes" / target / "vms").glob("crawler-*/qemu.pid")).read_text()
+    )
+    os.kill(pid, signal.SIGKILL)
+    done = wait_phase(capi, mig["metadata"]["name"], "Failed", "Succeeded")
+    assert done["status"]["phase"] == "Failed"
+    assert_source_unchanged(capi, "crawler", node, slow["port"], slow["counter"])
+    wait_for(
+        lambda: not list((cluster.home / "nodes" / target / "vms").glob("crawler-*")),
+        30,
+        "the target's leftovers to go",
+    )
+    assert not list((cluster.home / "nodes" / target / "pool").glob(".migrating-*"))
+
+
+def test_cutting_the_migration_stream_fails_safely(capi: Api, slow: dict[str, Any]) -> None:
+    node = node_of(capi, "crawler")
+    mig = migrate(capi, "crawler")
+    _in_running(capi, mig["metadata"]["name"])
+    vmi = vmi_of(capi, "crawler")
+    assert vmi is not None
+    # the memory stream and, while disks are still copied, the block stream
+    for port in vmi["status"]["migrationState"]["targetDirectMigrationNodePorts"]:
+        cut = subprocess.run(
+            ["ss", "-K", "dst", "127.0.0.1", "dport", "=", f":{port}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert cut.returncode == 0, cut.stderr
+    done = wait_phase(capi, mig["metadata"]["name"], "Failed", "Succeeded")
+    assert done["status"]["phase"] == "Failed"
+    assert_source_unchanged(capi, "crawler", node, slow["port"], slow["counter"])
+
+
+def test_deleting_the_migration_cancels_it_and_a_retry_succeeds(
+    capi: Api, slow: dict[str, Any]
+) -> None:
+    node = node_of(capi, "crawler")
+    mig = migrate(capi, "crawler")
+    name = mig["metadata"]["name"]
+    _in_running(capi, name)
+    assert capi.delete(f"{VMIM}/{name}").status_code == 200
+    wait_for(lambda: capi.get(f"{VMIM}/{name}").status_code == 404, 60, "the migration to go")
+    vmi = vmi_of(capi, "crawler")
+    assert vmi is not None
+    state = vmi["status"]["migrationState"]
+    assert state["abortRequested"] is True and state["abortStatus"] == "Succeeded"
+    assert_source_unchanged(capi, "crawler", node, slow["port"], slow["counter"])
+    retry = migrate(capi, "crawler")
+    done = wait_phase(capi, retry["metadata"]["name"], "Succeeded", "Failed", timeout=180)
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    assert node_of(capi, "crawler") != node
+    assert guest_counter(slow["port"]) > slow["counter"]
