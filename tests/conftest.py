@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import http.server
 import itertools
 import json
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ import requests
 import yaml
 
 from vmo.testing.apiserver import ThreadedServer
+from vmo.testing.guest import GuestImage, build_guest, default_cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,3 +152,27 @@ def make_user(apiserver: ThreadedServer, name: str, *groups: str) -> tuple[str, 
         path, url=apiserver.url, user=name, token=token, namespace="virtual-machines"
     )
     return token, path
+
+
+# --- the test guest, served over HTTP as a user's image server would (end-to-end modules) ---
+
+
+@pytest.fixture(scope="module")
+def guest() -> GuestImage:
+    return build_guest(default_cache_dir())
+
+
+@pytest.fixture(scope="module")
+def image_server(guest: GuestImage) -> Iterator[str]:
+    handler = partial(_QuietHandler, directory=str(guest.root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass

@@ -23,8 +23,6 @@ from tests.test_vm_e2e import (
     NS,
     _qemus_under,
     _stop_all_vms,
-    guest,  # noqa: F401  (fixture)
-    image_server,  # noqa: F401  (fixture)
     tcp_line,
     vm,
     vmi_of,

@@ -7,15 +7,12 @@ DataVolume imports over HTTP, as a user's image server would.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import signal
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +22,7 @@ import yaml
 from tests.conftest import Api, Kubectl
 from vmo.testing.apiserver import ThreadedServer
 from vmo.testing.builders import boot_vm, http_datavolume
-from vmo.testing.guest import GuestImage, build_guest, default_cache_dir
+from vmo.testing.guest import GuestImage
 
 NS = "virtual-machines"
 BOOT_TIMEOUT = 180.0
@@ -43,27 +40,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
             return last
         time.sleep(0.25)
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
-
-
-@pytest.fixture(scope="module")
-def guest() -> GuestImage:
-    return build_guest(default_cache_dir())
-
-
-@pytest.fixture(scope="module")
-def image_server(guest: GuestImage) -> Iterator[str]:
-    handler = partial(_QuietHandler, directory=str(guest.root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")

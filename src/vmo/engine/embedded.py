@@ -20,8 +20,8 @@ from vmo.engine import cloudinit
 from vmo.engine.agent.agent import NodeAgent, PrepareError
 from vmo.engine.agent.api import AgentApi
 from vmo.engine.agent.migration import MigrationRoles
-from vmo.engine.agent.node import now_rfc3339 as nodeobj_now
 from vmo.engine.agent.node import AGENT_SOCKET_ANNOTATION as AGENT_SOCKET
+from vmo.engine.agent.node import now_rfc3339 as nodeobj_now
 from vmo.engine.network import bridge, ipam
 from vmo.engine.qemu.domain import DiskFormat
 from vmo.engine.qemu.vmi import LocalVolume

@@ -27,7 +27,6 @@ from vmo.api.quantity import QuantityError, parse_quantity
 from vmo.client import VMI, ApiStatusError, NotFound
 from vmo.engine.agent.runtime import VmiRuntime, free_port, qemu_user
 from vmo.engine.qemu import migration as qm
-from vmo.engine.qemu.argv import disk_node_names
 from vmo.engine.qemu.errors import QemuError
 from vmo.engine.qemu.vmi import LocalVolume
 
