@@ -49,6 +49,24 @@ class ThreadedServer:
         self.running_engine = Engine(StateDir(self.home), nodes=self.nodes)
         await self.running_engine.start(self._stop)
 
+    def restart_node(self, name: str) -> None:
+        """Stops one node's agent (its QEMUs keep running) and starts a fresh one on the same
+        state directory, as a crashed and restarted `vmo node run` would be."""
+        assert self.running_engine is not None
+        self.call(self._restart_node(name), timeout=120)
+
+    async def _restart_node(self, name: str) -> None:
+        from vmo.engine.embedded import NodeServices
+
+        assert self.running_engine is not None and self.running_engine.client is not None
+        nodes = self.running_engine.node_services
+        index = next(i for i, n in enumerate(nodes) if n.name == name)
+        old = nodes[index]
+        await old.close()
+        fresh = NodeServices(old.client, name, old.state_dir)
+        await fresh.start(self._stop)
+        nodes[index] = fresh
+
     async def _make(self) -> ApiServer:
         return ApiServer(StateDir(self.home), port=self.port)
 

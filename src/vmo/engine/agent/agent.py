@@ -227,6 +227,8 @@ class NodeAgent:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.migrations is not None:
+            await self.migrations.close()
         for runtime in self.runtimes.values():
             await runtime.close()
         self.runtimes.clear()

@@ -154,6 +154,8 @@ class MigrationRoles:
     _handled: set[str] = field(default_factory=set)
     _aborts: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
     _outgoing_uid: dict[tuple[str, str], str] = field(default_factory=dict)
+    # QEMU's figures of the migrations this node sent, by migration uid (for benchmarks, logs)
+    results: dict[str, qm.MigrationResult] = field(default_factory=dict)
 
     @property
     def node(self) -> str:
@@ -236,6 +238,18 @@ class MigrationRoles:
         ):
             self._aborts[key].set()
         return False
+
+    async def close(self) -> None:
+        """Agent shutdown: stops following migrations (QEMU keeps going; the next agent
+        finishes or rolls back what it finds)."""
+        tasks = [*self.outgoing.values()]
+        tasks += [i.watcher for i in self.incoming.values() if i.watcher is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for incoming in self.incoming.values():
+            await incoming.runtime.close()
+        self.incoming.clear()
 
     def _source_done(self, key: tuple[str, str]) -> None:
         self.outgoing.pop(key, None)
@@ -387,6 +401,7 @@ class MigrationRoles:
         runtime.stopping = True
         if runtime.process is not None and runtime.alive:
             await runtime.process.kill()
+        await runtime.close()  # a QEMU that exited by itself still has our QMP connection
         for tap in incoming.taps:
             with contextlib.suppress(Exception):
                 await self.agent.release_networks(
@@ -499,6 +514,7 @@ class MigrationRoles:
             )
         except (QemuError, OSError, ValueError) as exc:
             result = _failed_result(str(exc))
+        self.results[uid] = result
         fresh = await self._get(key) or vmi
         if migration_state(fresh).get("migrationUid") != uid:
             return
