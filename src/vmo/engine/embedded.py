@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from vmo.api.kubevirt.migratable import claim_name
 from vmo.client import DATAVOLUME, NAD, SECRET, ApiStatusError, Client
 from vmo.engine import cloudinit
 from vmo.engine.agent.agent import NodeAgent, PrepareError
@@ -182,7 +183,7 @@ class NodeServices:
         }
         kept, remote = [], []
         for volume in vmi["spec"].get("volumes") or []:
-            claim = _claim_name(volume)
+            claim = claim_name(volume)
             if claim and not any(p.exists(namespace, claim) for p in (self.pool, self.shared_pool)):
                 remote.append((volume, claim))
             else:
@@ -297,14 +298,6 @@ class NodeServices:
             await asyncio.to_thread(bridge.detach_tap, self.net_state, tap)
         md = vmi["metadata"]
         self._network_config.pop(md.get("uid", ""), None)
-
-
-def _claim_name(volume: JSON) -> str:
-    if "dataVolume" in volume:
-        return str((volume["dataVolume"] or {}).get("name", ""))
-    if "persistentVolumeClaim" in volume:
-        return str((volume["persistentVolumeClaim"] or {}).get("claimName", ""))
-    return ""
 
 
 async def _qemu_img_create(path: Path, size: int) -> None:

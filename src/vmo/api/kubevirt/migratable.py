@@ -64,7 +64,7 @@ def live_migratable(vmi: JSON, *, shared_claims: Collection[str] = ()) -> Migrat
                 DISKS_NOT_MIGRATABLE,
                 f"cannot migrate VMI: volume {name} is a hostDisk, which stays on its node",
             )
-        claim = _claim(volume)
+        claim = claim_name(volume)
         if claim and disks.get(name, {}).get("shareable") and claim not in shared_claims:
             return Migratability(
                 False,
@@ -75,7 +75,8 @@ def live_migratable(vmi: JSON, *, shared_claims: Collection[str] = ()) -> Migrat
     return Migratability(True)
 
 
-def _claim(volume: JSON) -> str:
+def claim_name(volume: JSON) -> str:
+    """The claim (pool volume) a ``dataVolume`` or ``persistentVolumeClaim`` volume names."""
     if "dataVolume" in volume:
         return str((volume["dataVolume"] or {}).get("name", ""))
     if "persistentVolumeClaim" in volume:
@@ -88,7 +89,7 @@ def migration_method(vmi: JSON, *, shared_claims: Collection[str] = ()) -> str:
     for volume in (vmi.get("spec") or {}).get("volumes") or []:
         if "cloudInitNoCloud" in volume or "cloudInitConfigDrive" in volume:
             continue  # regenerated on the target
-        claim = _claim(volume)
+        claim = claim_name(volume)
         if not claim or claim not in shared_claims:
             return "BlockMigration"
     return "LiveMigration"

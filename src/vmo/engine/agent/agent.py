@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmo.api.kubevirt.migratable import live_migratable, migration_method
+from vmo.api.kubevirt.migratable import claim_name, live_migratable, migration_method
 from vmo.client import KUBEVIRT, VMI, ApiStatusError, Client, NotFound
 from vmo.engine.agent import node as nodeobj
 from vmo.engine.agent.migration import MigrationRoles
@@ -104,18 +104,10 @@ def pod_interfaces(vmi: JSON, runtime: VmiRuntime) -> list[JSON]:
 
 def shared_claims(runtime: VmiRuntime) -> set[str]:
     return {
-        str(_claim_of(vmi_volume))
+        str(claim_name(vmi_volume))
         for vmi_volume, local in runtime.volume_sources()
-        if local.shared and _claim_of(vmi_volume)
+        if local.shared and claim_name(vmi_volume)
     }
-
-
-def _claim_of(volume: JSON) -> str:
-    if "dataVolume" in volume:
-        return str((volume["dataVolume"] or {}).get("name", ""))
-    if "persistentVolumeClaim" in volume:
-        return str((volume["persistentVolumeClaim"] or {}).get("claimName", ""))
-    return ""
 
 
 def volume_status(vmi: JSON, runtime: VmiRuntime) -> list[JSON]:
@@ -126,7 +118,7 @@ def volume_status(vmi: JSON, runtime: VmiRuntime) -> list[JSON]:
         entry: JSON = {"name": volume["name"], "target": f"disk{index}"}
         if local.virtual_size:
             entry["size"] = local.virtual_size
-        claim = _claim_of(volume)
+        claim = claim_name(volume)
         if claim:
             info: JSON = {
                 "claimName": claim,
