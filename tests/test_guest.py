@@ -1,7 +1,8 @@
 """The tiny test guest: built from Debian packages, booted under TCG, reporting what it was given.
 
 Each guest boots once per module (a few seconds each under TCG); the two disk formats boot in
-parallel. The first run downloads ~70 MB of Debian packages into the guest cache.
+parallel. The first run downloads ~75 MB of Debian packages into the guest cache. The guest
+agent is Debian's real qemu-ga, driven through VMO's own ``GuestAgentClient``.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import os
 import re
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -17,13 +20,17 @@ from pathlib import Path
 
 import pytest
 
+from vmo.engine.qemu import GUEST_AGENT_CHANNEL, GuestAgentClient
 from vmo.testing.guest import (
     DEFAULT_MAC,
+    GuestBuildError,
     GuestImage,
+    GuestTimeoutError,
     ReadyMarker,
     RunningGuest,
     build_guest,
     default_cache_dir,
+    elf_linking,
     free_port,
     qemu_argv,
     seed_iso,
@@ -84,8 +91,16 @@ def echo_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def guest(image: GuestImage, seeds: Path, db_port: int, echo_port: int) -> Iterator[RunningGuest]:
-    """Direct kernel boot, seed on virtio, two NICs (DHCP + static), cloud-config user-data."""
+def agent_socket(seeds: Path) -> Path:
+    return seeds / "db-qga.sock"
+
+
+@pytest.fixture(scope="module")
+def guest(
+    image: GuestImage, seeds: Path, db_port: int, echo_port: int, agent_socket: Path
+) -> Iterator[RunningGuest]:
+    """Direct kernel boot, seed on virtio, two NICs (DHCP + static), cloud-config user-data,
+    and the guest agent's channel (nothing freezable mounted: only the read-only ISO seed)."""
     seed = seed_iso(
         seeds / "db.iso",
         meta_data=f"instance-id: iid-db-1\nlocal-hostname: {HOSTNAME}\n",
@@ -97,6 +112,7 @@ def guest(image: GuestImage, seeds: Path, db_port: int, echo_port: int) -> Itera
         seed=seed,
         macs=[DEFAULT_MAC, SECOND_MAC],
         host_forwards=[(db_port, 5432), (echo_port, 7)],
+        agent_socket=agent_socket,
     )
     with booted(argv) as running:
         yield running
@@ -150,8 +166,7 @@ def test_build_is_cached_by_package_versions(image: GuestImage) -> None:
 
 
 def test_initramfs_has_console_node_init_and_busybox(image: GuestImage) -> None:
-    archive = gzip.decompress(image.initramfs.read_bytes())
-    names = set(re.findall(rb"070701[0-9A-F]{104}([^\x00]+)\x00", archive))
+    names = initramfs_names(image)
     assert {b"init", b"bin/busybox", b"dev/console", b"etc/vmo/modules"} <= names
 
 
@@ -160,6 +175,43 @@ def test_disk_images_have_the_formats_they_claim(image: GuestImage) -> None:
         assert f.read(512)[510:] == b"\x55\xaa"
     assert image.disk_qcow2.read_bytes()[:4] == b"QFI\xfb"
     assert b"streamOptimized" in image.disk_vmdk.read_bytes()[:4096]
+
+
+def initramfs_names(image: GuestImage) -> set[bytes]:
+    archive = gzip.decompress(image.initramfs.read_bytes())
+    return set(re.findall(rb"070701[0-9A-F]{104}([^\x00]+)\x00", archive))
+
+
+def test_initramfs_carries_qemu_ga_with_its_loader_and_libraries(image: GuestImage) -> None:
+    names = initramfs_names(image)
+    libs = {b"lib/x86_64-linux-gnu/" + so for so in (b"libc.so.6", b"libglib-2.0.so.0")}
+    assert {b"usr/sbin/qemu-ga", b"lib64/ld-linux-x86-64.so.2", *libs} <= names
+    assert not any(b"libselinux" in name for name in names)  # in the Depends, not DT_NEEDED
+
+
+def test_initramfs_carries_ext4_for_on_demand_loading(image: GuestImage) -> None:
+    names = initramfs_names(image)
+    for module in (b"/ext4.ko", b"/jbd2.ko", b"/mbcache.ko", b"/crc16.ko", b"/crc32c_generic.ko"):
+        assert any(name.endswith(module) for name in names), module
+    assert b"sbin/modprobe" in names
+
+
+def test_elf_linking_reads_interpreter_and_needed_libraries() -> None:
+    qemu_img = shutil.which("qemu-img")
+    assert qemu_img is not None
+    linking = elf_linking(Path(qemu_img).read_bytes())
+    assert linking.interpreter == "/lib64/ld-linux-x86-64.so.2"
+    assert "libc.so.6" in linking.needed
+    with pytest.raises(GuestBuildError, match="ELF64"):
+        elf_linking(b"#!/bin/sh\n")
+
+
+def test_agent_socket_adds_the_port_the_engine_names(tmp_path: Path) -> None:
+    image = GuestImage(root=tmp_path, kernel_release="test")
+    argv = qemu_argv(image, agent_socket=tmp_path / "qga.sock")
+    port = next(arg for arg in argv if arg.startswith("virtserialport,"))
+    assert f"name={GUEST_AGENT_CHANNEL}" in port.split(",")
+    assert not any("virtserialport" in arg for arg in qemu_argv(image))
 
 
 def test_seed_iso_is_labelled_cidata(tmp_path: Path) -> None:
@@ -275,3 +327,101 @@ def test_disk_image_boots_to_ready(disk_guests: dict[str, RunningGuest], fmt: st
     ready = disk_guests[fmt].wait_ready(timeout=45)
     assert (ready.hostname, ready.macs) == ("from-disk", (DEFAULT_MAC,))
     assert "-kernel" not in disk_guests[fmt].argv
+
+
+# --- the guest agent: Debian's qemu-ga behind VMO's GuestAgentClient ---------------------------
+
+# An agent that starts after the ready marker may take a few seconds under TCG to answer.
+AGENT_TIMEOUT = 30.0
+# User-data that makes and mounts an ext2 filesystem (busybox mke2fs) with the ext4 driver on
+# the blank disk; the kernel asks /sbin/modprobe for fs-ext4, which loads ext4 and its deps.
+MOUNT_DATA_DISK = """\
+#!/bin/sh
+for disk in /sys/block/vd*; do
+    [ "$(cat "$disk/serial")" = vmo-data ] && dev=/dev/${disk##*/}
+done
+mke2fs -L vmo-data "$dev"
+mkdir -p /mnt/data
+mount -t ext4 "$dev" /mnt/data
+echo before-freeze > /mnt/data/hello
+"""
+
+
+async def test_guest_agent_answers_ping_and_info(ready: ReadyMarker, agent_socket: Path) -> None:
+    async with await GuestAgentClient.connect(agent_socket, timeout=AGENT_TIMEOUT) as qga:
+        await qga.ping()
+        info = await qga.info()
+    assert info["version"].startswith("7.2")
+    enabled = {c["name"] for c in info["supported_commands"] if c["enabled"]}
+    assert {"guest-get-osinfo", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"} <= enabled
+
+
+async def test_guest_agent_reports_osinfo_of_the_guest(
+    image: GuestImage, ready: ReadyMarker, agent_socket: Path
+) -> None:
+    async with await GuestAgentClient.connect(agent_socket, timeout=AGENT_TIMEOUT) as qga:
+        osinfo = await qga.osinfo()
+    assert osinfo["kernel-release"] == image.kernel_release
+    assert (osinfo["id"], osinfo["machine"]) == ("vmo-guest", "x86_64")
+    assert osinfo["pretty-name"].startswith("VMO test guest")
+
+
+async def test_fsfreeze_with_nothing_freezable_freezes_none_yet_reports_frozen(
+    ready: ReadyMarker, agent_socket: Path
+) -> None:
+    # qemu-ga skips filesystems that cannot freeze (rootfs, tmpfs, the ISO seed) and still
+    # enters its frozen state, so thaw is needed and thaws none.
+    async with await GuestAgentClient.connect(agent_socket, timeout=AGENT_TIMEOUT) as qga:
+        try:
+            assert await qga.fsfreeze_freeze() == 0
+            assert await qga.fsfreeze_status() == "frozen"
+        finally:
+            thawed = await qga.fsfreeze_thaw()
+        assert thawed == 0
+        assert await qga.fsfreeze_status() == "thawed"
+
+
+@pytest.fixture(scope="module")
+def fs_agent_socket(seeds: Path) -> Path:
+    return seeds / "fs-qga.sock"
+
+
+@pytest.fixture(scope="module")
+def fs_guest(image: GuestImage, seeds: Path, fs_agent_socket: Path) -> Iterator[RunningGuest]:
+    """A guest whose user-data makes and mounts a filesystem on a blank second disk."""
+    seed = seed_iso(seeds / "fs.iso", meta_data="instance-id: iid-fs\n", user_data=MOUNT_DATA_DISK)
+    blank = seeds / "data.raw"
+    blank.touch()
+    os.truncate(blank, 32 * 1024 * 1024)
+    argv = qemu_argv(image, seed=seed, agent_socket=fs_agent_socket)
+    argv += ["-drive", f"file={blank},format=raw,if=none,id=data0"]
+    argv += ["-device", "virtio-blk-pci,drive=data0,serial=vmo-data"]
+    with booted(argv) as running:
+        running.wait_ready(timeout=60)
+        yield running
+
+
+def test_user_data_mounts_ext4_loaded_on_demand(fs_guest: RunningGuest) -> None:
+    mounts = run_on_console(fs_guest, "grep ' /mnt/data ' /proc/mounts; cat /mnt/data/hello")
+    assert re.fullmatch(r"/dev/vd\w+ /mnt/data ext4 rw\S* 0 0\nbefore-freeze\n", mounts)
+    assert "ext4 " in run_on_console(fs_guest, "lsmod")
+
+
+async def test_fsfreeze_freezes_the_mounted_filesystem_and_thaws_it(
+    fs_guest: RunningGuest, fs_agent_socket: Path
+) -> None:
+    async with await GuestAgentClient.connect(fs_agent_socket, timeout=AGENT_TIMEOUT) as qga:
+        try:
+            frozen = await qga.fsfreeze_freeze()
+            assert frozen >= 1
+            assert await qga.fsfreeze_status() == "frozen"
+            start = len(fs_guest.console)
+            # A write to a frozen filesystem blocks in the kernel until the thaw.
+            fs_guest.send("(echo during > /mnt/data/write && echo VMO-WR''OTE) &\n")
+            with pytest.raises(GuestTimeoutError):
+                fs_guest.wait_for("VMO-WROTE", timeout=1.5, start=start)
+        finally:
+            thawed = await qga.fsfreeze_thaw()
+        assert thawed == frozen
+        assert await qga.fsfreeze_status() == "thawed"
+    fs_guest.wait_for("VMO-WROTE", timeout=10, start=start)

@@ -84,7 +84,16 @@ def same_content(volume: Path, raw: Path) -> bool:
 
 
 def pool_files(pool: Pool) -> list[str]:
-    return sorted(p.name for p in pool.root.iterdir())
+    """The pool's visible files, after checking its layer directory holds no orphan: every layer
+    is in the chain of a volume or a snapshot."""
+    needed: set[Path] = set()
+    for link in pool.root.glob("*.qcow2"):
+        needed.update(pool.chain(link))
+    for record in pool.snapshots():
+        needed.update(pool.chain(pool.snapshot_path(record.namespace, record.name)))
+    layers = {p for p in pool.layers_dir.iterdir() if p.name != ".lock"}
+    assert layers == {p for p in needed if p.parent == pool.layers_dir}
+    return sorted(p.name for p in pool.root.iterdir() if p.name not in (".layers", ".snapshots"))
 
 
 @pytest.fixture
@@ -523,8 +532,8 @@ async def test_volumes_resolve_to_pool_and_workdir(pool: Pool, tmp_path: Path) -
         workdir=tmp_path / "vm",
         datavolumes={"root": {"status": {"phase": "Succeeded"}}},
     )
-    assert resolved["a"].path == pool.path("default", "root") and resolved["a"].readonly
-    assert resolved["b"].path == pool.path("default", "root")
+    assert resolved["a"].path == pool.top("default", "root") and resolved["a"].readonly
+    assert resolved["b"].path == pool.top("default", "root")
     assert resolved["c"].path.parent == tmp_path / "vm" and resolved["c"].format == "qcow2"
     assert "d" not in resolved
 

@@ -533,6 +533,9 @@ def parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=cmd_node_run)
     _maintenance_commands(sub, node)
+    from vmo.cli.export import add_export_commands
+
+    add_export_commands(sub, _creds, _namespace)
     return top
 
 

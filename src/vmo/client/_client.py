@@ -66,6 +66,20 @@ VMIM = Resource(
     "kubevirt.io", "v1", "virtualmachineinstancemigrations", "VirtualMachineInstanceMigration"
 )
 KUBEVIRT = Resource("kubevirt.io", "v1", "kubevirts", "KubeVirt")
+VMSNAPSHOT = Resource(
+    "snapshot.kubevirt.io", "v1beta1", "virtualmachinesnapshots", "VirtualMachineSnapshot"
+)
+VMSNAPSHOTCONTENT = Resource(
+    "snapshot.kubevirt.io",
+    "v1beta1",
+    "virtualmachinesnapshotcontents",
+    "VirtualMachineSnapshotContent",
+)
+VMRESTORE = Resource(
+    "snapshot.kubevirt.io", "v1beta1", "virtualmachinerestores", "VirtualMachineRestore"
+)
+VMCLONE = Resource("clone.kubevirt.io", "v1beta1", "virtualmachineclones", "VirtualMachineClone")
+VMEXPORT = Resource("export.kubevirt.io", "v1", "virtualmachineexports", "VirtualMachineExport")
 DATAVOLUME = Resource("cdi.kubevirt.io", "v1beta1", "datavolumes", "DataVolume")
 NAD = Resource(
     "k8s.cni.cncf.io", "v1", "network-attachment-definitions", "NetworkAttachmentDefinition"

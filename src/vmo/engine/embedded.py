@@ -23,6 +23,7 @@ from vmo.engine.agent.api import AgentApi
 from vmo.engine.agent.migration import MigrationRoles
 from vmo.engine.agent.node import AGENT_SOCKET_ANNOTATION as AGENT_SOCKET
 from vmo.engine.agent.node import now_rfc3339 as nodeobj_now
+from vmo.engine.agent.snapshots import SnapshotExecutor
 from vmo.engine.network import bridge, ipam
 from vmo.engine.qemu.domain import DiskFormat
 from vmo.engine.qemu.vmi import LocalVolume
@@ -54,6 +55,7 @@ class NodeServices:
     ipam: ipam.IpamStore = field(init=False)
     _network_config: dict[str, JSON] = field(default_factory=dict)
     datavolumes: DataVolumeController = field(init=False)
+    snapshots: SnapshotExecutor = field(init=False)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     @property
@@ -97,6 +99,9 @@ class NodeServices:
             adopt_volume=self._adopt_volume,
             release_source_volume=self._release_source_volume,
         )
+        self.snapshots = SnapshotExecutor(
+            self.client, self.name, self.agent, [self.pool, self.shared_pool]
+        )
         self.api = AgentApi(self.agent)
         self.api.extra_routes += upload_routes(
             self.datavolumes, api_server_authorizer(self.client.creds)
@@ -114,7 +119,16 @@ class NodeServices:
         return self.state_dir.parent.parent / "images"
 
     def _background(self, stop: asyncio.Event) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
-        return [(f"datavolumes-{self.name}", lambda: self.datavolumes.run(stop))]
+        from vmo.engine.storage.export import ExportController
+
+        exports = ExportController(
+            self.client, self.name, [self.pool, self.shared_pool], self.state_dir
+        )
+        return [
+            (f"datavolumes-{self.name}", lambda: self.datavolumes.run(stop)),
+            (f"snapshots-{self.name}", lambda: self.snapshots.run(stop)),
+            (f"exports-{self.name}", lambda: exports.run(stop)),
+        ]
 
     async def close(self) -> None:
         for task in self.tasks:

@@ -7,7 +7,9 @@ NoCloud seed; ``RunningGuest`` runs QEMU on it and watches the serial console.
 Everything the guest does at boot lives in ``guest_init.sh`` (its /init): on success it prints
 ``VMO-GUEST-READY hostname=<h> ip=<a,b> mac=<m,n>`` on the serial console, counts seconds in
 /run/vmo/counter, answers TCP 5432 with ``vmo-guest <hostname> counter=<n> macs=<...>`` and
-echoes on TCP 7, and powers off cleanly on an ACPI power-button press.
+echoes on TCP 7, and powers off cleanly on an ACPI power-button press. When QEMU gives it a
+virtio-serial port named ``org.qemu.guest_agent.0`` it runs Debian's real ``qemu-ga`` on it, and
+the kernel loads ext2/ext4 on demand, so ``mke2fs`` + ``mount`` give qemu-ga something to freeze.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import itertools
 import json
 import logging
 import lzma
@@ -22,6 +25,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -33,18 +37,24 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal, Protocol
 
+from vmo.engine.qemu.argv import GUEST_AGENT_CHANNEL
+
 __all__ = [
     "DEFAULT_MAC",
     "READY_MARKER",
+    "ElfLinking",
     "GuestBuildError",
     "GuestImage",
     "GuestTimeoutError",
     "PackageVersions",
+    "ProgramFiles",
     "ReadyMarker",
     "RunningGuest",
     "build_guest",
     "default_cache_dir",
+    "elf_linking",
     "free_port",
+    "program_files",
     "qemu_argv",
     "seed_iso",
 ]
@@ -53,8 +63,10 @@ log = logging.getLogger(__name__)
 
 KERNEL_META_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
+AGENT_PACKAGE = "qemu-guest-agent"
+AGENT_BINARY = "usr/sbin/qemu-ga"
 # Bump when the build recipe changes in a way the package versions and init script do not show.
-BUILD_REVISION = 3
+BUILD_REVISION = 4
 KERNEL_CMDLINE = "console=ttyS0 loglevel=4 panic=-1"
 READY_MARKER = "VMO-GUEST-READY"
 DEFAULT_MAC = "52:54:00:12:34:56"
@@ -80,7 +92,10 @@ DEVICE_MODULES = (
 )
 # Loaded on every boot: NoCloud filesystems, and the ACPI power button with its input events.
 ALWAYS_MODULES = ("isofs", "vfat", "nls_cp437", "nls_utf8", "nls_iso8859_1", "button", "evdev")
-GUEST_MODULES = DEVICE_MODULES + ALWAYS_MODULES
+# Loaded only when the kernel asks /sbin/modprobe for one of their aliases: ``fs-ext4``/``fs-ext2``
+# on a mount (ext4 also serves ext2 in Debian's kernel), ``crypto-crc32c`` for metadata_csum.
+ON_DEMAND_MODULES = ("ext4", "crc32c_generic")
+GUEST_MODULES = DEVICE_MODULES + ALWAYS_MODULES + ON_DEMAND_MODULES
 
 INITTAB = """\
 ::sysinit:/init boot
@@ -89,6 +104,18 @@ ttyS0::respawn:-/bin/sh
 ::shutdown:/init shutdown
 """
 ACPI_POWER_HANDLER = "#!/bin/sh\nexec /init power-button\n"
+# The kernel's request_module() runs /sbin/modprobe; /init resolves names and aliases itself.
+MODPROBE = '#!/bin/sh\nexec /init modprobe "$@"\n'
+OS_RELEASE = f"""\
+PRETTY_NAME="VMO test guest (Debian kernel, busybox)"
+NAME="VMO test guest"
+ID=vmo-guest
+ID_LIKE=debian
+VERSION_ID="{BUILD_REVISION}"
+"""
+# Debian's multiarch library directory: the dynamic loader searches it without an ld.so.cache.
+LIBRARY_DIR = "lib/x86_64-linux-gnu"
+LIBRARY_SEARCH = (LIBRARY_DIR, "usr/lib/x86_64-linux-gnu", "lib", "usr/lib")
 
 SYSLINUX_CFG = f"""\
 DEFAULT vmo
@@ -132,6 +159,8 @@ class PackageVersions:
     kernel_package: str
     kernel_version: str
     busybox_version: str
+    # qemu-guest-agent and its Depends closure: (package, version), sorted
+    agent_packages: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -192,15 +221,29 @@ def _run(argv: Sequence[str], *, cwd: Path | None = None, stdin: bytes | None = 
     return done.stdout.decode(errors="replace")
 
 
-def _apt_fields(packages: Sequence[str], name: str) -> dict[str, str]:
-    """One field of each package's candidate version, from a single ``apt-cache show``."""
+def _apt_stanzas(packages: Sequence[str]) -> dict[str, str]:
+    """Each package's candidate stanza, from a single ``apt-cache show``."""
     text = _run(["apt-cache", "show", "--no-all-versions", *packages])
     found: dict[str, str] = {}
     for stanza in text.split("\n\n"):
         package = re.search(r"^Package: (\S+)$", stanza, re.MULTILINE)
-        value = re.search(rf"^{name}: (.*)$", stanza, re.MULTILINE)
-        if package and value:
-            found[package.group(1)] = value.group(1).strip()
+        if package:
+            found[package.group(1)] = stanza
+    return found
+
+
+def _field(stanza: str, name: str) -> str | None:
+    value = re.search(rf"^{name}: (.*)$", stanza, re.MULTILINE)
+    return value.group(1).strip() if value else None
+
+
+def _apt_fields(packages: Sequence[str], name: str) -> dict[str, str]:
+    """One field of each package's candidate version, from a single ``apt-cache show``."""
+    found = {
+        package: value
+        for package, stanza in _apt_stanzas(packages).items()
+        if (value := _field(stanza, name)) is not None
+    }
     missing = set(packages) - set(found)
     if missing:
         raise GuestBuildError(f"apt-cache shows no {name} for {sorted(missing)}")
@@ -216,11 +259,35 @@ def package_versions() -> PackageVersions:
     if kernel is None:
         raise GuestBuildError(f"{KERNEL_META_PACKAGE} depends on no linux-image: {depends}")
     versions = _apt_fields([kernel, BUSYBOX_PACKAGE], "Version")
+    agent = _apt_fields(sorted(_depends_closure(AGENT_PACKAGE)), "Version")
     return PackageVersions(
         kernel_package=kernel,
         kernel_version=versions[kernel],
         busybox_version=versions[BUSYBOX_PACKAGE],
+        agent_packages=tuple(sorted(agent.items())),
     )
+
+
+def _depends_closure(package: str) -> set[str]:
+    """``package`` and everything its Depends pull in (first alternatives), from apt's
+    candidates; the ELF files' DT_NEEDED then pick what the guest gets. Pre-Depends are left out:
+    they serve maintainer scripts (init-system-helpers would bring perl), which never run here."""
+    found: set[str] = set()
+    todo = {package}
+    while todo:
+        found |= todo
+        stanzas = _apt_stanzas(sorted(todo))
+        if missing := todo - set(stanzas):
+            raise GuestBuildError(f"apt-cache shows no package {sorted(missing)}")
+        depends = (_field(stanza, "Depends") for stanza in stanzas.values())
+        todo = {dep for deps in depends if deps for dep in _first_alternatives(deps)} - found
+    return found
+
+
+def _first_alternatives(depends: str) -> list[str]:
+    """``libc6 (>= 2.34), a | b, c:any`` -> ``[libc6, a, c]``."""
+    names = (group.split("|")[0].split("(")[0].strip() for group in depends.split(","))
+    return [name.split(":")[0] for name in names if name]
 
 
 # --- the build -------------------------------------------------------------------------------
@@ -296,33 +363,46 @@ def _build_into(root: Path, versions: PackageVersions, *, downloads: Path) -> Gu
     downloads.mkdir(parents=True)
     root.mkdir()
     tree = downloads / "tree"
-    for package, version in (
-        (versions.kernel_package, versions.kernel_version),
-        (BUSYBOX_PACKAGE, versions.busybox_version),
-    ):
-        _extract(_download(package, version, downloads), tree)
+    userland = downloads / "userland"  # the agent's packages, kept apart from kernel and busybox
+    base = {
+        versions.kernel_package: versions.kernel_version,
+        BUSYBOX_PACKAGE: versions.busybox_version,
+    }
+    debs = _download(base | dict(versions.agent_packages), downloads)
+    for package, deb in debs.items():
+        _extract(deb, tree if package in base else userland)
     release = _kernel_release(tree)
     shutil.copyfile(tree / "boot" / f"vmlinuz-{release}", root / "vmlinuz")
     (root / "vmlinux").write_bytes(uncompressed_kernel(root / "vmlinuz"))
     modules = module_plan(tree / "lib" / "modules" / release, GUEST_MODULES)
-    _write_initramfs(root / "initramfs.cpio.gz", tree=tree, release=release, modules=modules)
+    agent = program_files(userland, AGENT_BINARY)
+    _write_initramfs(
+        root / "initramfs.cpio.gz", tree=tree, release=release, modules=modules, programs=agent
+    )
     image = GuestImage(root=root, kernel_release=release)
     build_disk(image)
     manifest = {
         "kernel_release": release,
         "versions": versions.__dict__,
         "modules": modules.load_order,
+        "programs": sorted([*agent.files, *agent.symlinks]),
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return image
 
 
-def _download(package: str, version: str, into: Path) -> Path:
-    _run(["apt-get", "download", "-q", f"{package}={version}"], cwd=into)
-    debs = list(into.glob(f"{package}_*.deb"))
-    if len(debs) != 1:
-        raise GuestBuildError(f"apt-get download left {len(debs)} files for {package}")
-    return debs[0]
+def _download(packages: dict[str, str], into: Path) -> dict[str, Path]:
+    """Downloads the exact ``package: version`` .debs in one apt run; the file of each."""
+    _run(
+        ["apt-get", "download", "-q", *(f"{p}={v}" for p, v in sorted(packages.items()))], cwd=into
+    )
+    debs: dict[str, Path] = {}
+    for package in packages:
+        found = list(into.glob(f"{package}_*.deb"))
+        if len(found) != 1:
+            raise GuestBuildError(f"apt-get download left {len(found)} files for {package}")
+        debs[package] = found[0]
+    return debs
 
 
 def _extract(deb: Path, tree: Path) -> None:
@@ -353,6 +433,107 @@ def uncompressed_kernel(bzimage: Path) -> bytes:
                     return elf
             at = blob.find(magic, at + 1)
     raise GuestBuildError(f"no xz or gzip compressed ELF kernel found in {bzimage}")
+
+
+# --- dynamically linked programs: what ld.so would load, found in extracted packages --------
+
+
+_PT_LOAD, _PT_DYNAMIC, _PT_INTERP = 1, 2, 3
+_DT_NEEDED, _DT_STRTAB = 1, 5
+
+
+@dataclass(frozen=True)
+class ElfLinking:
+    """What the dynamic loader reads from an ELF file's program headers."""
+
+    interpreter: str | None
+    needed: tuple[str, ...]
+
+
+def elf_linking(blob: bytes) -> ElfLinking:
+    """PT_INTERP and the DT_NEEDED sonames of a little-endian ELF64 file (what ``ldd`` starts
+    from); the dynamic string table is found through the PT_LOAD segment that maps it."""
+    if blob[:4] != b"\x7fELF" or blob[4] != 2 or blob[5] != 1:
+        raise GuestBuildError("not a little-endian ELF64 file")
+    (phoff,) = struct.unpack_from("<Q", blob, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", blob, 0x36)
+    headers = [struct.unpack_from("<IIQQQQ", blob, phoff + i * phentsize) for i in range(phnum)]
+    interpreter = None
+    dynamic: list[tuple[int, int]] = []
+    for kind, _flags, offset, _vaddr, _paddr, size in headers:
+        if kind == _PT_INTERP:
+            interpreter = blob[offset : offset + size].rstrip(b"\x00").decode()
+        elif kind == _PT_DYNAMIC:
+            pairs = struct.iter_unpack("<QQ", blob[offset : offset + size])
+            dynamic = list(itertools.takewhile(lambda pair: pair[0] != 0, pairs))
+    strtab = next((value for tag, value in dynamic if tag == _DT_STRTAB), None)
+    if strtab is None:
+        return ElfLinking(interpreter, ())
+    base = _file_offset(headers, strtab)
+    needed = tuple(
+        blob[base + value : blob.index(b"\x00", base + value)].decode()
+        for tag, value in dynamic
+        if tag == _DT_NEEDED
+    )
+    return ElfLinking(interpreter, needed)
+
+
+def _file_offset(headers: list[tuple[int, ...]], address: int) -> int:
+    for kind, _flags, offset, vaddr, _paddr, size in headers:
+        if kind == _PT_LOAD and vaddr <= address < vaddr + size:
+            return address - vaddr + offset
+    raise GuestBuildError(f"address {address:#x} is in no PT_LOAD segment")
+
+
+@dataclass(frozen=True)
+class ProgramFiles:
+    """A program and every file the loader needs to run it, as initramfs paths: the program at
+    its own path, the shared libraries (and the loader) under ``LIBRARY_DIR`` by soname."""
+
+    files: dict[str, bytes]
+    symlinks: dict[str, str]
+
+
+def program_files(tree: Path, program: str) -> ProgramFiles:
+    """Resolves ``program`` (a path in ``tree``, an extracted set of .debs) the way ld.so would:
+    DT_NEEDED sonames, transitively, in Debian's library directories of that same tree."""
+    files = {program: _tree_file(tree, program).read_bytes()}
+    linking = elf_linking(files[program])
+    symlinks: dict[str, str] = {}
+    todo = list(linking.needed)
+    if linking.interpreter is not None:
+        loader = Path(linking.interpreter).name
+        symlinks[linking.interpreter.lstrip("/")] = f"/{LIBRARY_DIR}/{loader}"
+        todo.append(loader)
+    while todo:
+        soname = todo.pop()
+        path = f"{LIBRARY_DIR}/{soname}"
+        if path in files:
+            continue
+        files[path] = _library(tree, soname).read_bytes()
+        todo += elf_linking(files[path]).needed
+    return ProgramFiles(files=files, symlinks=symlinks)
+
+
+def _library(tree: Path, soname: str) -> Path:
+    for directory in LIBRARY_SEARCH:
+        with contextlib.suppress(FileNotFoundError):
+            return _tree_file(tree, f"{directory}/{soname}")
+    raise GuestBuildError(f"shared library {soname} is in none of {LIBRARY_SEARCH} of {tree}")
+
+
+def _tree_file(tree: Path, path: str) -> Path:
+    """``tree/path`` with symlinks followed inside ``tree`` (absolute targets are the guest's
+    paths, not the host's)."""
+    current = tree / path
+    for _ in range(16):
+        if not current.is_symlink():
+            if not current.is_file():
+                raise FileNotFoundError(current)
+            return current
+        target = os.readlink(current)
+        current = tree / target.lstrip("/") if target.startswith("/") else current.parent / target
+    raise GuestBuildError(f"too many symlinks resolving {path} in {tree}")
 
 
 # --- kernel modules --------------------------------------------------------------------------
@@ -455,19 +636,27 @@ def _module_files(modules: ModulePlan, moddir: str) -> dict[str, str]:
         # only device buses /init scans; sr_mod/sd_mod are loaded after the controllers
         if alias.startswith(("pci:", "virtio:"))
     )
+    # exact names the kernel requests (fs-ext2, crypto-crc32c), for /init's modprobe
+    requested = "".join(
+        f"{alias} {name}\n" for name in ON_DEMAND_MODULES for alias in modules.aliases[name]
+    )
     return {
         "etc/vmo/modules": order,
         "etc/vmo/modaliases": aliases,
         "etc/vmo/modules-always": " ".join(ALWAYS_MODULES) + "\n",
+        "etc/vmo/aliases": requested,
     }
 
 
-def _write_initramfs(path: Path, *, tree: Path, release: str, modules: ModulePlan) -> None:
+def _write_initramfs(
+    path: Path, *, tree: Path, release: str, modules: ModulePlan, programs: ProgramFiles
+) -> None:
     moddir = f"lib/modules/{release}"
     dirs = {"bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "run", "tmp"}
     dirs |= {"etc", "etc/vmo", "etc/acpi", "etc/acpi/PWRF", "root", "mnt", "var", "var/run"}
-    for module in modules.all_paths():
-        parent = Path(moddir, module).parent
+    placed = [*(f"{moddir}/{m}" for m in modules.all_paths()), *programs.files, *programs.symlinks]
+    for file in placed:
+        parent = Path(file).parent
         dirs |= {str(parent), *(str(p) for p in parent.parents if str(p) != ".")}
     # mtime 0 keeps the initramfs byte-identical across builds of the same inputs.
     with gzip.GzipFile(path, "wb", compresslevel=6, mtime=0) as gz:
@@ -481,12 +670,19 @@ def _write_initramfs(path: Path, *, tree: Path, release: str, modules: ModulePla
         cpio.file("init", _init_script(), executable=True)
         cpio.file("etc/inittab", INITTAB.encode())
         cpio.file("etc/acpi/PWRF/00000080", ACPI_POWER_HANDLER.encode(), executable=True)
+        # before busybox --install, which leaves existing files alone
+        cpio.file("sbin/modprobe", MODPROBE.encode(), executable=True)
+        cpio.file("etc/os-release", OS_RELEASE.encode())
         for name, text in _module_files(modules, moddir).items():
             cpio.file(name, text.encode())
         cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
         cpio.file("etc/group", b"root:x:0:\n")
         for module in modules.all_paths():
             cpio.file(f"{moddir}/{module}", (tree / moddir / module).read_bytes())
+        for name, data in sorted(programs.files.items()):
+            cpio.file(name, data, executable=True)
+        for name, target in sorted(programs.symlinks.items()):
+            cpio.symlink(name, target)
         cpio.trailer()
 
 
@@ -572,11 +768,14 @@ def qemu_argv(
     host_forwards: Sequence[tuple[int, int]] = (),
     memory_mib: int = 256,
     qmp_socket: Path | None = None,
+    agent_socket: Path | None = None,
 ) -> list[str]:
     """A plain QEMU (TCG) command line for the test guest; serial console on stdio.
 
     ``host_forwards`` are (host port, guest port) pairs on the first NIC's user network.
-    Disk boots use ``snapshot=on`` so the cached images are never written.
+    Disk boots use ``snapshot=on`` so the cached images are never written. ``agent_socket`` adds
+    the guest agent's channel as VMO's engine does: a virtserialport named
+    ``org.qemu.guest_agent.0`` behind a listening unix socket (for ``GuestAgentClient``).
     """
     argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mib), "-smp", "1"]
     argv += ["-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot"]
@@ -599,6 +798,10 @@ def qemu_argv(
         argv += ["-device", f"virtio-net-pci,netdev=net{i},mac={mac}"]
     if qmp_socket is not None:
         argv += ["-qmp", f"unix:{qmp_socket},server=on,wait=off"]
+    if agent_socket is not None:
+        argv += ["-chardev", f"socket,id=qga0,path={agent_socket},server=on,wait=off"]
+        argv += ["-device", "virtio-serial-pci,id=vmo-serial0"]
+        argv += ["-device", f"virtserialport,chardev=qga0,name={GUEST_AGENT_CHANNEL}"]
     return argv
 
 

@@ -7,6 +7,7 @@
 #   dhcp-hook   udhcpc event script: applies a DHCP lease
 #   info        TCP 5432 handler: one line about the guest, then close
 #   echo        TCP 7 handler: echo back what the client sends
+#   modprobe    /sbin/modprobe (the kernel's request_module too): load a module by name or alias
 #   power-button  ACPI power button: clean poweroff through init
 #   shutdown    init's shutdown action
 
@@ -14,6 +15,7 @@ PATH=/sbin:/bin:/usr/sbin:/usr/bin
 export PATH
 STATE=/run/vmo
 SEED=/run/vmo/seed
+AGENT_PORT=org.qemu.guest_agent.0
 
 log() { echo "vmo-guest: [$(cut -d' ' -f1 /proc/uptime)] $*" > /dev/console; }
 
@@ -46,6 +48,31 @@ load() {
 			[ -d "/sys/module/$mod" ] || insmod "$ko" 2>/dev/null
 		done
 	done
+}
+
+# modprobe [-q] [--] NAME...: NAME is a module of /etc/vmo/modules or an exact alias from
+# /etc/vmo/aliases; the kernel asks for fs-ext2 on a mount, crypto-crc32c for checksums.
+modprobe_cmd() {
+	quiet=0
+	status=0
+	for arg in "$@"; do
+		case "$arg" in
+		-q) quiet=1 ;;
+		-*) ;;
+		*)
+			name=$(echo "$arg" | tr - _)
+			grep -q "^$name " /etc/vmo/modules ||
+				name=$(awk -v a="$arg" '$1 == a { print $2; exit }' /etc/vmo/aliases)
+			if [ -n "$name" ]; then
+				load "$name"
+			else
+				[ "$quiet" = 1 ] || echo "modprobe: module $arg not found" >&2
+				status=1
+			fi
+			;;
+		esac
+	done
+	return "$status"
 }
 
 modules_for_bus() { # bus -> module names whose aliases match a device present on it
@@ -330,6 +357,41 @@ start_services() {
 	[ -d /dev/input ] && acpid -d -c /etc/acpi > "$STATE/acpid.log" 2>&1 &
 }
 
+# udev would link /dev/virtio-ports/<name> to the port QEMU named; without udev, do it here.
+# Ports appear shortly after virtio_console binds, so poll for a few seconds.
+agent_port() {
+	[ -n "$(ls /sys/bus/virtio/drivers/virtio_console 2>/dev/null | grep '^virtio')" ] || return 1
+	tries=0
+	while [ "$tries" -lt 100 ]; do
+		for port in /sys/class/virtio-ports/*; do
+			[ "$(cat "$port/name" 2>/dev/null)" = "$AGENT_PORT" ] || continue
+			[ -c "/dev/${port##*/}" ] || continue
+			mkdir -p /dev/virtio-ports
+			ln -sf "../${port##*/}" "/dev/virtio-ports/$AGENT_PORT"
+			echo "/dev/virtio-ports/$AGENT_PORT"
+			return 0
+		done
+		tries=$((tries + 1))
+		sleep 0.1
+	done
+	return 1
+}
+
+# Debian's qemu-ga on the virtio-serial port, restarted if it dies; runs in the background so
+# that it never delays the ready marker.
+start_guest_agent() {
+	command -v qemu-ga > /dev/null || return 0
+	(
+		dev=$(agent_port) || exit 0
+		log "qemu-ga on $dev"
+		while :; do
+			qemu-ga -m virtio-serial -p "$dev" -l "$STATE/qemu-ga.log"
+			log "qemu-ga exited ($?); restarting"
+			sleep 1
+		done
+	) < /dev/null > /dev/null 2>&1 &
+}
+
 addresses() {
 	ip -o -4 addr show scope global | awk '{ print $4 }' | cut -d/ -f1 | tr '\n' ',' | sed 's/,$//'
 }
@@ -348,6 +410,7 @@ boot() {
 	run_user_data
 	start_counter
 	start_services
+	start_guest_agent
 	macs=$(nic_macs | tr '\n' ',' | sed 's/,$//')
 	echo "VMO-GUEST-READY hostname=$(hostname) ip=$(addresses) mac=$macs" > /dev/console
 }
@@ -363,6 +426,7 @@ boot) boot ;;
 deconfig | bound | renew | leasefail | nak) dhcp_hook "$1" ;;
 info) info ;;
 echo) exec cat ;;
+modprobe) shift; modprobe_cmd "$@" ;;
 power-button) log "ACPI power button: powering off"; poweroff ;;
 shutdown) log "shutting down"; sync; umount -a -r 2>/dev/null ;;
 *) log "unknown role: $1"; exit 2 ;;

@@ -82,6 +82,9 @@ class VmiRuntime:
     # disk (volume) name -> QEMU block node name (what block jobs and NBD exports name)
     disk_nodes: dict[str, str] = field(default_factory=dict)
     memory_mib: int = 0
+    # layer file -> QEMU node name, for the overlays live snapshots added (QEMU knows them only
+    # as fdsets, so a later merge finds them here)
+    layer_nodes: dict[str, str] = field(default_factory=dict)
 
     def volume_sources(self) -> list[tuple[JSON, LocalVolume]]:
         """(the VMI's volume entry, its local file), in the VMI's volume order."""
@@ -142,6 +145,7 @@ class VmiRuntime:
         data = {
             "spec": self.spec,
             "disk_nodes": self.disk_nodes,
+            "layer_nodes": self.layer_nodes,
             "memory_mib": self.domain.memory_mib if self.domain else self.memory_mib,
             "volumes": {
                 name: {
@@ -167,6 +171,7 @@ class VmiRuntime:
             return
         self.spec = data.get("spec") or {}
         self.disk_nodes = dict(data.get("disk_nodes") or {})
+        self.layer_nodes = dict(data.get("layer_nodes") or {})
         self.memory_mib = int(data.get("memory_mib") or 0)
         self.volumes = {
             name: LocalVolume(

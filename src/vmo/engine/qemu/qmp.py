@@ -12,7 +12,9 @@ import contextlib
 import itertools
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+import os
+import socket
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from enum import Enum, StrEnum
 from pathlib import Path
 from types import TracebackType
@@ -82,6 +84,7 @@ QMP_TIMEOUTS: dict[str, float] = {
 # query-qmp-schema answers are megabytes; asyncio's default line limit is 64 KiB.
 _LINE_LIMIT = 32 << 20
 _EVENT_BACKLOG = 1024
+_FD_SEND_POLL = 0.001
 
 
 def qmp_timeout(command: str) -> float:
@@ -157,6 +160,34 @@ class MessageStream:
             await self._writer.drain()
         except OSError as exc:
             raise QMPConnectionLost(f"write failed: {exc}") from exc
+
+    async def write_with_fds(self, message: JSON, fds: Sequence[int]) -> None:
+        """Writes ``message`` with ``fds`` attached (SCM_RIGHTS), as QMP's ``add-fd`` wants."""
+        data = json.dumps(message).encode() + b"\n"
+        try:
+            # sendmsg goes around the transport: whatever it still buffers must be out first
+            while self._writer.transport.get_write_buffer_size():
+                await self._writer.drain()
+                await asyncio.sleep(_FD_SEND_POLL)
+            transport_socket = self._writer.get_extra_info("socket")
+            if transport_socket is None:
+                raise QMPConnectionLost("write failed: the connection is closed")
+            # a duplicate of the connection's socket: sendmsg is not exposed on the transport
+            with socket.socket(fileno=os.dup(transport_socket.fileno())) as sock:
+                sent = await self._send_fds(sock, data, fds)
+            if sent < len(data):
+                await self.write_raw(data[sent:])
+        except OSError as exc:
+            raise QMPConnectionLost(f"write failed: {exc}") from exc
+
+    @staticmethod
+    async def _send_fds(sock: socket.socket, data: bytes, fds: Sequence[int]) -> int:
+        """Bytes sent with the descriptors (the socket is non-blocking: waits while it is full)."""
+        while True:
+            try:
+                return socket.send_fds(sock, [data], list(fds))
+            except BlockingIOError:
+                await asyncio.sleep(_FD_SEND_POLL)
 
     async def skip_past(self, sentinel: bytes) -> None:
         """Discards everything up to and including ``sentinel``."""
@@ -248,6 +279,7 @@ class QMPClient:
         self._listeners: set[EventListener] = set()
         self._ids = itertools.count(1)
         self._lost: BaseException | None = None
+        self._fd_lock = asyncio.Lock()
         self.greeting: JSON = {}
 
     @property
@@ -339,9 +371,15 @@ class QMPClient:
             listener.put(cause)
 
     async def execute(
-        self, command: str, arguments: JSON | None = None, *, timeout: float | None = None
+        self,
+        command: str,
+        arguments: JSON | None = None,
+        *,
+        timeout: float | None = None,
+        fds: Sequence[int] = (),
     ) -> Any:
-        """Runs ``command``; its ``return`` value, or ``QMPError`` with the server's class and desc."""
+        """Runs ``command``; its ``return`` value, or ``QMPError`` with the server's class and desc.
+        ``fds`` go with the command (``add-fd``, ``getfd``)."""
         if self._lost is not None:
             raise QMPConnectionLost(f"{command}: connection lost") from self._lost
         self._require(f"execute {command}", Runstate.RUNNING)
@@ -355,8 +393,15 @@ class QMPClient:
         self._pending[message_id] = future
         log.debug("%s: -> %s %s", self.name, command, message_id)
         try:
-            await self._stream.write(message)
-            reply = await asyncio.wait_for(future, limit)
+            if fds:
+                # QEMU keeps only the last descriptors received for the next command that takes
+                # them: one command with descriptors in flight at a time
+                async with self._fd_lock:
+                    await self._stream.write_with_fds(message, fds)
+                    reply = await asyncio.wait_for(future, limit)
+            else:
+                await self._stream.write(message)
+                reply = await asyncio.wait_for(future, limit)
         except TimeoutError as exc:
             raise QMPTimeout(command, limit) from exc
         finally:

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
 STORAGE_NODE = "vmo.dev/storage-node"
+# "full": a DataVolume made from a snapshot is an independent copy, not a linked clone
+CLONE_MODE = "vmo.dev/clone-mode"
 _CHUNK = 1 << 20
 _PROGRESS_INTERVAL = 0.5
 
@@ -68,6 +70,7 @@ class SourceKind(StrEnum):
     UPLOAD = "upload"
     BLANK = "blank"
     PVC = "pvc"
+    SNAPSHOT = "snapshot"
 
 
 class ImportSpecError(Exception):
@@ -126,6 +129,11 @@ _PHASES: dict[SourceKind, tuple[DataVolumePhase, DataVolumePhase, str]] = {
         DataVolumePhase.CLONE_IN_PROGRESS,
         "Clone Complete",
     ),
+    SourceKind.SNAPSHOT: (
+        DataVolumePhase.CLONE_SCHEDULED,
+        DataVolumePhase.CLONE_IN_PROGRESS,
+        "Clone Complete",
+    ),
     SourceKind.UPLOAD: (
         DataVolumePhase.UPLOAD_SCHEDULED,
         DataVolumePhase.IMPORT_IN_PROGRESS,
@@ -178,6 +186,11 @@ def import_plan(dv: JSON, *, import_dir: Path) -> ImportPlan:
     if kind == "pvc":
         namespace = str(body.get("namespace") or dv["metadata"].get("namespace", ""))
         return ImportPlan(SourceKind.PVC, size, source_pvc=(namespace, str(body.get("name", ""))))
+    if kind == "snapshot":
+        namespace = str(body.get("namespace") or dv["metadata"].get("namespace", ""))
+        if not body.get("name"):
+            raise ImportSpecError("spec.source.snapshot.name", "the snapshot's name is required")
+        return ImportPlan(SourceKind.SNAPSHOT, size, source_pvc=(namespace, str(body["name"])))
     raise ImportSpecError(f"spec.source.{kind}", "this source is not supported by VMO's storage")
 
 
@@ -456,6 +469,15 @@ class DataVolumeController:
             return
         owner = (dv["metadata"].get("annotations") or {}).get(STORAGE_NODE)
         if owner is None:
+            snapshot = ((dv.get("spec") or {}).get("source") or {}).get("snapshot")
+            if (
+                snapshot is not None
+                and self._snapshot_pool(
+                    str(snapshot.get("namespace") or namespace), str(snapshot.get("name") or "")
+                )
+                is None
+            ):
+                return  # made where the snapshot is: the node holding it claims it
             claimed = await self._claim(dv)
             if claimed is None:
                 return
@@ -475,6 +497,10 @@ class DataVolumeController:
         for pool in self._pools():
             if pool.delete(*key):
                 log.info("deleted volume %s/%s with its DataVolume", *key)
+
+    def _snapshot_pool(self, namespace: str, name: str) -> Pool | None:
+        """The pool of this node holding the volume snapshot, if any."""
+        return next((p for p in self._pools() if p.has_snapshot(namespace, name)), None)
 
     def _pools(self) -> list[Pool]:
         return [self.pool] + ([self.shared_pool] if self.shared_pool is not None else [])
@@ -620,6 +646,18 @@ class DataVolumeController:
                 min_size=size,
                 owner_uid=uid,
             )
+        if plan.kind is SourceKind.SNAPSHOT:
+            assert plan.source_pvc is not None
+            source = self._snapshot_pool(*plan.source_pvc)
+            if source is None:
+                raise TransferError(
+                    f"volume snapshot {'/'.join(plan.source_pvc)} not found on node {self.node_name}"
+                )
+            full = (md.get("annotations") or {}).get(CLONE_MODE) == "full"
+            return await pool.volume_from_snapshot(
+                source, plan.source_pvc, ns, name, full=full, min_size=size, owner_uid=uid,
+                progress=progress,
+            )  # fmt: skip
         if plan.kind is SourceKind.PVC:
             assert plan.source_pvc is not None
             try:

@@ -87,21 +87,27 @@ async def _blank(dest: Path, size: int, field: str) -> Path:
     return dest
 
 
-def _pool_volume(pools: Sequence[Pool], namespace: str, claim: str, field: str) -> Path:
-    """The claim's volume in the node's pool, else in the shared pool."""
+def _pool_of(pools: Sequence[Pool], namespace: str, claim: str, field: str) -> Pool:
+    """The pool holding the claim's volume: the node's own, else the shared one."""
     for pool in pools:
         try:
-            path = pool.path(namespace, claim)
+            if pool.exists(namespace, claim):
+                return pool
         except InvalidVolumeName as exc:
             raise VolumeError(field, str(exc)) from exc
-        if path.is_file():
-            return path
     raise VolumeError(field, f"no volume {claim!r} in namespace {namespace} on this node")
 
 
+def _pool_volume(pools: Sequence[Pool], namespace: str, claim: str, field: str) -> Path:
+    """The claim's top layer (QEMU is given layers by their own names, never the volume's link:
+    it reopens files by name, and a snapshot moves the link)."""
+    return _pool_of(pools, namespace, claim, field).top(namespace, claim)
+
+
 def _pool_resolved(ctx: _Context, claim: str, field: str, readonly: bool) -> ResolvedVolume:
-    path = _pool_volume(ctx.pools, ctx.namespace, claim, field)
-    shared = ctx.shared_root is not None and path.parent == ctx.shared_root
+    pool = _pool_of(ctx.pools, ctx.namespace, claim, field)
+    path = pool.top(ctx.namespace, claim)
+    shared = ctx.shared_root is not None and pool.root == ctx.shared_root
     return ResolvedVolume(
         path, "qcow2", readonly, shared=shared, claim=None if shared else (ctx.namespace, claim)
     )

@@ -1,13 +1,15 @@
-"""Starts the virt-controller role: the VirtualMachine controller, the scheduler and the
-migration controller."""
+"""Starts the virt-controller role: the VirtualMachine controller, the scheduler, and the
+migration, snapshot, restore and clone controllers."""
 
 from __future__ import annotations
 
 import asyncio
 
 from vmo.client import Client
+from vmo.engine.virtcontroller.clone import CloneController
 from vmo.engine.virtcontroller.migration import MigrationController
 from vmo.engine.virtcontroller.scheduler import SchedulerController
+from vmo.engine.virtcontroller.snapshots import RestoreController, SnapshotController
 from vmo.engine.virtcontroller.vm import VMController
 
 
@@ -17,4 +19,7 @@ async def run_controllers(client: Client, *, stop: asyncio.Event) -> None:
         VMController(client).run(stop),
         SchedulerController(client).run(stop),
         MigrationController(client).run(stop),
+        SnapshotController(client).run(stop),
+        RestoreController(client).run(stop),
+        CloneController(client).run(stop),
     )

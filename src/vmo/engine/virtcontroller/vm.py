@@ -133,9 +133,12 @@ class _Plan:
 
 
 def _start(plan: _Plan, ctx: _Inputs) -> None:
-    """Creates the VMI unless DataVolumes, references or the crash-loop backoff say wait."""
+    """Creates the VMI unless DataVolumes, references, a restore or snapshot of the VM, or the
+    crash-loop backoff say wait."""
     if not ctx.dvs_ready:
         return
+    if plan.status.get("restoreInProgress") or plan.status.get("snapshotInProgress"):
+        return  # started once its volumes are whole again
     if ctx.missing_ref:
         plan.failure = ("FailedCreate", ctx.missing_ref)
         plan.events.append(
@@ -467,7 +470,9 @@ def decide(
         _STRATEGIES[strategy](plan, ctx)
     else:
         plan.failure = ("FailedCreate", f"unknown runstrategy: {strategy}")
-    new_dvs = () if deleting(vm) else tuple(missing_data_volumes(vm, dvs))
+    # a restore replaces the VM's volumes: their templates must not bring the old ones back
+    restoring = bool(status.get("restoreInProgress"))
+    new_dvs = () if deleting(vm) or restoring else tuple(missing_data_volumes(vm, dvs))
     bump = _finish_status(plan, ctx)
     return VMDecision(
         action=plan.action,

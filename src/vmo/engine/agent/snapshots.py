@@ -1,0 +1,380 @@
+"""The node's half of VM snapshots: it takes the volume snapshots a VirtualMachineSnapshotContent
+lists, and removes them (merging what must be merged) when the content goes.
+
+The cluster's snapshot controller writes the content; the node that runs the VM (online) or holds
+its volumes (offline) claims it with the ``vmo.dev/snapshot-node`` annotation and the content's
+protection finalizer, then reports ``status.readyToUse`` / ``status.error``. Protocol:
+docs/snapshots.md.
+
+Online: the guest's filesystems are frozen through its guest agent when one answers (and thawed
+whatever happens), the vCPUs are paused for the instant every disk moves onto its new overlay
+(so a VM's disks are consistent with each other even without an agent), then resumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from vmo.client import VMI, VMSNAPSHOTCONTENT, Client, Conflict, NotFound
+from vmo.engine.agent.agent import NodeAgent
+from vmo.engine.agent.runtime import VmiRuntime
+from vmo.engine.qemu.errors import QemuError
+from vmo.engine.qemu.guest_agent import GuestAgentClient
+from vmo.engine.qemu.qmp import QMPClient
+from vmo.engine.qemu.snapshot import Overlay, node_of, snapshot_disks, stream_into
+from vmo.engine.storage.pool import Pool, PoolError
+from vmo.engine.virtcontroller.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+SNAPSHOT_NODE = "vmo.dev/snapshot-node"
+INDICATIONS = "vmo.dev/snapshot-indications"
+CONTENT_FINALIZER = "snapshot.kubevirt.io/vmsnapshotcontent-protection"
+AGENT_CONNECT_TIMEOUT = 2.0
+FREEZE_TIMEOUT = 30.0
+SWEEP_SECONDS = 30.0
+_FINAL_VMI = ("Succeeded", "Failed")
+
+
+class SnapshotError(Exception):
+    pass
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class Backup:
+    volume: str  # the VM's volume name
+    claim: str
+    snapshot: str  # the volume snapshot's name
+
+    @classmethod
+    def parse(cls, item: JSON) -> Backup:
+        claim = (((item.get("persistentVolumeClaim") or {}).get("metadata")) or {}).get("name")
+        return cls(
+            str(item.get("volumeName", "")), str(claim or ""), str(item["volumeSnapshotName"])
+        )
+
+
+def backups_of(content: JSON) -> list[Backup]:
+    return [Backup.parse(b) for b in (content.get("spec") or {}).get("volumeBackups") or []]
+
+
+def source_vm(content: JSON) -> tuple[str, str]:
+    md = (((content.get("spec") or {}).get("source") or {}).get("virtualMachine") or {}).get(
+        "metadata"
+    ) or {}
+    return str(md.get("namespace") or content["metadata"]["namespace"]), str(md.get("name", ""))
+
+
+async def _switch(
+    qmp: QMPClient, disk: str, node: str, added: list[Overlay], _old: Path, new: Path
+) -> None:
+    added.extend(await snapshot_disks(qmp, [Overlay(disk, node, new)]))
+
+
+class SnapshotExecutor:
+    """One per node: takes and removes the volume snapshots of the contents it claims."""
+
+    def __init__(self, client: Client, node: str, agent: NodeAgent, pools: Sequence[Pool]) -> None:
+        self.client, self.node, self.agent, self.pools = client, node, agent, list(pools)
+        self.queue = WorkQueue()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [
+            asyncio.create_task(self._watch()),
+            asyncio.create_task(self.queue.run_worker(self._handle)),
+            asyncio.create_task(self._sweep(stop)),
+        ]
+        try:
+            await stop.wait()
+        finally:
+            self.queue.shut_down()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                async for _, content in self.client.informer(VMSNAPSHOTCONTENT):
+                    md = content["metadata"]
+                    self.queue.add(f"{md['namespace']}/{md['name']}")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("snapshot content informer failed: %s; restarting", exc)
+                await asyncio.sleep(1.0)
+
+    async def _sweep(self, stop: asyncio.Event) -> None:
+        """Merges (offline) the layers no snapshot needs any more once no QEMU has them open."""
+        while not stop.is_set():
+            await asyncio.sleep(SWEEP_SECONDS)
+            with contextlib.suppress(PoolError, OSError):
+                await self.merge(live=False)
+
+    async def _handle(self, key: str) -> float | None:
+        namespace, name = key.split("/", 1)
+        content = await self.client.find(VMSNAPSHOTCONTENT, name, namespace)
+        if content is None:
+            return None
+        return await self.reconcile(content)
+
+    # --- reconcile ----------------------------------------------------------------------------
+
+    async def reconcile(self, content: JSON) -> float | None:
+        md = content["metadata"]
+        owner = (md.get("annotations") or {}).get(SNAPSHOT_NODE)
+        if md.get("deletionTimestamp"):
+            if owner == self.node and CONTENT_FINALIZER in (md.get("finalizers") or []):
+                await self.remove(content)
+                await self._drop_finalizer(content)
+            return None
+        status = content.get("status") or {}
+        if status.get("readyToUse") or status.get("error") or (owner and owner != self.node):
+            return None
+        vm_ns, vm_name = source_vm(content)
+        vmi = await self.client.find(VMI, vm_name, vm_ns)
+        runtime: VmiRuntime | None = None
+        if vmi is not None and (vmi.get("status") or {}).get("phase") not in _FINAL_VMI:
+            vstatus = vmi.get("status") or {}
+            if vstatus.get("nodeName") != self.node:
+                return None
+            runtime = self.agent.runtimes.get((vm_ns, vm_name))
+            if vstatus.get("phase") != "Running" or runtime is None or not runtime.alive:
+                return 1.0  # scheduled here, not running yet
+        elif not self._holds_all(vm_ns, backups_of(content)):
+            return None
+        claimed = await self._claim(content)
+        if claimed is None:
+            return None
+        try:
+            indications, times = await self.take(claimed, runtime)
+        except (SnapshotError, PoolError, QemuError, OSError) as exc:
+            log.warning("snapshot %s/%s failed: %s", md["namespace"], md["name"], exc)
+            await self._report(claimed, error=str(exc))
+            return None
+        await self._report(claimed, indications=indications, times=times)
+        return None
+
+    def _pool_of(self, namespace: str, claim: str) -> Pool | None:
+        return next((p for p in self.pools if p.exists(namespace, claim)), None)
+
+    def _holds_all(self, namespace: str, backups: list[Backup]) -> bool:
+        """Offline: this node holds every volume (any of them in its own pool, not only the
+        shared one, so exactly one node claims it) — or there is nothing to snapshot."""
+        pools = [self._pool_of(namespace, b.claim) for b in backups]
+        if not backups:
+            return True  # nothing to take: the first node to claim it reports it
+        return all(p is not None for p in pools) and any(p is self.pools[0] for p in pools)
+
+    async def _claim(self, content: JSON) -> JSON | None:
+        md = content["metadata"]
+        patch = {
+            "metadata": {
+                "resourceVersion": md["resourceVersion"],
+                "annotations": {SNAPSHOT_NODE: self.node},
+                "finalizers": [*(md.get("finalizers") or []), CONTENT_FINALIZER],
+            }
+        }
+        try:
+            return await self.client.patch(VMSNAPSHOTCONTENT, md["name"], patch, md["namespace"])
+        except (Conflict, NotFound):
+            return None
+
+    async def _drop_finalizer(self, content: JSON) -> None:
+        md = content["metadata"]
+        rest = [f for f in md.get("finalizers") or [] if f != CONTENT_FINALIZER]
+        patch = {"metadata": {"resourceVersion": md["resourceVersion"], "finalizers": rest}}
+        with contextlib.suppress(NotFound):
+            await self.client.patch(VMSNAPSHOTCONTENT, md["name"], patch, md["namespace"])
+
+    async def _report(
+        self,
+        content: JSON,
+        *,
+        error: str = "",
+        indications: list[str] | None = None,
+        times: dict[str, str] | None = None,
+    ) -> None:
+        md = content["metadata"]
+        now = _now()
+        status: JSON
+        if error:
+            status = {"readyToUse": False, "error": {"message": error, "time": now}}
+        else:
+            status = {
+                "readyToUse": True,
+                "creationTime": now,
+                "volumeSnapshotStatus": [
+                    {"volumeSnapshotName": b.snapshot, "creationTime": (times or {})[b.snapshot],
+                     "readyToUse": True}
+                    for b in backups_of(content)
+                ],
+            }  # fmt: skip
+        with contextlib.suppress(NotFound):
+            if indications is not None:
+                await self.client.patch(
+                    VMSNAPSHOTCONTENT,
+                    md["name"],
+                    {"metadata": {"annotations": {INDICATIONS: ",".join(indications)}}},
+                    md["namespace"],
+                )
+            await self.client.patch_status(VMSNAPSHOTCONTENT, md["name"], status, md["namespace"])
+
+    # --- taking -------------------------------------------------------------------------------
+
+    async def take(
+        self, content: JSON, runtime: VmiRuntime | None
+    ) -> tuple[list[str], dict[str, str]]:
+        """Takes every volume snapshot of the content; (indications, creation time by snapshot).
+        All or nothing: what was taken is removed again when a later volume fails."""
+        namespace = content["metadata"]["namespace"]
+        owner = str(content["metadata"].get("uid", ""))
+        backups = backups_of(content)
+        plan: list[tuple[Backup, Pool]] = []
+        for b in backups:
+            pool = self._pool_of(namespace, b.claim)
+            if pool is None:
+                raise SnapshotError(f"volume {b.claim} of the VM is not on node {self.node}")
+            plan.append((b, pool))
+        taken: list[tuple[Backup, Pool]] = []
+        times: dict[str, str] = {}
+        try:
+            if runtime is None:
+                for b, pool in plan:
+                    record = await pool.snapshot(namespace, b.claim, b.snapshot, owner_uid=owner)
+                    taken.append((b, pool))
+                    times[b.snapshot] = record.created
+                return [], times
+            indications = await self._take_live(namespace, owner, plan, runtime, taken, times)
+            return indications, times
+        except BaseException:
+            for b, pool in taken:
+                with contextlib.suppress(PoolError, OSError):
+                    await pool.delete_snapshot(namespace, b.snapshot)
+            raise
+
+    async def _take_live(
+        self,
+        namespace: str,
+        owner: str,
+        plan: list[tuple[Backup, Pool]],
+        runtime: VmiRuntime,
+        taken: list[tuple[Backup, Pool]],
+        times: dict[str, str],
+    ) -> list[str]:
+        assert runtime.process is not None
+        indications = ["Online"]
+        guest_agent: GuestAgentClient | None = None
+        with contextlib.suppress(QemuError, OSError, TimeoutError):
+            guest_agent = await asyncio.wait_for(
+                GuestAgentClient.connect(runtime.process.paths.guest_agent, timeout=1.0),
+                AGENT_CONNECT_TIMEOUT,
+            )
+        freeze_attempted = False
+        try:
+            if guest_agent is None:
+                indications.append("NoGuestAgent")
+            else:
+                freeze_attempted = True
+                try:
+                    await asyncio.wait_for(guest_agent.fsfreeze_freeze(), FREEZE_TIMEOUT)
+                    indications.append("GuestAgent")
+                except TimeoutError:
+                    indications.append("QuiesceTimeout")
+                except (QemuError, OSError):
+                    indications.append("NoGuestAgent")
+            qmp = await runtime.process.qmp()
+            running = (await qmp.execute("query-status")).get("status") == "running"
+            if not running:
+                indications.append("Paused")
+            if running:
+                await qmp.execute("stop")
+            try:
+                for b, pool in plan:
+                    node = runtime.disk_nodes.get(b.volume)
+                    local = runtime.volumes.get(b.volume)
+                    if node is None or local is None:
+                        raise SnapshotError(f"volume {b.volume} is not a disk of the running VM")
+                    added: list[Overlay] = []
+
+                    record = await pool.snapshot(
+                        namespace,
+                        b.claim,
+                        b.snapshot,
+                        owner_uid=owner,
+                        switch=functools.partial(_switch, qmp, b.volume, node, added),
+                    )
+                    taken.append((b, pool))
+                    times[b.snapshot] = record.created
+                    overlay = added[0]
+                    runtime.volumes[b.volume] = dataclasses.replace(local, path=overlay.path)
+                    runtime.disk_nodes[b.volume] = overlay.new_node
+                    runtime.layer_nodes[str(overlay.path)] = overlay.new_node
+                    runtime.save_volumes()
+            finally:
+                if running:
+                    await qmp.execute("cont")
+        finally:
+            if guest_agent is not None:
+                if freeze_attempted:
+                    with contextlib.suppress(QemuError, OSError, TimeoutError):
+                        await asyncio.wait_for(guest_agent.fsfreeze_thaw(), FREEZE_TIMEOUT)
+                await guest_agent.close()
+        return indications
+
+    # --- removing -----------------------------------------------------------------------------
+
+    async def remove(self, content: JSON) -> None:
+        """Forgets the content's volume snapshots, then merges their layers away (live where a
+        running VM's chain holds them)."""
+        namespace = content["metadata"]["namespace"]
+        for b in backups_of(content):
+            for pool in self.pools:
+                with contextlib.suppress(PoolError, OSError):
+                    await pool.delete_snapshot(namespace, b.snapshot)
+        await self.merge(live=True)
+
+    def _running(self) -> list[VmiRuntime]:
+        return [r for r in self.agent.runtimes.values() if r.process is not None and r.alive]
+
+    async def merge(self, *, live: bool) -> None:
+        for pool in self.pools:
+            if live:
+                for runtime in self._running():
+                    await self._merge_live(pool, runtime)
+            tops = [v.path for r in self._running() for v in r.volumes.values()]
+            await pool.merge_offline(tops)
+
+    async def _merge_live(self, pool: Pool, runtime: VmiRuntime) -> None:
+        assert runtime.process is not None
+        chain: set[Path] = set()
+        for local in runtime.volumes.values():
+            chain.update(pool.chain(local.path))
+        for layer, child in pool.merges():
+            if child not in chain:
+                continue
+            qmp = await runtime.process.qmp()
+            under = pool.backing_of(layer)
+            device = await node_of(qmp, child, runtime.layer_nodes)
+            base = await node_of(qmp, under, runtime.layer_nodes) if under is not None else None
+            if device is None or (under is not None and base is None):
+                log.warning("cannot find the QEMU nodes to merge %s into %s", layer, child)
+                continue
+            await stream_into(qmp, device, base, under.name if under is not None else None)
+            runtime.layer_nodes.pop(str(layer), None)
+            runtime.save_volumes()
+            pool.collect()
