@@ -136,8 +136,7 @@ def prepare(server: ThreadedServer, size_mib: int) -> tuple[dict[str, Any], str,
     token = base64.b64decode(secret.json()["data"]["token"]).decode()
     ca = server.home / "export-ca.pem"
     ca.write_text(ready["status"]["links"]["external"]["cert"])
-    volume = server.home / "nodes" / "node-1" / "pool" / f"{NS}--bench.qcow2"
-    return ready, token, ca if volume.exists() else ca
+    return ready, token, ca
 
 
 def main() -> int:

@@ -177,9 +177,29 @@ def test_disk_images_have_the_formats_they_claim(image: GuestImage) -> None:
     assert b"streamOptimized" in image.disk_vmdk.read_bytes()[:4096]
 
 
+def cpio_files(archive: bytes) -> dict[str, bytes]:
+    """The entries of a newc cpio archive: name -> data."""
+    files: dict[str, bytes] = {}
+    at = 0
+    while archive[at : at + 6] == b"070701":
+        size, namesize = int(archive[at + 54 : at + 62], 16), int(archive[at + 94 : at + 102], 16)
+        name = archive[at + 110 : at + 110 + namesize - 1].decode()
+        data_at = at + 110 + namesize + (-(110 + namesize) % 4)
+        files[name] = archive[data_at : data_at + size]
+        at = data_at + size + (-size % 4)
+    return files
+
+
+def initramfs_files(image: GuestImage) -> dict[str, bytes]:
+    """The initramfs's files, with those of the bundles /init unpacks on first use."""
+    files = cpio_files(gzip.decompress(image.initramfs.read_bytes()))
+    for name in [n for n in files if n.startswith("usr/lib/vmo/")]:
+        files |= cpio_files(gzip.decompress(files[name]))
+    return files
+
+
 def initramfs_names(image: GuestImage) -> set[bytes]:
-    archive = gzip.decompress(image.initramfs.read_bytes())
-    return set(re.findall(rb"070701[0-9A-F]{104}([^\x00]+)\x00", archive))
+    return {name.encode() for name in initramfs_files(image)}
 
 
 def test_initramfs_carries_qemu_ga_with_its_loader_and_libraries(image: GuestImage) -> None:
@@ -187,6 +207,13 @@ def test_initramfs_carries_qemu_ga_with_its_loader_and_libraries(image: GuestIma
     libs = {b"lib/x86_64-linux-gnu/" + so for so in (b"libc.so.6", b"libglib-2.0.so.0")}
     assert {b"usr/sbin/qemu-ga", b"lib64/ld-linux-x86-64.so.2", *libs} <= names
     assert not any(b"libselinux" in name for name in names)  # in the Depends, not DT_NEEDED
+
+
+def test_big_rarely_needed_files_are_bundled_apart_from_the_eager_ones(image: GuestImage) -> None:
+    eager = cpio_files(gzip.decompress(image.initramfs.read_bytes()))
+    assert {"usr/lib/vmo/agent.cpio.gz", "usr/lib/vmo/modules.cpio.gz"} <= set(eager)
+    assert not any(name.endswith(("/ext4.ko", "/qemu-ga", "/libc.so.6")) for name in eager)
+    assert any(name.endswith("/virtio_net.ko") for name in eager)
 
 
 def test_initramfs_carries_ext4_for_on_demand_loading(image: GuestImage) -> None:

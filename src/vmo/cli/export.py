@@ -222,8 +222,7 @@ async def _stream_to(
     resp: aiohttp.ClientResponse, part: Path, total: int | None, fmt: str, *, quiet: bool
 ) -> int:
     received = 0
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if fmt == "gzip" else None
-    content = 0
+    inflater = _Inflater() if fmt == "gzip" else None
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -237,25 +236,40 @@ async def _stream_to(
             fh.write(chunk)
             received += len(chunk)
             if inflater is not None:
-                content += _inflated_size(inflater, chunk)
+                inflater.feed(chunk)
             progress.update(task, completed=received)
     if total is not None and received != total:
         raise DownloadError(f"short download: {received} of {total} bytes")
     if inflater is not None:
-        if not inflater.eof:
-            raise DownloadError("truncated gzip stream")
-        return content
+        return inflater.finish()
     return received
 
 
-def _inflated_size(inflater: Any, chunk: bytes) -> int:
-    size = 0
-    data = chunk
-    while data:
-        out = inflater.decompress(data, _CHUNK)
-        size += len(out)
-        data = inflater.unconsumed_tail
-    return size
+class _Inflater:
+    """Counts the content of a gzip stream of one or more members (RFC 1952 allows several)."""
+
+    def __init__(self) -> None:
+        self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self.size = 0
+        self._in_member = False
+
+    def feed(self, chunk: bytes) -> None:
+        data, more = chunk, False
+        # output is bounded per call; a full-size output may have more behind it
+        while data or more:
+            self._in_member = True
+            out = self._z.decompress(data, _CHUNK)
+            self.size += len(out)
+            data, more = self._z.unconsumed_tail, len(out) == _CHUNK
+            if self._z.eof:
+                data, more = self._z.unused_data + data, False
+                self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                self._in_member = False
+
+    def finish(self) -> int:
+        if self._in_member:
+            raise DownloadError("truncated gzip stream")
+        return self.size
 
 
 # --- the command line -------------------------------------------------------------------------

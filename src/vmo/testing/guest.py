@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -43,11 +44,11 @@ __all__ = [
     "DEFAULT_MAC",
     "READY_MARKER",
     "ElfLinking",
+    "FileBundle",
     "GuestBuildError",
     "GuestImage",
     "GuestTimeoutError",
     "PackageVersions",
-    "ProgramFiles",
     "ReadyMarker",
     "RunningGuest",
     "build_guest",
@@ -113,6 +114,9 @@ ID=vmo-guest
 ID_LIKE=debian
 VERSION_ID="{BUILD_REVISION}"
 """
+# Inner archives of big, rarely needed files, unpacked by /init on first use: the kernel then
+# inflates ~9 MB less before /init runs (about 0.3 s under TCG).
+BUNDLE_DIR = "usr/lib/vmo"
 # Debian's multiarch library directory: the dynamic loader searches it without an ld.so.cache.
 LIBRARY_DIR = "lib/x86_64-linux-gnu"
 LIBRARY_SEARCH = (LIBRARY_DIR, "usr/lib/x86_64-linux-gnu", "lib", "usr/lib")
@@ -486,17 +490,30 @@ def _file_offset(headers: list[tuple[int, ...]], address: int) -> int:
 
 
 @dataclass(frozen=True)
-class ProgramFiles:
-    """A program and every file the loader needs to run it, as initramfs paths: the program at
-    its own path, the shared libraries (and the loader) under ``LIBRARY_DIR`` by soname."""
+class FileBundle:
+    """Files that go into the guest together, by initramfs path (e.g. a program and what the
+    loader needs to run it)."""
 
     files: dict[str, bytes]
     symlinks: dict[str, str]
 
+    def archive(self) -> bytes:
+        """These files as a gzipped newc cpio archive (what /init's ``unpack`` extracts)."""
+        out = io.BytesIO()
+        with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0) as gz:
+            cpio = _Cpio(gz)
+            for name, data in sorted(self.files.items()):
+                cpio.file(name, data, executable=not name.endswith(".ko"))
+            for name, target in sorted(self.symlinks.items()):
+                cpio.symlink(name, target)
+            cpio.trailer()
+        return out.getvalue()
 
-def program_files(tree: Path, program: str) -> ProgramFiles:
-    """Resolves ``program`` (a path in ``tree``, an extracted set of .debs) the way ld.so would:
-    DT_NEEDED sonames, transitively, in Debian's library directories of that same tree."""
+
+def program_files(tree: Path, program: str) -> FileBundle:
+    """``program`` (a path in ``tree``, an extracted set of .debs) with what ld.so would load:
+    DT_NEEDED sonames, transitively, from Debian's library directories of that same tree, put
+    under ``LIBRARY_DIR`` by soname, and the loader at its PT_INTERP path."""
     files = {program: _tree_file(tree, program).read_bytes()}
     linking = elf_linking(files[program])
     symlinks: dict[str, str] = {}
@@ -512,7 +529,7 @@ def program_files(tree: Path, program: str) -> ProgramFiles:
             continue
         files[path] = _library(tree, soname).read_bytes()
         todo += elf_linking(files[path]).needed
-    return ProgramFiles(files=files, symlinks=symlinks)
+    return FileBundle(files=files, symlinks=symlinks)
 
 
 def _library(tree: Path, soname: str) -> Path:
@@ -649,12 +666,15 @@ def _module_files(modules: ModulePlan, moddir: str) -> dict[str, str]:
 
 
 def _write_initramfs(
-    path: Path, *, tree: Path, release: str, modules: ModulePlan, programs: ProgramFiles
+    path: Path, *, tree: Path, release: str, modules: ModulePlan, programs: FileBundle
 ) -> None:
     moddir = f"lib/modules/{release}"
+    bundles = _bundles(tree=tree, moddir=moddir, modules=modules, programs=programs)
+    eager = {f"{moddir}/{m}" for m in modules.all_paths()} - set(bundles["modules"].files)
     dirs = {"bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "run", "tmp"}
     dirs |= {"etc", "etc/vmo", "etc/acpi", "etc/acpi/PWRF", "root", "mnt", "var", "var/run"}
-    placed = [*(f"{moddir}/{m}" for m in modules.all_paths()), *programs.files, *programs.symlinks]
+    dirs |= {"usr/lib", BUNDLE_DIR}
+    placed = [*eager, *(name for b in bundles.values() for name in [*b.files, *b.symlinks])]
     for file in placed:
         parent = Path(file).parent
         dirs |= {str(parent), *(str(p) for p in parent.parents if str(p) != ".")}
@@ -677,13 +697,22 @@ def _write_initramfs(
             cpio.file(name, text.encode())
         cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
         cpio.file("etc/group", b"root:x:0:\n")
-        for module in modules.all_paths():
-            cpio.file(f"{moddir}/{module}", (tree / moddir / module).read_bytes())
-        for name, data in sorted(programs.files.items()):
-            cpio.file(name, data, executable=True)
-        for name, target in sorted(programs.symlinks.items()):
-            cpio.symlink(name, target)
+        for name in sorted(eager):
+            cpio.file(name, (tree / name).read_bytes())
+        for bundle, files in bundles.items():
+            cpio.file(f"{BUNDLE_DIR}/{bundle}.cpio.gz", files.archive())
         cpio.trailer()
+
+
+def _bundles(
+    *, tree: Path, moddir: str, modules: ModulePlan, programs: FileBundle
+) -> dict[str, FileBundle]:
+    """The files /init unpacks on first use: the agent, and the modules only on-demand modules
+    need (ext4 and its dependencies)."""
+    eager = {p for name in DEVICE_MODULES + ALWAYS_MODULES for p in modules.load_order[name]}
+    lazy = {p for name in ON_DEMAND_MODULES for p in modules.load_order[name]} - eager
+    on_demand = {f"{moddir}/{p}": (tree / moddir / p).read_bytes() for p in sorted(lazy)}
+    return {"agent": programs, "modules": FileBundle(files=on_demand, symlinks={})}
 
 
 # --- the disk: MBR + one FAT partition with syslinux, built without loop devices ----------------

@@ -34,6 +34,25 @@ mount_basics() {
 	mount -t tmpfs tmpfs /tmp
 }
 
+# /usr/lib/vmo/<bundle>.cpio.gz: big, rarely needed files (qemu-ga and its libraries; ext4)
+# that the kernel need not inflate at every boot. The first caller unpacks; others wait for it.
+unpack() { # bundle
+	mkdir -p "$STATE"
+	[ -e "$STATE/unpacked.$1" ] && return 0
+	archive=/usr/lib/vmo/$1.cpio.gz
+	if mkdir "$STATE/unpacking.$1" 2>/dev/null; then
+		[ -f "$archive" ] && (cd / && gunzip -c "$archive" | cpio -i -d -m -u 2>/dev/null) &&
+			rm "$archive" && touch "$STATE/unpacked.$1"
+	else
+		tries=0
+		while [ ! -e "$STATE/unpacked.$1" ] && [ "$tries" -lt 100 ]; do
+			tries=$((tries + 1))
+			sleep 0.1
+		done
+	fi
+	[ -e "$STATE/unpacked.$1" ] || { log "could not unpack $archive"; return 1; }
+}
+
 # /etc/vmo/modules: "<name> <path>..." (the module and its dependencies in insmod order);
 # /etc/vmo/modaliases: "<glob> <name>" from the modules' own alias= strings. Matching the
 # devices' modalias against them is what udev+modprobe would do, and skips absent hardware.
@@ -43,6 +62,7 @@ load() {
 		[ $# -gt 1 ] || { log "no module $name"; continue; }
 		shift
 		for ko in "$@"; do
+			[ -f "$ko" ] || unpack modules
 			mod=${ko##*/}
 			mod=$(echo "${mod%.ko}" | tr - _)
 			[ -d "/sys/module/$mod" ] || insmod "$ko" 2>/dev/null
@@ -380,9 +400,10 @@ agent_port() {
 # Debian's qemu-ga on the virtio-serial port, restarted if it dies; runs in the background so
 # that it never delays the ready marker.
 start_guest_agent() {
-	command -v qemu-ga > /dev/null || return 0
+	[ -f /usr/lib/vmo/agent.cpio.gz ] || command -v qemu-ga > /dev/null || return 0
 	(
 		dev=$(agent_port) || exit 0
+		unpack agent || exit 0
 		log "qemu-ga on $dev"
 		while :; do
 			qemu-ga -m virtio-serial -p "$dev" -l "$STATE/qemu-ga.log"

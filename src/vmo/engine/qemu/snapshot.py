@@ -67,21 +67,13 @@ def _parse_opaque(opaque: str) -> tuple[str, str] | None:
 
 
 async def _pass_fds(qmp: QMPClient, path: Path, opaque: str) -> int:
-    """Adds a read-write and a read-only descriptor of ``path`` to a new fdset; its id."""
+    """Adds a read-write descriptor of ``path`` to a new fdset; its id."""
     rw = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    ro = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         added = await qmp.execute("add-fd", {"opaque": opaque}, fds=[rw])
-        fdset = int(added["fdset-id"])
-        try:
-            await qmp.execute("add-fd", {"fdset-id": fdset, "opaque": opaque}, fds=[ro])
-        except BaseException:
-            await _remove_fdset(qmp, fdset)
-            raise
-        return fdset
+        return int(added["fdset-id"])
     finally:
         os.close(rw)
-        os.close(ro)
 
 
 async def _remove_fdset(qmp: QMPClient, fdset: int) -> None:

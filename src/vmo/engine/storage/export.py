@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import datetime as dt
+import functools
 import hmac
 import ipaddress
 import json
@@ -74,6 +76,8 @@ FINAL_VMI_PHASES = frozenset({"Succeeded", "Failed"})
 _CHUNK = 4 << 20
 _ZEROS = bytes(_CHUNK)
 _GZIP_LEVEL = 1
+_GZIP_THREADS = 2
+_SAMPLE = 64 << 10
 _DNS_LABEL_MAX = 63
 
 # upstream's condition reasons (pkg/storage/export/export)
@@ -836,14 +840,49 @@ class ExportServer:
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         if request.method != "HEAD":
-            compressor = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-            async for chunk in _read(layout, 0, layout.size - 1):
-                packed = await asyncio.to_thread(compressor.compress, chunk)
-                if packed:
-                    await resp.write(packed)
-            await resp.write(compressor.flush())
+            async for member in gzip_members(_read(layout, 0, layout.size - 1)):
+                await resp.write(member)
         await resp.write_eof()
         return resp
+
+
+def gzip_member(chunk: bytes) -> bytes:
+    """One gzip member of ``chunk``: deflated, or stored when a sample shows it does not
+    compress (random data deflates at ~20 MB/s here, stores at ~170 MB/s)."""
+    sample = chunk[:_SAMPLE]
+    level = _GZIP_LEVEL
+    if sample and len(zlib.compress(sample, _GZIP_LEVEL)) > 0.9 * len(sample):
+        level = 0
+    packer = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    return packer.compress(chunk) + packer.flush()
+
+
+@functools.cache
+def _zero_member() -> bytes:
+    return gzip_member(_ZEROS)
+
+
+async def gzip_members(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The chunks as consecutive gzip members (a multi-member gzip file, as RFC 1952 allows),
+    compressed by two threads at once; a whole chunk of zeros costs nothing."""
+    loop = asyncio.get_running_loop()
+    pending: collections.deque[asyncio.Future[bytes]] = collections.deque()
+    produced = False
+    async for chunk in chunks:
+        if chunk is _ZEROS:
+            ready_member: asyncio.Future[bytes] = loop.create_future()
+            ready_member.set_result(_zero_member())
+            pending.append(ready_member)
+        else:
+            pending.append(loop.run_in_executor(None, gzip_member, chunk))
+        if len(pending) > _GZIP_THREADS:
+            produced = True
+            yield await pending.popleft()
+    while pending:
+        produced = True
+        yield await pending.popleft()
+    if not produced:
+        yield gzip_member(b"")
 
 
 async def _read(layout: Layout, first: int, last: int) -> AsyncIterator[bytes]:

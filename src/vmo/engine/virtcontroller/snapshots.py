@@ -49,6 +49,7 @@ INDICATIONS = "vmo.dev/snapshot-indications"
 DEFAULT_FAILURE_DEADLINE = timedelta(minutes=5)
 TARGET_GRACE = timedelta(minutes=5)
 COMPLETE = "Operation complete"
+_STOP = -1.0
 NOT_READY = "Not ready"
 INDICATION_MESSAGES = {
     "Online": "The snapshot was taken while the VM was running",
@@ -625,7 +626,7 @@ class RestoreController(Loop):
         if target is not None:
             wait = await self._target_ready(restore, target)
             if wait is not None:
-                return wait
+                return wait if wait > 0 else None
         backups = (content.get("spec") or {}).get("volumeBackups") or []
         names: dict[str, str] = {}
         restores: list[JSON] = []
@@ -715,7 +716,7 @@ class RestoreController(Loop):
 
     async def _target_ready(self, restore: JSON, target: JSON) -> float | None:
         """None once the target VM is stopped (and locked for this restore); else when to look
-        again, after acting on ``targetReadinessPolicy``."""
+        again (``_STOP``: never, the restore failed), after acting on ``targetReadinessPolicy``."""
         md = target["metadata"]
         name = restore["metadata"]["name"]
         busy = (target.get("status") or {}).get("restoreInProgress")
@@ -732,7 +733,7 @@ class RestoreController(Loop):
                 await self._failed(
                     restore, None, message + " (targetReadinessPolicy FailImmediate)"
                 )
-                return None
+                return _STOP
             if policy == "StopTarget":
                 patch: JSON = {"spec": {"runStrategy": "Halted"}}
                 if "running" in (target.get("spec") or {}):
@@ -742,7 +743,7 @@ class RestoreController(Loop):
                 created = parse_time(restore["metadata"]["creationTimestamp"])
                 if now() > created + TARGET_GRACE:
                     await self._failed(restore, None, message + " (grace period exceeded)")
-                    return None
+                    return _STOP
             await self._progress(restore, False, message)
             return 1.0
         if busy != name:
