@@ -393,15 +393,15 @@ async def test_guest_agent_reports_osinfo_of_the_guest(
     assert osinfo["pretty-name"].startswith("VMO test guest")
 
 
-async def test_fsfreeze_with_nothing_freezable_freezes_none_yet_reports_frozen(
+async def test_fsfreeze_with_nothing_freezable_freezes_none_and_stays_thawed(
     ready: ReadyMarker, agent_socket: Path
 ) -> None:
-    # qemu-ga skips filesystems that cannot freeze (rootfs, tmpfs, the ISO seed) and still
-    # enters its frozen state, so thaw is needed and thaws none.
+    # qemu-ga skips what cannot freeze (rootfs, tmpfs, the read-only ISO seed: EOPNOTSUPP) and,
+    # having frozen nothing, leaves its frozen state at once; thaw then thaws nothing.
     async with await GuestAgentClient.connect(agent_socket, timeout=AGENT_TIMEOUT) as qga:
         try:
             assert await qga.fsfreeze_freeze() == 0
-            assert await qga.fsfreeze_status() == "frozen"
+            assert await qga.fsfreeze_status() == "thawed"
         finally:
             thawed = await qga.fsfreeze_thaw()
         assert thawed == 0

@@ -25,6 +25,7 @@ MIB = 1 << 20
 GIB = 1 << 30
 NS = "ns"
 AA, BB, CC = 0xAA, 0xBB, 0xCC
+CREATE_OVERLAY = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"]
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -437,8 +438,7 @@ async def test_discard_partials_sweeps_what_a_crash_left(pool: Pool) -> None:
     # a crash after creating a snapshot's overlay, before pointing the volume at it
     orphan = pool.new_layer_path()
     subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", top.name, "-u"]
-        + [str(orphan), str(64 * MIB)],
+        [*CREATE_OVERLAY, top.name, "-u", str(orphan), str(64 * MIB)],
         check=True,
     )
     # ... and after writing a snapshot record's partial file, a link, a staging file

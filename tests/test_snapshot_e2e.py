@@ -8,6 +8,7 @@ VM (each says what state it leaves).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -335,7 +336,8 @@ def test_a_linked_clone_sees_its_parent_data_and_writes_only_its_own(
     wait_for(lambda: "ok" in console(cluster, "copy", "echo ok"), BOOT_TIMEOUT, "console")
     assert guest_sum(cluster, "copy") == src["a"]
     console(cluster, "copy", WRITE)
-    assert guest_sum(cluster, "copy") != src["a"]
+    src["c"] = guest_sum(cluster, "copy")
+    assert src["c"] != src["a"]
     assert guest_sum(cluster, "src") == src["a"]
     assert_no_orphans(pool_dir(cluster))
 
@@ -409,3 +411,74 @@ def test_deleting_a_snapshot_merges_its_layers_and_leaves_no_files(
     assert len(list((pool / ".layers").glob("*.qcow2"))) <= before
     # the running guests still read what they wrote
     assert guest_sum(cluster, "src") == src["a"]
+
+
+def claim(capi: Api, vm: str, volume: str) -> str:
+    obj = get(capi, f"{KV}/virtualmachines/{vm}")
+    assert obj is not None
+    volumes = obj["spec"]["template"]["spec"]["volumes"]
+    return str(next(v["dataVolume"]["name"] for v in volumes if v["name"] == volume))
+
+
+def test_vmo_storage_reports_sizes_chains_and_dependents(
+    cluster: ThreadedServer, capi: Api, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vmo.cli.main import main
+
+    assert main(["--home", str(cluster.home), "storage", "-o", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    volumes = {v["volume"]: v for v in report["volumes"]}
+    parent, child = f"{NS}/{claim(capi, 'src', 'data')}", f"{NS}/{claim(capi, 'copy', 'data')}"
+    assert volumes[child]["virtual_size"] == 64 * 1024 * 1024
+    assert volumes[child]["real_size"] > 0
+    # the linked clone stands on the layer its parent's restore also stands on
+    assert len(volumes[child]["chain"]) >= 2
+    assert parent in volumes[child]["dependents"] and child in volumes[parent]["dependents"]
+    assert main(["--home", str(cluster.home), "storage", "--layers"]) == 0
+    table = capsys.readouterr().out
+    assert child in table and "DEPENDENTS" in table
+
+
+def test_a_vm_deleted_during_its_snapshot_waits_and_the_snapshot_restores_a_new_vm(
+    cluster: ThreadedServer, k: Kubectl, capi: Api, src: dict[str, str]
+) -> None:
+    set_running(k, capi, "copy", False)
+    k.apply(snapshot("last-of-copy", "copy"))
+
+    def locked() -> dict[str, Any] | None:
+        vm = get(capi, f"{KV}/virtualmachines/copy")
+        finalizers = (vm or {}).get("metadata", {}).get("finalizers") or []
+        return vm if "snapshot.kubevirt.io/snapshot-source-protection" in finalizers else None
+
+    # deleting a locked VM waits for its snapshot: the snapshot completes, then the VM goes
+    wait_for(locked, 30, "the snapshot to lock its VM")
+    k("delete", "vm", "copy", "-n", NS, "--wait=false")
+    snap = wait_snapshot(capi, "last-of-copy")
+    assert snap["status"]["phase"] == "Succeeded"
+    assert "Online" not in {i["indication"] for i in snap["status"].get("sourceIndications") or []}
+    wait_for(lambda: get(capi, f"{KV}/virtualmachines/copy") is None, 60, "VM copy gone")
+    # a restore into a new VM, with prefixed volume names and a patch
+    k.apply(
+        restore(
+            "reborn",
+            "reborn",
+            "last-of-copy",
+            volumeRestorePolicy="PrefixTargetName",
+            patches=['{"op": "add", "path": "/metadata/labels/reborn", "value": "yes"}'],
+        )
+    )
+
+    def complete() -> dict[str, Any] | None:
+        r = get(capi, f"{SNAP}/virtualmachinerestores/reborn")
+        assert conditions(r or {}).get("Failure", {}).get("status") != "True", r
+        return r if (r or {}).get("status", {}).get("complete") else None
+
+    wait_for(complete, 90, "restore into a new VM")
+    vm = get(capi, f"{KV}/virtualmachines/reborn")
+    assert vm is not None and vm["metadata"]["labels"]["reborn"] == "yes"
+    assert claim(capi, "reborn", "data") == "reborn-data"
+    assert_valid(vm)
+    set_running(k, capi, "reborn", True)
+    wait_for(lambda: "ok" in console(cluster, "reborn", "echo ok"), BOOT_TIMEOUT, "console")
+    assert guest_sum(cluster, "reborn") == src["c"]
+    assert_no_orphans(pool_dir(cluster))

@@ -21,7 +21,7 @@ import yaml
 
 from vmo.apiserver.auth import TokenFile
 from vmo.apiserver.server import ApiServer, StateDir, kubeconfig
-from vmo.cli import streams
+from vmo.cli import storage, streams
 from vmo.client import Client, Credentials, load_kubeconfig
 from vmo.engine.embedded import Engine, NodeServices
 
@@ -508,6 +508,7 @@ def parser() -> argparse.ArgumentParser:
     )
     add.set_defaults(func=cmd_user_add)
     _stream_commands(sub)
+    storage.register(sub)
     upload = sub.add_parser("image-upload", help="upload a disk image into a new DataVolume")
     upload.add_argument("kind", choices=["dv"], help="what to upload into (a DataVolume)")
     upload.add_argument("name")

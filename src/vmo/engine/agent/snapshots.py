@@ -30,7 +30,7 @@ from vmo.engine.agent.runtime import VmiRuntime
 from vmo.engine.qemu.errors import QemuError
 from vmo.engine.qemu.guest_agent import GuestAgentClient
 from vmo.engine.qemu.qmp import QMPClient
-from vmo.engine.qemu.snapshot import Overlay, node_of, snapshot_disks, stream_into
+from vmo.engine.qemu.snapshot import Overlay, merge_layer, snapshot_disks
 from vmo.engine.storage.pool import Pool, PoolError
 from vmo.engine.virtcontroller.workqueue import WorkQueue
 
@@ -368,13 +368,13 @@ class SnapshotExecutor:
             if child not in chain:
                 continue
             qmp = await runtime.process.qmp()
-            under = pool.backing_of(layer)
-            device = await node_of(qmp, child, runtime.layer_nodes)
-            base = await node_of(qmp, under, runtime.layer_nodes) if under is not None else None
-            if device is None or (under is not None and base is None):
-                log.warning("cannot find the QEMU nodes to merge %s into %s", layer, child)
+            try:
+                await merge_layer(qmp, layer, child, pool.backing_of(layer), runtime.layer_nodes)
+            except (QemuError, OSError) as exc:
+                # e.g. a layer QEMU opened at start as root and cannot reopen for writing now:
+                # the sweep merges it offline once the VM stops
+                log.warning("live merge of %s into %s failed: %s", layer.name, child.name, exc)
                 continue
-            await stream_into(qmp, device, base, under.name if under is not None else None)
             runtime.layer_nodes.pop(str(layer), None)
             runtime.save_volumes()
             pool.collect()

@@ -5,10 +5,13 @@ A snapshot moves the guest's disks onto fresh, empty qcow2 overlays in one ``tra
 whole): the old tops become read-only backing layers, which is what the snapshot keeps.
 
 QEMU runs as an unprivileged user that cannot open files in the pool, so each overlay is opened
-here and handed over by file descriptor (``add-fd``): a read-write descriptor for the overlay
-and a read-only one, which QEMU uses when it later reopens the layer read-only (when a further
-snapshot goes on top of it) and read-write again (when a merge streams into it). The fdset's
-``opaque`` names the node and the file, so the node of a layer can be found again later.
+here and handed over by file descriptor (``add-fd``). Only a read-write one: with a read-only
+descriptor beside it QEMU reopens the layer read-only once a further snapshot covers it, and the
+read-write open file description, still held by the fdset, keeps the image locks it had (locks
+belong to open file descriptions, not descriptors); the merge that later reopens the layer
+read-write then fails with 'Failed to get "write" lock' (measured, QEMU 7.2). Without one, that
+reopen fails quietly and the layer stays open read-write, its permissions narrowed all the same.
+The fdset's ``opaque`` names the node and the file, so the node of a layer can be found later.
 
 A merge (``block-stream``) copies a layer that is no longer needed into the layer above it and
 drops it from the running chain; the child's header then names the layer's backing file by the

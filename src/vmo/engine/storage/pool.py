@@ -595,8 +595,14 @@ class Pool:
             raise VolumeNotFound(f"source volume {source[0]}/{source[1]} not found in the pool")
         self._require_absent(namespace, name)
         origin = f"pvc:{source[0]}/{source[1]}"
-        record = VolumeRecord(namespace, name, 0, "qcow2", origin, _now(), owner_uid)
-        return await self._convert(src, record, fmt="qcow2", progress=progress)
+        top = self.top(*source)
+        size = qcow2_header(top)[0]
+        record = VolumeRecord(namespace, name, size, "qcow2", origin, _now(), owner_uid)
+        # the source's whole chain, flattened (its layers have backing files of this pool)
+        await self._flatten(top, record, progress)
+        if progress is not None:
+            progress(100.0)
+        return await self.info(namespace, name)
 
     async def _convert(
         self,
