@@ -597,9 +597,7 @@ def test_a_running_vm_waits_and_is_exported_once_stopped(
     vms = f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines"
     assert capi.post(vms, vm).status_code == 201
     vmi = f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances/exported-vm"
-    wait_for(
-        lambda: capi.get(vmi).json().get("status", {}).get("phase") == "Running", 120, "the VM"
-    )
+    wait_for(lambda: phase_of(capi, vmi) == "Running", 120, "the VM")
     create_export(
         capi,
         "vm-export",
@@ -636,3 +634,8 @@ def condition_or_none(export: JSON, ctype: str, reason: str) -> bool:
         if cond["type"] == ctype and cond["reason"] == reason:
             return True
     return False
+
+
+def phase_of(capi: Api, path: str) -> str:
+    response = capi.get(path)
+    return str(response.json().get("status", {}).get("phase", "")) if response.ok else ""

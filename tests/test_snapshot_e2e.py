@@ -464,7 +464,7 @@ def test_a_vm_deleted_during_its_snapshot_waits_and_the_snapshot_restores_a_new_
             "reborn",
             "last-of-copy",
             volumeRestorePolicy="PrefixTargetName",
-            patches=['{"op": "add", "path": "/metadata/labels/reborn", "value": "yes"}'],
+            patches=['{"op": "add", "path": "/metadata/labels", "value": {"reborn": "yes"}}'],
         )
     )
 

@@ -262,7 +262,9 @@ class _Inflater:
             self.size += len(out)
             data, more = self._z.unconsumed_tail, len(out) == _CHUNK
             if self._z.eof:
-                data, more = self._z.unused_data + data, False
+                # at a member's end the rest of the input is in unused_data (CPython repeats
+                # it in unconsumed_tail when the output bound was hit too)
+                data, more = self._z.unused_data, False
                 self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
                 self._in_member = False
 

@@ -572,10 +572,18 @@ def restored_vm(
             },
             "spec": spec,
         }
-    if patches:
-        ops = [json.loads(p) for p in patches]
-        vm = jsonpatch.apply_patch(vm, ops)
+    for index, text in enumerate(patches):
+        try:
+            vm = jsonpatch.apply_patch(vm, [json.loads(text)])
+        except (ValueError, jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
+            # the library quotes the whole document: keep the reason only
+            reason = str(exc).split(" in {", 1)[0]
+            raise PatchError(f"spec.patches[{index}]: {reason}") from None
     return vm
+
+
+class PatchError(ValueError):
+    """A restore's patch that does not apply; the message names it."""
 
 
 class RestoreController(Loop):
@@ -651,8 +659,8 @@ class RestoreController(Loop):
         source = ((content.get("spec") or {}).get("source") or {}).get("virtualMachine") or {}
         try:
             vm = restored_vm(source, target, target_name, names, list(spec.get("patches") or []))
-        except (ValueError, jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
-            await self._failed(restore, target, f"spec.patches: {exc}")
+        except PatchError as exc:
+            await self._failed(restore, target, str(exc))
             return None
         deleted = await self._apply(restore, target, vm, names)
         if deleted is None:
