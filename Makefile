@@ -25,6 +25,8 @@ check: install
 bench: install
 	$(BIN)/python bench/apiserver.py
 	$(BIN)/python bench/vm_start.py
+	$(BIN)/python bench/migration.py --quick
+	$(BIN)/python bench/snapshots.py
 
 install: system-packages qemu-user $(VENV)/.installed
 

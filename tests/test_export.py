@@ -285,7 +285,8 @@ def dv_phase(capi: Api, name: str) -> str:
 
 def guest_bytes(cluster: ThreadedServer, claim: str, tmp: Path) -> bytes:
     """What `qemu-img convert -O raw` makes of the pool volume: the oracle for raw exports."""
-    volume = cluster.home / "nodes" / "node-1" / "pool" / f"{NS}--{claim}.qcow2"
+    # the volume's name links to its top layer, whose backing names are relative to the layer
+    volume = (cluster.home / "nodes" / "node-1" / "pool" / f"{NS}--{claim}.qcow2").resolve()
     out = tmp / f"{claim}.oracle.raw"
     subprocess.run(
         ["qemu-img", "convert", "-U", "-q", "-O", "raw", str(volume), str(out)], check=True
@@ -639,3 +640,94 @@ def condition_or_none(export: JSON, ctype: str, reason: str) -> bool:
 def phase_of(capi: Api, path: str) -> str:
     response = capi.get(path)
     return str(response.json().get("status", {}).get("phase", "")) if response.ok else ""
+
+
+# --- VirtualMachineSnapshot source ------------------------------------------------------------
+
+
+def test_a_snapshot_export_serves_the_disk_as_it_was_at_the_snapshot(
+    cluster: ThreadedServer, capi: Api, tmp_path: Path
+) -> None:
+    images = cluster.home / "images"
+    images.mkdir(exist_ok=True)
+    _image(images / "snap-src.qcow2")
+    dv = {
+        "apiVersion": "cdi.kubevirt.io/v1beta1",
+        "kind": "DataVolume",
+        "metadata": {"name": "snap-src", "namespace": NS},
+        "spec": {
+            "source": {"http": {"url": f"file://{images / 'snap-src.qcow2'}"}},
+            "storage": {"resources": {"requests": {"storage": str(SIZE)}}},
+        },
+    }
+    assert capi.post(DATAVOLUMES, dv).status_code == 201
+    wait_for(lambda: dv_phase(capi, "snap-src") == "Succeeded", 60, "the import")
+    vm = boot_vm(
+        "snapped-vm",
+        namespace=NS,
+        disk="snap-src",
+        interfaces=[{"name": "default", "masquerade": {}}],
+        networks=[{"name": "default", "pod": {}}],
+    )
+    vm["spec"]["runStrategy"] = "Halted"
+    vms = f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines"
+    assert capi.post(vms, vm).status_code == 201
+    before = guest_bytes(cluster, "snap-src", tmp_path)
+    snaps = f"/apis/snapshot.kubevirt.io/v1beta1/namespaces/{NS}/virtualmachinesnapshots"
+    snapshot = {
+        "apiVersion": "snapshot.kubevirt.io/v1beta1",
+        "kind": "VirtualMachineSnapshot",
+        "metadata": {"name": "snap-1", "namespace": NS},
+        "spec": {
+            "source": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "snapped-vm"}
+        },
+    }
+    assert capi.post(snaps, snapshot).status_code == 201
+    wait_for(
+        lambda: capi.get(f"{snaps}/snap-1").json().get("status", {}).get("readyToUse"),
+        60,
+        "the snapshot",
+    )
+    # the volume moves on after the snapshot: the export must not see it
+    top = (cluster.home / "nodes" / "node-1" / "pool" / f"{NS}--snap-src.qcow2").resolve()
+    subprocess.run(
+        ["qemu-io", "-c", "write -P 0x5a 0 1M", str(top)], check=True, capture_output=True
+    )
+    assert guest_bytes(cluster, "snap-src", tmp_path) != before
+    source = {
+        "apiGroup": "snapshot.kubevirt.io",
+        "kind": "VirtualMachineSnapshot",
+        "name": "snap-1",
+    }
+    create_export(capi, "snap-export", source)
+    export = wait_phase(capi, "snap-export", "Ready")
+    assert export["status"]["virtualMachineName"] == "snapped-vm"
+    assert condition(export, "VolumesCreated")["reason"] == "AllPVCsReady"
+    assert [v["name"] for v in export["status"]["links"]["external"]["volumes"]] == ["snap-src"]
+    headers = {"x-kubevirt-export-token": token_of(capi, export)}
+    ca = ca_file(export, tmp_path)
+    raw = requests.get(link(export, "raw"), headers=headers, verify=ca, timeout=60)
+    assert raw.status_code == 200 and raw.content == before
+    packed = requests.get(link(export, "gzip"), headers=headers, verify=ca, timeout=60)
+    assert gzip.decompress(packed.content) == before
+    delete_export(capi, "snap-export")
+    capi.delete(f"{snaps}/snap-1")
+    capi.delete(f"{vms}/snapped-vm")
+
+
+def test_a_missing_snapshot_is_pending_as_upstream_says(capi: Api) -> None:
+    source = {"apiGroup": "snapshot.kubevirt.io", "kind": "VirtualMachineSnapshot", "name": "nope"}
+    create_export(capi, "no-snap", source)
+    export = wait_for(
+        lambda: (e := get_export(capi, "no-snap")) and e.get("status", {}).get("conditions") and e,
+        30,
+        "a status",
+    )
+    assert_upstream_valid(export)
+    ready_cond = condition(export, "Ready")
+    assert (ready_cond["reason"], ready_cond["message"]) == (
+        "VMSnapshotNotFound",
+        f"VirtualMachineSnapshot {NS}/nope not found",
+    )
+    assert condition(export, "VolumesCreated")["reason"] == "VMSnapshotNoVolumes"
+    delete_export(capi, "no-snap")

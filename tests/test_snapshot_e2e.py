@@ -482,3 +482,24 @@ def test_a_vm_deleted_during_its_snapshot_waits_and_the_snapshot_restores_a_new_
     wait_for(lambda: "ok" in console(cluster, "reborn", "echo ok"), BOOT_TIMEOUT, "console")
     assert guest_sum(cluster, "reborn") == src["c"]
     assert_no_orphans(pool_dir(cluster))
+
+
+def test_deleting_a_running_vms_snapshot_merges_it_live(
+    cluster: ThreadedServer, k: Kubectl, capi: Api, src: dict[str, str]
+) -> None:
+    from vmo.engine.storage.pool import Pool
+
+    pool = Pool(pool_dir(cluster))
+    data = claim(capi, "reborn", "data")
+    k.apply(snapshot("short-lived", "reborn"))
+    wait_snapshot(capi, "short-lived")
+    chain = pool.chain(pool.path(NS, data))
+    snapshot_layer = chain[1]
+    k("delete", "vmsnapshot", "short-lived", "-n", NS, "--wait=true")
+    # the snapshot's layer had one child, the running top: block-stream merged it into the top
+    wait_for(lambda: not snapshot_layer.exists(), 60, "the snapshot's layer to be merged away")
+    assert pool.chain(pool.path(NS, data)) == [chain[0], *chain[2:]]
+    assert guest_sum(cluster, "reborn") == src["c"]
+    console(cluster, "reborn", WRITE)
+    assert guest_sum(cluster, "reborn") != src["c"]
+    assert_no_orphans(pool.root)

@@ -576,3 +576,17 @@ async def test_container_disk_only_from_the_local_store(
     assert overlay.parent == tmp_path / "vm"
     assert same_content(overlay, images["raw"])
     assert stored.read_bytes() == images["qcow2"].read_bytes()
+
+
+def test_concatenated_gzip_members_decode_exactly_when_a_member_ends_at_the_bound() -> None:
+    """An 8 MiB member ends exactly at the decoder's output bound; the next member must follow
+    without repeated bytes."""
+    import gzip as gz
+
+    from vmo.engine.storage.pool import _Decompressor
+
+    first, second = bytes(8 << 20), b"tail"
+    dec = _Decompressor("gzip")
+    out = b"".join(dec.feed(gz.compress(first) + gz.compress(second)))
+    dec.finish()
+    assert len(out) == len(first) + len(second) and out.endswith(second)

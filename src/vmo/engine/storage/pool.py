@@ -284,7 +284,9 @@ class _Decompressor:
                 data, self._more = b"", not self._z.needs_input
             yield out
             if self._z.eof:
-                data = self._z.unused_data + data
+                # what follows the member: for gzip, unused_data already holds the unconsumed
+                # tail too (adding it again would repeat bytes)
+                data = self._z.unused_data if self.kind == "gzip" else self._z.unused_data + data
                 self._z, self._started, self._more = self._fresh(), False, False
                 if self.kind == "xz":
                     data = data.lstrip(b"\x00")  # stream padding between xz streams
