@@ -511,3 +511,28 @@ async def test_a_full_clone_respects_the_pool_capacity(pool: Pool, tmp_path: Pat
     with pytest.raises(PoolFull):
         await small.volume_from_snapshot(pool, (NS, "snap"), NS, "copy")
     assert small.volumes() == [] and listing(small) == {".layers", ".snapshots"}
+
+
+async def test_snapshots_of_an_unwritten_top_share_one_layer_and_the_chain_stays(
+    pool: Pool,
+) -> None:
+    """An idle golden volume cloned again and again: nothing written since the last snapshot,
+    so the next snapshot is the same layer and the volume's chain does not grow."""
+    await volume_with(pool, "golden", AA)
+    first = await pool.snapshot(NS, "golden", "s1")
+    chain = pool.chain(pool.path(NS, "golden"))
+    for index in range(2, 6):
+        record = await pool.snapshot(NS, "golden", f"s{index}")
+        assert record.layer == first.layer
+        await pool.volume_from_snapshot(pool, (NS, f"s{index}"), NS, f"clone{index}")
+        assert reads(pool.top(NS, f"clone{index}"), AA)
+    assert pool.chain(pool.path(NS, "golden")) == chain
+    # an explicit zero write is data of the top's own: the next snapshot freezes it
+    assert qemu_io(pool.top(NS, "golden"), "write -z 0 64k")
+    record = await pool.snapshot(NS, "golden", "s6")
+    assert record.layer != first.layer
+    assert len(pool.chain(pool.path(NS, "golden"))) == len(chain) + 1
+    for index in range(1, 6):
+        await pool.delete_snapshot(NS, f"s{index}")
+    assert reads(pool.top(NS, "clone3"), AA)
+    assert_tidy(pool)

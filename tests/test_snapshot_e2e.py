@@ -439,23 +439,40 @@ def test_vmo_storage_reports_sizes_chains_and_dependents(
     assert child in table and "DEPENDENTS" in table
 
 
-def test_a_vm_deleted_during_its_snapshot_waits_and_the_snapshot_restores_a_new_vm(
+def test_a_snapshot_of_a_vm_being_deleted_fails_and_an_earlier_one_restores_a_new_vm(
     cluster: ThreadedServer, k: Kubectl, capi: Api, src: dict[str, str]
 ) -> None:
+    from vmo.engine.storage.pool import Pool
+
+    pool = Pool(pool_dir(cluster))
     set_running(k, capi, "copy", False)
     k.apply(snapshot("last-of-copy", "copy"))
-
-    def locked() -> dict[str, Any] | None:
-        vm = get(capi, f"{KV}/virtualmachines/copy")
-        finalizers = (vm or {}).get("metadata", {}).get("finalizers") or []
-        return vm if "snapshot.kubevirt.io/snapshot-source-protection" in finalizers else None
-
-    # deleting a locked VM waits for its snapshot: the snapshot completes, then the VM goes
-    wait_for(locked, 30, "the snapshot to lock its VM")
-    k("delete", "vm", "copy", "-n", NS, "--wait=false")
     snap = wait_snapshot(capi, "last-of-copy")
     assert snap["status"]["phase"] == "Succeeded"
-    assert "Online" not in {i["indication"] for i in snap["status"].get("sourceIndications") or []}
+    assert not snap["status"].get("sourceIndications")  # offline: no Online indication
+    # the VM is being deleted (a finalizer of the test's holds it) when the next snapshot comes
+    hold = '{"metadata": {"finalizers": ["vmo.dev/test-hold"]}}'
+    k("patch", "vm", "copy", "-n", NS, "--type=merge", "-p", hold)
+    k("delete", "vm", "copy", "-n", NS, "--wait=false")
+    before = len(pool.snapshots())
+    k.apply(snapshot("too-late", "copy"))
+
+    def failed() -> dict[str, Any] | None:
+        s = get(capi, f"{SNAP}/virtualmachinesnapshots/too-late")
+        return s if ((s or {}).get("status") or {}).get("phase") == "Failed" else None
+
+    late = wait_for(failed, 30, "the snapshot of a VM being deleted to fail")
+    assert "being deleted" in late["status"]["error"]["message"]
+    assert_valid(late)
+    assert (
+        get(
+            capi,
+            f"{SNAP}/virtualmachinesnapshotcontents/vmsnapshot-content-{late['metadata']['uid']}",
+        )
+        is None
+    )
+    assert len(pool.snapshots()) == before
+    k("patch", "vm", "copy", "-n", NS, "--type=merge", "-p", '{"metadata": {"finalizers": null}}')
     wait_for(lambda: get(capi, f"{KV}/virtualmachines/copy") is None, 60, "VM copy gone")
     # a restore into a new VM, with prefixed volume names and a patch
     k.apply(

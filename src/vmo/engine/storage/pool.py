@@ -221,6 +221,12 @@ async def _run(*args: str) -> bytes:
     return out
 
 
+async def _unwritten(layer: Path) -> bool:
+    """True when the qcow2 ``layer`` holds no data of its own (everything reads from below)."""
+    extents = json.loads(await _run("map", "--output=json", "-U", "-f", "qcow2", str(layer)))
+    return all(int(e.get("depth", 0)) > 0 for e in extents)
+
+
 async def probe(path: Path, fmt: str | None = None) -> SourceImage:
     """Format and sizes of an image, refusing what would read files other than ``path``."""
     args = ["info", "--output=json", "-U", *(["-f", fmt] if fmt else []), str(path)]
@@ -885,6 +891,19 @@ class Pool:
                 raise SnapshotExists(f"volume snapshot {namespace}/{name} already exists")
             current = self._layering(namespace, volume)
             size, _ = qcow2_header(current)
+            under = self.backing_of(current)
+            if (
+                switch is None
+                and under is not None
+                and under.parent == self.layers_dir
+                and qcow2_header(under)[0] == size
+                and await _unwritten(current)
+            ):
+                # nothing written since the layer under the top was frozen: the snapshot is
+                # that layer, and the chain does not grow (clones of an idle golden VM share it)
+                return self._record_snapshot(
+                    SnapshotRecord(namespace, name, volume, under.name, size, _now(), owner_uid)
+                )
             new = await self._overlay_on(current, size)
             # The name moves first: should this process die after QEMU switched, the volume
             # names the layer QEMU writes (before it, the new top is empty and reads through).
@@ -897,9 +916,13 @@ class Pool:
                 new.unlink(missing_ok=True)
                 raise
             record = SnapshotRecord(namespace, name, volume, current.name, size, _now(), owner_uid)
-            tmp = target.with_name(f".part-{target.name}")
-            tmp.write_text(json.dumps(asdict(record), indent=1))
-            os.replace(tmp, target)
+            return self._record_snapshot(record)
+
+    def _record_snapshot(self, record: SnapshotRecord) -> SnapshotRecord:
+        target = self._snapshot_file(record.namespace, record.name)
+        tmp = target.with_name(f".part-{target.name}")
+        tmp.write_text(json.dumps(asdict(record), indent=1))
+        os.replace(tmp, target)
         return record
 
     async def delete_snapshot(self, namespace: str, name: str) -> bool:
