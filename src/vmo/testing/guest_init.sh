@@ -374,7 +374,17 @@ start_services() {
 	nc -ll -p 5432 -e /init info > /dev/null 2>&1 &
 	nc -ll -p 7 -e /init echo > /dev/null 2>&1 &
 	# acpid runs /etc/acpi/PWRF/00000080 on the power button (KubeVirt's graceful stop)
-	[ -d /dev/input ] && acpid -d -c /etc/acpi > "$STATE/acpid.log" 2>&1 &
+	[ -d /dev/input ] || return 0
+	acpid -d -c /etc/acpi > "$STATE/acpid.log" 2>&1 &
+	# The ready marker promises that a power-button press is handled: a press before acpid has
+	# opened the input devices would be lost (seen on a loaded host).
+	acpid_pid=$!
+	tries=0
+	until ls -l "/proc/$acpid_pid/fd" 2>/dev/null | grep -q /dev/input/event; do
+		tries=$((tries + 1))
+		[ "$tries" -lt 100 ] || { log "acpid has no input device open"; break; }
+		sleep 0.02
+	done
 }
 
 # udev would link /dev/virtio-ports/<name> to the port QEMU named; without udev, do it here.
