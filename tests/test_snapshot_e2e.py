@@ -19,7 +19,15 @@ import pytest
 
 from tests.conftest import Api, Kubectl
 from tests.test_kubevirt_models import upstream_errors
-from tests.test_vm_e2e import BOOT_TIMEOUT, NS, console, vmi_of, wait_for, wait_running
+from tests.test_vm_e2e import (
+    BOOT_TIMEOUT,
+    NS,
+    _qemus_under,
+    console,
+    vmi_of,
+    wait_for,
+    wait_running,
+)
 from vmo.testing.apiserver import ThreadedServer
 from vmo.testing.builders import boot_vm, http_datavolume
 
@@ -40,19 +48,6 @@ WRITE = f"{FIND_DATA}; dd if=/dev/urandom of=$D bs=64k count=16 2>/dev/null; syn
 def assert_valid(obj: dict[str, Any]) -> None:
     """The upstream schema (KubeVirt v1.9.0) accepts the object as VMO serves it."""
     assert upstream_errors(obj) == [], obj
-
-
-def _qemus_under(home: Path) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"qemu-system" in cmdline and str(home).encode() in cmdline:
-                pids.append(int(proc.name))
-    return pids
 
 
 @pytest.fixture(scope="module")
@@ -195,13 +190,26 @@ def src(k: Kubectl, capi: Api, cluster: ThreadedServer, image_server: str) -> di
 def test_online_snapshot_keeps_the_data_the_guest_wrote(
     cluster: ThreadedServer, k: Kubectl, capi: Api, src: dict[str, str]
 ) -> None:
+    # the guest's qemu-ga answers (through virt-api's guestosinfo) before the snapshot
+    info_path = (
+        f"/apis/subresources.kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances/src/guestosinfo"
+    )
+    info = wait_for(
+        lambda: (
+            (capi.get(info_path).json() or {}).get("id") == "vmo-guest"
+            and capi.get(info_path).json()
+        ),
+        60,
+        "the guest agent",
+    )
+    assert info["kernelRelease"]
     k.apply(snapshot("snap-a", "src"))
     snap = wait_snapshot(capi, "snap-a")
     status = snap["status"]
     assert status["phase"] == "Succeeded" and status["creationTime"]
     indications = {i["indication"] for i in status["sourceIndications"]}
-    assert "Online" in indications
-    assert indications & {"GuestAgent", "NoGuestAgent"}
+    # frozen through the agent (and thawed: the guest answers below)
+    assert indications == {"Online", "GuestAgent"}
     assert status["snapshotVolumes"]["includedVolumes"] == ["root", "data"]
     assert status["snapshotVolumes"]["excludedVolumes"] == ["cloudinit"]
     assert {c["type"]: c["status"] for c in status["conditions"]} == {

@@ -45,7 +45,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from vmo.api.kubevirt.migratable import claim_name
-from vmo.client import DATAVOLUME, SECRET, VM, VMI, Client, Conflict, NotFound, Resource
+from vmo.client import (
+    DATAVOLUME,
+    SECRET,
+    VM,
+    VMEXPORT,
+    VMI,
+    VMSNAPSHOT,
+    VMSNAPSHOTCONTENT,
+    Client,
+    Conflict,
+    NotFound,
+    Resource,
+)
 from vmo.engine.storage.importer import STORAGE_NODE
 from vmo.engine.storage.pool import Pool, volume_stem
 
@@ -53,16 +65,8 @@ log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
 
-EXPORT = Resource("export.kubevirt.io", "v1", "virtualmachineexports", "VirtualMachineExport")
-VM_SNAPSHOT = Resource(
-    "snapshot.kubevirt.io", "v1beta1", "virtualmachinesnapshots", "VirtualMachineSnapshot"
-)
-VM_SNAPSHOT_CONTENT = Resource(
-    "snapshot.kubevirt.io",
-    "v1beta1",
-    "virtualmachinesnapshotcontents",
-    "VirtualMachineSnapshotContent",
-)
+# the names this module has always used for the client's resources
+EXPORT, VM_SNAPSHOT, VM_SNAPSHOT_CONTENT = VMEXPORT, VMSNAPSHOT, VMSNAPSHOTCONTENT
 
 TOKEN_HEADER = "x-kubevirt-export-token"
 TOKEN_KEY = "token"
