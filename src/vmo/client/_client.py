@@ -206,7 +206,10 @@ class Client:
             self._session = aiohttp.ClientSession(
                 self.creds.server,
                 headers=headers,
-                connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=32),
+                # every informer holds one connection for its watch: the embedded engine runs
+                # dozens (controllers and node services share this client), and a request that
+                # waits for a free connection behind them would wait for ever
+                connector=aiohttp.TCPConnector(ssl=self._ssl(), limit=512),
             )
         return self._session
 

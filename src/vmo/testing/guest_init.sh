@@ -414,10 +414,11 @@ start_guest_agent() {
 	(
 		dev=$(agent_port) || exit 0
 		unpack agent || exit 0
-		log "qemu-ga on $dev"
+		# not on the console: the line would land in the middle of what a user types there
+		echo "qemu-ga on $dev" >> "$STATE/qemu-ga.log"
 		while :; do
 			qemu-ga -m virtio-serial -p "$dev" -l "$STATE/qemu-ga.log"
-			log "qemu-ga exited ($?); restarting"
+			echo "qemu-ga exited ($?); restarting" >> "$STATE/qemu-ga.log"
 			sleep 1
 		done
 	) < /dev/null > /dev/null 2>&1 &

@@ -844,6 +844,8 @@ class RestoreController(Loop):
                     return None
             else:
                 made = await self.client.replace(VM, vm)
+        except Conflict:
+            raise  # a stale read of the target: the loop reconciles again with a fresh one
         except ApiStatusError as exc:
             await self._failed(
                 restore,
