@@ -6,7 +6,10 @@ Each volume is a thin qcow2 holding DATA_MIB of random data. Measured, median of
 - in-place restore (a fresh top layer on the snapshot) for both sizes;
 - full clone throughput (an independent copy, ``qemu-img convert``) beside ``cp`` of the same
   snapshot file in the same run (a ratio: the machine is noisy).
-Run: ``python bench/snapshots.py [--runs N] [--data-mib M]``.
+- through the API (the embedded engine, a stopped VM with one DataVolume of each size):
+  VirtualMachineSnapshot created -> readyToUse, VirtualMachineRestore created -> complete
+  (the controllers' and node's round trips on top of the pool operations above).
+Run: ``python bench/snapshots.py [--runs N] [--data-mib M] [--no-api]``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from vmo.client import DATAVOLUME, VM, VMRESTORE, VMSNAPSHOT, Client
 from vmo.engine.storage.pool import Pool
+from vmo.testing.apiserver import ThreadedServer
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -88,10 +93,113 @@ async def full_clone(pool: Pool, data_mib: int) -> tuple[float, float]:
     return data_mib / clone_s, data_mib / cp_s
 
 
+API_NS = "default"
+
+
+def _dv(name: str, size: str) -> dict[str, object]:
+    return {
+        "apiVersion": "cdi.kubevirt.io/v1beta1",
+        "kind": "DataVolume",
+        "metadata": {"name": name, "namespace": API_NS},
+        "spec": {
+            "source": {"blank": {}},
+            "storage": {"resources": {"requests": {"storage": size}}},
+        },
+    }
+
+
+def _vm(name: str, dv: str) -> dict[str, object]:
+    return {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachine",
+        "metadata": {"name": name, "namespace": API_NS},
+        "spec": {
+            "runStrategy": "Halted",
+            "template": {
+                "spec": {
+                    "domain": {
+                        "memory": {"guest": "64Mi"},
+                        "devices": {"disks": [{"name": "data", "disk": {"bus": "virtio"}}]},
+                    },
+                    "volumes": [{"name": "data", "dataVolume": {"name": dv}}],
+                }
+            },
+        },
+    }
+
+
+async def _until(
+    client: Client, res: object, name: str, done: Callable[[dict[str, object]], bool]
+) -> None:
+    while True:
+        obj = await client.find(res, name, API_NS)  # type: ignore[arg-type]
+        if obj is not None and done(obj):
+            return
+        await asyncio.sleep(0.01)
+
+
+async def api_figures(kubeconfig: Path, runs: int) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    async with Client.from_kubeconfig(kubeconfig) as client:
+        for size in ("1Gi", "16Gi"):
+            vm = f"vm-{size.lower()}"
+            await client.create(DATAVOLUME, _dv(f"{vm}-data", size), API_NS)
+            await _until(
+                client,
+                DATAVOLUME,
+                f"{vm}-data",
+                lambda o: (o.get("status") or {}).get("phase") == "Succeeded",
+            )  # type: ignore[union-attr]
+            await client.create(VM, _vm(vm, f"{vm}-data"), API_NS)
+            snaps, restores = [], []
+            for i in range(runs):
+                snap = {
+                    "apiVersion": "snapshot.kubevirt.io/v1beta1",
+                    "kind": "VirtualMachineSnapshot",
+                    "metadata": {"name": f"{vm}-s{i}", "namespace": API_NS},
+                    "spec": {
+                        "source": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": vm}
+                    },
+                }
+                start = time.perf_counter()
+                await client.create(VMSNAPSHOT, snap, API_NS)
+                await _until(
+                    client,
+                    VMSNAPSHOT,
+                    f"{vm}-s{i}",
+                    lambda o: bool((o.get("status") or {}).get("readyToUse")),
+                )  # type: ignore[union-attr]
+                snaps.append(time.perf_counter() - start)
+                restore = {
+                    "apiVersion": "snapshot.kubevirt.io/v1beta1",
+                    "kind": "VirtualMachineRestore",
+                    "metadata": {"name": f"{vm}-r{i}", "namespace": API_NS},
+                    "spec": {
+                        "target": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": vm},
+                        "virtualMachineSnapshotName": f"{vm}-s{i}",
+                    },
+                }
+                start = time.perf_counter()
+                await client.create(VMRESTORE, restore, API_NS)
+                await _until(
+                    client,
+                    VMRESTORE,
+                    f"{vm}-r{i}",
+                    lambda o: bool((o.get("status") or {}).get("complete")),
+                )  # type: ignore[union-attr]
+                restores.append(time.perf_counter() - start)
+            out[size] = {
+                "snapshot": statistics.median(snaps),
+                "restore": statistics.median(restores),
+            }
+    return out
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--data-mib", type=int, default=256)
+    parser.add_argument("--no-api", action="store_true", help="skip the end-to-end figures")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="vmo-bench-") as tmp:
         # one pool per size, so neither is measured among the other's files
@@ -111,6 +219,18 @@ async def main() -> None:
             f"full clone: {clone_mbs:.0f} MB/s beside cp of the same file {cp_mbs:.0f} MB/s "
             f"(ratio {clone_mbs / cp_mbs:.2f})"
         )
+        if args.no_api:
+            return
+        server = ThreadedServer(Path(tmp) / "home", engine=True).start()
+        try:
+            figures = await api_figures(server.kubeconfig, args.runs)
+        finally:
+            server.stop()
+        print(f"through the API (embedded engine, stopped VM), median of {args.runs}:")
+        print(f"{'operation':<14}{'1 GiB ms':>10}{'16 GiB ms':>11}{'ratio':>8}")
+        for op in ("snapshot", "restore"):
+            a, b = figures["1Gi"][op] * 1000, figures["16Gi"][op] * 1000
+            print(f"{op:<14}{a:>10.0f}{b:>11.0f}{b / a:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -285,3 +285,33 @@ async def test_restore_onto_a_running_vm_fails_immediately_when_asked(
     assert (await client.get(VM, unique, "default")).get("status", {}).get(
         "restoreInProgress"
     ) is None
+
+
+async def test_deleting_a_snapshot_waits_for_its_content_in_phase_deleting(
+    client: Client, unique: str
+) -> None:
+    await client.create(VM, vm_obj(unique), "default")
+    snap = await client.create(VMSNAPSHOT, snap_obj(unique, unique), "default")
+    ctl = SnapshotController(client)
+    await ctl.reconcile(snap)
+    snap = await client.get(VMSNAPSHOT, unique, "default")
+    name = content_name(snap)
+    # the node's finalizer on the content: it goes once the node removed the volume snapshots
+    await client.patch(
+        VMSNAPSHOTCONTENT, name, {"metadata": {"finalizers": ["test/node"]}}, "default"
+    )
+    await client.delete(VMSNAPSHOT, unique, "default")
+    assert await ctl.reconcile(await client.get(VMSNAPSHOT, unique, "default")) == 0.5
+    snap = await client.get(VMSNAPSHOT, unique, "default")
+    assert snap["status"]["phase"] == "Deleting" and upstream_errors(snap) == []
+    content = await client.get(VMSNAPSHOTCONTENT, name, "default")
+    assert content["metadata"]["deletionTimestamp"]
+    await client.patch(VMSNAPSHOTCONTENT, name, {"metadata": {"finalizers": None}}, "default")
+    assert await client.find(VMSNAPSHOTCONTENT, name, "default") is None
+    assert await ctl.reconcile(await client.get(VMSNAPSHOT, unique, "default")) is None
+    assert await client.find(VMSNAPSHOT, unique, "default") is None
+    vm = await client.get(VM, unique, "default")
+    assert not (vm.get("status") or {}).get("snapshotInProgress")
+    assert "snapshot.kubevirt.io/snapshot-source-protection" not in (
+        vm["metadata"].get("finalizers") or []
+    )

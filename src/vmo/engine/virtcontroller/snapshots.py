@@ -494,6 +494,7 @@ class SnapshotController(Loop):
             if content is not None:
                 if not content["metadata"].get("deletionTimestamp"):
                     await self.client.delete(VMSNAPSHOTCONTENT, content_name(snap), md["namespace"])
+                await self.write_status(VMSNAPSHOT, snap, {"phase": "Deleting"})
                 return 0.5  # the node removes the volume snapshots first
         else:
             content = await self.client.find(VMSNAPSHOTCONTENT, content_name(snap), md["namespace"])
