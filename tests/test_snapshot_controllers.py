@@ -24,6 +24,7 @@ from vmo.engine.virtcontroller.snapshots import (
     restored_claim,
     restored_vm,
 )
+from vmo.engine.virtcontroller.vm import volume_snapshot_statuses
 from vmo.testing.apiserver import ThreadedServer
 
 JSON = dict[str, Any]
@@ -151,6 +152,12 @@ def test_a_restored_vm_points_at_the_restored_volumes() -> None:
             ],
         )
     assert "{" not in str(caught.value)
+
+
+def test_the_vm_reports_which_volumes_a_snapshot_includes() -> None:
+    statuses = volume_snapshot_statuses(source_vm())
+    assert statuses[:2] == [{"name": "root", "enabled": True}, {"name": "data", "enabled": True}]
+    assert statuses[2]["enabled"] is False and "[cloudInitNoCloud]" in statuses[2]["reason"]
 
 
 def test_failure_deadline_parses_durations() -> None:

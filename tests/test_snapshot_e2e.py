@@ -224,6 +224,12 @@ def test_online_snapshot_keeps_the_data_the_guest_wrote(
     assert_valid(content)
     vm = get(capi, f"{KV}/virtualmachines/src")
     assert vm is not None and not vm["status"].get("snapshotInProgress")
+    assert {v["name"]: v["enabled"] for v in vm["status"]["volumeSnapshotStatuses"]} == {
+        "root": True,
+        "cloudinit": False,
+        "data": True,
+    }
+    assert_valid(vm)
     assert "snapshot.kubevirt.io/snapshot-source-protection" not in vm["metadata"].get(
         "finalizers", []
     )

@@ -414,7 +414,29 @@ def _finish_status(plan: _Plan, ctx: _Inputs) -> JSON | None:
     elif observed is not None and str(observed).isdigit():
         status["observedGeneration"] = int(observed)
     status["printableStatus"] = printable_status(plan, ctx)
+    status["volumeSnapshotStatuses"] = volume_snapshot_statuses(plan.vm)
     return bump
+
+
+def volume_snapshot_statuses(vm: JSON) -> list[JSON]:
+    """Which of the VM's volumes a snapshot includes: claims and DataVolumes (pool volumes,
+    copy-on-write), as upstream reports them in ``status.volumeSnapshotStatuses``."""
+    statuses = []
+    template = (vm.get("spec") or {}).get("template") or {}
+    for volume in (template.get("spec") or {}).get("volumes") or []:
+        kinds = sorted(k for k in volume if k != "name")
+        if {"dataVolume", "persistentVolumeClaim"} & set(kinds):
+            statuses.append({"name": volume["name"], "enabled": True})
+        else:
+            statuses.append(
+                {
+                    "name": volume["name"],
+                    "enabled": False,
+                    "reason": "Snapshot is not supported for this volumeSource type "
+                    f"[{kinds[0] if kinds else 'unknown'}]",
+                }
+            )
+    return statuses
 
 
 @dataclass(frozen=True)
