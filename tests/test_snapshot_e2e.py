@@ -309,6 +309,10 @@ def test_restore_brings_back_the_snapshot_data(
 def test_a_linked_clone_sees_its_parent_data_and_writes_only_its_own(
     cluster: ThreadedServer, k: Kubectl, capi: Api, src: dict[str, str]
 ) -> None:
+    # a snapshot of the running source first: the clone then stands on a layer the source's
+    # QEMU was handed by descriptor, and still has open as a backing file
+    k.apply(snapshot("before-clone", "src"))
+    wait_snapshot(capi, "before-clone")
     k.apply(
         {
             "apiVersion": "clone.kubevirt.io/v1beta1",

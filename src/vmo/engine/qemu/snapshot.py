@@ -135,6 +135,11 @@ async def add_overlay(
                     "filename": f"/dev/fdset/{fdset}",
                     "discard": "unmap",
                     "cache": dict(cache),
+                    # QEMU cannot reopen the overlay read-only once a later snapshot covers it
+                    # (only the read-write descriptor is in its fdset), so it would keep the
+                    # image's write lock and no other QEMU (a linked clone's) could open it as
+                    # a backing file. VMO itself makes sure only the top layer is ever written.
+                    "locking": "off",
                 },
                 "cache": dict(cache),
                 "discard": "unmap",

@@ -148,7 +148,11 @@ class NodeContext:
     host_address: str = "127.0.0.1"
     ovmf: OvmfFiles | None = None
     run_as: str | None = None
-    default_disk_cache: DiskCache = DiskCache.NONE
+    # Not "none" (O_DIRECT): QEMU 7.2, once unprivileged, must reopen by name the layers it
+    # opened at start when a live snapshot or merge changes an O_DIRECT chain, and cannot. Like
+    # "none", writethrough has every write on the host's disk before the guest sees it done;
+    # it is also upstream's choice where O_DIRECT is unavailable.
+    default_disk_cache: DiskCache = DiskCache.WRITETHROUGH
     incoming: str | None = None
     """A migration target's ``-incoming`` URI (the QEMU waits for the source's state)."""
 
