@@ -322,3 +322,53 @@ async def test_deleting_a_snapshot_waits_for_its_content_in_phase_deleting(
     assert "snapshot.kubevirt.io/snapshot-source-protection" not in (
         vm["metadata"].get("finalizers") or []
     )
+
+
+async def test_a_full_clone_asks_for_independent_copies_of_its_volumes(
+    client: Client, unique: str
+) -> None:
+    """``vmo.dev/clone-mode: full`` goes from the clone to its restore, and from the restore to
+    the DataVolumes it makes (the node then copies instead of linking)."""
+    from vmo.client import DATAVOLUME
+    from vmo.engine.storage.importer import CLONE_MODE
+    from vmo.engine.virtcontroller.clone import CloneController
+
+    clone = {
+        "metadata": {
+            "name": unique,
+            "namespace": "default",
+            "uid": "u-" + unique,
+            "annotations": {CLONE_MODE: "full"},
+        },
+        "spec": {"source": {"kind": "VirtualMachineSnapshot", "name": unique}},
+    }
+    restore = CloneController(client)._restore(clone, unique, unique, f"{unique}-copy", source_vm())
+    assert restore["metadata"]["annotations"] == {CLONE_MODE: "full"}
+    vm = vm_obj(unique)
+    snap = await client.create(VMSNAPSHOT, snap_obj(unique, unique), "default")
+    await client.patch_status(
+        VMSNAPSHOT, unique, {"readyToUse": True, "phase": "Succeeded"}, "default"
+    )
+    backup = {
+        "volumeName": "data",
+        "persistentVolumeClaim": {
+            "metadata": {"name": f"{unique}-data"},
+            "spec": {"resources": {"requests": {"storage": "64Mi"}}},
+        },
+        "volumeSnapshotName": f"vs-{unique}",
+    }
+    content = {
+        "apiVersion": "snapshot.kubevirt.io/v1beta1",
+        "kind": "VirtualMachineSnapshotContent",
+        "metadata": {"name": content_name(snap), "namespace": "default"},
+        "spec": {"source": {"virtualMachine": vm}, "volumeBackups": [backup]},
+    }
+    await client.create(VMSNAPSHOTCONTENT, content, "default")
+    restore["spec"].pop("patches")
+    made = await client.create(VMRESTORE, restore, "default")
+    assert await RestoreController(client).reconcile(made) == 1.0
+    dv = await client.get(DATAVOLUME, f"restore-{made['metadata']['uid']}-data", "default")
+    assert dv["metadata"]["annotations"][CLONE_MODE] == "full"
+    assert dv["spec"]["source"] == {"snapshot": {"namespace": "default", "name": f"vs-{unique}"}}
+    assert dv["spec"]["storage"]["resources"]["requests"]["storage"] == "64Mi"
+    await client.delete(DATAVOLUME, dv["metadata"]["name"], "default")
