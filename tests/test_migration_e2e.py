@@ -22,7 +22,7 @@ from tests.test_vm_e2e import (
     BOOT_TIMEOUT,
     NS,
     _qemus_under,
-    _stop_all_vms,
+    engine_cluster,
     tcp_line,
     vm,
     vmi_of,
@@ -41,16 +41,7 @@ SLOW_LABEL = {"mig-test": "slow"}
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
-    server = ThreadedServer(tmp_path_factory.mktemp("vmo-mig"), engine=True, nodes=2).start()
-    try:
-        yield server
-    finally:
-        _stop_all_vms(server)
-        server.stop()
-        leaked = _qemus_under(server.home)
-        for pid in leaked:
-            os.kill(pid, signal.SIGKILL)
-        assert not leaked, f"QEMU processes left running: {leaked}"
+    yield from engine_cluster(tmp_path_factory.mktemp("vmo-mig"), nodes=2)
 
 
 @pytest.fixture(scope="module")

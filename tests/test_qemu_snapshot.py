@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from tests.test_qemu_migration import qemu_pids_under
 from vmo.engine.agent.runtime import qemu_user
 from vmo.engine.qemu import (
     Disk,
@@ -176,17 +177,6 @@ def backing_chain(top: Path) -> list[dict[str, Any]]:
     ).stdout
     chain: list[dict[str, Any]] = json.loads(out)
     return chain
-
-
-def qemu_pids_under(root: Path) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                cmdline = (entry / "cmdline").read_bytes()
-                if b"qemu-system" in cmdline and str(root).encode() in cmdline:
-                    pids.append(int(entry.name))
-    return pids
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,6 @@ VM (each says what state it leaves).
 from __future__ import annotations
 
 import json
-import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +20,8 @@ from tests.test_kubevirt_models import upstream_errors
 from tests.test_vm_e2e import (
     BOOT_TIMEOUT,
     NS,
-    _qemus_under,
     console,
+    engine_cluster,
     vmi_of,
     wait_for,
     wait_running,
@@ -52,20 +50,7 @@ def assert_valid(obj: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
-    server = ThreadedServer(tmp_path_factory.mktemp("vmo-snap"), engine=True).start()
-    try:
-        yield server
-    finally:
-        api = Api(server.url, server.ca, server.admin_token)
-        api.delete(f"{KV}/virtualmachines")
-        wait_for(
-            lambda: not api.get(f"{KV}/virtualmachineinstances").json()["items"], 120, "VMIs gone"
-        )
-        server.stop()
-        leaked = _qemus_under(server.home)
-        for pid in leaked:
-            os.kill(pid, signal.SIGKILL)
-        assert not leaked, f"QEMU processes left running: {leaked}"
+    yield from engine_cluster(tmp_path_factory.mktemp("vmo-snap"))
 
 
 @pytest.fixture(scope="module")

@@ -42,9 +42,10 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
-    server = ThreadedServer(tmp_path_factory.mktemp("vmo-engine"), engine=True).start()
+def engine_cluster(home: Path, *, nodes: int = 1) -> Iterator[ThreadedServer]:
+    """An embedded engine for one e2e module; afterwards every VM is deleted, the engine
+    stopped, and a QEMU still running under its home is killed and fails the module."""
+    server = ThreadedServer(home, engine=True, nodes=nodes).start()
     try:
         yield server
     finally:
@@ -54,6 +55,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer
         for pid in leaked:
             os.kill(pid, signal.SIGKILL)
         assert not leaked, f"QEMU processes left running: {leaked}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
+    yield from engine_cluster(tmp_path_factory.mktemp("vmo-engine"))
 
 
 def _stop_all_vms(server: ThreadedServer) -> None:

@@ -34,6 +34,7 @@ from vmo.client import (
     NotFound,
     Resource,
 )
+from vmo.engine.storage.export import parse_duration
 from vmo.engine.storage.importer import CLONE_MODE
 from vmo.engine.virtcontroller.events import EventRecorder
 from vmo.engine.virtcontroller.vmi_template import owner_reference
@@ -206,21 +207,14 @@ def volume_snapshot_name(snapshot: JSON, volume: str) -> str:
 
 
 def failure_deadline(snapshot: JSON) -> timedelta:
+    """``spec.failureDeadline`` (a Go duration; 0 means none), 5 minutes when absent or invalid."""
     raw = (snapshot.get("spec") or {}).get("failureDeadline")
     if not raw:
         return DEFAULT_FAILURE_DEADLINE
-    seconds = 0.0
-    number = ""
-    for ch in str(raw):
-        if ch.isdigit() or ch == ".":
-            number += ch
-            continue
-        scale = {"h": 3600, "m": 60, "s": 1}.get(ch)
-        if scale is None or not number:
-            return DEFAULT_FAILURE_DEADLINE
-        seconds += float(number) * scale
-        number = ""
-    return timedelta(seconds=seconds) if seconds > 0 else timedelta(0)
+    try:
+        return max(parse_duration(str(raw)), timedelta(0))
+    except ValueError:
+        return DEFAULT_FAILURE_DEADLINE
 
 
 def build_content(
