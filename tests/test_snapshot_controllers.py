@@ -207,13 +207,13 @@ async def test_a_snapshot_of_a_missing_vm_fails_at_its_deadline(
         VMSNAPSHOT, snap_obj(unique, "nothing", failureDeadline="1s"), "default"
     )
     ctl = SnapshotController(client)
-    await ctl.reconcile(snap)
+    await ctl.sync(snap)
     snap = await client.get(VMSNAPSHOT, unique, "default")
     progressing = {c["type"]: c for c in snap["status"]["conditions"]}["Progressing"]
     assert progressing["reason"] == "Source does not exist"
     assert snap["status"]["phase"] == "InProgress" and upstream_errors(snap) == []
     await asyncio.sleep(2.1)
-    await ctl.reconcile(await client.get(VMSNAPSHOT, unique, "default"))
+    await ctl.sync(await client.get(VMSNAPSHOT, unique, "default"))
     snap = await client.get(VMSNAPSHOT, unique, "default")
     assert snap["status"]["phase"] == "Failed"
     assert snap["status"]["error"]["message"] == "snapshot deadline exceeded"
@@ -224,7 +224,7 @@ async def test_a_snapshot_locks_its_vm_until_the_node_reports(client: Client, un
     vm = await client.create(VM, vm_obj(unique), "default")
     snap = await client.create(VMSNAPSHOT, snap_obj(unique, unique), "default")
     ctl = SnapshotController(client)
-    assert await ctl.reconcile(snap) == 1.0
+    assert await ctl.sync(snap) == 1.0
     vm = await client.get(VM, unique, "default")
     assert vm["status"]["snapshotInProgress"] == unique
     assert "snapshot.kubevirt.io/snapshot-source-protection" in vm["metadata"]["finalizers"]
@@ -239,7 +239,7 @@ async def test_a_snapshot_locks_its_vm_until_the_node_reports(client: Client, un
         {"readyToUse": False, "error": {"message": "disk on fire"}},
         "default",
     )
-    await ctl.reconcile(await client.get(VMSNAPSHOT, unique, "default"))
+    await ctl.sync(await client.get(VMSNAPSHOT, unique, "default"))
     snap = await client.get(VMSNAPSHOT, unique, "default")
     assert (
         snap["status"]["phase"] == "Failed" and snap["status"]["error"]["message"] == "disk on fire"
@@ -284,7 +284,7 @@ async def test_restore_onto_a_running_vm_fails_immediately_when_asked(
         },
     }
     made = await client.create(VMRESTORE, restore, "default")
-    assert await RestoreController(client).reconcile(made) is None
+    assert await RestoreController(client).sync(made) is None
     status = (await client.get(VMRESTORE, unique, "default"))["status"]
     failure = {c["type"]: c for c in status["conditions"]}["Failure"]
     assert failure["status"] == "True" and "must be stopped" in failure["message"]
@@ -300,7 +300,7 @@ async def test_deleting_a_snapshot_waits_for_its_content_in_phase_deleting(
     await client.create(VM, vm_obj(unique), "default")
     snap = await client.create(VMSNAPSHOT, snap_obj(unique, unique), "default")
     ctl = SnapshotController(client)
-    await ctl.reconcile(snap)
+    await ctl.sync(snap)
     snap = await client.get(VMSNAPSHOT, unique, "default")
     name = content_name(snap)
     # the node's finalizer on the content: it goes once the node removed the volume snapshots
@@ -308,14 +308,14 @@ async def test_deleting_a_snapshot_waits_for_its_content_in_phase_deleting(
         VMSNAPSHOTCONTENT, name, {"metadata": {"finalizers": ["test/node"]}}, "default"
     )
     await client.delete(VMSNAPSHOT, unique, "default")
-    assert await ctl.reconcile(await client.get(VMSNAPSHOT, unique, "default")) == 0.5
+    assert await ctl.sync(await client.get(VMSNAPSHOT, unique, "default")) == 0.5
     snap = await client.get(VMSNAPSHOT, unique, "default")
     assert snap["status"]["phase"] == "Deleting" and upstream_errors(snap) == []
     content = await client.get(VMSNAPSHOTCONTENT, name, "default")
     assert content["metadata"]["deletionTimestamp"]
     await client.patch(VMSNAPSHOTCONTENT, name, {"metadata": {"finalizers": None}}, "default")
     assert await client.find(VMSNAPSHOTCONTENT, name, "default") is None
-    assert await ctl.reconcile(await client.get(VMSNAPSHOT, unique, "default")) is None
+    assert await ctl.sync(await client.get(VMSNAPSHOT, unique, "default")) is None
     assert await client.find(VMSNAPSHOT, unique, "default") is None
     vm = await client.get(VM, unique, "default")
     assert not (vm.get("status") or {}).get("snapshotInProgress")
@@ -366,7 +366,7 @@ async def test_a_full_clone_asks_for_independent_copies_of_its_volumes(
     await client.create(VMSNAPSHOTCONTENT, content, "default")
     restore["spec"].pop("patches")
     made = await client.create(VMRESTORE, restore, "default")
-    assert await RestoreController(client).reconcile(made) == 1.0
+    assert await RestoreController(client).sync(made) == 1.0
     dv = await client.get(DATAVOLUME, f"restore-{made['metadata']['uid']}-data", "default")
     assert dv["metadata"]["annotations"][CLONE_MODE] == "full"
     assert dv["spec"]["source"] == {"snapshot": {"namespace": "default", "name": f"vs-{unique}"}}

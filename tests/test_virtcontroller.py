@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from vmo.client import DATAVOLUME, EVENT, NAMESPACE, NODE, VM, VMI, Client
-from vmo.engine.virtcontroller.controllers import run_controllers
+from vmo.engine.virtcontroller.controllers import virt_controllers
 from vmo.engine.virtcontroller.scheduler import (
     MEMORY_OVERHEAD_BYTES,
     Scheduled,
@@ -31,7 +31,7 @@ from vmo.engine.virtcontroller.vmi_template import (
     guest_topology,
     template_hash,
 )
-from vmo.engine.virtcontroller.workqueue import WorkQueue
+from vmo.runtime import Manager
 from vmo.testing.apiserver import ThreadedServer
 
 JSON = dict[str, Any]
@@ -808,49 +808,6 @@ def test_unschedulable_vmi_carries_pod_scheduled_false() -> None:
     )
 
 
-# --- the work queue ------------------------------------------------------------------------------
-
-
-async def test_work_queue_handles_a_key_once_and_retries_failures() -> None:
-    queue = WorkQueue()
-    calls: list[str] = []
-    done = asyncio.Event()
-
-    async def handler(key: str) -> float | None:
-        calls.append(key)
-        if calls.count(key) == 1 and key == "flaky":
-            raise RuntimeError("first attempt fails")
-        if len(calls) == 3:
-            done.set()
-        return None
-
-    for key in ("a", "a", "flaky"):
-        queue.add(key)
-    worker = asyncio.create_task(queue.run_worker(handler))
-    await asyncio.wait_for(done.wait(), 5)
-    queue.shut_down()
-    await asyncio.wait_for(worker, 5)
-    assert calls == ["a", "flaky", "flaky"]
-
-
-async def test_work_queue_requeues_after_the_delay_a_handler_asks_for() -> None:
-    queue = WorkQueue()
-    seen: list[float] = []
-    loop = asyncio.get_running_loop()
-
-    async def handler(key: str) -> float | None:
-        seen.append(loop.time())
-        return 0.05 if len(seen) == 1 else None
-
-    queue.add("k")
-    worker = asyncio.create_task(queue.run_worker(handler))
-    while len(seen) < 2:
-        await asyncio.sleep(0.01)
-    queue.shut_down()
-    await asyncio.wait_for(worker, 5)
-    assert seen[1] - seen[0] >= 0.05
-
-
 # --- the controllers against the embedded API server ---------------------------------------------
 
 
@@ -877,7 +834,7 @@ async def client(apiserver: ThreadedServer) -> AsyncIterator[Client]:
 @pytest.fixture
 async def controllers(client: Client) -> AsyncIterator[None]:
     stop = asyncio.Event()
-    task = asyncio.create_task(run_controllers(client, stop=stop))
+    task = asyncio.create_task(Manager(virt_controllers(client)).run(stop))
     try:
         yield
     finally:

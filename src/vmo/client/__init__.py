@@ -16,6 +16,7 @@ from vmo.client._client import (
     PREFERENCE,
     SECRET,
     SERVICE,
+    TRANSIENT_ERRORS,
     VM,
     VMCLONE,
     VMEXPORT,
@@ -31,6 +32,8 @@ from vmo.client._client import (
     Gone,
     NotFound,
     Resource,
+    WebSocket,
+    WSMsgType,
     load_kubeconfig,
 )
 
@@ -50,6 +53,7 @@ __all__ = [
     "PREFERENCE",
     "SECRET",
     "SERVICE",
+    "TRANSIENT_ERRORS",
     "VM",
     "VMCLONE",
     "VMEXPORT",
@@ -65,5 +69,7 @@ __all__ = [
     "Gone",
     "NotFound",
     "Resource",
+    "WSMsgType",
+    "WebSocket",
     "load_kubeconfig",
 ]

@@ -6,8 +6,8 @@ and a real cluster. Errors carry the server's ``Status``.
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -107,6 +107,13 @@ CLUSTER_PREFERENCE = Resource(
     "VirtualMachineClusterPreference",
     namespaced=False,
 )
+
+
+WebSocket = aiohttp.ClientWebSocketResponse
+WSMsgType = aiohttp.WSMsgType
+
+# What a request may raise when the connection, not the server, failed: worth retrying.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (aiohttp.ClientError, OSError, TimeoutError)
 
 
 class ApiStatusError(Exception):
@@ -365,35 +372,28 @@ class Client:
                     raise _error(int(status.get("code", 500)), status, "WATCH", path)
                 yield event["type"], event["object"]
 
-    async def informer(
-        self,
-        res: Resource,
-        namespace: str = "",
-        *,
-        label_selector: str = "",
-        field_selector: str = "",
-    ) -> AsyncIterator[tuple[str, JSON]]:
-        """List then watch forever, re-listing after 410 or a dropped stream.
+    # --- streams and health ------------------------------------------------------------------
 
-        Yields ("SYNC", obj) for each listed object, then watch events; BOOKMARKs are absorbed.
-        """
-        while True:
-            items, rv = await self.list(
-                res, namespace, label_selector=label_selector, field_selector=field_selector
-            )
-            for item in items:
-                yield "SYNC", item
-            try:
-                async for etype, obj in self.watch(
-                    res,
-                    namespace,
-                    resource_version=rv,
-                    label_selector=label_selector,
-                    field_selector=field_selector,
-                ):
-                    if etype == "BOOKMARK":
-                        continue
-                    yield etype, obj
-            except (TimeoutError, Gone, aiohttp.ClientError) as exc:
-                log.info("watch of %s ended (%s); re-listing", res.plural, exc)
-                await asyncio.sleep(0.2)
+    @contextlib.asynccontextmanager
+    async def websocket(
+        self, path: str, *, protocols: tuple[str, ...] = ()
+    ) -> AsyncIterator[WebSocket]:
+        """A WebSocket to an API path (console, VNC, port-forward subresources), with this
+        client's credentials; a refused upgrade raises the server's Status as ApiStatusError."""
+        try:
+            ws = await self.session.ws_connect(path, protocols=protocols, max_msg_size=0)
+        except aiohttp.WSServerHandshakeError as exc:
+            status = {"message": exc.message, "code": exc.status}
+            raise _error(exc.status, status, "GET", path) from None
+        try:
+            yield ws
+        finally:
+            await ws.close()
+
+    async def healthy(self) -> bool:
+        """True when the server answers ``/readyz`` with 200."""
+        try:
+            async with self.session.get("/readyz") as resp:
+                return resp.status == 200
+        except TRANSIENT_ERRORS:
+            return False

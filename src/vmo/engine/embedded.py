@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from vmo.api.kubevirt.migratable import claim_name
-from vmo.client import DATAVOLUME, NAD, SECRET, ApiStatusError, Client
+from vmo.client import DATAVOLUME, ENDPOINTS, NAD, SECRET, SERVICE, ApiStatusError, Client
 from vmo.engine import cloudinit
 from vmo.engine.agent.agent import NodeAgent, PrepareError
 from vmo.engine.agent.api import AgentApi
@@ -27,10 +27,13 @@ from vmo.engine.agent.snapshots import SnapshotExecutor
 from vmo.engine.network import bridge, ipam
 from vmo.engine.qemu.domain import DiskFormat
 from vmo.engine.qemu.vmi import LocalVolume
+from vmo.engine.storage.export import ExportController
 from vmo.engine.storage.importer import STORAGE_NODE, DataVolumeController
 from vmo.engine.storage.pool import Pool, VolumeRecord
 from vmo.engine.storage.upload import api_server_authorizer, upload_routes
 from vmo.engine.storage.volumes import VolumeError, resolve_volumes, virtual_size
+from vmo.home import StateDir
+from vmo.runtime import Controller, Manager, Result, Runnable, Watch
 
 log = logging.getLogger(__name__)
 
@@ -108,27 +111,18 @@ class NodeServices:
         )
         await self.api.start(self.agent.socket_path)
         await self.agent.start(stop)
-        for name, factory in self._background(stop):
-            self.tasks.append(
-                asyncio.get_running_loop().create_task(_forever(name, factory), name=name)
-            )
+        exports = ExportController(
+            self.client, self.name, [self.pool, self.shared_pool], self.state_dir
+        )
+        background = Manager([self.datavolumes, self.snapshots, exports])
+        self.tasks.append(
+            asyncio.get_running_loop().create_task(background.run(stop), name=f"node-{self.name}")
+        )
 
     @property
     def image_dir(self) -> Path:
         """Where ``file://`` DataVolume imports may read from: ``$VMO_HOME/images``."""
         return self.state_dir.parent.parent / "images"
-
-    def _background(self, stop: asyncio.Event) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
-        from vmo.engine.storage.export import ExportController
-
-        exports = ExportController(
-            self.client, self.name, [self.pool, self.shared_pool], self.state_dir
-        )
-        return [
-            (f"datavolumes-{self.name}", lambda: self.datavolumes.run(stop)),
-            (f"snapshots-{self.name}", lambda: self.snapshots.run(stop)),
-            (f"exports-{self.name}", lambda: exports.run(stop)),
-        ]
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -341,59 +335,31 @@ def _interface_macs(vmi: JSON) -> dict[str, str]:
     }
 
 
-async def _forever(name: str, factory: Callable[[], Awaitable[None]]) -> None:
-    """Runs a controller loop, restarting it after an unexpected error."""
-    while True:
-        try:
-            await factory()
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("%s failed; restarting in 2 s", name)
-            await asyncio.sleep(2)
-
-
-async def run_controllers(client: Client, stop: asyncio.Event) -> None:
-    """The cluster-wide controllers (virt-controller's role and the endpoints controller)."""
+def cluster_controllers(client: Client) -> list[Runnable]:
+    """The cluster-wide controllers: virt-controller's role, endpoints, and the service proxy
+    (kube-proxy's role on this host)."""
     from vmo.engine.network.endpoints import EndpointsController
-    from vmo.engine.virtcontroller.controllers import run_controllers as run_virt
+    from vmo.engine.virtcontroller.controllers import virt_controllers
 
-    endpoints = EndpointsController(client)
-    tasks = [
-        asyncio.create_task(_forever("virt-controller", lambda: run_virt(client, stop=stop))),
-        asyncio.create_task(_forever("endpoints", lambda: endpoints.run(stop))),
-    ]
-    try:
-        await stop.wait()
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+    return [*virt_controllers(client), EndpointsController(client)]
 
 
 @dataclass
 class Engine:
     """Everything of the embedded engine that runs beside the API server in ``vmo up``."""
 
-    state: Any  # vmo.apiserver.server.StateDir (duck-typed: the engine never imports the server)
+    state: StateDir
     nodes: int = 1
     use_emulation: bool | None = None
     client: Client | None = None
     node_services: list[NodeServices] = field(default_factory=list)
     _controllers: asyncio.Task[None] | None = None
-    _proxy: asyncio.Task[None] | None = None
 
     async def start(self, stop: asyncio.Event) -> None:
         client = self.client = Client.from_kubeconfig(self.state.engine_kubeconfig)
-        loop = asyncio.get_running_loop()
-        self._controllers = loop.create_task(run_controllers(client, stop))
         opener = AgentPortOpener(client, self.node_services)
-        self._proxy = loop.create_task(
-            _forever("service-proxy", lambda: run_service_proxy(client, opener, stop))
-        )
+        manager = Manager([*cluster_controllers(client), ServiceProxyController(client, opener)])
+        self._controllers = asyncio.get_running_loop().create_task(manager.run(stop))
         for index in range(1, self.nodes + 1):
             name = f"node-{index}"
             node = NodeServices(
@@ -405,7 +371,7 @@ class Engine:
     async def close(self) -> None:
         for node in self.node_services:
             await node.close()
-        for task in (self._controllers, self._proxy):
+        for task in (self._controllers,):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -453,34 +419,34 @@ class AgentPortOpener:
             return None
 
 
-async def run_service_proxy(client: Client, opener: AgentPortOpener, stop: asyncio.Event) -> None:
-    """kube-proxy's role on this host: Services' ClusterIPs and NodePorts forward to VMIs."""
-    from vmo.client import ENDPOINTS, SERVICE
-    from vmo.engine.network.services import ServiceProxy
+class ServiceProxyController(Controller):
+    """kube-proxy's role on this host: Services' ClusterIPs and NodePorts forward to VMIs.
 
-    proxy = ServiceProxy(opener)
-    services: dict[str, JSON] = {}
-    endpoints: dict[str, JSON] = {}
-    lock = asyncio.Lock()
+    Every Service or Endpoints event queues the one key: a pass syncs the whole proxy from the
+    informers' caches."""
 
-    async def follow(res: Any, store: dict[str, JSON]) -> None:
-        async for etype, obj in client.informer(res):
-            md = obj["metadata"]
-            key = f"{md.get('namespace', '')}/{md['name']}"
-            if etype == "DELETED":
-                store.pop(key, None)
-            else:
-                store[key] = obj
-            async with lock:
-                await proxy.sync(list(services.values()), list(endpoints.values()))
+    name = "service-proxy"
+    workers = 1
 
-    tasks = [
-        asyncio.create_task(follow(SERVICE, services)),
-        asyncio.create_task(follow(ENDPOINTS, endpoints)),
-    ]
-    try:
-        await stop.wait()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await proxy.close()
+    def __init__(self, client: Client, opener: AgentPortOpener) -> None:
+        from vmo.engine.network.services import ServiceProxy
+
+        super().__init__(client)
+        self.proxy = ServiceProxy(opener)
+
+    def watches(self) -> Sequence[Watch]:
+        return [Watch(SERVICE, _proxy_key), Watch(ENDPOINTS, _proxy_key)]
+
+    async def reconcile(self, key: str) -> Result | None:
+        await self.proxy.sync(self.informer(SERVICE).items(), self.informer(ENDPOINTS).items())
+        return None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await super().run(stop)
+        finally:
+            await self.proxy.close()
+
+
+def _proxy_key(_etype: str, _obj: JSON) -> list[str]:
+    return ["all"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +13,9 @@ from typing import Any, TypeVar
 
 import yaml
 
-from vmo.apiserver.server import ApiServer, StateDir
+from vmo.apiserver.server import ApiServer
 from vmo.engine.embedded import Engine
+from vmo.home import StateDir
 
 T = TypeVar("T")
 
@@ -66,6 +67,17 @@ class ThreadedServer:
         fresh = NodeServices(old.client, name, old.state_dir)
         await fresh.start(self._stop)
         nodes[index] = fresh
+
+    def restart_apiserver(self, *, between: Callable[[], None] | None = None) -> None:
+        """Stops the API server and starts a new one on the same port and store, as a crashed
+        and restarted ``vmo up`` would be; ``between`` runs while no server is up."""
+        assert self.server is not None
+        self.port = int(self.url.rsplit(":", 1)[1])
+        self.call(self.server.stop())
+        if between is not None:
+            between()
+        self.server = self.call(self._make())
+        self.url = self.call(self.server.start())
 
     async def _make(self) -> ApiServer:
         return ApiServer(StateDir(self.home), port=self.port)

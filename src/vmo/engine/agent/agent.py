@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,13 @@ from typing import Any
 from vmo.api.kubevirt.migratable import claim_name, live_migratable, migration_method
 from vmo.client import KUBEVIRT, VMI, ApiStatusError, Client, NotFound
 from vmo.engine.agent import node as nodeobj
+from vmo.engine.agent.host import NetworkPreparer, NetworkReleaser
 from vmo.engine.agent.migration import MigrationRoles
 from vmo.engine.agent.runtime import VmiRuntime, workdir_name
 from vmo.engine.qemu.accel import Accelerator, detect_accelerator
 from vmo.engine.qemu.errors import QemuError
 from vmo.engine.qemu.vmi import LocalVolume
+from vmo.runtime import DELETED, Controller, Result, Watch, object_key, split_key
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +37,7 @@ FINAL = ("Succeeded", "Failed")
 VolumePreparer = Callable[[JSON, Path], Awaitable[dict[str, LocalVolume]]]
 """(VMI, its workdir) -> the local file behind each volume (raises PrepareError)."""
 
-NetworkPreparer = Callable[[JSON], Awaitable[tuple[dict[str, str], list[JSON]]]]
-"""VMI -> (network name -> tap, extra status interfaces info) (raises PrepareError)."""
-
-NetworkReleaser = Callable[[JSON, list[str]], Awaitable[None]]
+__all__ = ["NetworkPreparer", "NetworkReleaser", "NodeAgent", "PrepareError"]
 
 
 class PrepareError(Exception):
@@ -161,9 +160,7 @@ class NodeAgent:
     runtimes: dict[tuple[str, str], VmiRuntime] = field(default_factory=dict)
     accel: Accelerator = Accelerator.TCG
     _latest: dict[tuple[str, str], JSON | None] = field(default_factory=dict)
-    _queue: asyncio.Queue[tuple[str, str]] = field(default_factory=asyncio.Queue)
-    _queued: set[tuple[str, str]] = field(default_factory=set)
-    _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    _sync: VmiSync | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _taps: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     migrations: MigrationRoles | None = None
@@ -204,12 +201,12 @@ class NodeAgent:
             ),
         )
         loop = asyncio.get_running_loop()
+        self._sync = VmiSync(self)
         self._tasks += [
             loop.create_task(
                 nodeobj.heartbeat(self.client, self.node, stop), name=f"heartbeat-{self.node}"
             ),
-            loop.create_task(self._watch_vmis(), name=f"vmi-informer-{self.node}"),
-            loop.create_task(self._work(), name=f"vmi-worker-{self.node}"),
+            loop.create_task(self._sync.run(stop), name=f"vmi-sync-{self.node}"),
         ]
 
     async def close(self) -> None:
@@ -225,38 +222,40 @@ class NodeAgent:
             await runtime.close()
         self.runtimes.clear()
 
-    async def _watch_vmis(self) -> None:
-        async for etype, vmi in self.client.informer(VMI):
-            md = vmi["metadata"]
-            key = (md["namespace"], md["name"])
-            self._latest[key] = None if etype == "DELETED" else vmi
-            if (
-                etype == "DELETED"
-                or vmi.get("status", {}).get("nodeName") == self.node
-                or key in self.runtimes
-                or (self.migrations is not None and self.migrations.concerns(vmi))
-            ):
-                self._enqueue(key)
+    def on_vmi(self, etype: str, vmi: JSON) -> list[str]:
+        """Remembers the newest copy of every VMI; returns the key when it concerns this node."""
+        md = vmi["metadata"]
+        key = (md["namespace"], md["name"])
+        self._latest[key] = None if etype == DELETED else vmi
+        if (
+            etype == DELETED
+            or vmi.get("status", {}).get("nodeName") == self.node
+            or key in self.runtimes
+            or (self.migrations is not None and self.migrations.concerns(vmi))
+        ):
+            return [object_key(vmi)]
+        return []
 
-    def _enqueue(self, key: tuple[str, str]) -> None:
-        if key not in self._queued:
-            self._queued.add(key)
-            self._queue.put_nowait(key)
+    def enqueue(self, key: tuple[str, str]) -> None:
+        if self._sync is not None:
+            self._sync.enqueue(f"{key[0]}/{key[1]}")
 
-    async def _work(self) -> None:
-        while True:
-            key = await self._queue.get()
-            self._queued.discard(key)
-            asyncio.get_running_loop().create_task(self._reconcile_locked(key))
+    def latest(self, key: tuple[str, str]) -> JSON | None:
+        return self._latest.get(key)
 
-    async def _reconcile_locked(self, key: tuple[str, str]) -> None:
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            try:
-                await self.reconcile(key)
-            except Exception:
-                log.exception("reconciling VMI %s/%s failed; retrying", *key)
-                asyncio.get_running_loop().call_later(2.0, self._enqueue, key)
+    def remember(self, vmi: JSON) -> None:
+        md = vmi["metadata"]
+        self._latest[(md["namespace"], md["name"])] = vmi
+
+    async def adopt_migrated(self, vmi: JSON, runtime: VmiRuntime, taps: list[str]) -> None:
+        self.runtimes[runtime.key] = runtime
+        self._taps[runtime.key] = list(taps)
+        await self._record_forwards(runtime)
+        await self._report_running(vmi, runtime)
+        self._monitor(runtime)
+
+    async def release(self, runtime: VmiRuntime) -> None:
+        await self._release(runtime)
 
     # --- reconcile -----------------------------------------------------------------------------
 
@@ -501,3 +500,22 @@ class NodeAgent:
                 {"metadata": {"annotations": {"vmo.dev/host-forwards": value}}},
                 runtime.namespace,
             )
+
+
+class VmiSync(Controller):
+    """virt-handler's loop: every VMI event that concerns this node queues that VMI; one
+    reconcile per VMI at a time, several VMIs at once (a launch must not wait for another)."""
+
+    workers = 8
+
+    def __init__(self, agent: NodeAgent) -> None:
+        super().__init__(agent.client)
+        self.agent = agent
+        self.name = f"virt-handler-{agent.node}"
+
+    def watches(self) -> Sequence[Watch]:
+        return [Watch(VMI, self.agent.on_vmi)]
+
+    async def reconcile(self, key: str) -> Result | None:
+        await self.agent.reconcile(split_key(key))
+        return None

@@ -21,17 +21,15 @@ import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vmo.api.quantity import QuantityError, parse_quantity
 from vmo.client import VMI, ApiStatusError, NotFound
+from vmo.engine.agent.host import AgentHost
 from vmo.engine.agent.runtime import VmiRuntime, free_port, qemu_user
 from vmo.engine.qemu import migration as qm
 from vmo.engine.qemu.errors import QemuError
 from vmo.engine.qemu.vmi import LocalVolume
-
-if TYPE_CHECKING:
-    from vmo.engine.agent.agent import NodeAgent
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +143,7 @@ def read_marker(workdir: Path) -> JSON | None:
 class MigrationRoles:
     """Source and target behaviour of one node agent."""
 
-    agent: NodeAgent
+    agent: AgentHost
     prepare_target_volumes: TargetVolumePreparer
     adopt_volume: VolumeAdopter
     release_source_volume: SourceVolumeReleaser
@@ -256,7 +254,7 @@ class MigrationRoles:
         self._aborts.pop(key, None)
         self._outgoing_uid.pop(key, None)
         # a newer migration may have been waiting for this one to end
-        self.agent._enqueue(key)
+        self.agent.enqueue(key)
 
     # --- target ----------------------------------------------------------------------------------
 
@@ -332,11 +330,11 @@ class MigrationRoles:
             outcome = qm.IncomingResult(False, qm.MigrationMode.PRE_COPY, str(exc))
         if self.incoming.get(key) is not incoming:
             return
-        vmi = self.agent._latest.get(key)
+        vmi = self.agent.latest(key)
         if outcome.completed:
             if vmi is not None:
                 await self._complete(vmi, mode=outcome.mode.value)
-                self.agent._enqueue(key)
+                self.agent.enqueue(key)
             return
         if vmi is not None and in_flight(migration_state(vmi)):
             tail = runtime.stderr_tail()
@@ -385,11 +383,7 @@ class MigrationRoles:
         with contextlib.suppress(FileNotFoundError):
             (runtime.workdir / MARKER).unlink()
         self.incoming.pop(key, None)
-        self.agent.runtimes[key] = runtime
-        self.agent._taps[key] = incoming.taps
-        await self.agent._record_forwards(runtime)
-        await self.agent._report_running(vmi, runtime)
-        self.agent._monitor(runtime)
+        await self.agent.adopt_migrated(vmi, runtime, incoming.taps)
         log.info("VMI %s/%s now runs on %s", *key, self.node)
 
     async def _discard_target(self, key: tuple[str, str], incoming: Incoming) -> None:
@@ -549,7 +543,7 @@ class MigrationRoles:
         """The source half after success: QEMU, taps, workdir and node-local volumes go."""
         if runtime.process is not None and runtime.alive:
             await runtime.process.kill()
-        await self.agent._release(runtime)
+        await self.agent.release(runtime)
         runtime.remove_workdir()
         for _, local in copies:
             if local.claim is not None:
@@ -603,7 +597,7 @@ class MigrationRoles:
         md = vmi["metadata"]
         try:
             fresh = await self.agent.client.patch(VMI, md["name"], patch, md["namespace"])
-            self.agent._latest[(md["namespace"], md["name"])] = fresh
+            self.agent.remember(fresh)
         except NotFound:
             pass
         except ApiStatusError as exc:

@@ -32,7 +32,7 @@ from vmo.engine.qemu.guest_agent import GuestAgentClient
 from vmo.engine.qemu.qmp import QMPClient
 from vmo.engine.qemu.snapshot import Overlay, merge_layer, snapshot_disks
 from vmo.engine.storage.pool import Pool, PoolError
-from vmo.engine.virtcontroller.workqueue import WorkQueue
+from vmo.runtime import Controller, Result, Watch, split_key
 
 log = logging.getLogger(__name__)
 
@@ -85,56 +85,44 @@ async def _switch(
     added.extend(await snapshot_disks(qmp, [Overlay(disk, node, new)]))
 
 
-class SnapshotExecutor:
+class SnapshotExecutor(Controller):
     """One per node: takes and removes the volume snapshots of the contents it claims."""
 
+    workers = 1  # one node's snapshots are taken one at a time
+
     def __init__(self, client: Client, node: str, agent: NodeAgent, pools: Sequence[Pool]) -> None:
-        self.client, self.node, self.agent, self.pools = client, node, agent, list(pools)
-        self.queue = WorkQueue()
+        super().__init__(client)
+        self.node, self.agent, self.pools = node, agent, list(pools)
+        self.name = f"snapshot-executor-{node}"
+
+    def watches(self) -> Sequence[Watch]:
+        return [Watch(VMSNAPSHOTCONTENT)]
 
     async def run(self, stop: asyncio.Event) -> None:
-        tasks = [
-            asyncio.create_task(self._watch()),
-            asyncio.create_task(self.queue.run_worker(self._handle)),
-            asyncio.create_task(self._sweep(stop)),
-        ]
+        sweep = asyncio.get_running_loop().create_task(self._sweep(stop))
         try:
-            await stop.wait()
+            await super().run(stop)
         finally:
-            self.queue.shut_down()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _watch(self) -> None:
-        while True:
-            try:
-                async for _, content in self.client.informer(VMSNAPSHOTCONTENT):
-                    md = content["metadata"]
-                    self.queue.add(f"{md['namespace']}/{md['name']}")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("snapshot content informer failed: %s; restarting", exc)
-                await asyncio.sleep(1.0)
+            sweep.cancel()
+            await asyncio.gather(sweep, return_exceptions=True)
 
     async def _sweep(self, stop: asyncio.Event) -> None:
         """Merges (offline) the layers no snapshot needs any more once no QEMU has them open."""
         while not stop.is_set():
-            await asyncio.sleep(SWEEP_SECONDS)
+            await self.clock.sleep(SWEEP_SECONDS)
             with contextlib.suppress(PoolError, OSError):
                 await self.merge(live=False)
 
-    async def _handle(self, key: str) -> float | None:
-        namespace, name = key.split("/", 1)
+    async def reconcile(self, key: str) -> Result | None:
+        namespace, name = split_key(key)
         content = await self.client.find(VMSNAPSHOTCONTENT, name, namespace)
         if content is None:
             return None
-        return await self.reconcile(content)
+        return Result(await self.sync(content))
 
     # --- reconcile ----------------------------------------------------------------------------
 
-    async def reconcile(self, content: JSON) -> float | None:
+    async def sync(self, content: JSON) -> float | None:
         md = content["metadata"]
         owner = (md.get("annotations") or {}).get(SNAPSHOT_NODE)
         if md.get("deletionTimestamp"):

@@ -9,20 +9,19 @@ the service proxy forwards by.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from vmo.client import ENDPOINTS, NODE, SERVICE, VMI, ApiStatusError, Client, Conflict, NotFound
+from vmo.client import ENDPOINTS, NODE, SERVICE, VMI, ApiStatusError, Conflict, NotFound
+from vmo.runtime import Controller, Result, Watch, object_key, split_key
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EndpointsController", "desired_subsets", "selects"]
 
 JSON = dict[str, Any]
-_BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
 def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
@@ -114,68 +113,28 @@ def _port_json(port: tuple[str, int, str]) -> JSON:
     )
 
 
-class EndpointsController:
+class EndpointsController(Controller):
     """Keeps Endpoints in step with Services that have a selector and the VMIs they select."""
 
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-        self.queued: set[tuple[str, str]] = set()
-        self.services: dict[tuple[str, str], JSON] = {}
-        self.failures: dict[tuple[str, str], int] = {}
+    name = "endpoints-controller"
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Watches Services and VMIs and reconciles until ``stop`` is set."""
-        tasks = [
-            asyncio.create_task(self._watch_services()),
-            asyncio.create_task(self._watch_vmis()),
-            asyncio.create_task(self._work()),
+    def watches(self) -> Sequence[Watch]:
+        return [Watch(SERVICE), Watch(VMI, self._services_of_namespace)]
+
+    def _services_of_namespace(self, _etype: str, vmi: JSON) -> list[str]:
+        # a label change can remove a VMI from a Service: recheck every Service of the namespace
+        namespace = vmi["metadata"].get("namespace", "")
+        return [
+            object_key(svc)
+            for svc in self.informer(SERVICE).items(namespace)
+            if (svc.get("spec") or {}).get("selector")
         ]
-        try:
-            await stop.wait()
-        finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
 
-    def enqueue(self, key: tuple[str, str]) -> None:
-        if key not in self.queued:
-            self.queued.add(key)
-            self.queue.put_nowait(key)
+    async def reconcile(self, key: str) -> Result | None:
+        await self.sync(*split_key(key))
+        return None
 
-    async def _watch_services(self) -> None:
-        async for etype, svc in self.client.informer(SERVICE):
-            key = (svc["metadata"].get("namespace", ""), svc["metadata"]["name"])
-            if etype == "DELETED":
-                self.services.pop(key, None)
-            else:
-                self.services[key] = svc
-            self.enqueue(key)
-
-    async def _watch_vmis(self) -> None:
-        async for _etype, vmi in self.client.informer(VMI):
-            namespace = vmi["metadata"].get("namespace", "")
-            # a label change can remove a VMI from a Service: recheck every Service of the namespace
-            for key, svc in list(self.services.items()):
-                if key[0] == namespace and (svc.get("spec") or {}).get("selector"):
-                    self.enqueue(key)
-
-    async def _work(self) -> None:
-        while True:
-            key = await self.queue.get()
-            self.queued.discard(key)
-            try:
-                await self.reconcile(*key)
-                self.failures.pop(key, None)
-            except Exception as error:  # level-based: log, back off, try again
-                count = self.failures[key] = self.failures.get(key, 0) + 1
-                delay = _BACKOFF[min(count, len(_BACKOFF)) - 1]
-                log.warning("endpoints %s/%s: %s; retry in %.1fs", *key, error, delay)
-                asyncio.get_running_loop().call_later(delay, self.enqueue, key)
-
-    async def reconcile(self, namespace: str, name: str) -> None:
+    async def sync(self, namespace: str, name: str) -> None:
         """Reads the Service and its VMIs afresh and makes the Endpoints match."""
         service = await self.client.find(SERVICE, name, namespace)
         if service is None:

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from vmo.api.duration import parse_duration
 from vmo.api.kubevirt.migratable import claim_name
 from vmo.client import (
     DATAVOLUME,
@@ -56,10 +57,10 @@ from vmo.client import (
     Client,
     Conflict,
     NotFound,
-    Resource,
 )
 from vmo.engine.storage.importer import STORAGE_NODE
 from vmo.engine.storage.pool import Pool, volume_stem
+from vmo.runtime import Controller, Result, TemporaryError, Watch, object_key, split_key
 
 log = logging.getLogger(__name__)
 
@@ -126,36 +127,6 @@ def service_name(export_name: str) -> str:
 def default_token_secret(export_name: str) -> str:
     """The Secret upstream generates when ``spec.tokenSecretRef`` is not set."""
     return _dns_name(TOKEN_PREFIX, export_name)
-
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_SECONDS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-
-
-def parse_duration(text: str) -> dt.timedelta:
-    """A Go ``time.Duration`` string (``1h30m``, ``90s``, ``1.5h``) as a timedelta."""
-    body = text.strip()
-    sign = -1.0 if body.startswith("-") else 1.0
-    body = body.lstrip("+-")
-    if body == "0":
-        return dt.timedelta(0)
-    pos, seconds = 0, 0.0
-    for match in _DURATION_PART.finditer(body):
-        if match.start() != pos:
-            break
-        seconds += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        pos = match.end()
-    if pos != len(body) or not body:
-        raise ValueError(f"invalid duration {text!r}: expected e.g. 2h, 90m or 1h30m")
-    return dt.timedelta(seconds=sign * seconds)
 
 
 def rfc3339(moment: dt.datetime) -> str:
@@ -945,103 +916,68 @@ def _key(obj: JSON) -> tuple[str, str]:
     return str(md.get("namespace", "")), str(md.get("name", ""))
 
 
-@dataclass
-class ExportController:
+class ExportController(Controller):
     """Follows VirtualMachineExports and serves those whose volumes live on this node.
 
     ``pools``: the node's own pool first, then the host's shared pool.
     """
 
-    client: Client
-    node_name: str
-    pools: list[Pool]
-    state_dir: Path
-    server: ExportServer = field(init=False)
-    _queue: asyncio.Queue[tuple[str, str]] = field(default_factory=asyncio.Queue)
-    _queued: set[tuple[str, str]] = field(default_factory=set)
-    _known: set[tuple[str, str]] = field(default_factory=set)
+    def __init__(self, client: Client, node_name: str, pools: list[Pool], state_dir: Path) -> None:
+        super().__init__(client)
+        self.name = f"exports-{node_name}"
+        self.node_name, self.pools, self.state_dir = node_name, pools, state_dir
+        self.server = ExportServer(ExportPki(state_dir / "export-pki"))
 
-    def __post_init__(self) -> None:
-        self.server = ExportServer(ExportPki(self.state_dir / "export-pki"))
+    def watches(self) -> Sequence[Watch]:
+        return [
+            Watch(EXPORT),
+            Watch(VMI, self._exports_of_namespace),
+            Watch(DATAVOLUME, self._exports_of_namespace),
+        ]
+
+    def _exports_of_namespace(self, _etype: str, obj: JSON) -> list[str]:
+        """A VMI starting or stopping, a DataVolume finishing: its namespace's exports look
+        again (upstream indexes exports by their source; a namespace is close enough here)."""
+        return [object_key(e) for e in self.informer(EXPORT).items(_key(obj)[0])]
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.server.start()
-        workers = [
-            asyncio.create_task(self._watch_exports(), name="export-informer"),
-            asyncio.create_task(self._watch_related(VMI), name="export-vmi-informer"),
-            asyncio.create_task(self._watch_related(DATAVOLUME), name="export-dv-informer"),
-            asyncio.create_task(self._work(), name="export-worker"),
-        ]
         try:
-            await stop.wait()
+            await super().run(stop)
         finally:
-            for task in workers:
-                task.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
             await self.server.stop()
 
-    async def _watch_exports(self) -> None:
-        async for etype, export in self.client.informer(EXPORT):
-            key = _key(export)
-            if etype == "DELETED":
-                self._known.discard(key)
-            else:
-                self._known.add(key)
-            self._enqueue(key)
-
-    async def _watch_related(self, res: Resource) -> None:
-        """A VMI starting or stopping, a DataVolume finishing: its namespace's exports look
-        again (upstream indexes exports by their source; a namespace is close enough here)."""
-        async for _, obj in self.client.informer(res):
-            namespace = _key(obj)[0]
-            for key in [k for k in self._known if k[0] == namespace]:
-                self._enqueue(key)
-
-    def _enqueue(self, key: tuple[str, str]) -> None:
-        if key not in self._queued:
-            self._queued.add(key)
-            self._queue.put_nowait(key)
-
-    def _requeue(self, key: tuple[str, str], delay: float) -> None:
-        asyncio.get_running_loop().call_later(max(delay, 0.05), self._enqueue, key)
-
-    async def _work(self) -> None:
-        while True:
-            key = await self._queue.get()
-            self._queued.discard(key)
-            try:
-                await self.reconcile(key)
-            except Conflict:
-                self._requeue(key, 0.1)
-            except Exception:
-                log.exception("reconciling VirtualMachineExport %s/%s failed; retrying", *key)
-                self._requeue(key, 1.0)
+    async def reconcile(self, key: str) -> Result | None:
+        try:
+            return await self.sync(split_key(key))
+        except Conflict as exc:
+            raise TemporaryError(f"stale read: {exc}", delay=0.1) from exc
 
     # --- reconcile ----------------------------------------------------------------------------
 
-    async def reconcile(self, key: tuple[str, str]) -> None:
+    async def sync(self, key: tuple[str, str]) -> Result | None:
         namespace, name = key
         export = await self.client.find(EXPORT, name, namespace)
         if export is None or export["metadata"].get("deletionTimestamp"):
             self.server.unregister(namespace, name)
-            return
+            return None
         kind = source_kind(export)
         if not kind:
-            return
+            return None
         state = await self._resolve(export, kind)
         if not await self._owned(export, state):
             self.server.unregister(namespace, name)
-            return
+            return None
         remaining = (expiration_time(export) - dt.datetime.now(dt.UTC)).total_seconds()
         if remaining <= 0:
             log.info("VirtualMachineExport %s/%s expired; deleting it", namespace, name)
             self.server.unregister(namespace, name)
             await self.client.delete(EXPORT, name, namespace)
-            return
+            return None
         await self._converge(export, state)
         phase = (export.get("status") or {}).get("phase")
         delay = remaining if phase in ("Ready", "Skipped") else min(remaining, REQUEUE_SECONDS)
-        self._requeue(key, delay)
+        return Result.after(max(delay, 0.05))
 
     async def _owned(self, export: JSON, state: SourceState) -> bool:
         """True when this node is (now) the one to serve the export and write its status."""

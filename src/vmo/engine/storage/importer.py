@@ -11,8 +11,18 @@ Sources: ``http`` (HTTP(S), optional ``certConfigMap`` CA bundle and ``secretRef
 CDI's keys ``accessKeyId``/``secretKey``), ``upload`` (data arrives through ``upload.py``),
 ``blank``, ``pvc`` (a copy of another volume of this node's pool, any namespace). VMO extension:
 an ``http.url`` with the ``file://`` scheme imports a local file, only from under the import
-directory (``$VMO_HOME/images`` by default); CDI itself would reject such a URL, so a manifest
-using it is plainly marked as embedded-only.
+directory (``$VMO_HOME/images`` by default, which only the host's administrator fills; symlinks
+are resolved before the check); CDI itself would reject such a URL, so a manifest using it is
+plainly marked as embedded-only. Other CDI sources (registry, s3, gcs, imageio, vddk) are refused
+as unsupported, so nothing else is fetched.
+
+The importer runs on the host, where CDI's runs in a pod: every URL an ``http`` import fetches,
+each redirect included (followed here, at most ``MAX_REDIRECTS``), is admitted by ``urlpolicy``
+first, after DNS resolution and pinned to the addresses checked. By default nothing on loopback,
+link-local or any of this host's own addresses is fetched; an administrator allows hosts in the
+ConfigMap ``vmo-system/vmo-import-policy`` (key ``allowedHosts``), read at each import. A refusal
+fails the DataVolume at once: ``Running`` False with reason ``ImportRefused`` and a message
+naming the URL and why, and a Warning Event ``ImportFailed``; nothing is written to the pool.
 
 Where CDI retries a failing transfer forever, VMO retries ``RetryPolicy.attempts`` times, keeping
 the phase and the error in the ``Running`` condition meanwhile, then ends in ``Failed``.
@@ -26,7 +36,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -35,10 +45,21 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import aiohttp
+from yarl import URL
 
 from vmo.api.quantity import QuantityError, parse_quantity
 from vmo.client import CONFIGMAP, DATAVOLUME, SECRET, Client, Conflict, NotFound
 from vmo.engine.storage.pool import Pool, PoolError, VolumeInfo, VolumeNotFound
+from vmo.engine.storage.urlpolicy import (
+    AllowList,
+    ImportRefused,
+    PolicyUnavailable,
+    Resolve,
+    UrlGuard,
+    load_allowed_hosts,
+    system_resolve,
+)
+from vmo.runtime import Controller, EventRecorder, Result, Watch, split_key
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +69,11 @@ STORAGE_NODE = "vmo.dev/storage-node"
 CLONE_MODE = "vmo.dev/clone-mode"
 _CHUNK = 1 << 20
 _PROGRESS_INTERVAL = 0.5
+# Go's http.Client (CDI's importer) stops after 10 redirects
+MAX_REDIRECTS = 10
+# CDI's DataVolume import controller, as its Events name it
+IMPORT_COMPONENT = "datavolume-import-controller"
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 class DataVolumePhase(StrEnum):
@@ -301,6 +327,13 @@ def error_status(
     )
 
 
+def refused_status(claim: str, message: str, restarts: int = 0) -> JSON:
+    """Failed because the import policy refused a URL (``ImportRefused``, VMO's reason)."""
+    return dv_status(
+        DataVolumePhase.FAILED, claim, restarts=restarts, running=(False, "ImportRefused", message)
+    )
+
+
 def succeeded_status(claim: str, message: str, restarts: int = 0) -> JSON:
     return dv_status(
         DataVolumePhase.SUCCEEDED,
@@ -320,14 +353,17 @@ def phases_for(kind: SourceKind) -> tuple[DataVolumePhase, DataVolumePhase, str]
 
 @dataclass(frozen=True)
 class HttpAccess:
-    """How to reach an HTTP source: TLS trust and basic-auth credentials."""
+    """How to reach an HTTP source: TLS trust, basic-auth credentials, the hosts the
+    administrator allows besides the default policy, and how host names are resolved."""
 
     ssl: ssl.SSLContext | bool = True
     auth: aiohttp.BasicAuth | None = None
+    allowed: AllowList = field(default_factory=AllowList)
+    resolve: Resolve = system_resolve
 
 
 async def http_access(client: Client, namespace: str, plan: ImportPlan) -> HttpAccess:
-    """Reads the CA bundle ConfigMap and credentials Secret a plan names."""
+    """Reads the CA bundle ConfigMap and credentials Secret a plan names, and the import policy."""
     context: ssl.SSLContext | bool = True
     if plan.insecure:
         context = False
@@ -341,22 +377,30 @@ async def http_access(client: Client, namespace: str, plan: ImportPlan) -> HttpA
         user = base64.b64decode(data.get("accessKeyId", "")).decode()
         password = base64.b64decode(data.get("secretKey", "")).decode()
         auth = aiohttp.BasicAuth(user, password)
-    return HttpAccess(context, auth)
+    try:
+        allowed = await load_allowed_hosts(client)
+    except PolicyUnavailable as exc:
+        raise TransferError(str(exc)) from exc
+    return HttpAccess(context, auth, allowed)
 
 
 @contextlib.asynccontextmanager
 async def open_http(
     url: str, access: HttpAccess
 ) -> AsyncIterator[tuple[AsyncIterable[bytes], int | None]]:
-    """The body of ``url`` as chunks and its length; ``TransferError`` as CDI words it."""
+    """The body of ``url`` as chunks and its length, each hop (redirects included) admitted by
+    the import policy first; ``ImportRefused``, or ``TransferError`` as CDI words it."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
+    guard = UrlGuard(access.allowed, access.resolve)
+    # the connector reaches only the addresses the guard checked (never its own DNS lookup)
+    connector = aiohttp.TCPConnector(resolver=guard.resolver, use_dns_cache=False)
     try:
         async with (
             # the bytes as stored: compression is detected from them, and progress counts them
-            aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session,
-            session.get(
-                url, ssl=access.ssl, auth=access.auth, headers={"Accept-Encoding": "identity"}
-            ) as resp,
+            aiohttp.ClientSession(
+                connector=connector, timeout=timeout, auto_decompress=False
+            ) as session,
+            _follow(session, URL(url), access, guard) as resp,
         ):
             if resp.status != 200:
                 raise TransferError(
@@ -366,6 +410,50 @@ async def open_http(
             yield resp.content.iter_chunked(_CHUNK), resp.content_length
     except aiohttp.ClientError as exc:
         raise TransferError(f"Unable to connect to http data source: {exc}") from exc
+    except PolicyUnavailable as exc:
+        raise TransferError(f"Unable to connect to http data source: {exc}") from exc
+
+
+@contextlib.asynccontextmanager
+async def _follow(
+    session: aiohttp.ClientSession, url: URL, access: HttpAccess, guard: UrlGuard
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """The response at the end of ``url``'s redirects, followed here so each one is checked."""
+    auth, via = access.auth, ""
+    for _ in range(MAX_REDIRECTS + 1):
+        await guard.admit(url, via=via)
+        resp = await session.get(
+            url,
+            ssl=access.ssl,
+            auth=auth,
+            allow_redirects=False,
+            headers={"Accept-Encoding": "identity"},
+        )
+        location = resp.headers.get("Location") if resp.status in _REDIRECTS else None
+        if location is None:
+            try:
+                yield resp
+            finally:
+                resp.release()
+            return
+        resp.release()
+        target = _redirect_target(url, location)
+        # as Go's client (CDI's) does: credentials do not follow a redirect to another origin
+        if target.origin() != url.origin():
+            auth = None
+        url, via = target, str(url)
+    raise TransferError(
+        f"Unable to connect to http data source: stopped after {MAX_REDIRECTS} redirects"
+    )
+
+
+def _redirect_target(url: URL, location: str) -> URL:
+    try:
+        return url.join(URL(location))
+    except ValueError as exc:
+        raise TransferError(
+            f"Unable to connect to http data source: bad redirect {location!r}: {exc}"
+        ) from exc
 
 
 # --- the controller ---------------------------------------------------------------------------
@@ -405,8 +493,8 @@ class _ProgressPublisher:
             await self._write(self._sent)
 
 
-@dataclass
-class DataVolumeController:
+@dataclass(eq=False)
+class DataVolumeController(Controller):
     """Imports the DataVolumes assigned to ``node_name`` into ``pool`` (one task per DataVolume)."""
 
     client: Client
@@ -418,50 +506,38 @@ class DataVolumeController:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     _tasks: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
     _uploading: set[tuple[str, str]] = field(default_factory=set)
-    _queue: asyncio.Queue[tuple[str, str]] = field(default_factory=asyncio.Queue)
-    _queued: set[tuple[str, str]] = field(default_factory=set)
+
+    workers = 1
+
+    def __post_init__(self) -> None:
+        Controller.__init__(self, self.client)
+        self.name = f"datavolumes-{self.node_name}"
 
     # --- loop ---------------------------------------------------------------------------------
+
+    def watches(self) -> Sequence[Watch]:
+        return [Watch(DATAVOLUME)]
 
     async def run(self, stop: asyncio.Event) -> None:
         """Watches DataVolumes and reconciles them until ``stop`` is set."""
         self.pool.discard_partials()
-        workers = [
-            asyncio.create_task(self._watch(), name="dv-informer"),
-            asyncio.create_task(self._work(), name="dv-worker"),
-        ]
         try:
-            await stop.wait()
+            await super().run(stop)
         finally:
-            for task in [*workers, *self._tasks.values()]:
+            for task in self._tasks.values():
                 task.cancel()
-            await asyncio.gather(*workers, *self._tasks.values(), return_exceptions=True)
-
-    async def _watch(self) -> None:
-        async for _, dv in self.client.informer(DATAVOLUME):
-            md = dv.get("metadata") or {}
-            self._enqueue((str(md.get("namespace", "")), str(md.get("name", ""))))
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     def _enqueue(self, key: tuple[str, str]) -> None:
-        if key not in self._queued:
-            self._queued.add(key)
-            self._queue.put_nowait(key)
+        self.enqueue(f"{key[0]}/{key[1]}")
 
-    async def _work(self) -> None:
-        while True:
-            key = await self._queue.get()
-            self._queued.discard(key)
-            try:
-                await self.reconcile(key)
-            except Exception:
-                # retried: a DELETED event brings no second chance, so waiting for the next
-                # event could leave a volume behind
-                log.exception("reconciling DataVolume %s/%s failed; retrying", *key)
-                asyncio.get_running_loop().call_later(1.0, self._enqueue, key)
+    async def reconcile(self, key: str) -> Result | None:
+        # a failure is retried by the queue: a DELETED event brings no second chance, so
+        # waiting for the next event could leave a volume behind
+        await self.sync(split_key(key))
+        return None
 
-    # --- reconcile ----------------------------------------------------------------------------
-
-    async def reconcile(self, key: tuple[str, str]) -> None:
+    async def sync(self, key: tuple[str, str]) -> None:
         namespace, name = key
         dv = await self.client.find(DATAVOLUME, name, namespace)
         if dv is None or dv["metadata"].get("deletionTimestamp"):
@@ -597,6 +673,9 @@ class DataVolumeController:
             await self._write(dv, in_progress_status(in_progress, name, 0.0, failures))
             try:
                 await self._execute(dv, plan, failures)
+            except ImportRefused as exc:
+                await self._refuse(dv, exc, failures)
+                return
             except (PoolError, TransferError, OSError) as exc:
                 failures += 1
                 log.warning("DataVolume %s/%s: %s", dv["metadata"]["namespace"], name, exc)
@@ -609,6 +688,16 @@ class DataVolumeController:
                 continue
             await self._write(dv, succeeded_status(name, done, failures))
             return
+
+    async def _refuse(self, dv: JSON, exc: ImportRefused, restarts: int) -> None:
+        """A refused import fails at once: the policy said no, and asking again will not change
+        that (a DataVolume made after the administrator changed the policy is tried afresh)."""
+        md = dv["metadata"]
+        log.warning("DataVolume %s/%s: %s", md["namespace"], md["name"], exc)
+        await self._write(dv, refused_status(md["name"], str(exc), restarts))
+        await EventRecorder(self.client, component=IMPORT_COMPONENT).record(
+            dv, "ImportFailed", f"Failed to import into PVC {md['name']}: {exc}", type_="Warning"
+        )
 
     async def _execute(self, dv: JSON, plan: ImportPlan, restarts: int) -> VolumeInfo:
         name = dv["metadata"]["name"]

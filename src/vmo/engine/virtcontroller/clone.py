@@ -23,6 +23,7 @@ from vmo.engine.virtcontroller.snapshots import (
     content_name,
     owner,
 )
+from vmo.runtime import Watch
 
 JSON = dict[str, Any]
 API_VERSION = "clone.kubevirt.io/v1beta1"
@@ -101,11 +102,10 @@ def _phase(clone: JSON) -> str:
 class CloneController(Loop):
     def __init__(self, client: Client) -> None:
         super().__init__(client, VMCLONE)
-        self.watches.append((VMSNAPSHOT, self._owned))
-        self.watches.append((VMRESTORE, self._owned))
+        self.related += [Watch(VMSNAPSHOT, self._owned), Watch(VMRESTORE, self._owned)]
 
     @staticmethod
-    def _owned(obj: JSON) -> list[str]:
+    def _owned(_etype: str, obj: JSON) -> list[str]:
         return [
             f"{obj['metadata']['namespace']}/{ref['name']}"
             for ref in obj["metadata"].get("ownerReferences") or []
@@ -129,7 +129,7 @@ class CloneController(Loop):
             },
         )
 
-    async def reconcile(self, clone: JSON) -> float | None:
+    async def sync(self, clone: JSON) -> float | None:
         md = clone["metadata"]
         namespace, uid = md["namespace"], md["uid"]
         if _phase(clone) in ("Succeeded", "Failed") or md.get("deletionTimestamp"):

@@ -31,9 +31,7 @@ from vmo.client import (
     VMIM,
     Client,
     NotFound,
-    Resource,
 )
-from vmo.engine.virtcontroller.events import EventRecorder
 from vmo.engine.virtcontroller.migrationconfig import (
     MIGRATIONPOLICY,
     MigrationConfig,
@@ -43,7 +41,7 @@ from vmo.engine.virtcontroller.migrationconfig import (
 )
 from vmo.engine.virtcontroller.scheduler import HOSTNAME_LABEL, Unschedulable, place
 from vmo.engine.virtcontroller.vmstate import deleting, format_time, parse_time
-from vmo.engine.virtcontroller.workqueue import WorkQueue
+from vmo.runtime import DELETED, Controller, EventRecorder, Result, Watch, split_key
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +54,6 @@ PENDING_TIMEOUT_ANNOTATION = "kubevirt.io/migrationPendingPodTimeoutSeconds"
 DEFAULT_UNSCHEDULABLE_TIMEOUT_SECONDS = 300
 DEFAULT_PENDING_TIMEOUT_SECONDS = 900
 CAPACITY_RETRY_SECONDS = 5.0
-SHUTDOWN_GRACE_SECONDS = 5.0
 
 # Event reasons and VMIM condition types, as upstream names them.
 REASON_SUCCEEDED = "SuccessfulMigration"
@@ -611,73 +608,40 @@ def _key(obj: JSON) -> str:
     return f"{md.get('namespace', '')}/{md['name']}"
 
 
-class MigrationController:
+class MigrationController(Controller):
     """Runs ``decide()`` for every migration whenever it, its VMI, a Node, the KubeVirt CR, a
     MigrationPolicy or a Namespace changes; requeues for capacity and timeouts."""
 
-    RESYNC_SECONDS = 30.0
+    name = "virt-controller-migration"
+    resync_seconds = 30.0
 
-    def __init__(self, client: Client, *, workers: int = 2) -> None:
-        self.client = client
-        self.queue = WorkQueue()
-        self.events = EventRecorder(client, component="virt-controller")
-        self.workers = workers
+    def __init__(self, client: Client) -> None:
+        super().__init__(client)
+        self.events = EventRecorder(client, component="virt-controller", clock=self.clock)
         # admission and placement read the whole cluster: one decision of that kind at a time
         self._placing = asyncio.Lock()
         self._known: dict[str, tuple[str, str]] = {}  # VMIM key -> (namespace, vmiName)
         self._final: set[str] = set()
 
-    async def run(self, stop: asyncio.Event) -> None:
-        watchers = [
-            asyncio.create_task(self._watch(VMIM, self._on_migration)),
-            asyncio.create_task(self._watch(VMI, self._on_vmi)),
-            *(
-                asyncio.create_task(self._watch(res, self._on_cluster))
-                for res in (NODE, KUBEVIRT, MIGRATIONPOLICY, NAMESPACE)
-            ),
-            asyncio.create_task(self._resync(stop)),
+    def watches(self) -> Sequence[Watch]:
+        return [
+            Watch(VMIM, self._on_migration),
+            Watch(VMI, self._on_vmi),
+            *(Watch(res, self._on_cluster) for res in (NODE, KUBEVIRT, MIGRATIONPOLICY, NAMESPACE)),
         ]
-        workers = [
-            asyncio.create_task(self.queue.run_worker(self.reconcile)) for _ in range(self.workers)
-        ]
-        try:
-            await stop.wait()
-            self.queue.shut_down()
-            await asyncio.wait(workers, timeout=SHUTDOWN_GRACE_SECONDS)
-        finally:
-            self.queue.shut_down()
-            for task in watchers + workers:
-                task.cancel()
-            await asyncio.gather(*watchers, *workers, return_exceptions=True)
 
-    async def _watch(self, res: Resource, on_event: Any) -> None:
-        while True:
-            try:
-                async for etype, obj in self.client.informer(res):
-                    on_event(etype, obj)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the informer must outlive API hiccups
-                log.warning("informer for %s failed: %s; restarting", res.plural, exc)
-                await asyncio.sleep(1.0)
+    def resync_keys(self) -> list[str]:
+        return self._unfinished()
 
-    async def _resync(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await asyncio.sleep(self.RESYNC_SECONDS)
-            self._wake_unfinished()
+    def _unfinished(self) -> list[str]:
+        return [key for key in self._known if key not in self._final]
 
-    def _wake_unfinished(self) -> None:
-        for key in self._known:
-            if key not in self._final:
-                self.queue.add(key)
-
-    def _on_migration(self, etype: str, vmim: JSON) -> None:
+    def _on_migration(self, etype: str, vmim: JSON) -> list[str]:
         key = _key(vmim)
-        if etype == "DELETED":
+        if etype == DELETED:
             self._known.pop(key, None)
             self._final.discard(key)
-            self._wake_unfinished()  # a slot may have freed
-            return
+            return self._unfinished()  # a slot may have freed
         md = _md(vmim)
         self._known[key] = (
             str(md.get("namespace", "")),
@@ -686,23 +650,21 @@ class MigrationController:
         was_final = key in self._final
         if is_final(vmim):
             self._final.add(key)
-        self.queue.add(key)
-        if is_final(vmim) and not was_final:
-            self._wake_unfinished()  # its slot is free for a pending one
+            if not was_final:
+                return [key, *self._unfinished()]  # its slot is free for a pending one
+        return [key]
 
-    def _on_vmi(self, _etype: str, vmi: JSON) -> None:
+    def _on_vmi(self, _etype: str, vmi: JSON) -> list[str]:
         md = _md(vmi)
         wanted = (str(md.get("namespace", "")), str(md.get("name", "")))
-        for key, target in self._known.items():
-            if target == wanted:
-                self.queue.add(key)
+        return [key for key, target in self._known.items() if target == wanted]
 
-    def _on_cluster(self, _etype: str, _obj: JSON) -> None:
-        self._wake_unfinished()
+    def _on_cluster(self, _etype: str, _obj: JSON) -> list[str]:
+        return self._unfinished()
 
-    async def reconcile(self, key: str) -> float | None:
-        """One level-based pass for the migration ``namespace/name``; seconds to requeue after."""
-        namespace, name = key.split("/", 1)
+    async def reconcile(self, key: str) -> Result | None:
+        """One level-based pass for the migration ``namespace/name``."""
+        namespace, name = split_key(key)
         vmim = await self.client.find(VMIM, name, namespace)
         if vmim is None:
             return None
@@ -711,7 +673,7 @@ class MigrationController:
                 return await self._reconcile(vmim)
         return await self._reconcile(vmim)
 
-    async def _reconcile(self, vmim: JSON) -> float | None:
+    async def _reconcile(self, vmim: JSON) -> Result:
         namespace = _md(vmim).get("namespace", "")
         vmi_name = str((vmim.get("spec") or {}).get("vmiName", ""))
         vmi = await self.client.find(VMI, vmi_name, namespace)
@@ -733,7 +695,7 @@ class MigrationController:
             now=datetime.now(UTC),
         )
         await self._apply(vmim, vmi, decision)
-        return decision.requeue_after
+        return Result(decision.requeue_after)
 
     async def _config(self, vmi: JSON | None) -> MigrationConfig:
         if vmi is None:

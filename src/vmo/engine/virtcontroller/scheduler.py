@@ -9,8 +9,6 @@ scheduled. ``SchedulerController`` is the shell that watches VMIs and Nodes and 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 from collections import Counter
@@ -23,14 +21,15 @@ from vmo.api.quantity import QuantityError, parse_quantity
 from vmo.client import (
     DATAVOLUME,
     NODE,
+    TRANSIENT_ERRORS,
     VMI,
     ApiStatusError,
     Client,
     Conflict,
     NotFound,
-    Resource,
 )
 from vmo.engine.storage.importer import STORAGE_NODE, is_shared
+from vmo.runtime import Controller, Result, Watch
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,6 @@ NOT_READY_TAINT = {"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"
 UNREACHABLE_TAINT = {"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule"}
 BLOCKING_EFFECTS = ("NoSchedule", "NoExecute")
 PREFER_NO_SCHEDULE_PENALTY = 50
-SHUTDOWN_GRACE_SECONDS = 5.0
 
 # kube-scheduler's reasons, word for word.
 REASON_UNSCHEDULABLE = "node(s) were unschedulable"
@@ -426,6 +424,19 @@ def migration_target(vmi: JSON) -> str | None:
     return None if target == (vmi.get("status") or {}).get("nodeName") else target
 
 
+def _placed_request(vmi: JSON) -> ResourceRequest:
+    """What a VMI already on a node takes; one whose requests cannot be read (admitted before
+    admission checked them) counts as nothing rather than stopping every placement."""
+    try:
+        return vmi_request(vmi)
+    except (ArithmeticError, ValueError, TypeError) as exc:
+        md = vmi.get("metadata") or {}
+        log.warning(
+            "requests of VMI %s/%s unreadable: %s", md.get("namespace"), md.get("name"), exc
+        )
+        return ResourceRequest(0, 0)
+
+
 def _context(
     vmi: JSON,
     nodes: Sequence[JSON],
@@ -435,7 +446,7 @@ def _context(
     placed = [v for v in vmis if holds_resources(v) and not _same(v, vmi)]
     used: dict[str, ResourceRequest] = {}
     for other in placed:
-        req = vmi_request(other)
+        req = _placed_request(other)
         for name in filter(None, (other["status"]["nodeName"], migration_target(other))):
             total = used.get(name, ResourceRequest(0, 0))
             used[name] = ResourceRequest(
@@ -527,10 +538,12 @@ def scheduled_vmi(vmi: JSON, node: str, stamp: str) -> JSON:
     return {**vmi, "metadata": md, "status": status}
 
 
-def unschedulable_vmi(vmi: JSON, message: str, stamp: str) -> JSON:
-    """The VMI waiting in phase Scheduling with PodScheduled=False, reason Unschedulable."""
+def unschedulable_vmi(
+    vmi: JSON, message: str, stamp: str, *, reason: str = "Unschedulable"
+) -> JSON:
+    """The VMI waiting in phase Scheduling with PodScheduled=False (reason Unschedulable)."""
     status = _with_phase(vmi.get("status") or {}, "Scheduling", stamp)
-    cond = {"status": "False", "reason": "Unschedulable", "message": message}
+    cond = {"status": "False", "reason": reason, "message": message}
     return {**vmi, "status": _with_pod_scheduled(status, cond, stamp)}
 
 
@@ -551,57 +564,35 @@ def _creation_order(vmi: JSON) -> tuple[str, str, str]:
 # --- the shell -------------------------------------------------------------------------------------
 
 
-class SchedulerController:
+PASS_KEY = "pending"
+"""The scheduler's one work-queue key: a pass looks at every waiting VMI."""
+
+REASON_INVALID = "InvalidRequest"
+
+
+class SchedulerController(Controller):
     """Watches VMIs and Nodes; places every VMI waiting for a node, oldest first.
 
-    Watch events only wake it: each pass lists Nodes and VMIs afresh, so nothing stale is
-    placed against. The VMI kind has no status subresource (as upstream), so the whole VMI is
-    replaced, guarded by its resourceVersion: a VMI that changed meanwhile is looked at again.
+    Watch events only wake it (they all queue the one key ``PASS_KEY``): each pass lists Nodes
+    and VMIs afresh, so nothing stale is placed against. The VMI kind has no status subresource
+    (as upstream), so the whole VMI is replaced, guarded by its resourceVersion: a VMI that
+    changed meanwhile is looked at again. One VMI that cannot be placed (bad data included)
+    gets PodScheduled=False saying why, and the pass goes on with the others.
     """
 
-    RESYNC_SECONDS = 10.0
+    name = "virt-controller-scheduler"
+    workers = 1
+    resync_seconds = 10.0
 
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self._wake = asyncio.Event()
+    def watches(self) -> Sequence[Watch]:
+        return [Watch(NODE, _pass_key), Watch(VMI, _pass_key)]
 
-    async def run(self, stop: asyncio.Event) -> None:
-        watchers = [asyncio.create_task(self._watch(NODE)), asyncio.create_task(self._watch(VMI))]
-        loop = asyncio.create_task(self._loop(stop))
-        try:
-            await stop.wait()
-            self._wake.set()
-            # let a pass in flight finish its writes rather than cut them off
-            await asyncio.wait([loop], timeout=SHUTDOWN_GRACE_SECONDS)
-        finally:
-            for task in [*watchers, loop]:
-                task.cancel()
-            await asyncio.gather(*watchers, loop, return_exceptions=True)
+    def resync_keys(self) -> list[str]:
+        return [PASS_KEY]
 
-    async def _watch(self, res: Resource) -> None:
-        while True:
-            try:
-                async for _etype, _obj in self.client.informer(res):
-                    self._wake.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the informer must outlive API hiccups
-                log.warning("informer for %s failed: %s; restarting", res.plural, exc)
-                await asyncio.sleep(1.0)
-
-    async def _loop(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.RESYNC_SECONDS)
-            self._wake.clear()
-            if stop.is_set():
-                return
-            try:
-                await self.schedule_pending()
-            except Exception as exc:  # a failed pass is retried soon
-                log.warning("scheduling pass failed: %s", exc)
-                await asyncio.sleep(0.5)
-                self._wake.set()
+    async def reconcile(self, key: str) -> Result | None:
+        await self.schedule_pending()
+        return None
 
     async def schedule_pending(self) -> int:
         """One pass over every VMI waiting for a node, oldest first; returns how many it placed."""
@@ -613,12 +604,33 @@ class SchedulerController:
         volumes = await local_volume_nodes(self.client)
         placed = 0
         for vmi in waiting:
-            fresh = await self.schedule(vmi, nodes, vmis, volumes)
+            fresh = await self._schedule_one(vmi, nodes, vmis, volumes)
             if fresh is not None and fresh.get("status", {}).get("nodeName"):
                 # later VMIs of this pass see the capacity this one took
                 vmis = [fresh if _vmi_key(v) == _vmi_key(fresh) else v for v in vmis]
                 placed += 1
         return placed
+
+    async def _schedule_one(
+        self,
+        vmi: JSON,
+        nodes: list[JSON],
+        vmis: list[JSON],
+        volumes: Mapping[tuple[str, str], str],
+    ) -> JSON | None:
+        try:
+            return await self.schedule(vmi, nodes, vmis, volumes)
+        except Exception as exc:
+            if isinstance(exc, (ApiStatusError, *TRANSIENT_ERRORS)):
+                raise  # the API, not this VMI: the whole pass is retried
+            # this VMI's data: it fails alone, the pass goes on
+            md = vmi.get("metadata") or {}
+            log.warning(
+                "VMI %s/%s cannot be scheduled: %s", md.get("namespace"), md.get("name"), exc
+            )
+            message = f"the VMI cannot be placed: {type(exc).__name__}: {exc}"
+            updated = unschedulable_vmi(vmi, message, _now(), reason=REASON_INVALID)
+            return await self._write(updated) if updated["status"] != vmi.get("status") else None
 
     async def schedule(
         self,
@@ -666,6 +678,10 @@ async def local_volume_nodes(client: Client) -> dict[tuple[str, str], str]:
 
 def _with_phase_vmi(vmi: JSON, phase: str, stamp: str) -> JSON:
     return {**vmi, "status": _with_phase(vmi.get("status") or {}, phase, stamp)}
+
+
+def _pass_key(_etype: str, _obj: JSON) -> list[str]:
+    return [PASS_KEY]
 
 
 def _vmi_key(vmi: JSON) -> tuple[str, str]:

@@ -9,17 +9,17 @@ target VM at them (``volumeRestorePolicy``, ``patches``). Protocol: docs/snapsho
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jsonpatch
 
+from vmo.api.duration import parse_duration
 from vmo.api.quantity import QuantityError, parse_quantity
 from vmo.client import (
     DATAVOLUME,
@@ -34,11 +34,9 @@ from vmo.client import (
     NotFound,
     Resource,
 )
-from vmo.engine.storage.export import parse_duration
 from vmo.engine.storage.importer import CLONE_MODE
-from vmo.engine.virtcontroller.events import EventRecorder
 from vmo.engine.virtcontroller.vmi_template import owner_reference
-from vmo.engine.virtcontroller.workqueue import WorkQueue
+from vmo.runtime import DONE, Controller, EventRecorder, Result, TemporaryError, Watch, split_key
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +48,6 @@ INDICATIONS = "vmo.dev/snapshot-indications"
 DEFAULT_FAILURE_DEADLINE = timedelta(minutes=5)
 TARGET_GRACE = timedelta(minutes=5)
 COMPLETE = "Operation complete"
-_STOP = -1.0
 NOT_READY = "Not ready"
 INDICATION_MESSAGES = {
     "Online": "The snapshot was taken while the VM was running",
@@ -128,51 +125,32 @@ def _key(obj: JSON) -> str:
     return f"{md.get('namespace', '')}/{md['name']}"
 
 
-class Loop:
-    """Watches kinds, queues primary keys, runs ``reconcile`` (which may ask to be requeued)."""
+class Loop(Controller):
+    """Watches kinds, queues primary keys, runs ``sync`` on the primary object (which may ask
+    to be looked at again after some seconds)."""
 
     def __init__(self, client: Client, primary: Resource) -> None:
-        self.client, self.primary = client, primary
-        self.queue = WorkQueue()
-        self.events = EventRecorder(client, component="virt-controller")
-        self.watches: list[tuple[Resource, Callable[[JSON], list[str]]]] = [
-            (primary, lambda obj: [_key(obj)])
-        ]
+        super().__init__(client)
+        self.primary = primary
+        self.name = f"virt-controller-{primary.plural}"
+        self.events = EventRecorder(client, component="virt-controller", clock=self.clock)
+        self.related: list[Watch] = []
 
-    async def run(self, stop: asyncio.Event) -> None:
-        tasks = [asyncio.create_task(self._watch(res, keys)) for res, keys in self.watches]
-        tasks += [asyncio.create_task(self.queue.run_worker(self._handle)) for _ in range(2)]
-        try:
-            await stop.wait()
-        finally:
-            self.queue.shut_down()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+    def watches(self) -> Sequence[Watch]:
+        return [Watch(self.primary), *self.related]
 
-    async def _watch(self, res: Resource, keys: Callable[[JSON], list[str]]) -> None:
-        while True:
-            try:
-                async for _, obj in self.client.informer(res):
-                    for key in keys(obj):
-                        self.queue.add(key)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("informer for %s failed: %s; restarting", res.plural, exc)
-                await asyncio.sleep(1.0)
-
-    async def _handle(self, key: str) -> float | None:
-        namespace, name = key.split("/", 1)
+    async def reconcile(self, key: str) -> Result | None:
+        namespace, name = split_key(key)
         obj = await self.client.find(self.primary, name, namespace)
         if obj is None:
             return None
         try:
-            return await self.reconcile(obj)
-        except Conflict:
-            return 0.2  # a stale read: go again with a fresh one
+            return Result(await self.sync(obj))
+        except Conflict as exc:
+            raise TemporaryError(f"stale read: {exc}", delay=0.2) from exc
 
-    async def reconcile(self, obj: JSON) -> float | None:
+    async def sync(self, obj: JSON) -> float | None:
+        """One pass over the primary object; seconds until the next one, if it needs one."""
         raise NotImplementedError
 
     async def write_status(self, res: Resource, obj: JSON, status: JSON) -> None:
@@ -277,14 +255,14 @@ def build_content(
 class SnapshotController(Loop):
     def __init__(self, client: Client) -> None:
         super().__init__(client, VMSNAPSHOT)
-        self.watches.append((VMSNAPSHOTCONTENT, self._content_keys))
+        self.related.append(Watch(VMSNAPSHOTCONTENT, self._content_keys))
 
     @staticmethod
-    def _content_keys(content: JSON) -> list[str]:
+    def _content_keys(_etype: str, content: JSON) -> list[str]:
         name = (content.get("spec") or {}).get("virtualMachineSnapshotName")
         return [f"{content['metadata']['namespace']}/{name}"] if name else []
 
-    async def reconcile(self, snap: JSON) -> float | None:
+    async def sync(self, snap: JSON) -> float | None:
         md = snap["metadata"]
         namespace, name = md["namespace"], md["name"]
         status = snap.get("status") or {}
@@ -584,19 +562,21 @@ class PatchError(ValueError):
 class RestoreController(Loop):
     def __init__(self, client: Client) -> None:
         super().__init__(client, VMRESTORE)
-        self.watches.append((DATAVOLUME, self._dv_keys))
-        self.watches.append((VMSNAPSHOT, self._by_namespace))
-        self.watches.append((VMI, self._by_namespace))
+        self.related += [
+            Watch(DATAVOLUME, self._dv_keys),
+            Watch(VMSNAPSHOT, self._by_namespace),
+            Watch(VMI, self._by_namespace),
+        ]
         self._restores: dict[str, set[str]] = {}
 
-    def _dv_keys(self, dv: JSON) -> list[str]:
+    def _dv_keys(self, _etype: str, dv: JSON) -> list[str]:
         name = (dv["metadata"].get("annotations") or {}).get(RESTORE_NAME)
         return [f"{dv['metadata']['namespace']}/{name}"] if name else []
 
-    def _by_namespace(self, obj: JSON) -> list[str]:
+    def _by_namespace(self, _etype: str, obj: JSON) -> list[str]:
         return sorted(self._restores.get(obj["metadata"].get("namespace", ""), set()))
 
-    async def reconcile(self, restore: JSON) -> float | None:
+    async def sync(self, restore: JSON) -> float | None:
         md = restore["metadata"]
         namespace, name = md["namespace"], md["name"]
         status = restore.get("status") or {}
@@ -629,7 +609,7 @@ class RestoreController(Loop):
         if target is not None:
             wait = await self._target_ready(restore, target)
             if wait is not None:
-                return wait if wait > 0 else None
+                return wait.requeue_after
         backups = (content.get("spec") or {}).get("volumeBackups") or []
         names: dict[str, str] = {}
         restores: list[JSON] = []
@@ -717,9 +697,9 @@ class RestoreController(Loop):
                 restore["metadata"]["name"],
             )
 
-    async def _target_ready(self, restore: JSON, target: JSON) -> float | None:
+    async def _target_ready(self, restore: JSON, target: JSON) -> Result | None:
         """None once the target VM is stopped (and locked for this restore); else when to look
-        again (``_STOP``: never, the restore failed), after acting on ``targetReadinessPolicy``."""
+        again (``DONE``: never, the restore failed), after acting on ``targetReadinessPolicy``."""
         md = target["metadata"]
         name = restore["metadata"]["name"]
         busy = (target.get("status") or {}).get("restoreInProgress")
@@ -727,7 +707,7 @@ class RestoreController(Loop):
             await self._progress(
                 restore, False, f"VirtualMachineRestore {busy} of the target is in progress"
             )
-            return 2.0
+            return Result.after(2.0)
         vmi = await self.client.find(VMI, md["name"], md["namespace"])
         if vmi is not None:
             policy = (restore.get("spec") or {}).get("targetReadinessPolicy") or "WaitGracePeriod"
@@ -736,7 +716,7 @@ class RestoreController(Loop):
                 await self._failed(
                     restore, None, message + " (targetReadinessPolicy FailImmediate)"
                 )
-                return _STOP
+                return DONE
             if policy == "StopTarget":
                 patch: JSON = {"spec": {"runStrategy": "Halted"}}
                 if "running" in (target.get("spec") or {}):
@@ -746,9 +726,9 @@ class RestoreController(Loop):
                 created = parse_time(restore["metadata"]["creationTimestamp"])
                 if now() > created + TARGET_GRACE:
                     await self._failed(restore, None, message + " (grace period exceeded)")
-                    return _STOP
+                    return DONE
             await self._progress(restore, False, message)
-            return 1.0
+            return Result.after(1.0)
         if busy != name:
             await self.client.patch_status(
                 VM, md["name"], {"restoreInProgress": name}, md["namespace"]

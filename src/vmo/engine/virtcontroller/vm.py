@@ -8,16 +8,14 @@ the VM's new status (printableStatus, ready, created, conditions, startFailure..
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import copy
 import enum
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from vmo.client import (
     CLUSTER_INSTANCETYPE,
@@ -41,7 +39,6 @@ from vmo.engine.virtcontroller.datavolumes import (
     referenced_data_volumes,
     template_data_volume_names,
 )
-from vmo.engine.virtcontroller.events import EventRecorder
 from vmo.engine.virtcontroller.startfailure import (
     RESTARTING_STRATEGIES,
     backoff_left,
@@ -68,14 +65,13 @@ from vmo.engine.virtcontroller.vmstate import (
     run_strategy,
     state_change_requests,
 )
-from vmo.engine.virtcontroller.workqueue import WorkQueue
+from vmo.runtime import Controller, EventRecorder, Result, Watch, split_key
 
 log = logging.getLogger(__name__)
 
 
 # VMI conditions the VM does not copy: it computes these itself.
 _OWN_CONDITIONS = ("Ready", "Failure", "RestartRequired")
-SHUTDOWN_GRACE_SECONDS = 5.0
 RESTART_REQUIRED_MESSAGE = "a non-live-updatable field was changed in the template spec"
 
 
@@ -552,19 +548,19 @@ def _ref_resource(matcher: JSON, key: str) -> Resource:
     return PREFERENCE if namespaced else CLUSTER_PREFERENCE
 
 
-class VMController:
+class VMController(Controller):
     """Runs ``decide()`` for every VirtualMachine whenever it, its VMI or a DataVolume changes."""
 
-    def __init__(self, client: Client, *, workers: int = 2) -> None:
-        self.client = client
-        self.queue = WorkQueue()
-        self.events = EventRecorder(client, component="virt-controller")
-        self.workers = workers
+    name = "virt-controller-vm"
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(client)
+        self.events = EventRecorder(client, component="virt-controller", clock=self.clock)
         # (namespace, DataVolume name) -> VMs whose volumes name it, so a DataVolume that
         # finishes importing wakes the standalone-DataVolume VMs waiting on it too
         self._dv_users: dict[tuple[str, str], set[str]] = {}
 
-    def _vm_key_indexing_volumes(self, vm: JSON) -> str | None:
+    def _vm_key_indexing_volumes(self, _etype: str, vm: JSON) -> list[str]:
         key = _key(vm)
         namespace = vm["metadata"].get("namespace", "")
         for users in self._dv_users.values():
@@ -578,9 +574,9 @@ class VMController:
             ).get("claimName")
             if name:
                 self._dv_users.setdefault((namespace, name), set()).add(key)
-        return key
+        return [key]
 
-    def _dv_keys(self, dv: JSON) -> list[str]:
+    def _dv_keys(self, _etype: str, dv: JSON) -> list[str]:
         md = dv.get("metadata", {})
         keys = set(self._dv_users.get((md.get("namespace", ""), md.get("name", "")), set()))
         owner = _owner_vm_key(dv)
@@ -588,42 +584,16 @@ class VMController:
             keys.add(owner)
         return sorted(keys)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        watchers = [
-            asyncio.create_task(self._watch(VM, self._vm_key_indexing_volumes)),
-            asyncio.create_task(self._watch(VMI, _vmi_key)),
-            asyncio.create_task(self._watch(DATAVOLUME, self._dv_keys)),
+    def watches(self) -> Sequence[Watch]:
+        return [
+            Watch(VM, self._vm_key_indexing_volumes),
+            Watch(VMI, lambda _etype, vmi: [k for k in [_vmi_key(vmi)] if k]),
+            Watch(DATAVOLUME, self._dv_keys),
         ]
-        workers = [
-            asyncio.create_task(self.queue.run_worker(self.reconcile)) for _ in range(self.workers)
-        ]
-        try:
-            await stop.wait()
-            self.queue.shut_down()
-            # let a reconcile in flight finish its requests rather than cut them off
-            await asyncio.wait(workers, timeout=SHUTDOWN_GRACE_SECONDS)
-        finally:
-            self.queue.shut_down()
-            for task in watchers + workers:
-                task.cancel()
-            await asyncio.gather(*watchers, *workers, return_exceptions=True)
 
-    async def _watch(self, res: Resource, key_of: Any) -> None:
-        while True:
-            try:
-                async for _, obj in self.client.informer(res):
-                    keys = key_of(obj)
-                    for key in [keys] if isinstance(keys, str) else keys or []:
-                        self.queue.add(key)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the informer must outlive API hiccups
-                log.warning("informer for %s failed: %s; restarting", res.plural, exc)
-                await asyncio.sleep(1.0)
-
-    async def reconcile(self, key: str) -> float | None:
-        """One level-based pass for the VM ``namespace/name``; returns seconds to requeue after."""
-        namespace, name = key.split("/", 1)
+    async def reconcile(self, key: str) -> Result | None:
+        """One level-based pass for the VM ``namespace/name``."""
+        namespace, name = split_key(key)
         vm = await self.client.find(VM, name, namespace)
         if vm is None:
             return None
@@ -641,7 +611,7 @@ class VMController:
         )
         status = await self._apply(vm, decision)
         await self._write_status(vm, status)
-        return decision.requeue_after
+        return Result(decision.requeue_after)
 
     async def _data_volumes(self, vm: JSON) -> dict[str, JSON]:
         namespace = vm["metadata"].get("namespace", "")

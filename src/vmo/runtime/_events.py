@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from vmo.client import EVENT, ApiStatusError, Client
+from vmo.runtime._clock import SYSTEM_CLOCK, Clock
+from vmo.runtime._status import timestamp
 
 log = logging.getLogger(__name__)
 
@@ -19,10 +20,6 @@ JSON = dict[str, Any]
 
 # How many (object, reason, message) keys are remembered for aggregating repeats.
 MAX_REMEMBERED = 4096
-
-
-def _stamp() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def involved_object(obj: JSON) -> JSON:
@@ -39,10 +36,11 @@ def involved_object(obj: JSON) -> JSON:
     return ref
 
 
-def event_object(obj: JSON, reason: str, message: str, *, type_: str, component: str) -> JSON:
+def event_object(
+    obj: JSON, reason: str, message: str, *, type_: str, component: str, stamp: str
+) -> JSON:
     """A new Event about ``obj`` (named ``<object>.<hex nanoseconds>`` like client-go's)."""
     md = obj["metadata"]
-    stamp = _stamp()
     return {
         "metadata": {
             "name": f"{md['name']}.{time.time_ns():x}",
@@ -63,9 +61,10 @@ def event_object(obj: JSON, reason: str, message: str, *, type_: str, component:
 class EventRecorder:
     """Records Events; never raises (an Event is worth less than the reconcile that made it)."""
 
-    def __init__(self, client: Client, *, component: str) -> None:
+    def __init__(self, client: Client, *, component: str, clock: Clock = SYSTEM_CLOCK) -> None:
         self.client = client
         self.component = component
+        self.clock = clock
         # (object uid, reason, message) -> (event namespace, event name, count)
         self._seen: dict[tuple[str, str, str], tuple[str, str, int]] = {}
 
@@ -75,13 +74,20 @@ class EventRecorder:
         try:
             if key in self._seen:
                 namespace, name, count = self._seen[key]
-                patch = {"count": count + 1, "lastTimestamp": _stamp()}
+                patch = {"count": count + 1, "lastTimestamp": timestamp(self.clock.now())}
                 await self.client.patch(EVENT, name, patch, namespace)
                 self._seen[key] = (namespace, name, count + 1)
                 return
             if len(self._seen) >= MAX_REMEMBERED:
                 self._seen.clear()  # only aggregation is lost, never an Event
-            event = event_object(obj, reason, message, type_=type_, component=self.component)
+            event = event_object(
+                obj,
+                reason,
+                message,
+                type_=type_,
+                component=self.component,
+                stamp=timestamp(self.clock.now()),
+            )
             await self.client.create(EVENT, event)
             self._seen[key] = (event["metadata"]["namespace"], event["metadata"]["name"], 1)
         except ApiStatusError as exc:
