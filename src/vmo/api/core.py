@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from vmo.api.crd import validate_crd
+from vmo.api.quantity import QUANTITY_PATTERN
 from vmo.api.schema import UNSUPPORTED_KEY
 from vmo.api.types import JSON, PrinterColumn, ResourceType
 
@@ -21,10 +22,6 @@ __all__ = ["core_resource_types"]
 AGE = PrinterColumn("Age", "date", ".metadata.creationTimestamp")
 CREATED_AT = PrinterColumn("Created At", "string", ".metadata.creationTimestamp")
 _CREATE_ONLY = ("create",)
-_QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
-    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-)
 
 
 # --------------------------------------------------------------------------- schema vocabulary
@@ -109,7 +106,7 @@ def quantity(description: str = "") -> JSON:
     node: JSON = {
         "anyOf": [{"type": "integer"}, {"type": "string"}],
         "x-kubernetes-int-or-string": True,
-        "pattern": _QUANTITY_PATTERN,
+        "pattern": QUANTITY_PATTERN,
     }
     return _described(node, description)
 

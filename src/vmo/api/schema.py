@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
+from vmo.api.quantity import QUANTITY_PATTERN, QuantityError, parse_quantity
 from vmo.api.types import JSON, Cause
 
 __all__ = [
@@ -217,7 +218,18 @@ def _scalar_checks(schema: JSON, value: Any, path: str) -> list[Cause]:
         causes += _string(schema, value, path)
     elif isinstance(value, int | float) and not isinstance(value, bool):
         causes += _number(schema, value, path)
+    if not causes and schema.get("pattern") == QUANTITY_PATTERN:
+        causes += _quantity(value, path)
     return causes
+
+
+def _quantity(value: Any, path: str) -> list[Cause]:
+    """What the pattern of a quantity cannot see: its range (``"1e400"`` matches it)."""
+    try:
+        parse_quantity(int(value) if isinstance(value, float) else value)
+    except QuantityError as exc:
+        return [_invalid(path, value, str(exc))]
+    return []
 
 
 def _enum(schema: JSON, value: Any, path: str) -> list[Cause]:

@@ -6,6 +6,7 @@ describe them (scope, names, columns) with the fields VMO's embedded engine supp
 
 from __future__ import annotations
 
+from vmo.api.kubevirt._bounds import MIN_GUEST_MEMORY
 from vmo.api.kubevirt.backup import backup_resource_types
 from vmo.api.kubevirt.cdi import cdi_resource_types
 from vmo.api.kubevirt.clone import clone_and_export_resource_types
@@ -15,13 +16,7 @@ from vmo.api.kubevirt.instancetype import instancetype_resource_types
 from vmo.api.kubevirt.migrations import migration_policy
 from vmo.api.kubevirt.network import network_attachment_definition
 from vmo.api.kubevirt.snapshot import snapshot_resource_types
-from vmo.api.kubevirt.validation import (
-    MIN_GUEST_MEMORY,
-    validate_vm,
-    validate_vmi,
-    validate_vmim,
-    vm_warnings,
-)
+from vmo.api.kubevirt.validation import validate_vm, validate_vmi, validate_vmim, vm_warnings
 from vmo.api.types import ResourceType
 
 __all__ = [

@@ -9,16 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from vmo.api.quantity import QUANTITY_PATTERN
+
 JSON = dict[str, Any]
 
 UNSUPPORTED_KEY = "x-vmo-unsupported"
 PRESERVE_KEY = "x-kubernetes-preserve-unknown-fields"
-
-# Kubernetes resource.Quantity, as the apiextensions server checks it.
-QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
-    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-)
 
 
 def obj(

@@ -6,6 +6,7 @@ KubeVirt YAML that uses them gets a refusal naming the field rather than "unknow
 
 from __future__ import annotations
 
+from vmo.api.kubevirt._bounds import MAX_LIST_ITEMS
 from vmo.api.kubevirt._builders import (
     JSON,
     arr,
@@ -40,12 +41,21 @@ INTERFACE_MODELS = ("virtio", "e1000", "e1000e", "igb", "rtl8139", "pcnet", "ne2
 EVICTION_STRATEGIES = ("None", "LiveMigrate", "LiveMigrateIfPossible", "External")
 
 
+def bounded(items: JSON) -> JSON:
+    """A list of at most 256 ``items``: upstream's bound on devices, volumes and networks."""
+    return {**arr(items), "maxItems": MAX_LIST_ITEMS}
+
+
+def int32() -> JSON:
+    return {**integer(), "format": "int32"}
+
+
 def cpu() -> JSON:
     return obj(
         {
-            "sockets": integer(),
-            "cores": integer(),
-            "threads": integer(),
+            "sockets": int32(),
+            "cores": int32(),
+            "threads": int32(),
             "model": string(),
             "maxSockets": unsupported(NO_HOTPLUG),
             **unsupported_fields(
@@ -194,8 +204,8 @@ def interface() -> JSON:
 def devices() -> JSON:
     return obj(
         {
-            "disks": arr(disk()),
-            "interfaces": arr(interface()),
+            "disks": bounded(disk()),
+            "interfaces": bounded(interface()),
             "inputs": arr(
                 obj(
                     {
@@ -330,8 +340,8 @@ def vmi_spec() -> JSON:
     return obj(
         {
             "domain": domain(),
-            "volumes": arr(volume()),
-            "networks": arr(network()),
+            "volumes": bounded(volume()),
+            "networks": bounded(network()),
             "nodeSelector": string_map(),
             "affinity": affinity(),
             "tolerations": arr(toleration()),

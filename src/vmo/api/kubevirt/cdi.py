@@ -1,7 +1,13 @@
-"""cdi.kubevirt.io/v1beta1: DataVolume and DataSource, the disk images VMs boot from."""
+"""cdi.kubevirt.io/v1beta1: DataVolume and DataSource, the disk images VMs boot from.
+
+Admission keeps CDI's rule on a DataVolume's requested size (more than zero, at least 1MiB) and
+adds VMO's ceiling of 64Ti (``_bounds.MAX_DISK_SIZE``: CDI has none), in a DataVolume and in a
+VM's ``dataVolumeTemplates`` alike.
+"""
 
 from __future__ import annotations
 
+from vmo.api.kubevirt._bounds import disk_size_causes
 from vmo.api.kubevirt._builders import (
     JSON,
     arr,
@@ -17,7 +23,7 @@ from vmo.api.kubevirt._builders import (
     unsupported_fields,
 )
 from vmo.api.kubevirt._common import cdi_condition
-from vmo.api.types import PrinterColumn, ResourceType
+from vmo.api.types import Cause, PrinterColumn, ResourceType
 
 GROUP = "cdi.kubevirt.io"
 VERSION = "v1beta1"
@@ -136,6 +142,25 @@ def datavolume_spec(*, in_vm_template: bool) -> JSON:
     return obj(properties)
 
 
+def datavolume_spec_causes(spec: object, path: str) -> list[Cause]:
+    """Semantic checks of a DataVolume spec found at ``path`` (``spec``, or a VM's template)."""
+    if not isinstance(spec, dict):
+        return []
+    causes: list[Cause] = []
+    for key, name in (("storage", "Storage"), ("pvc", "PVC")):
+        claim = spec.get(key)
+        resources = claim.get("resources") if isinstance(claim, dict) else None
+        requests = resources.get("requests") if isinstance(resources, dict) else None
+        if isinstance(requests, dict) and "storage" in requests:
+            field = f"{path}.{key}.resources.requests.storage"
+            causes += disk_size_causes(requests["storage"], field, name=name)
+    return causes
+
+
+def validate_datavolume(new: JSON, old: JSON | None) -> list[Cause]:
+    return datavolume_spec_causes(new.get("spec"), "spec")
+
+
 def datavolume_status() -> JSON:
     return obj(
         {
@@ -178,6 +203,7 @@ def data_volume() -> ResourceType:
             PrinterColumn("Age", "date", ".metadata.creationTimestamp"),
         ),
         schema=resource_schema(datavolume_spec(in_vm_template=False), datavolume_status()),
+        validate=validate_datavolume,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import uuid
 
+from vmo.api.quantity import QuantityError, parse_quantity
 from vmo.api.types import JSON
 
 DEFAULT_ARCHITECTURE = "amd64"
@@ -147,14 +148,16 @@ def _default_cpu(domain: JSON) -> None:
 
 
 def _whole_cpus(value: object) -> int:
-    """A CPU quantity rounded up to whole CPUs (``2``, ``"2"``, ``"1500m"`` -> 2); 0 if unknown."""
-    if isinstance(value, int):
-        return value
-    if not isinstance(value, str) or not value:
+    """A CPU quantity rounded up to whole CPUs (``2``, ``"2"``, ``"1500m"`` -> 2); 0 if unknown.
+
+    Defaults run before validation, so ``value`` may be anything: what is not a quantity in
+    range (``"1e400"``) counts as unknown, and validation then refuses it by name.
+    """
+    if not isinstance(value, str | int):
         return 0
     try:
-        return -(-int(value[:-1]) // 1000) if value.endswith("m") else math.ceil(float(value))
-    except ValueError:
+        return math.ceil(parse_quantity(value))
+    except QuantityError:
         return 0
 
 

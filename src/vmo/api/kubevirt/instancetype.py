@@ -1,7 +1,18 @@
-"""instancetype.kubevirt.io/v1beta1: instance types and preferences, namespaced and cluster-wide."""
+"""instancetype.kubevirt.io/v1beta1: instance types and preferences, namespaced and cluster-wide.
+
+An instancetype's ``cpu.guest`` and ``memory.guest`` become every VM's that selects it, so they are
+held to a VM's bounds when the instancetype is written: 1 to 288 vCPUs (QEMU's q35 maximum,
+``_bounds.Q35_MAX_VCPUS``) and at least VMO's 64Mi of guest memory.
+"""
 
 from __future__ import annotations
 
+from vmo.api.kubevirt._bounds import (
+    MIN_GUEST_MEMORY,
+    MIN_GUEST_MEMORY_TEXT,
+    Q35_MAX_VCPUS,
+    size_value,
+)
 from vmo.api.kubevirt._builders import (
     JSON,
     any_object,
@@ -22,8 +33,9 @@ from vmo.api.kubevirt._vmi_spec import (
     NO_PASSTHROUGH,
     NO_PINNING,
     NO_POD,
+    int32,
 )
-from vmo.api.types import ResourceType
+from vmo.api.types import Cause, ResourceType, Validator
 
 GROUP = "instancetype.kubevirt.io"
 VERSION = "v1beta1"
@@ -32,7 +44,7 @@ VERSION = "v1beta1"
 def instancetype_spec() -> JSON:
     cpu = obj(
         {
-            "guest": integer(),
+            "guest": int32(),
             "model": string(),
             "maxSockets": unsupported(NO_HOTPLUG),
             **unsupported_fields(
@@ -94,6 +106,25 @@ def preference_spec() -> JSON:
     )
 
 
+def validate_instancetype(new: JSON, old: JSON | None) -> list[Cause]:
+    """The guest's vCPUs and memory within what a VM may have."""
+    spec = _object(new.get("spec"))
+    causes: list[Cause] = []
+    vcpus = _object(spec.get("cpu")).get("guest")
+    if isinstance(vcpus, int) and not 1 <= vcpus <= Q35_MAX_VCPUS:
+        message = f"{vcpus} vCPUs is not in 1-{Q35_MAX_VCPUS}, the vCPUs QEMU's q35 machine takes"
+        causes.append(Cause("spec.cpu.guest", message))
+    guest = size_value(_object(spec.get("memory")).get("guest"))
+    if guest is not None and guest < MIN_GUEST_MEMORY:
+        message = f"guest memory must be at least {MIN_GUEST_MEMORY_TEXT}"
+        causes.append(Cause("spec.memory.guest", message))
+    return causes
+
+
+def _object(value: object) -> JSON:
+    return value if isinstance(value, dict) else {}
+
+
 def _kind(
     kind: str,
     plural: str,
@@ -102,6 +133,7 @@ def _kind(
     short_names: tuple[str, ...],
     spec: JSON,
     spec_required: bool,
+    validate: Validator | None = None,
 ) -> ResourceType:
     return ResourceType(
         group=GROUP,
@@ -113,6 +145,7 @@ def _kind(
         short_names=short_names,
         categories=("all",) if namespaced else (),
         schema=resource_schema(spec, None, spec_required=spec_required),
+        validate=validate,
     )
 
 
@@ -125,6 +158,7 @@ def instancetype_resource_types() -> list[ResourceType]:
             short_names=("vminstancetype", "vminstancetypes", "vmf", "vmfs"),
             spec=instancetype_spec(),
             spec_required=True,
+            validate=validate_instancetype,
         ),
         _kind(
             "VirtualMachineClusterInstancetype",
@@ -133,6 +167,7 @@ def instancetype_resource_types() -> list[ResourceType]:
             short_names=("vmclusterinstancetype", "vmclusterinstancetypes", "vmcf", "vmcfs"),
             spec=instancetype_spec(),
             spec_required=True,
+            validate=validate_instancetype,
         ),
         _kind(
             "VirtualMachinePreference",

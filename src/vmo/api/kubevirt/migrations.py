@@ -1,7 +1,12 @@
-"""migrations.kubevirt.io/v1alpha1 MigrationPolicy: per-workload migration tuning."""
+"""migrations.kubevirt.io/v1alpha1 MigrationPolicy: per-workload migration tuning.
+
+Admission keeps upstream's rules: neither ``bandwidthPerMigration`` nor ``completionTimeoutPerGiB``
+may be negative (the schema keeps the bandwidth within a quantity's range).
+"""
 
 from __future__ import annotations
 
+from vmo.api.kubevirt._bounds import size_value
 from vmo.api.kubevirt._builders import (
     JSON,
     any_object,
@@ -13,7 +18,7 @@ from vmo.api.kubevirt._builders import (
     string,
     string_map,
 )
-from vmo.api.types import ResourceType
+from vmo.api.types import Cause, ResourceType
 
 
 def migration_policy_spec() -> JSON:
@@ -36,6 +41,20 @@ def migration_policy_spec() -> JSON:
     )
 
 
+def validate_migration_policy(new: JSON, old: JSON | None) -> list[Cause]:
+    spec = new.get("spec")
+    if not isinstance(spec, dict):
+        return []
+    causes: list[Cause] = []
+    bandwidth = size_value(spec.get("bandwidthPerMigration"))
+    if bandwidth is not None and bandwidth < 0:
+        causes.append(Cause("spec.bandwidthPerMigration", "must not be negative"))
+    timeout = spec.get("completionTimeoutPerGiB")
+    if isinstance(timeout, int) and timeout < 0:
+        causes.append(Cause("spec.completionTimeoutPerGiB", "must not be negative"))
+    return causes
+
+
 def migration_policy() -> ResourceType:
     return ResourceType(
         group="migrations.kubevirt.io",
@@ -46,4 +65,5 @@ def migration_policy() -> ResourceType:
         namespaced=False,
         subresources=("status",),
         schema=resource_schema(migration_policy_spec(), any_object()),
+        validate=validate_migration_policy,
     )

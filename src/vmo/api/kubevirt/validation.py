@@ -1,22 +1,30 @@
 """Semantic admission checks for VMs, VMIs and migrations, in the spirit of KubeVirt's virt-api.
 
-Structural checks (types, unknown fields) belong to the schema; these catch what a schema cannot:
-names that must match or be unique, mutually exclusive choices, value ranges and immutability.
+Structural checks (types, unknown fields, list lengths, quantities in range) belong to the schema;
+these catch what a schema cannot: names that must match or be unique, mutually exclusive choices,
+value ranges and immutability. The bounds on sizes and counts, and where each comes from, are in
+``_bounds``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import math
 import re
 from collections.abc import Iterable, Iterator
 from decimal import Decimal
 
-from vmo.api.quantity import QuantityError, parse_quantity
+from vmo.api.kubevirt._bounds import (
+    CLOUD_INIT_MAX_LEN,
+    MIN_GUEST_MEMORY,
+    MIN_GUEST_MEMORY_TEXT,
+    disk_size_causes,
+    max_vcpus,
+    size_value,
+)
+from vmo.api.kubevirt.cdi import datavolume_spec_causes
 from vmo.api.types import JSON, Cause
-
-# VMO's floor for guest memory: below it OVMF/SeaBIOS plus a kernel cannot boot a usable guest,
-# and KubeVirt's own floor (1M) would only defer the failure to start time.
-MIN_GUEST_MEMORY = 64 * 1024**2
-MIN_GUEST_MEMORY_TEXT = "64Mi"
 
 INVALID = "FieldValueInvalid"
 REQUIRED = "FieldValueRequired"
@@ -50,16 +58,14 @@ MAC_PATTERN = re.compile(r"^[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2})
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 RUNNING_DEPRECATED = "spec.running is deprecated; use spec.runStrategy instead"
+CPU_AXES = ("sockets", "cores", "threads")
+# upstream's wording for a negative resource quantity
+MUST_BE_POSITIVE = "{field} '{value}': must be greater than or equal to 0."
 
 
 def quantity_value(value: object) -> Decimal | None:
-    """A quantity's exact value, or None when ``value`` is not a quantity."""
-    if not isinstance(value, str | int):
-        return None
-    try:
-        return parse_quantity(value)
-    except QuantityError:
-        return None
+    """A quantity's exact value, or None when ``value`` is not a quantity (in range)."""
+    return size_value(value)
 
 
 def _obj(value: object) -> JSON:
@@ -133,6 +139,7 @@ def vmi_spec_causes(spec: JSON, *, path: str, memory_required: bool) -> list[Cau
         *_networks(networks, interfaces, f"{path}.networks", dev),
         *_boot_order(disks, interfaces, dev),
         *_memory(domain, f"{path}.domain", required=memory_required),
+        *_resources(domain, f"{path}.domain"),
         *_cpu(domain, f"{path}.domain"),
         *_scalars(spec, path),
     ]
@@ -157,6 +164,9 @@ def _datavolume_templates(templates: list[JSON]) -> Iterator[Cause]:
             yield Cause(field, "a data volume template needs a name", REQUIRED)
         elif name in names[:i]:
             yield Cause(field, f"data volume template {name!r} is declared twice", DUPLICATE)
+        yield from datavolume_spec_causes(
+            templates[i].get("spec"), f"spec.dataVolumeTemplates[{i}].spec"
+        )
 
 
 def _duplicates(items: list[JSON]) -> Iterator[tuple[int, str]]:
@@ -207,6 +217,10 @@ def _volumes(volumes: list[JSON], base: str) -> Iterator[Cause]:
         for source in ("cloudInitNoCloud", "cloudInitConfigDrive"):
             if isinstance(volume.get(source), dict):
                 yield from _cloud_init(volume[source], f"{base}[{i}].{source}")
+        empty_disk = _obj(volume.get("emptyDisk"))
+        if "capacity" in empty_disk:
+            field = f"{base}[{i}].emptyDisk.capacity"
+            yield from disk_size_causes(empty_disk["capacity"], field, name="emptyDisk")
 
 
 def _cloud_init(source: JSON, field: str) -> Iterator[Cause]:
@@ -216,6 +230,27 @@ def _cloud_init(source: JSON, field: str) -> Iterator[Cause]:
     for group in (user, network):
         if len(group) > 1:
             yield Cause(field, f"give only one of {', '.join(group)}")
+    for kind, secret_ref in (("user", "UserDataSecretRef"), ("network", "NetworkDataSecretRef")):
+        yield from _inline_data(source, field, kind=kind, secret_ref=secret_ref)
+
+
+def _inline_data(source: JSON, field: str, *, kind: str, secret_ref: str) -> Iterator[Cause]:
+    """Inline ``userData``/``networkData`` (base64 decoded) within upstream's 2 KiB limit."""
+    plain, encoded = source.get(f"{kind}Data"), source.get(f"{kind}DataBase64")
+    data = plain.encode() if isinstance(plain, str) else b""
+    if isinstance(encoded, str) and encoded:
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            yield Cause(
+                f"{field}.{kind}DataBase64", f"{kind}DataBase64 is not a valid base64 value."
+            )
+    if len(data) > CLOUD_INIT_MAX_LEN:
+        yield Cause(
+            field,
+            f"{field} {kind}data exceeds {CLOUD_INIT_MAX_LEN} byte limit. "
+            f"Should use {secret_ref} for larger data.",
+        )
 
 
 def _interfaces(
@@ -357,6 +392,19 @@ def _memory(domain: JSON, base: str, *, required: bool) -> Iterator[Cause]:
     limit = quantity_value(limits.get("memory"))
     if limit is not None and guest > limit:
         yield Cause(guest_field, f"guest memory exceeds {base}.resources.limits.memory")
+
+
+def _resources(domain: JSON, base: str) -> Iterator[Cause]:
+    """CPU and memory requests and limits: none negative (upstream), no request above its limit."""
+    resources = _obj(domain.get("resources"))
+    requests = _obj(resources.get("requests"))
+    limits = _obj(resources.get("limits"))
+    for kind, amounts in (("requests", requests), ("limits", limits)):
+        for resource in ("cpu", "memory"):
+            amount = quantity_value(amounts.get(resource))
+            if amount is not None and amount < 0:
+                field = f"{base}.resources.{kind}.{resource}"
+                yield Cause(field, MUST_BE_POSITIVE.format(field=field, value=amounts[resource]))
     for resource in ("cpu", "memory"):
         request, cap = quantity_value(requests.get(resource)), quantity_value(limits.get(resource))
         if request is not None and cap is not None and request > cap:
@@ -368,10 +416,40 @@ def _memory(domain: JSON, base: str, *, required: bool) -> Iterator[Cause]:
 
 def _cpu(domain: JSON, base: str) -> Iterator[Cause]:
     cpu = _obj(domain.get("cpu"))
-    for axis in ("sockets", "cores", "threads"):
+    valid = True
+    for axis in CPU_AXES:
         value = cpu.get(axis)
         if value is not None and (not isinstance(value, int) or value < 1):
+            valid = False
             yield Cause(f"{base}.cpu.{axis}", f"{axis} must be 1 or greater, got {value!r}")
+    if valid:
+        yield from _vcpu_count(domain, base)
+
+
+def _vcpu_count(domain: JSON, base: str) -> Iterator[Cause]:
+    """No more vCPUs than QEMU's machine type takes, from the topology or the CPU resource."""
+    machine = _obj(domain.get("machine")).get("type") or "q35"
+    most = max_vcpus(machine)
+    beyond = f"more than the {most} vCPUs QEMU's {machine} machine takes"
+    whole_field, whole = _cpu_resource(domain, base)
+    if whole > most:
+        yield Cause(whole_field, f"{whole} CPUs is {beyond}")
+    topology = {axis: value for axis in CPU_AXES if (value := _obj(domain.get("cpu")).get(axis))}
+    count = math.prod(topology.values())
+    # a topology the defaults drew from the CPU resource is that resource's fault, told above
+    if topology and count > most and count != whole:
+        axis = max(topology, key=topology.__getitem__)
+        yield Cause(f"{base}.cpu.{axis}", f"sockets x cores x threads is {count} vCPUs, {beyond}")
+
+
+def _cpu_resource(domain: JSON, base: str) -> tuple[str, int]:
+    """The CPU limit (else request) in whole CPUs, and its field; 0 if neither is given."""
+    resources = _obj(domain.get("resources"))
+    for kind in ("limits", "requests"):
+        amount = quantity_value(_obj(resources.get(kind)).get("cpu"))
+        if amount is not None and amount > 0:
+            return f"{base}.resources.{kind}.cpu", math.ceil(amount)
+    return "", 0
 
 
 def _scalars(spec: JSON, path: str) -> Iterator[Cause]:
@@ -387,7 +465,7 @@ def _scalars(spec: JSON, path: str) -> Iterator[Cause]:
 def _instancetype_conflicts(spec: JSON, path: str) -> Iterator[Cause]:
     """With an instancetype, CPU count and guest memory come from it and may not be repeated."""
     domain = _obj(spec.get("domain"))
-    for axis in ("sockets", "cores", "threads"):
+    for axis in CPU_AXES:
         if _obj(domain.get("cpu")).get(axis) is not None:
             yield Cause(
                 f"{path}.domain.cpu.{axis}", "conflicts with the selected instancetype", FORBIDDEN
