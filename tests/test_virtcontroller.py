@@ -16,6 +16,7 @@ from vmo.engine.virtcontroller.controllers import virt_controllers
 from vmo.engine.virtcontroller.scheduler import (
     MEMORY_OVERHEAD_BYTES,
     Scheduled,
+    SchedulerController,
     Unschedulable,
     place,
     scheduled_vmi,
@@ -959,3 +960,53 @@ async def test_data_volume_templates_against_the_api_server(
     finally:
         await client.delete(VM, "db", ns)
         await client.delete(DATAVOLUME, "db-root", ns)
+
+
+async def test_one_vmi_whose_data_breaks_placement_fails_alone(
+    apiserver: ThreadedServer, client: Client, unique: str
+) -> None:
+    """Probe: ``memory.guest: "1e400"`` once stopped every scheduling pass. Admission refuses it
+    now, so the bad VMI is put straight into the store, as one admitted by an older release."""
+    ns, node_name = f"vs-{unique}", f"node-{unique}"
+    await client.create(NAMESPACE, {"metadata": {"name": ns}})
+    labels = {"kubernetes.io/hostname": node_name, "kubevirt.io/schedulable": "true"}
+    await client.create(NODE, {"metadata": {"name": node_name, "labels": {**labels, "t": unique}}})
+    ready = {
+        "allocatable": {"cpu": "2", "memory": "4Gi"},
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }
+    await client.patch_status(NODE, node_name, ready)
+
+    def vmi_named(name: str, memory: str) -> JSON:
+        vm = a_vm()
+        vm["spec"]["template"]["spec"]["nodeSelector"] = {"t": unique}
+        vm["spec"]["template"]["spec"]["domain"]["memory"]["guest"] = memory
+        vmi = build_vmi(vm)
+        vmi["metadata"] = {"name": name, "namespace": ns}
+        return vmi
+
+    bad = vmi_named("bad", "1e400")
+    bad["metadata"] |= {
+        "uid": f"uid-{unique}",
+        "creationTimestamp": "2020-01-01T00:00:00Z",  # oldest: the pass meets it first
+        "generation": 1,
+    }
+
+    async def inject() -> None:
+        assert apiserver.server is not None
+        apiserver.server.store.create(f"kubevirt.io/virtualmachineinstances/{ns}/bad", bad)
+
+    apiserver.call(inject())
+    scheduler = SchedulerController(client)
+    await scheduler.start()
+    try:
+        await client.create(VMI, vmi_named("good", "128Mi"))
+        assert await scheduler.schedule_pending() >= 1
+        good = await client.get(VMI, "good", ns)
+        assert good["status"]["nodeName"] == node_name
+        events, _ = await client.list(EVENT, ns, field_selector="involvedObject.name=bad")
+        assert [e["reason"] for e in events] == ["FailedScheduling"]
+        assert "cannot be placed" in events[0]["message"]
+        assert not ((await client.get(VMI, "bad", ns)).get("status") or {}).get("nodeName")
+    finally:
+        await scheduler.stop()

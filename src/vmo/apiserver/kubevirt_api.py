@@ -18,18 +18,19 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from vmo.api.annotations import AGENT_SOCKET
 from vmo.api.types import JSON, ResourceType
 from vmo.apiserver import errors
 from vmo.apiserver import objects as ob
 from vmo.apiserver.errors import ApiError
 from vmo.apiserver.registry import Registry
-from vmo.apiserver.requests import ResourcePath
+from vmo.apiserver.requests import ResourcePath, decode_json
 
 log = logging.getLogger(__name__)
 
 GROUP = "subresources.kubevirt.io"
 VERSION = "v1"
-AGENT_SOCKET_ANNOTATION = "vmo.dev/agent-socket"
+AGENT_SOCKET_ANNOTATION = AGENT_SOCKET
 FINAL_PHASES = ("Succeeded", "Failed")
 
 # (resource, subresource) -> (verbs in discovery, kind)
@@ -372,10 +373,7 @@ async def _options(request: web.Request) -> JSON:
     raw = await request.read()
     if not raw.strip():
         return {}
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise errors.bad_request("Can not unmarshal Request body to struct") from None
+    body = decode_json(raw, "Can not unmarshal Request body to struct")
     return body if isinstance(body, dict) else {}
 
 

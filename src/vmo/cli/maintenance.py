@@ -16,15 +16,24 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
-from vmo.client import KUBEVIRT, NODE, VMI, VMIM, ApiStatusError, Client, Credentials, Resource
+from vmo.api.annotations import DRAIN_NODE
+from vmo.client import (
+    KUBEVIRT,
+    NODE,
+    TRANSIENT_ERRORS,
+    VMI,
+    VMIM,
+    ApiStatusError,
+    Client,
+    Credentials,
+    Resource,
+)
 
 JSON = dict[str, Any]
 
 FINAL_MIGRATION_PHASES = frozenset({"Succeeded", "Failed"})
 FINAL_VMI_PHASES = frozenset({"Succeeded", "Failed"})
-DRAIN_LABEL = "vmo.dev/drain-node"
+DRAIN_LABEL = DRAIN_NODE
 # upstream's evacuation controller marks the migrations it creates for a draining node this way
 EVACUATION_ANNOTATION = "kubevirt.io/evacuationMigration"
 # names as virt-api's migrate subresource (virtctl migrate) and the evacuation controller do
@@ -207,7 +216,7 @@ class ChangeSignal:
 
     async def _watch(self, res: Resource, namespace: str, field_selector: str) -> None:
         while True:
-            with contextlib.suppress(ApiStatusError, aiohttp.ClientError, TimeoutError):
+            with contextlib.suppress(ApiStatusError, *TRANSIENT_ERRORS):
                 async for _ in self.client.watch(
                     res, namespace, field_selector=field_selector, timeout=60
                 ):
@@ -604,7 +613,7 @@ def run(
     except ApiStatusError as exc:
         print(f"vmo: {_refusal(exc)}", flush=True)
         return 2
-    except (aiohttp.ClientError, OSError) as exc:
+    except TRANSIENT_ERRORS as exc:
         print(f"vmo: cannot reach the API server at {creds.server}: {exc}", flush=True)
         return 1
 

@@ -10,6 +10,7 @@ import platform
 from datetime import UTC, datetime
 from typing import Any
 
+from vmo.api.annotations import AGENT_SOCKET
 from vmo.client import LEASE, NAMESPACE, NODE, Client, Conflict, NotFound
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ JSON = dict[str, Any]
 LEASE_NAMESPACE = "kube-node-lease"
 LEASE_SECONDS = 40
 HEARTBEAT_SECONDS = 10.0
-AGENT_SOCKET_ANNOTATION = "vmo.dev/agent-socket"
+AGENT_SOCKET_ANNOTATION = AGENT_SOCKET
 AGENT_VERSION = "v1.32.0+vmo"
 # What the host keeps for itself: 1 CPU's worth is too much on 2 cores; memory is plentiful.
 RESERVED_MEMORY_KI = 512 * 1024

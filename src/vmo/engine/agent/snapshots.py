@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vmo.api.annotations import SNAPSHOT_INDICATIONS, SNAPSHOT_NODE
 from vmo.client import VMI, VMSNAPSHOTCONTENT, Client, Conflict, NotFound
 from vmo.engine.agent.agent import NodeAgent
 from vmo.engine.agent.runtime import VmiRuntime
@@ -37,8 +38,7 @@ from vmo.runtime import Controller, Result, Watch, split_key
 log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
-SNAPSHOT_NODE = "vmo.dev/snapshot-node"
-INDICATIONS = "vmo.dev/snapshot-indications"
+INDICATIONS = SNAPSHOT_INDICATIONS
 CONTENT_FINALIZER = "snapshot.kubevirt.io/vmsnapshotcontent-protection"
 AGENT_CONNECT_TIMEOUT = 2.0
 FREEZE_TIMEOUT = 30.0

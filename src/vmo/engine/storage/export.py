@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from vmo.api.annotations import EXPORT_NODE, STORAGE_NODE
 from vmo.api.duration import parse_duration
 from vmo.api.kubevirt.migratable import claim_name
 from vmo.client import (
@@ -58,7 +59,6 @@ from vmo.client import (
     Conflict,
     NotFound,
 )
-from vmo.engine.storage.importer import STORAGE_NODE
 from vmo.engine.storage.pool import Pool, volume_stem
 from vmo.runtime import Controller, Result, TemporaryError, Watch, object_key, split_key
 
@@ -71,7 +71,6 @@ EXPORT, VM_SNAPSHOT, VM_SNAPSHOT_CONTENT = VMEXPORT, VMSNAPSHOT, VMSNAPSHOTCONTE
 
 TOKEN_HEADER = "x-kubevirt-export-token"
 TOKEN_KEY = "token"
-EXPORT_NODE = "vmo.dev/export-node"
 DEFAULT_TTL = dt.timedelta(hours=2)
 SERVICE_PREFIX = "virt-export-"
 TOKEN_PREFIX = "export-token-"
@@ -474,14 +473,14 @@ def layout_from_map(size: int, chain: Sequence[Path], mapping: Sequence[JSON]) -
 
 async def map_layout(path: Path) -> Layout:
     """The guest-visible layout of a qcow2 (or raw) image and its backing chain."""
-    infos = await _qemu_img_json("info", "--output=json", "--backing-chain", "-U", str(path))
+    infos = await _qemu_img_json("info", "--output=json", "--backing-chain", "-U", "--", str(path))
     chain = [path]
     for info in infos[:-1]:
         backing = info.get("full-backing-filename") or info.get("backing-filename")
         chain.append(Path(str(backing)))
     size = int(infos[0]["virtual-size"])
     fmt = str(infos[0].get("format", "qcow2"))
-    mapping = await _qemu_img_json("map", "--output=json", "-U", "-f", fmt, str(path))
+    mapping = await _qemu_img_json("map", "--output=json", "-U", "-f", fmt, "--", str(path))
     return layout_from_map(size, chain, mapping)
 
 
@@ -675,6 +674,7 @@ async def _flatten(vf: VolumeFile) -> Path:
         "-U",
         "-O",
         "raw",
+        "--",  # paths after it are never options
         str(vf.image()),
         str(target),
         stdout=asyncio.subprocess.DEVNULL,

@@ -23,9 +23,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from vmo.api.annotations import AGENT_SOCKET, STORAGE_NODE
 from vmo.client import DATAVOLUME, Client, Credentials
 from vmo.engine.storage.importer import (
-    STORAGE_NODE,
     DataVolumeController,
     DataVolumePhase,
     UploadRefused,
@@ -231,7 +231,7 @@ async def _claiming_agent_socket(client: Client, dv: JSON) -> Path:
 
     node_name = (dv.get("metadata", {}).get("annotations") or {}).get(STORAGE_NODE)
     node = await client.find(NODE, node_name) if node_name else None
-    socket = ((node or {}).get("metadata", {}).get("annotations") or {}).get("vmo.dev/agent-socket")
+    socket = ((node or {}).get("metadata", {}).get("annotations") or {}).get(AGENT_SOCKET)
     if not socket:
         raise UploadError(f"no node agent has claimed DataVolume {dv['metadata']['name']} yet")
     return Path(socket)

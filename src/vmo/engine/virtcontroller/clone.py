@@ -14,8 +14,8 @@ import json
 import secrets
 from typing import Any
 
+from vmo.api.annotations import CLONE_MODE
 from vmo.client import VM, VMCLONE, VMRESTORE, VMSNAPSHOT, VMSNAPSHOTCONTENT, Client, Conflict
-from vmo.engine.storage.importer import CLONE_MODE
 from vmo.engine.virtcontroller.snapshots import (
     COMPLETE,
     Loop,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from vmo.api.annotations import STORAGE_NODE
 from vmo.api.quantity import QuantityError, parse_quantity
 from vmo.client import (
     DATAVOLUME,
@@ -28,8 +29,8 @@ from vmo.client import (
     Conflict,
     NotFound,
 )
-from vmo.engine.storage.importer import STORAGE_NODE, is_shared
-from vmo.runtime import Controller, Result, Watch
+from vmo.engine.storage.importer import is_shared
+from vmo.runtime import Controller, EventRecorder, Result, Watch
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +100,37 @@ def vcpus(vmi: JSON) -> int:
     )
 
 
+class InvalidRequest(ValueError):
+    """A VMI's CPU or memory request cannot be read: it cannot be placed (or counted)."""
+
+
+def _requested(value: object, field: str) -> float:
+    try:
+        amount = float(parse_quantity(value if isinstance(value, int) else str(value)))
+    except (QuantityError, ArithmeticError, ValueError) as exc:
+        raise InvalidRequest(f"{field}: {exc}") from exc
+    if not math.isfinite(amount) or amount < 0:
+        raise InvalidRequest(f"{field}: {value!r} is not a finite, non-negative quantity")
+    return amount
+
+
 def vmi_request(vmi: JSON) -> ResourceRequest:
     """CPU and memory the VMI takes from its node, as its virt-launcher pod would request."""
     domain = vmi.get("spec", {}).get("domain") or {}
     requests = (domain.get("resources") or {}).get("requests") or {}
     if requests.get("cpu") not in (None, ""):
-        cpu = math.ceil(_quantity(requests["cpu"]) * 1000)
+        cpu = math.ceil(_requested(requests["cpu"], "spec.domain.resources.requests.cpu") * 1000)
     elif (domain.get("cpu") or {}).get("dedicatedCpuPlacement"):
         cpu = vcpus(vmi) * 1000
     else:
         cpu = math.ceil(vcpus(vmi) * 1000 / CPU_ALLOCATION_RATIO)
-    memory = requests.get("memory") or (domain.get("memory") or {}).get("guest")
-    return ResourceRequest(cpu, int(_quantity(memory)) + MEMORY_OVERHEAD_BYTES)
+    if requests.get("memory") not in (None, ""):
+        memory = _requested(requests["memory"], "spec.domain.resources.requests.memory")
+    elif (domain.get("memory") or {}).get("guest") not in (None, ""):
+        memory = _requested(domain["memory"]["guest"], "spec.domain.memory.guest")
+    else:
+        memory = 0.0
+    return ResourceRequest(cpu, int(memory) + MEMORY_OVERHEAD_BYTES)
 
 
 def allocatable(node: JSON) -> ResourceRequest:
@@ -584,6 +604,10 @@ class SchedulerController(Controller):
     workers = 1
     resync_seconds = 10.0
 
+    def __init__(self, client: Client) -> None:
+        super().__init__(client)
+        self.events = EventRecorder(client, component="virt-controller", clock=self.clock)
+
     def watches(self) -> Sequence[Watch]:
         return [Watch(NODE, _pass_key), Watch(VMI, _pass_key)]
 
@@ -629,6 +653,8 @@ class SchedulerController(Controller):
                 "VMI %s/%s cannot be scheduled: %s", md.get("namespace"), md.get("name"), exc
             )
             message = f"the VMI cannot be placed: {type(exc).__name__}: {exc}"
+            # an Event even when the VMI itself cannot be written (its data fails admission)
+            await self.events.record(vmi, "FailedScheduling", message, type_="Warning")
             updated = unschedulable_vmi(vmi, message, _now(), reason=REASON_INVALID)
             return await self._write(updated) if updated["status"] != vmi.get("status") else None
 

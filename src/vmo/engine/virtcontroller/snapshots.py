@@ -19,6 +19,8 @@ from typing import Any
 
 import jsonpatch
 
+from vmo.api.annotations import CLONE_MODE
+from vmo.api.annotations import SNAPSHOT_INDICATIONS as INDICATIONS
 from vmo.api.duration import parse_duration
 from vmo.api.quantity import QuantityError, parse_quantity
 from vmo.client import (
@@ -34,7 +36,6 @@ from vmo.client import (
     NotFound,
     Resource,
 )
-from vmo.engine.storage.importer import CLONE_MODE
 from vmo.engine.virtcontroller.vmi_template import owner_reference
 from vmo.runtime import DONE, Controller, EventRecorder, Result, TemporaryError, Watch, split_key
 
@@ -44,7 +45,6 @@ JSON = dict[str, Any]
 SNAPSHOT_FINALIZER = "snapshot.kubevirt.io/vmsnapshot-protection"
 SOURCE_FINALIZER = "snapshot.kubevirt.io/snapshot-source-protection"
 RESTORE_NAME = "restore.kubevirt.io/name"
-INDICATIONS = "vmo.dev/snapshot-indications"
 DEFAULT_FAILURE_DEADLINE = timedelta(minutes=5)
 TARGET_GRACE = timedelta(minutes=5)
 COMPLETE = "Operation complete"
