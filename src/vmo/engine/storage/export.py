@@ -60,7 +60,15 @@ from vmo.client import (
     NotFound,
 )
 from vmo.engine.storage.pool import Pool, volume_stem
-from vmo.runtime import Controller, Result, TemporaryError, Watch, object_key, split_key
+from vmo.runtime import (
+    Controller,
+    Result,
+    TemporaryError,
+    Watch,
+    merge_conditions,
+    object_key,
+    split_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -368,22 +376,6 @@ def export_links(export: JSON, state: SourceState, serving: Serving) -> JSON:
     return {"internal": dict(link), "external": dict(link)}
 
 
-def merge_conditions(old: Sequence[JSON], new: Sequence[Condition], now: str) -> list[JSON]:
-    """Upstream's updateCondition: a condition keeps its transition time while unchanged."""
-    merged = [dict(c) for c in old]
-    for cond in new:
-        fresh = {"lastProbeTime": None, "lastTransitionTime": now, **cond.as_json()}
-        for index, existing in enumerate(merged):
-            if existing.get("type") == cond.type:
-                same = all(existing.get(k) == fresh[k] for k in ("status", "reason", "message"))
-                if not same:
-                    merged[index] = fresh
-                break
-        else:
-            merged.append(fresh)
-    return merged
-
-
 def export_status(
     export: JSON,
     state: SourceState,
@@ -412,7 +404,12 @@ def export_status(
         phase = "Skipped"
     status: JSON = {
         "phase": phase,
-        "conditions": merge_conditions(old.get("conditions") or [], conditions, rfc3339(now)),
+        "conditions": merge_conditions(
+            old.get("conditions"),
+            [{"lastProbeTime": None, **c.as_json()} for c in conditions],
+            rfc3339(now),
+            keep_others=True,
+        ),
         "links": export_links(export, state, serving) if phase == "Ready" and serving else {},
         "serviceName": service_name(export["metadata"]["name"]),
         "ttlExpirationTime": rfc3339(expiration_time(export)),

@@ -37,7 +37,16 @@ from vmo.client import (
     Resource,
 )
 from vmo.engine.virtcontroller.vmi_template import owner_reference
-from vmo.runtime import DONE, Controller, EventRecorder, Result, TemporaryError, Watch, split_key
+from vmo.runtime import (
+    DONE,
+    Controller,
+    EventRecorder,
+    Result,
+    TemporaryError,
+    Watch,
+    merge_conditions,
+    split_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,18 +89,6 @@ def condition(ctype: str, status: bool, reason: str, message: str = "") -> JSON:
         "lastProbeTime": None,
         "lastTransitionTime": stamp(),
     }
-
-
-def merge_conditions(old: list[JSON], new: list[JSON]) -> list[JSON]:
-    """``new`` conditions, keeping the transition time of those whose status did not change."""
-    previous = {c.get("type"): c for c in old}
-    out = []
-    for c in new:
-        before = previous.get(c["type"])
-        if before is not None and before.get("status") == c["status"]:
-            c = {**c, "lastTransitionTime": before.get("lastTransitionTime")}
-        out.append(c)
-    return out
 
 
 def owner(obj: JSON, kind: str, api_version: str) -> JSON:
@@ -158,7 +155,9 @@ class Loop(Controller):
         if "conditions" in status:
             status = {
                 **status,
-                "conditions": merge_conditions(old.get("conditions") or [], status["conditions"]),
+                "conditions": merge_conditions(
+                    old.get("conditions"), status["conditions"], stamp()
+                ),
             }
         if all(old.get(k) == v for k, v in status.items()):
             return
