@@ -1,0 +1,37 @@
+"""VMO's own controllers as one process: ``vmo controllers run`` (and, in a cluster, the
+in-cluster Deployment) runs them under a leader Lease, so replicas never both act."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from vmo.client import Client
+from vmo.controllers.example import NodeLabelController
+from vmo.runtime import Controller, LeaderElector, LeaseTiming, Manager
+
+LEASE_NAME = "vmo-controllers"
+LEASE_NAMESPACE = "vmo-system"
+
+
+def vmo_controllers(client: Client) -> list[Controller]:
+    """Every VMO-own controller, each to run against ``client``."""
+    return [NodeLabelController(client)]
+
+
+def default_identity() -> str:
+    """A replica's name in the Lease: host and process, as client-go uses the pod name."""
+    return f"{socket.gethostname()}_{os.getpid()}"
+
+
+def controller_manager(
+    client: Client,
+    *,
+    identity: str,
+    namespace: str = LEASE_NAMESPACE,
+    timing: LeaseTiming | None = None,
+) -> Manager:
+    election = LeaderElector(
+        client, LEASE_NAME, namespace, identity, timing=timing or LeaseTiming()
+    )
+    return Manager(vmo_controllers(client), election=election)
