@@ -8,6 +8,7 @@ does with the documents is tested apart from the rest of the API server.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 import threading
@@ -22,7 +23,8 @@ from aiohttp import web
 from vmo.api import schema
 from vmo.api.core import core_resource_types
 from vmo.api.types import JSON, ResourceType
-from vmo.apiserver import openapi
+from vmo.apiserver import openapi, openapi_pb
+from vmo.apiserver.server import builtin_types
 
 KUBECTL = shutil.which("kubectl")
 TYPES = core_resource_types()
@@ -111,6 +113,98 @@ def test_v2_uses_swagger_shapes() -> None:
     )
 
 
+def test_every_patchable_kind_offers_field_validation_in_v3() -> None:
+    """Without it kubectl falls back to validating against /openapi/v2 on its own."""
+    for rt in builtin_types():
+        if "patch" not in rt.verbs:
+            continue
+        doc = openapi.openapi_v3_group_version(builtin_types(), rt.group, rt.version)
+        patches = [
+            item["patch"]
+            for item in doc["paths"].values()
+            if "patch" in item
+            and item["patch"]["x-kubernetes-group-version-kind"]["kind"] == rt.kind
+        ]
+        assert patches, f"{rt.kind} has no PATCH operation"
+        for patch in patches:
+            assert "fieldValidation" in {p["name"] for p in patch["parameters"]}, rt.kind
+
+
+def test_v2_paths_offer_field_validation_as_swagger_parameters() -> None:
+    doc = openapi.openapi_v2(TYPES)
+    item = doc["paths"]["/api/v1/namespaces/{namespace}/configmaps/{name}"]
+    patch = item["patch"]
+    assert patch["x-kubernetes-group-version-kind"] == {
+        "group": "",
+        "version": "v1",
+        "kind": "ConfigMap",
+    }
+    assert patch["consumes"][0] == "application/apply-patch+yaml"
+    body, *queries = patch["parameters"]
+    assert body["in"] == "body" and body["schema"]["$ref"].startswith("#/definitions/")
+    assert {"name": "fieldValidation", "in": "query", "type": "string"}.items() <= next(
+        q for q in queries if q["name"] == "fieldValidation"
+    ).items()
+    assert [p["name"] for p in item["parameters"]] == ["name", "namespace"]
+    assert item["parameters"][0]["type"] == "string" and "schema" not in item["parameters"][0]
+
+
+@pytest.mark.parametrize(
+    ("accept", "protobuf"),
+    [
+        ("application/com.github.proto-openapi.spec.v2@v1.0+protobuf", True),
+        ("application/com.github.proto-openapi.spec.v2.v1.0+protobuf", True),
+        ("application/com.github.proto-openapi.spec.v2@v1.0+protobuf, application/json", True),
+        ("application/json, application/com.github.proto-openapi.spec.v2@v1.0+protobuf", False),
+        ("application/json", False),
+        ("*/*", False),
+        ("", False),
+    ],
+)
+def test_v2_is_protobuf_when_asked_for_first(accept: str, protobuf: bool) -> None:
+    assert openapi_pb.wants_protobuf(accept) is protobuf
+
+
+def test_v2_protobuf_carries_definitions_paths_and_extensions() -> None:
+    body, content_type = openapi.openapi_v2_negotiated(
+        TYPES, "application/com.github.proto-openapi.spec.v2@v1.0+protobuf"
+    )
+    assert content_type == "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
+    document = openapi_pb._document_class().FromString(body)
+    assert document.swagger == "2.0"
+    definitions = {d.name: d.value for d in document.definitions.additional_properties}
+    review = definitions["io.k8s.api.authorization.v1.SelfSubjectAccessReview"]
+    (gvk,) = [e for e in review.vendor_extension if e.name == "x-kubernetes-group-version-kind"]
+    assert json.loads(gvk.value.yaml) == [
+        {"group": "authorization.k8s.io", "version": "v1", "kind": "SelfSubjectAccessReview"}
+    ]
+    assert list(review.type.value) == ["object"] and list(review.required) == ["spec"]
+    fields = {f.name: f.value for f in review.properties.additional_properties}
+    assert fields["metadata"]._ref == "#/definitions/" + openapi.OBJECT_META
+    paths = {p.name: p.value for p in document.paths.path}
+    patch = paths["/api/v1/namespaces/{namespace}/configmaps/{name}"].patch
+    names = [
+        p.parameter.non_body_parameter.query_parameter_sub_schema.name for p in patch.parameters
+    ]
+    assert "fieldValidation" in names
+    assert patch.parameters[0].parameter.body_parameter.name == "body"
+
+
+def test_an_empty_properties_map_stays_present_in_protobuf() -> None:
+    """kube-openapi tells an object with no fields from a map by whether properties is set."""
+    document = {"swagger": "2.0", "definitions": {"Empty": {"type": "object", "properties": {}}}}
+    decoded = openapi_pb._document_class().FromString(openapi_pb.encode(document))
+    empty = decoded.definitions.additional_properties[0].value
+    assert empty.HasField("properties") and not empty.properties.additional_properties
+
+
+def test_additional_properties_false_is_kept_in_protobuf() -> None:
+    document = {"swagger": "2.0", "definitions": {"Closed": {"additionalProperties": False}}}
+    decoded = openapi_pb._document_class().FromString(openapi_pb.encode(document))
+    closed = decoded.definitions.additional_properties[0].value.additional_properties
+    assert closed.WhichOneof("oneof") == "boolean" and closed.boolean is False
+
+
 # --------------------------------------------------------------------------- the tiny server
 
 
@@ -119,6 +213,8 @@ class TinyServer:
     """Discovery, OpenAPI and an echoing create, in a thread; records what it was asked."""
 
     publish_field_validation: bool = True
+    serve_v2: bool = True
+    serve_v3: bool = True
     requests: list[str] = field(default_factory=list)
     url: str = ""
 
@@ -132,6 +228,10 @@ class TinyServer:
         path = request.path
         if request.method == "POST":
             return await self.create(request)
+        if path == "/openapi/v2" and self.serve_v2:
+            accept = request.headers.get("Accept", "")
+            payload, content_type = openapi.openapi_v2_negotiated(TYPES, accept)
+            return web.Response(body=payload, content_type=content_type)
         body = self.document(path)
         if body is None:
             return web.json_response(_status(404, "NotFound", "not found"), status=404)
@@ -144,6 +244,8 @@ class TinyServer:
             return {"kind": "APIVersions", "versions": ["v1"]}
         if path == "/apis":
             return _group_list()
+        if path.startswith("/openapi/v3") and not self.serve_v3:
+            return None
         if path == "/openapi/v3":
             return openapi.openapi_v3_index(TYPES)
         if path.startswith("/openapi/v3/"):
@@ -321,12 +423,40 @@ def test_apply_of_valid_object_succeeds(kubectl: Kubectl) -> None:
     assert "configmap/settings created" in out.stdout
 
 
-def test_without_field_validation_parameter_kubectl_falls_back_to_v2(
-    tmp_path: Path,
-) -> None:
-    """Pins why the parameter is published: otherwise kubectl validates with protobuf v2."""
+def test_explain_reads_the_protobuf_v2_document(kubectl: Kubectl) -> None:
+    """kube-openapi parses the whole document or nothing: every definition must be well formed."""
+    out = kubectl("explain", "--output=plaintext-openapiv2", "configmaps")
+    assert out.returncode == 0, out.stderr
+    assert "ConfigMap holds configuration data" in out.stdout
+    assert "binaryData\t<map[string]string>" in out.stdout
+    assert any(r.startswith("GET /openapi/v2") for r in kubectl.server.requests)
+
+
+def test_without_v3_kubectl_reads_field_validation_from_v2_paths(tmp_path: Path) -> None:
+    """A kubectl that cannot read v3 learns from the protobuf v2 paths that VMO validates."""
+    for server in serve(TinyServer(serve_v3=False)):
+        bad = {**CONFIG_MAP, "colour": "red"}
+        out = Kubectl(server, tmp_path)("apply", "-f", "-", stdin=yaml.safe_dump(bad))
+        assert out.returncode != 0
+        assert 'strict decoding error: unknown field "colour"' in out.stderr
+        assert any(r.startswith("GET /openapi/v2") for r in server.requests)
+        assert any("POST" in r and "fieldValidation=Strict" in r for r in server.requests)
+
+
+def test_without_v3_field_validation_kubectl_validates_against_v2(tmp_path: Path) -> None:
+    """The path the reviews always take: kubectl checks the object against the v2 schema."""
     for server in serve(TinyServer(publish_field_validation=False)):
+        bad = {**CONFIG_MAP, "colour": "red"}
+        out = Kubectl(server, tmp_path)("apply", "-f", "-", stdin=yaml.safe_dump(bad))
+        assert out.returncode != 0
+        assert 'ValidationError(ConfigMap): unknown field "colour"' in out.stderr
+        assert not any(r.startswith("POST") for r in server.requests)
+
+
+def test_without_field_validation_or_v2_kubectl_refuses(tmp_path: Path) -> None:
+    """Pins why v2 is served: with neither, kubectl cannot validate and refuses to apply."""
+    for server in serve(TinyServer(publish_field_validation=False, serve_v2=False)):
         out = Kubectl(server, tmp_path)("apply", "-f", "-", stdin=yaml.safe_dump(CONFIG_MAP))
         assert out.returncode != 0
-        assert any(r.startswith("GET /openapi/v2") for r in server.requests)
+        assert "error validating data" in out.stderr
         assert not any(r.startswith("POST") for r in server.requests)

@@ -225,7 +225,9 @@ class ApiHandlers:
         )
 
     async def _openapi_v2(self, request: web.Request) -> web.Response:
-        return json_response(openapi.openapi_v2(self.registry.all()))
+        accept = request.headers.get("Accept", "")
+        body, content_type = openapi.openapi_v2_negotiated(self.registry.all(), accept)
+        return web.Response(body=body, content_type=content_type)
 
     async def _openapi_v3(self, request: web.Request) -> web.Response:
         return json_response(openapi.openapi_v3_index(self.registry.all()))

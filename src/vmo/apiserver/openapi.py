@@ -2,9 +2,9 @@
 
 Each served kind's schema is published under the definition name upstream gives it
 (``io.k8s.api.core.v1.Namespace``, ``io.kubevirt.v1.VirtualMachine``) with its
-``x-kubernetes-group-version-kind``; ``metadata`` refers to a shared ObjectMeta definition. The
-v3 documents also carry the resource paths, with the ``fieldValidation`` parameter on writes,
-which is how kubectl learns that the server validates fields itself.
+``x-kubernetes-group-version-kind``; ``metadata`` refers to a shared ObjectMeta definition. Both
+versions also carry the resource paths, with the ``fieldValidation`` parameter on writes, which is
+how kubectl learns that the server validates fields itself.
 """
 
 from __future__ import annotations
@@ -13,15 +13,18 @@ import copy
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from vmo.api.schema import INT_OR_STRING_KEY, PRESERVE_KEY, UNSUPPORTED_KEY, UNSUPPORTED_MESSAGE
 from vmo.api.types import JSON, ResourceType
+from vmo.apiserver import openapi_pb
 
 __all__ = [
     "OBJECT_META",
     "definition_name",
     "openapi_v2",
+    "openapi_v2_negotiated",
     "openapi_v3_group_version",
     "openapi_v3_index",
 ]
@@ -32,6 +35,7 @@ LIST_META = f"{META}.ListMeta"
 STATUS = f"{META}.Status"
 PATCH = f"{META}.Patch"
 _INFO = {"title": "Kubernetes", "version": "v1.32.0"}
+_JSON = "application/json"
 _V3_REF = "#/components/schemas/"
 _V2_REF = "#/definitions/"
 _PATCH_TYPES = (
@@ -114,11 +118,25 @@ def openapi_v3_group_version(types: Sequence[ResourceType], group: str, version:
 
 
 def openapi_v2(types: Sequence[ResourceType]) -> JSON:
-    """A Swagger 2.0 document of every kind, for clients that do not read v3."""
+    """The Swagger 2.0 document of every kind, with the same paths as the v3 documents.
+
+    kubectl validates the kinds that cannot be patched (the reviews) on the client, from this
+    document in protobuf (``openapi_pb``); older kubectls read nothing else.
+    """
     definitions: JSON = dict(_meta_definitions(_V2_REF))
+    paths: JSON = {}
     for rt in types:
         definitions.update(_kind_definitions(rt, ref=_V2_REF, v2=True))
-    return {"swagger": "2.0", "info": dict(_INFO), "paths": {}, "definitions": definitions}
+        paths.update(_resource_paths(rt, _V2))
+    return {"swagger": "2.0", "info": dict(_INFO), "paths": paths, "definitions": definitions}
+
+
+def openapi_v2_negotiated(types: Sequence[ResourceType], accept: str) -> tuple[bytes, str]:
+    """The v2 document as the Accept header asks for it: (body, content type)."""
+    document = openapi_v2(types)
+    if openapi_pb.wants_protobuf(accept):
+        return openapi_pb.encode(document), openapi_pb.CONTENT_TYPE
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode(), _JSON
 
 
 # --------------------------------------------------------------------------- kind schemas
@@ -200,48 +218,63 @@ def _v2_node(node: JSON) -> JSON:
 # --------------------------------------------------------------------------- paths
 
 
-def _resource_paths(rt: ResourceType) -> JSON:
+@dataclass(frozen=True)
+class _Style:
+    """How one OpenAPI version spells references, bodies, responses and parameters."""
+
+    v2: bool
+
+    @property
+    def ref(self) -> str:
+        return _V2_REF if self.v2 else _V3_REF
+
+
+_V3 = _Style(v2=False)
+_V2 = _Style(v2=True)
+
+
+def _resource_paths(rt: ResourceType, style: _Style = _V3) -> JSON:
     prefix = "/" + _gv_path(rt.group, rt.version)
     scope = f"{prefix}/namespaces/{{namespace}}/" if rt.namespaced else f"{prefix}/"
-    kind_ref = {"$ref": _V3_REF + definition_name(rt.group, rt.version, rt.kind)}
-    list_ref = {"$ref": _V3_REF + definition_name(rt.group, rt.version, rt.kind) + "List"}
+    name = definition_name(rt.group, rt.version, rt.kind)
+    kind_ref = {"$ref": style.ref + name}
+    list_ref = {"$ref": style.ref + name + "List"}
     verbs = set(rt.verbs)
     collection: JSON = {}
     if "list" in verbs:
-        collection["get"] = _operation(rt, "list", list_ref)
+        collection["get"] = _operation(rt, "list", list_ref, style=style)
     if "create" in verbs:
-        collection["post"] = _operation(rt, "post", kind_ref, body=kind_ref, writes=True)
+        collection["post"] = _operation(
+            rt, "post", kind_ref, body=kind_ref, writes=True, style=style
+        )
     if "deletecollection" in verbs:
-        collection["delete"] = _operation(rt, "deletecollection", {"$ref": _V3_REF + STATUS})
+        status_ref = {"$ref": style.ref + STATUS}
+        collection["delete"] = _operation(rt, "deletecollection", status_ref, style=style)
     paths: JSON = {}
     if collection:
-        paths[scope + rt.plural] = {**collection, "parameters": _path_parameters(rt, named=False)}
-    item = _item_operations(rt, kind_ref, verbs)
+        parameters = _path_parameters(rt, named=False, style=style)
+        paths[scope + rt.plural] = {**collection, "parameters": parameters}
+    item_parameters = _path_parameters(rt, named=True, style=style)
+    item = _item_operations(rt, kind_ref, verbs, style)
     if item:
-        paths[f"{scope}{rt.plural}/{{name}}"] = {
-            **item,
-            "parameters": _path_parameters(rt, named=True),
-        }
+        paths[f"{scope}{rt.plural}/{{name}}"] = {**item, "parameters": item_parameters}
     for sub in rt.subresources:
-        sub_ops = _item_operations(rt, kind_ref, {"get", "update", "patch"})
-        paths[f"{scope}{rt.plural}/{{name}}/{sub}"] = {
-            **sub_ops,
-            "parameters": _path_parameters(rt, named=True),
-        }
+        sub_ops = _item_operations(rt, kind_ref, {"get", "update", "patch"}, style)
+        paths[f"{scope}{rt.plural}/{{name}}/{sub}"] = {**sub_ops, "parameters": item_parameters}
     return paths
 
 
-def _item_operations(rt: ResourceType, kind_ref: JSON, verbs: set[str]) -> JSON:
+def _item_operations(rt: ResourceType, kind_ref: JSON, verbs: set[str], style: _Style) -> JSON:
     ops: JSON = {}
     if "get" in verbs:
-        ops["get"] = _operation(rt, "get", kind_ref)
+        ops["get"] = _operation(rt, "get", kind_ref, style=style)
     if "update" in verbs:
-        ops["put"] = _operation(rt, "put", kind_ref, body=kind_ref, writes=True)
+        ops["put"] = _operation(rt, "put", kind_ref, body=kind_ref, writes=True, style=style)
     if "patch" in verbs:
-        patch_body = {"$ref": _V3_REF + PATCH}
-        ops["patch"] = _operation(rt, "patch", kind_ref, body=patch_body, writes=True)
+        patch_body = {"$ref": style.ref + PATCH}
+        ops["patch"] = _operation(rt, "patch", kind_ref, body=patch_body, writes=True, style=style)
     if "delete" in verbs:
-        ops["delete"] = _operation(rt, "delete", {"$ref": _V3_REF + STATUS})
+        ops["delete"] = _operation(rt, "delete", {"$ref": style.ref + STATUS}, style=style)
     return ops
 
 
@@ -252,55 +285,65 @@ def _operation(
     *,
     body: JSON | None = None,
     writes: bool = False,
+    style: _Style,
 ) -> JSON:
     operation: JSON = {
         "operationId": f"{action}{rt.kind}",
         "x-kubernetes-action": action,
         "x-kubernetes-group-version-kind": _gvk(rt),
-        "responses": {"200": _json_content(response, "OK")},
+        "responses": {"200": _response(response, "OK", style)},
     }
     if action == "post":
-        operation["responses"]["201"] = _json_content(response, "Created")
-    if body is not None:
-        content_types = _PATCH_TYPES if action == "patch" else ("application/json",)
+        operation["responses"]["201"] = _response(response, "Created", style)
+    parameters = [_query(name, doc, style) for name, doc in _WRITE_PARAMETERS] if writes else []
+    content_types = _PATCH_TYPES if action == "patch" else ("application/json",)
+    if body is not None and style.v2:
+        operation["consumes"] = list(content_types)
+        parameters.insert(0, {"name": "body", "in": "body", "required": True, "schema": body})
+    elif body is not None:
         operation["requestBody"] = {
             "content": {t: {"schema": body} for t in content_types},
             "required": True,
         }
-    if writes:
-        operation["parameters"] = [_query(name, doc) for name, doc in _WRITE_PARAMETERS]
+    if style.v2:
+        operation["produces"] = ["application/json"]
+    if parameters:
+        operation["parameters"] = parameters
     return operation
 
 
-def _json_content(schema: JSON, description: str) -> JSON:
+def _response(schema: JSON, description: str, style: _Style) -> JSON:
+    if style.v2:
+        return {"description": description, "schema": schema}
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _query(name: str, description: str) -> JSON:
-    return {
-        "name": name,
-        "in": "query",
-        "description": description,
-        "schema": {"type": "string", "uniqueItems": True},
-    }
+def _query(name: str, description: str, style: _Style) -> JSON:
+    return {"name": name, "in": "query", "description": description, **_string_type(style)}
 
 
-def _path_parameters(rt: ResourceType, *, named: bool) -> list[JSON]:
+def _string_type(style: _Style) -> JSON:
+    """Swagger 2.0 types a non-body parameter inline; OpenAPI 3 through its schema."""
+    shape = {"type": "string", "uniqueItems": True}
+    return shape if style.v2 else {"schema": shape}
+
+
+def _path_parameters(rt: ResourceType, *, named: bool, style: _Style) -> list[JSON]:
     parameters = []
     if named:
-        parameters.append(_in_path("name", f"name of the {rt.kind}"))
+        parameters.append(_in_path("name", f"name of the {rt.kind}", style))
     if rt.namespaced:
-        parameters.append(_in_path("namespace", "object name and auth scope"))
+        parameters.append(_in_path("namespace", "object name and auth scope", style))
     return parameters
 
 
-def _in_path(name: str, description: str) -> JSON:
+def _in_path(name: str, description: str, style: _Style) -> JSON:
     return {
         "name": name,
         "in": "path",
         "description": description,
         "required": True,
-        "schema": {"type": "string", "uniqueItems": True},
+        **_string_type(style),
     }
 
 

@@ -23,6 +23,7 @@ from vmo.apiserver import objects as ob
 from vmo.apiserver import store as st
 from vmo.apiserver.allocators import MacPool, ServiceAllocator
 from vmo.apiserver.auth import Authenticator, ServiceAccountTokens, TokenFile
+from vmo.apiserver.authn_reviews import authentication_reviews
 from vmo.apiserver.authz import RbacAuthorization, access_reviews, token_request_handler
 from vmo.apiserver.http import ApiHandlers, ExtraGroup
 from vmo.apiserver.kubevirt_api import KubeVirtApi
@@ -171,6 +172,7 @@ class ApiServer:
             self.authz,
         )
         self.handlers.virtual.update(access_reviews(self.authz))
+        self.handlers.virtual.update(authentication_reviews(self.handlers.authenticator))
         token_handler = token_request_handler(self.service, self.registry, self.sa_tokens)
         self.handlers.subresources[("", "v1", "serviceaccounts", "token")] = token_handler
         self.handlers.extra_discovery[("", "v1", "serviceaccounts")] = [
