@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
+import yaml
 
 from tests.conftest import Kubectl, make_user
 from vmo.testing.apiserver import ThreadedServer
@@ -124,7 +128,7 @@ def test_patch_label_and_delete(kubectl: Kubectl, ns: str) -> None:
 
 def test_apply_refuses_an_invalid_vm_with_the_field_path(kubectl: Kubectl, ns: str) -> None:
     bad = VM_YAML.format(name="bad", ns=ns).replace("runStrategy: Halted", "runStrategy: Sometimes")
-    proc = kubectl.apply(bad) if False else kubectl("apply", "-f", "-", input=bad, check=False)
+    proc = kubectl("apply", "-f", "-", input=bad, check=False)
     assert proc.returncode != 0
     assert "spec.runStrategy" in proc.stderr
 
@@ -149,7 +153,7 @@ def test_crd_is_served_with_validation_defaults_and_columns(kubectl: Kubectl, ns
         "metadata": {"name": "b", "namespace": ns},
         "spec": {"color": "green"},
     }
-    proc = kubectl("apply", "-f", "-", input=__import__("yaml").safe_dump(bad), check=False)
+    proc = kubectl("apply", "-f", "-", input=yaml.safe_dump(bad), check=False)
     assert proc.returncode != 0 and "spec.color" in proc.stderr
 
 
@@ -220,3 +224,23 @@ def test_server_side_apply(kubectl: Kubectl, ns: str) -> None:
     }
     kubectl.apply(cm, "--server-side")
     assert kubectl.json("get", "cm", "ssa", "-n", ns)["data"] == {"a": "1"}
+
+
+def _token_review(kubectl: Kubectl, token: str) -> Any:
+    manifest = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview"}
+    text = yaml.safe_dump({**manifest, "spec": {"token": token}})
+    return json.loads(kubectl("create", "-f", "-", "-o", "json", input=text).stdout)
+
+
+def test_token_review_names_the_user_of_a_token_and_is_not_stored(
+    kubectl: Kubectl, ns: str
+) -> None:
+    kubectl("-n", ns, "create", "serviceaccount", "hook")
+    token = kubectl("-n", ns, "create", "token", "hook").stdout.strip()
+    review = _token_review(kubectl, token)
+    assert review["status"]["authenticated"] is True
+    assert review["status"]["user"]["username"] == f"system:serviceaccount:{ns}:hook"
+    forged = _token_review(kubectl, token[:-4] + "AAAA")
+    assert forged["status"] == {"authenticated": False}
+    listed = kubectl("get", "tokenreviews", check=False)
+    assert listed.returncode != 0 and "MethodNotAllowed" in listed.stderr

@@ -314,6 +314,66 @@ def test_token_request_status_round_trips() -> None:
     assert _round_trip(request) == request
 
 
+def test_load_balancer_ingress_ip_mode_is_field_3() -> None:
+    """k8s.io/api core/v1 numbers ipMode 3 (the table once said 5, which Go would drop)."""
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web"},
+        "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1", "ipMode": "VIP"}]}},
+    }
+    ingress = _field(1, b"192.0.2.1") + _field(2, b"") + _field(3, b"VIP")
+    assert _field(1, ingress) in encode(service)
+
+
+def test_local_subject_access_review_round_trips() -> None:
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "LocalSubjectAccessReview",
+        "metadata": {"namespace": "ns"},
+        "spec": {
+            "resourceAttributes": {"namespace": "ns", "verb": "get", "resource": "pods"},
+            "user": "alice",
+        },
+        "status": {"allowed": False},
+    }
+    assert _round_trip(review) == review
+
+
+def test_token_review_with_user_round_trips() -> None:
+    review = {
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenReview",
+        "metadata": {},
+        "spec": {"token": "abc", "audiences": ["vmo"]},
+        "status": {
+            "authenticated": True,
+            "user": {
+                "username": "system:serviceaccount:ns:robot",
+                "uid": "u-1",
+                "groups": ["system:serviceaccounts"],
+                "extra": {"authentication.kubernetes.io/credential-id": ["JTI=1"]},
+            },
+            "audiences": ["vmo"],
+        },
+    }
+    assert _round_trip(review) == review
+
+
+def test_self_subject_review_fields_follow_upstream_numbers() -> None:
+    """authentication/v1: SelfSubjectReview{metadata 1, status 2}, status{userInfo 1},
+    UserInfo{username 1, uid 2, groups 3, extra 4}."""
+    review = {
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "SelfSubjectReview",
+        "metadata": {},
+        "status": {"userInfo": {"username": "alice", "uid": "7", "groups": ["devs"]}},
+    }
+    user = _field(1, b"alice") + _field(2, b"7") + _field(3, b"devs")
+    assert _field(2, _field(1, user)) in encode(review)
+    assert _round_trip(review) == review
+
+
 def test_map_entries_are_written_in_key_order() -> None:
     def labelled(labels: dict[str, str]) -> bytes:
         return encode({"apiVersion": "v1", "kind": "Namespace", "metadata": {"labels": labels}})
@@ -517,6 +577,34 @@ def test_kubectl_create_token_reads_a_protobuf_token_request(tmp_path: Path) -> 
     post = capture.last_post()
     assert post.path == "/api/v1/namespaces/default/serviceaccounts/robot/token"
     assert decode(post.body)["spec"] == {"audiences": ["vmo"], "expirationSeconds": 600}
+
+
+def _whoami(review: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    user = {"username": "alice", "uid": "u-7", "groups": ["devs", "system:authenticated"]}
+    return 201, review | {"status": {"userInfo": user}}
+
+
+def test_kubectl_auth_whoami_reads_a_protobuf_self_subject_review(tmp_path: Path) -> None:
+    """kubectl's own Go decoder reads VMO's bytes: the field numbers are the ones it knows."""
+    with KubectlCapture(tmp_path, responder=_whoami, answer_protobuf=True) as capture:
+        result = capture.kubectl("auth", "whoami")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(None, 1) for line in result.stdout.splitlines()]
+    assert rows == [
+        ["ATTRIBUTE", "VALUE"],
+        ["Username", "alice"],
+        ["UID", "u-7"],
+        ["Groups", "[devs system:authenticated]"],
+    ]
+    post = capture.last_post()
+    assert post.path == "/apis/authentication.k8s.io/v1/selfsubjectreviews"
+    assert post.content_type == PROTOBUF_CONTENT_TYPE
+    assert decode(post.body) == {
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "SelfSubjectReview",
+        "metadata": {},
+        "status": {"userInfo": {}},
+    }
 
 
 def _forbid(obj: dict[str, Any]) -> tuple[int, dict[str, Any]]:

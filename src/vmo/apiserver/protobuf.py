@@ -1,9 +1,10 @@
 """Kubernetes protobuf wire encoding for the built-in kinds kubectl sends and reads as protobuf.
 
 kubectl's generators (`create namespace`, `create secret`, `create rolebinding`, `auth can-i`,
-`create token` ...) POST `application/vnd.kubernetes.protobuf` bodies: the magic `k8s\\0` and a
-`runtime.Unknown` envelope whose `raw` holds the kind's own message. `decode` turns such a body
-into the dict the JSON API would carry; `encode` is its inverse, so answers can be protobuf too.
+`auth whoami`, `create token` ...; tests/test_kubectl_protobuf.py lists them all) POST
+`application/vnd.kubernetes.protobuf` bodies: the magic `k8s\\0` and a `runtime.Unknown` envelope
+whose `raw` holds the kind's own message. `decode` turns such a body into the dict the JSON API
+would carry; `encode` is its inverse, so answers can be protobuf too.
 
 The codec is hand-rolled and driven by `_MESSAGES`, a table of upstream field numbers (k8s.io/api
 and apimachinery `generated.proto`). Encoding reproduces Go's generated marshalers byte for byte:
@@ -292,7 +293,7 @@ _MESSAGES: Final[dict[str, tuple[Field, ...]]] = {
     "LoadBalancerIngress": (
         _str(1, "ip"),
         _str(2, "hostname"),
-        _str(5, "ipMode", pointer=True),
+        _str(3, "ipMode", pointer=True),
         _msgs(4, "ports", "PortStatus"),
     ),
     "PortStatus": (
@@ -345,6 +346,11 @@ _MESSAGES: Final[dict[str, tuple[Field, ...]]] = {
         _msg(2, "nonResourceAttributes", "NonResourceAttributes", pointer=True),
     ),
     "SubjectAccessReview": (
+        _meta(),
+        _msg(2, "spec", "SubjectAccessReviewSpec"),
+        _msg(3, "status", "SubjectAccessReviewStatus"),
+    ),
+    "LocalSubjectAccessReview": (
         _meta(),
         _msg(2, "spec", "SubjectAccessReviewSpec"),
         _msg(3, "status", "SubjectAccessReviewStatus"),
@@ -425,6 +431,26 @@ _MESSAGES: Final[dict[str, tuple[Field, ...]]] = {
         _str(4, "uid"),
     ),
     "TokenRequestStatus": (_str(1, "token", keep=True), _time(2, "expirationTimestamp")),
+    "TokenReview": (
+        _meta(),
+        _msg(2, "spec", "TokenReviewSpec"),
+        _msg(3, "status", "TokenReviewStatus"),
+    ),
+    "TokenReviewSpec": (_str(1, "token"), _strs(2, "audiences")),
+    "TokenReviewStatus": (
+        _bool(1, "authenticated"),
+        _msg(2, "user", "UserInfo"),
+        _strs(4, "audiences"),
+        _str(3, "error"),
+    ),
+    "SelfSubjectReview": (_meta(), _msg(2, "status", "SelfSubjectReviewStatus")),
+    "SelfSubjectReviewStatus": (_msg(1, "userInfo", "UserInfo"),),
+    "UserInfo": (
+        _str(1, "username"),
+        _str(2, "uid"),
+        _strs(3, "groups"),
+        _map(4, "extra", Shape.EXTRA_VALUE),
+    ),
 }
 
 # (apiVersion, kind) -> top-level message.
@@ -444,7 +470,10 @@ _KINDS: Final[dict[tuple[str, str], str]] = {
     ("authorization.k8s.io/v1", "SelfSubjectAccessReview"): "SelfSubjectAccessReview",
     ("authorization.k8s.io/v1", "SelfSubjectRulesReview"): "SelfSubjectRulesReview",
     ("authorization.k8s.io/v1", "SubjectAccessReview"): "SubjectAccessReview",
+    ("authorization.k8s.io/v1", "LocalSubjectAccessReview"): "LocalSubjectAccessReview",
     ("authentication.k8s.io/v1", "TokenRequest"): "TokenRequest",
+    ("authentication.k8s.io/v1", "TokenReview"): "TokenReview",
+    ("authentication.k8s.io/v1", "SelfSubjectReview"): "SelfSubjectReview",
 }
 
 
