@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import itertools
 import json
@@ -18,6 +19,7 @@ import pytest
 import requests
 import yaml
 
+from vmo.engine.storage.urlpolicy import POLICY_CONFIGMAP, POLICY_NAMESPACE, policy_configmap
 from vmo.testing.apiserver import ThreadedServer
 from vmo.testing.guest import GuestImage, build_guest, default_cache_dir
 
@@ -163,14 +165,32 @@ def guest() -> GuestImage:
 
 
 @pytest.fixture(scope="module")
-def image_server(guest: GuestImage) -> Iterator[str]:
+def image_server(guest: GuestImage, cluster: ThreadedServer) -> Iterator[str]:
+    """The guest over HTTP on loopback, allowed for imports on the module's ``cluster`` the
+    way an administrator allows a local mirror (the import policy refuses loopback otherwise)."""
     handler = partial(_QuietHandler, directory=str(guest.root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    host = f"127.0.0.1:{server.server_address[1]}"
+    with imports_allowed(cluster, host):
+        yield f"http://{host}"
     server.shutdown()
     server.server_close()
+
+
+@contextlib.contextmanager
+def imports_allowed(server: ThreadedServer, *entries: str) -> Iterator[None]:
+    """DataVolume imports from ``entries`` (host[:port] or CIDR) allowed on ``server`` for the
+    block, as an administrator does it: ``kubectl apply`` of the namespace ``vmo-system`` and
+    the ConfigMap ``vmo-import-policy``, deleted afterwards."""
+    kubectl = Kubectl(server.kubeconfig)
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": POLICY_NAMESPACE}}
+    kubectl.apply(yaml.safe_dump_all([namespace, policy_configmap(*entries)]))
+    try:
+        yield
+    finally:
+        kubectl("delete", "configmap", "-n", POLICY_NAMESPACE, POLICY_CONFIGMAP)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

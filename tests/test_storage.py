@@ -14,8 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from yarl import URL
 
-from tests.conftest import make_user
+from tests.conftest import imports_allowed, make_user
 from vmo.client import DATAVOLUME, Client
 from vmo.engine.storage.importer import (
     STORAGE_NODE,
@@ -42,6 +43,7 @@ from vmo.engine.storage.upload import (
     image_upload,
     upload_routes,
 )
+from vmo.engine.storage.urlpolicy import parse_allowed_hosts
 from vmo.engine.storage.volumes import VolumeError, container_disk_file, resolve_volumes
 from vmo.testing.apiserver import ThreadedServer
 
@@ -279,11 +281,26 @@ async def http_server(files: dict[str, Path]) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def allowed_http_server(server: ThreadedServer, files: dict[str, Path]) -> AsyncIterator[str]:
+    """``http_server`` on loopback, allowed in ``server``'s import policy while it runs."""
+    async with http_server(files) as base:
+        with imports_allowed(server, URL(base).raw_authority):
+            yield base
+
+
+def allowing(base: str) -> HttpAccess:
+    """Access to the local server at ``base``, allowed as an administrator's list would."""
+    allowed, errors = parse_allowed_hosts(URL(base).raw_authority)
+    assert not errors
+    return HttpAccess(allowed=allowed)
+
+
 async def test_http_stream_import_with_progress(pool: Pool, images: dict[str, Path]) -> None:
     seen: list[float] = []
     async with (
         http_server({"disk.raw": images["raw"]}) as base,
-        open_http(f"{base}/disk.raw", HttpAccess()) as (chunks, total),
+        open_http(f"{base}/disk.raw", allowing(base)) as (chunks, total),
     ):
         await pool.import_stream("default", "web", chunks, total=total, progress=seen.append)
     assert same_content(pool.path("default", "web"), images["raw"])
@@ -295,7 +312,7 @@ async def test_http_stream_import_with_progress(pool: Pool, images: dict[str, Pa
 async def test_http_404_is_a_clear_transfer_error(pool: Pool) -> None:
     async with http_server({}) as base:
         with pytest.raises(TransferError, match="expected status code 200, got 404"):
-            async with open_http(f"{base}/missing.qcow2", HttpAccess()):
+            async with open_http(f"{base}/missing.qcow2", allowing(base)):
                 pass
 
 
@@ -345,7 +362,7 @@ async def test_controller_imports_from_http_to_succeeded(
     apiserver: ThreadedServer, pool: Pool, images: dict[str, Path], tmp_path: Path, unique: str
 ) -> None:
     async with (
-        http_server({"disk.vmdk": images["vmdk"]}) as base,
+        allowed_http_server(apiserver, {"disk.vmdk": images["vmdk"]}) as base,
         running_controller(apiserver, pool, tmp_path) as (client, _),
     ):
         await client.create(DATAVOLUME, dv(unique, {"http": {"url": f"{base}/disk.vmdk"}}))
@@ -371,7 +388,7 @@ async def test_controller_http_404_fails_with_the_reason_and_no_partial(
     apiserver: ThreadedServer, pool: Pool, tmp_path: Path, unique: str
 ) -> None:
     async with (
-        http_server({}) as base,
+        allowed_http_server(apiserver, {}) as base,
         running_controller(apiserver, pool, tmp_path) as (client, _),
     ):
         await client.create(DATAVOLUME, dv(unique, {"http": {"url": f"{base}/nope.qcow2"}}))

@@ -47,6 +47,7 @@ from urllib.parse import unquote, urlparse
 import aiohttp
 from yarl import URL
 
+from vmo.api.annotations import CLONE_MODE, STORAGE_NODE
 from vmo.api.quantity import QuantityError, parse_quantity
 from vmo.client import CONFIGMAP, DATAVOLUME, SECRET, Client, Conflict, NotFound
 from vmo.engine.storage.pool import Pool, PoolError, VolumeInfo, VolumeNotFound
@@ -59,14 +60,12 @@ from vmo.engine.storage.urlpolicy import (
     load_allowed_hosts,
     system_resolve,
 )
-from vmo.runtime import Controller, EventRecorder, Result, Watch, split_key
+from vmo.runtime import Controller, EventRecorder, Result, Watch, merge_conditions, split_key
 
 log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
-STORAGE_NODE = "vmo.dev/storage-node"
 # "full": a DataVolume made from a snapshot is an independent copy, not a linked clone
-CLONE_MODE = "vmo.dev/clone-mode"
 _CHUNK = 1 << 20
 _PROGRESS_INTERVAL = 0.5
 # Go's http.Client (CDI's importer) stops after 10 redirects
@@ -268,18 +267,6 @@ def _condition(ctype: str, status: bool, reason: str = "", message: str = "") ->
     }
 
 
-def merge_conditions(old: list[JSON], new: list[JSON], now: str) -> list[JSON]:
-    """New conditions with timestamps: the transition time moves only when the status does."""
-    previous = {c.get("type"): c for c in old}
-    merged = []
-    for cond in new:
-        before = previous.get(cond["type"]) or {}
-        changed = before.get("status") != cond["status"]
-        transition = now if changed else before.get("lastTransitionTime", now)
-        merged.append({**cond, "lastTransitionTime": transition, "lastHeartbeatTime": now})
-    return merged
-
-
 def dv_status(
     phase: DataVolumePhase,
     claim: str,
@@ -357,7 +344,8 @@ class HttpAccess:
     administrator allows besides the default policy, and how host names are resolved."""
 
     ssl: ssl.SSLContext | bool = True
-    auth: aiohttp.BasicAuth | None = None
+    # the Authorization header's value (basic auth from the secretRef)
+    authorization: str | None = None
     allowed: AllowList = field(default_factory=AllowList)
     resolve: Resolve = system_resolve
 
@@ -370,18 +358,21 @@ async def http_access(client: Client, namespace: str, plan: ImportPlan) -> HttpA
     elif plan.cert_config_map:
         cm = await client.get(CONFIGMAP, plan.cert_config_map, namespace)
         context = ssl.create_default_context(cadata="\n".join((cm.get("data") or {}).values()))
-    auth = None
+    authorization = None
     if plan.secret_ref:
         secret = await client.get(SECRET, plan.secret_ref, namespace)
         data = secret.get("data") or {}
         user = base64.b64decode(data.get("accessKeyId", "")).decode()
         password = base64.b64decode(data.get("secretKey", "")).decode()
-        auth = aiohttp.BasicAuth(user, password)
+        try:
+            authorization = aiohttp.encode_basic_auth(user, password)
+        except ValueError as exc:
+            raise TransferError(f"secret {plan.secret_ref}: accessKeyId: {exc}") from exc
     try:
         allowed = await load_allowed_hosts(client)
     except PolicyUnavailable as exc:
         raise TransferError(str(exc)) from exc
-    return HttpAccess(context, auth, allowed)
+    return HttpAccess(context, authorization, allowed)
 
 
 @contextlib.asynccontextmanager
@@ -419,16 +410,13 @@ async def _follow(
     session: aiohttp.ClientSession, url: URL, access: HttpAccess, guard: UrlGuard
 ) -> AsyncIterator[aiohttp.ClientResponse]:
     """The response at the end of ``url``'s redirects, followed here so each one is checked."""
-    auth, via = access.auth, ""
+    authorization, via = access.authorization, ""
     for _ in range(MAX_REDIRECTS + 1):
         await guard.admit(url, via=via)
-        resp = await session.get(
-            url,
-            ssl=access.ssl,
-            auth=auth,
-            allow_redirects=False,
-            headers={"Accept-Encoding": "identity"},
-        )
+        headers = {"Accept-Encoding": "identity"}
+        if authorization is not None:
+            headers["Authorization"] = authorization
+        resp = await session.get(url, ssl=access.ssl, allow_redirects=False, headers=headers)
         location = resp.headers.get("Location") if resp.status in _REDIRECTS else None
         if location is None:
             try:
@@ -439,12 +427,16 @@ async def _follow(
         resp.release()
         target = _redirect_target(url, location)
         # as Go's client (CDI's) does: credentials do not follow a redirect to another origin
-        if target.origin() != url.origin():
-            auth = None
+        if _origin(target) != _origin(url):
+            authorization = None
         url, via = target, str(url)
     raise TransferError(
         f"Unable to connect to http data source: stopped after {MAX_REDIRECTS} redirects"
     )
+
+
+def _origin(url: URL) -> tuple[str, str | None, int | None]:
+    return url.scheme, url.raw_host, url.port
 
 
 def _redirect_target(url: URL, location: str) -> URL:
@@ -833,7 +825,10 @@ class DataVolumeController(Controller):
     async def _write(self, dv: JSON, status: JSON) -> None:
         md = dv["metadata"]
         old = (dv.get("status") or {}).get("conditions") or []
-        full = {**status, "conditions": merge_conditions(old, status["conditions"], _now())}
+        now = _now()
+        conditions = merge_conditions(old, status["conditions"], now)
+        # CDI's conditions carry a heartbeat: the time they were last confirmed
+        full = {**status, "conditions": [{**c, "lastHeartbeatTime": now} for c in conditions]}
         updated = await self.client.patch_status(DATAVOLUME, md["name"], full, md["namespace"])
         dv["status"] = updated.get("status") or full
 

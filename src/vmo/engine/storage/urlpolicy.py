@@ -70,7 +70,8 @@ _RESERVED: tuple[tuple[IPNetwork, str], ...] = tuple(
     )
 )
 _OWN = "one of this host's own addresses"
-_HOSTNAME = re.compile(r"(?=.{1,253}$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?\.?)+")
+_LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
 
 
 class ImportRefused(Exception):
