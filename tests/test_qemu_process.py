@@ -91,6 +91,26 @@ async def test_launch_runs_the_guest_and_records_the_run(workdir: Path) -> None:
         await process.kill()
 
 
+async def test_qemu_inherits_no_descriptor_of_the_agent(workdir: Path) -> None:
+    """A descriptor the agent was given without close-on-exec (a shell's ``flock`` lock, say)
+    must not stay open in a QEMU that outlives the agent."""
+    read_end, write_end = os.pipe()
+    os.set_inheritable(write_end, True)
+    try:
+        process = await launch(bios_domain(workdir), workdir=workdir)
+        try:
+            targets = {
+                os.readlink(f"/proc/{process.pid}/fd/{fd}")
+                for fd in os.listdir(f"/proc/{process.pid}/fd")
+            }
+            assert os.readlink(f"/proc/self/fd/{write_end}") not in targets
+        finally:
+            await process.kill()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 async def test_adopt_reattaches_after_the_handle_is_dropped(workdir: Path) -> None:
     process = await launch(bios_domain(workdir), workdir=workdir)
     pid = process.pid

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -303,6 +304,23 @@ def _prepare_workdir(domain: Domain, workdir: Path) -> None:
         shutil.copyfile(efi.vars_template, efi.vars)
 
 
+def inherited_fds() -> list[int]:
+    """Descriptors above stderr a child would inherit: those without close-on-exec, which
+    Python never makes itself but a parent (a shell's ``flock``, a service manager) may pass
+    down. QEMU outlives the agent, so whatever it inherits stays open for the guest's life."""
+    found = []
+    for entry in os.listdir("/proc/self/fd"):
+        fd = int(entry)
+        if fd <= 2:
+            continue
+        try:
+            if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                found.append(fd)
+        except OSError:
+            continue  # the directory listing's own descriptor, closed already
+    return found
+
+
 def _spawn(argv: list[str], logfile: Path) -> int:
     log_fd = os.open(logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
     try:
@@ -314,6 +332,7 @@ def _spawn(argv: list[str], logfile: Path) -> int:
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_DUP2, log_fd, 1),
                 (os.POSIX_SPAWN_DUP2, log_fd, 2),
+                *((os.POSIX_SPAWN_CLOSE, fd) for fd in inherited_fds() if fd != log_fd),
             ],
             # Its own session: no terminal signals, and it survives the agent's process group.
             setsid=True,
