@@ -15,6 +15,9 @@ supported values: "a", "b"`` ...). Two reasons are VMO's:
 - a schema node carrying ``x-vmo-unsupported: "<reason>"`` is an upstream field VMO's embedded
   engine does not implement: any value there is refused with ``FieldValueForbidden``.
 
+A node with Kubernetes' quantity pattern is a quantity: its value is also parsed, so that one out
+of range is refused (``"1e400"`` matches the pattern; see ``vmo.api.quantity``).
+
 Field paths follow Go's ``field.Path``: ``spec.ports[0].port`` for list items and
 ``spec.selector[app]`` for the values of a map (``additionalProperties``).
 """

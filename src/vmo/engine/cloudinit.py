@@ -153,6 +153,7 @@ def write_seed(content: SeedContent, target: Path) -> Path:
             label,
             "-joliet",
             "-rock",
+            "--",  # the tree after it is never read as an option
             str(root),
         ]
         proc = subprocess.run(argv, capture_output=True, text=True, check=False)

@@ -212,6 +212,8 @@ def default_cache_dir() -> Path:
 
 
 def _run(argv: Sequence[str], *, cwd: Path | None = None, stdin: bytes | None = None) -> str:
+    """Runs a tool. Every argv here puts ``--`` before its operands (files, package names), so
+    that none is ever read as an option; each of these tools accepts it."""
     env = {**os.environ, "LC_ALL": "C", "MTOOLS_SKIP_CHECK": "1"}
     try:
         done = subprocess.run(
@@ -227,7 +229,7 @@ def _run(argv: Sequence[str], *, cwd: Path | None = None, stdin: bytes | None = 
 
 def _apt_stanzas(packages: Sequence[str]) -> dict[str, str]:
     """Each package's candidate stanza, from a single ``apt-cache show``."""
-    text = _run(["apt-cache", "show", "--no-all-versions", *packages])
+    text = _run(["apt-cache", "show", "--no-all-versions", "--", *packages])
     found: dict[str, str] = {}
     for stanza in text.split("\n\n"):
         package = re.search(r"^Package: (\S+)$", stanza, re.MULTILINE)
@@ -398,7 +400,8 @@ def _build_into(root: Path, versions: PackageVersions, *, downloads: Path) -> Gu
 def _download(packages: dict[str, str], into: Path) -> dict[str, Path]:
     """Downloads the exact ``package: version`` .debs in one apt run; the file of each."""
     _run(
-        ["apt-get", "download", "-q", *(f"{p}={v}" for p, v in sorted(packages.items()))], cwd=into
+        ["apt-get", "download", "-q", "--", *(f"{p}={v}" for p, v in sorted(packages.items()))],
+        cwd=into,
     )
     debs: dict[str, Path] = {}
     for package in packages:
@@ -411,7 +414,7 @@ def _download(packages: dict[str, str], into: Path) -> dict[str, Path]:
 
 def _extract(deb: Path, tree: Path) -> None:
     tree.mkdir(exist_ok=True)
-    _run(["dpkg-deb", "-x", str(deb), str(tree)])
+    _run(["dpkg-deb", "-x", "--", str(deb), str(tree)])
 
 
 def _kernel_release(tree: Path) -> str:
@@ -725,11 +728,11 @@ def build_disk(image: GuestImage) -> None:
         f.truncate(DISK_SIZE)
     sectors = PARTITION_OFFSET // 512
     _run(
-        ["sfdisk", "-q", str(raw)],
+        ["sfdisk", "-q", "--", str(raw)],
         stdin=f"label: dos\nstart={sectors}, type=c, bootable\n".encode(),
     )
     blocks = (DISK_SIZE - PARTITION_OFFSET) // 1024
-    _run(["mkfs.vfat", "--offset", str(sectors), "-n", "VMOBOOT", str(raw), str(blocks)])
+    _run(["mkfs.vfat", "--offset", str(sectors), "-n", "VMOBOOT", "--", str(raw), str(blocks)])
     cfg = raw.parent / "syslinux.cfg"
     cfg.write_text(SYSLINUX_CFG)
     fat = f"{raw}@@{PARTITION_OFFSET}"
@@ -738,13 +741,13 @@ def build_disk(image: GuestImage) -> None:
         (image.initramfs, "initrd.gz"),
         (cfg, "syslinux.cfg"),
     ):
-        _run(["mcopy", "-i", fat, str(source), f"::/{name}"])
+        _run(["mcopy", "-i", fat, "--", str(source), f"::/{name}"])
     cfg.unlink()
-    _run(["syslinux", "--offset", str(PARTITION_OFFSET), "--install", str(raw)])
+    _run(["syslinux", "--offset", str(PARTITION_OFFSET), "--install", "--", str(raw)])
     _write_mbr(raw)
-    _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(image.disk_qcow2)])
+    _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "--", str(raw), str(image.disk_qcow2)])
     vmdk = ["-O", "vmdk", "-o", "subformat=streamOptimized"]
-    _run(["qemu-img", "convert", "-f", "raw", *vmdk, str(raw), str(image.disk_vmdk)])
+    _run(["qemu-img", "convert", "-f", "raw", *vmdk, "--", str(raw), str(image.disk_vmdk)])
 
 
 def _write_mbr(raw: Path) -> None:
@@ -769,7 +772,7 @@ def seed_iso(
         for name, text in files.items():
             (Path(tmp) / name).write_text(text)
         argv = ["genisoimage", "-quiet", "-output", str(path), "-volid", "cidata", "-joliet"]
-        _run([*argv, "-rock", *sorted(files)], cwd=Path(tmp))
+        _run([*argv, "-rock", "--", *sorted(files)], cwd=Path(tmp))
     return path
 
 

@@ -37,12 +37,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vmo.engine.storage import qemu_img
+
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float], None]
 """Receives the percentage done, 0.0 to 100.0."""
 
-QEMU_IMG = "qemu-img"
 # A volume's name is a link to its top layer; layers (qcow2, backing files named relative to
 # their own directory) and snapshot records live beside the volumes.
 LAYERS = ".layers"
@@ -208,29 +209,26 @@ def _now() -> str:
 # --- qemu-img ---------------------------------------------------------------------------------
 
 
-async def _run(*args: str) -> bytes:
+async def _run(argv: list[str]) -> bytes:
+    """Runs a ``qemu_img`` argv; its output, or ImageError with qemu-img's message."""
     proc = await asyncio.create_subprocess_exec(
-        QEMU_IMG,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     out, err = await proc.communicate()
     if proc.returncode != 0:
-        raise ImageError(f"qemu-img {args[0]} failed: {err.decode(errors='replace').strip()}")
+        raise ImageError(f"qemu-img {argv[1]} failed: {err.decode(errors='replace').strip()}")
     return out
 
 
 async def _unwritten(layer: Path) -> bool:
     """True when the qcow2 ``layer`` holds no data of its own (everything reads from below)."""
-    extents = json.loads(await _run("map", "--output=json", "-U", "-f", "qcow2", str(layer)))
+    extents = json.loads(await _run(qemu_img.map_extents(layer)))
     return all(int(e.get("depth", 0)) > 0 for e in extents)
 
 
 async def probe(path: Path, fmt: str | None = None) -> SourceImage:
     """Format and sizes of an image, refusing what would read files other than ``path``."""
-    args = ["info", "--output=json", "-U", *(["-f", fmt] if fmt else []), str(path)]
-    info: dict[str, Any] = json.loads(await _run(*args))
+    info: dict[str, Any] = json.loads(await _run(qemu_img.info(path, fmt=fmt or None)))
     detected = str(info.get("format", ""))
     if detected not in SOURCE_FORMATS:
         raise ImageError(
@@ -504,7 +502,7 @@ class Pool:
         path = self.path(namespace, name)
         if not path.is_file():
             raise VolumeNotFound(f"volume {namespace}/{name} not found in the pool")
-        data = json.loads(await _run("info", "--output=json", "-U", "-f", "qcow2", str(path)))
+        data = json.loads(await _run(qemu_img.info(path, fmt="qcow2")))
         return VolumeInfo(_allocated(path), int(data["virtual-size"]), str(data["format"]))
 
     async def create_blank(
@@ -517,7 +515,7 @@ class Pool:
         if size > limit or free < _QCOW2_OVERHEAD:
             raise PoolFull(f"{namespace}/{name}", size, free)
         with self.staging(namespace, name, ".qcow2") as part:
-            await _run("create", "-q", "-f", "qcow2", str(part), str(size))
+            await _run(qemu_img.create(part, size))
             record = VolumeRecord(namespace, name, size, "qcow2", "blank", _now(), owner_uid)
             self._commit(part, record)
         return await self.info(namespace, name)
@@ -630,7 +628,7 @@ class Pool:
             await self._run_convert(src, part, image.format, volume, progress)
             size = image.virtual_size
             if min_size > size:
-                await _run("resize", "-q", "-f", "qcow2", str(part), str(min_size))
+                await _run(qemu_img.resize(part, min_size))
                 size = min_size
             final = VolumeRecord(**{**asdict(record), "virtual_size": size})
             self._commit(part, final)
@@ -641,9 +639,9 @@ class Pool:
     async def _run_convert(
         self, src: Path, dest: Path, fmt: str, volume: str, progress: Progress | None
     ) -> None:
-        argv = ["convert", "-p", "-U", "-f", fmt, "-O", "qcow2", str(src), str(dest)]
+        argv = qemu_img.convert(src, dest, source_fmt=fmt, target_fmt="qcow2", progress=True)
         proc = await asyncio.create_subprocess_exec(
-            QEMU_IMG, *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
         )
         assert proc.stdout is not None and proc.stderr is not None
         watcher = asyncio.create_task(self._watch_capacity(proc, dest))
@@ -836,10 +834,12 @@ class Pool:
                 under = self.backing_of(layer)
                 # safe mode: the child first gets every cluster that reading through the layer
                 # gave it, then names the layer's backing file (relative, as the pool writes)
-                base = ["-b", ""]
-                if under is not None:
-                    base = ["-b", os.path.relpath(under, child.parent), "-F", "qcow2"]
-                await _run("rebase", "-q", "-f", "qcow2", *base, str(child))
+                if under is None:
+                    argv = qemu_img.rebase(child, backing="")
+                else:
+                    backing = os.path.relpath(under, child.parent)
+                    argv = qemu_img.rebase(child, backing=backing, backing_fmt="qcow2")
+                await _run(argv)
                 layer.unlink()
                 merged += 1
         return merged
@@ -951,10 +951,8 @@ class Pool:
         """A new, empty layer on ``layer`` (call with the lock held: it is unreferenced)."""
         new = self.new_layer_path()
         try:
-            await _run(
-                "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", layer.name, "-u",
-                str(new), str(max(size, qcow2_header(layer)[0])),
-            )  # fmt: skip
+            size = max(size, qcow2_header(layer)[0])
+            await _run(qemu_img.create(new, size, backing=layer.name, unsafe=True))
         except BaseException:
             new.unlink(missing_ok=True)
             raise
@@ -1002,7 +1000,7 @@ class Pool:
         with self.staging(record.namespace, record.name, ".qcow2") as part:
             await self._run_convert(layer, part, "qcow2", volume, progress)
             if record.virtual_size > qcow2_header(part)[0]:
-                await _run("resize", "-q", "-f", "qcow2", str(part), str(record.virtual_size))
+                await _run(qemu_img.resize(part, record.virtual_size))
             self._commit(part, record)
 
     def layers(self) -> list[LayerInfo]:

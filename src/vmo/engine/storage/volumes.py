@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vmo.api.quantity import QuantityError, parse_quantity
+from vmo.engine.storage import qemu_img
 from vmo.engine.storage.pool import InvalidVolumeName, Pool
 
 JSON = dict[str, Any]
@@ -61,29 +62,31 @@ def container_disk_file(image: str, store: Path) -> Path:
     return store / (_IMAGE_CHARS.sub("_", image) + ".qcow2")
 
 
-async def _qemu_img(field: str, *args: str) -> None:
+async def _qemu_img(field: str, argv: list[str]) -> None:
     proc = await asyncio.create_subprocess_exec(
-        "qemu-img", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
     _, err = await proc.communicate()
     if proc.returncode != 0:
         raise VolumeError(
-            field, f"qemu-img {args[0]} failed: {err.decode(errors='replace').strip()}"
+            field, f"qemu-img {argv[1]} failed: {err.decode(errors='replace').strip()}"
         )
 
 
 async def _overlay(base: Path, dest: Path, field: str) -> Path:
     """A qcow2 overlay on ``base``: writes stay in ``dest``, the base is never modified."""
     if not dest.exists():
-        await _qemu_img(
-            field, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(dest)
-        )
+        await _qemu_img(field, qemu_img.create(dest, backing=str(base)))
     return dest
 
 
 async def _blank(dest: Path, size: int, field: str) -> Path:
     if not dest.exists():
-        await _qemu_img(field, "create", "-q", "-f", "qcow2", str(dest), str(size))
+        try:
+            argv = qemu_img.create(dest, size)
+        except qemu_img.ImageSizeError as exc:
+            raise VolumeError(field, str(exc)) from exc
+        await _qemu_img(field, argv)
     return dest
 
 
