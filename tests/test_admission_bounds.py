@@ -538,3 +538,31 @@ def test_migration_policy_out_of_range_is_refused(
 def test_migration_policy_with_unlimited_bandwidth_is_accepted(api: Api, unique: str) -> None:
     stored = accepted(api, POLICIES, migration_policy(unique, bandwidthPerMigration="0Mi"))
     assert api.delete(f"{POLICIES}/{stored['metadata']['name']}").status_code == 200
+
+
+# --------------------------------------------------------------- the other kinds that carry quantities
+
+
+def test_kubevirt_migration_bandwidth_out_of_range_is_refused(api: Api, ns: str) -> None:
+    body = {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "KubeVirt",
+        "metadata": {"name": "kubevirt"},
+        "spec": {"configuration": {"migrations": {"bandwidthPerMigration": "1e400"}}},
+    }
+    field = "spec.configuration.migrations.bandwidthPerMigration"
+    refused(api, f"{KUBEVIRT}/namespaces/{ns}/kubevirts", body, field)
+
+
+def test_node_capacity_out_of_range_is_refused_and_the_status_kept(api: Api, unique: str) -> None:
+    url = f"/api/v1/nodes/{unique}"
+    accepted(api, "/api/v1/nodes", {"metadata": {"name": unique}})
+    try:
+        node = api.get(url).json()
+        node["status"] = {"capacity": {"cpu": "2", "memory": "1e400"}}
+        response = api.put(f"{url}/status", node)
+        assert response.status_code == 422, response.text
+        assert "status.capacity[memory]" in response.json()["message"]
+        assert "capacity" not in api.get(url).json().get("status", {})
+    finally:
+        api.delete(url)
