@@ -15,20 +15,20 @@ from typing import Any
 
 import yaml
 
+from vmo.api.annotations import AGENT_SOCKET, STORAGE_NODE
 from vmo.api.kubevirt.migratable import claim_name
 from vmo.client import DATAVOLUME, ENDPOINTS, NAD, SECRET, SERVICE, ApiStatusError, Client
 from vmo.engine import cloudinit
 from vmo.engine.agent.agent import NodeAgent, PrepareError
 from vmo.engine.agent.api import AgentApi
 from vmo.engine.agent.migration import MigrationRoles
-from vmo.engine.agent.node import AGENT_SOCKET_ANNOTATION as AGENT_SOCKET
 from vmo.engine.agent.node import now_rfc3339 as nodeobj_now
 from vmo.engine.agent.snapshots import SnapshotExecutor
 from vmo.engine.network import bridge, ipam
 from vmo.engine.qemu.domain import DiskFormat
 from vmo.engine.qemu.vmi import LocalVolume
 from vmo.engine.storage.export import ExportController
-from vmo.engine.storage.importer import STORAGE_NODE, DataVolumeController
+from vmo.engine.storage.importer import DataVolumeController
 from vmo.engine.storage.pool import Pool, VolumeRecord
 from vmo.engine.storage.upload import api_server_authorizer, upload_routes
 from vmo.engine.storage.volumes import VolumeError, resolve_volumes, virtual_size
@@ -315,6 +315,7 @@ async def _qemu_img_create(path: Path, size: int) -> None:
         "-q",
         "-f",
         "qcow2",
+        "--",  # the path and the size after it are never options (a size of -1 was one)
         str(path),
         str(size),
         stdout=asyncio.subprocess.DEVNULL,
