@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from vmo.api.kubevirt import default_vmi
 from vmo.client import DATAVOLUME, EVENT, NAMESPACE, NODE, VM, VMI, Client
 from vmo.engine.virtcontroller.controllers import virt_controllers
 from vmo.engine.virtcontroller.scheduler import (
@@ -994,6 +995,7 @@ async def test_one_vmi_whose_data_breaks_placement_fails_alone(
 
     async def inject() -> None:
         assert apiserver.server is not None
+        default_vmi(bad)  # as an older release stored it: defaulted, then admitted
         apiserver.server.store.create(f"kubevirt.io/virtualmachineinstances/{ns}/bad", bad)
 
     apiserver.call(inject())
@@ -1007,6 +1009,10 @@ async def test_one_vmi_whose_data_breaks_placement_fails_alone(
         events, _ = await client.list(EVENT, ns, field_selector="involvedObject.name=bad")
         assert [e["reason"] for e in events] == ["FailedScheduling"]
         assert "cannot be placed" in events[0]["message"]
-        assert not ((await client.get(VMI, "bad", ns)).get("status") or {}).get("nodeName")
+        stored = await client.get(VMI, "bad", ns)
+        assert not stored["status"].get("nodeName")
+        why = cond(stored["status"], "PodScheduled")
+        assert why is not None and (why["status"], why["reason"]) == ("False", "InvalidRequest")
+        assert "1e400" in why["message"] and "out of range" in why["message"]
     finally:
         await scheduler.stop()

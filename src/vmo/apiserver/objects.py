@@ -97,6 +97,15 @@ def resource_prefix(rt: ResourceType, namespace: str = "") -> str:
     return f"{base}{namespace}/" if rt.namespaced and namespace else base
 
 
+def _ratchet(causes: list[Cause], stored: list[Cause]) -> list[Cause]:
+    """Validation ratcheting, as kube-apiserver's: an update is not refused for an invalid
+    value it leaves as it was (the stored object already had the same complaint), so an
+    object admitted by an older, laxer release can still have its status and metadata
+    written, while every new or changed invalid value is refused."""
+    known = {(c.field, c.message) for c in stored}
+    return [c for c in causes if (c.field, c.message) not in known]
+
+
 def _body_without(obj: JSON, *top: str) -> JSON:
     return {k: v for k, v in obj.items() if k not in top}
 
@@ -226,8 +235,12 @@ class ObjectService:
         causes = schema.validate(rt.schema, _body_without(obj, "metadata")) if rt.schema else []
         if any(c.reason == schema.UNKNOWN for c in causes):
             causes = self._unknown_fields(rt, obj, causes, caller)
+        if causes and old is not None and rt.schema is not None:
+            causes = _ratchet(causes, schema.validate(rt.schema, _body_without(old, "metadata")))
         if not causes and rt.validate is not None:
             causes += rt.validate(obj, old)
+            if causes and old is not None:
+                causes = _ratchet(causes, rt.validate(old, None))
         if not causes and rt.warn is not None:
             caller.warn(rt.warn(obj))
         return causes
