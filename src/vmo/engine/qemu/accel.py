@@ -1,9 +1,11 @@
 """Which accelerator this host can really run guests with: KVM when a probe guest proves it, else TCG.
 
 Opening ``/dev/kvm`` is not proof: on some hosts KVM creates VMs whose vCPUs stall as soon as they
-leave real mode. The probe boots a 512-byte boot sector that switches to 64-bit long mode (as every
-x86-64 guest kernel does), writes a marker to COM1 and exits QEMU through ``isa-debug-exit``.
-The verdict is cached per QEMU version and kernel release.
+leave real mode, and on others (PVM, ``kvm_pvm``) only 64-bit code runs while boot loaders' 32-bit
+protected mode fails (an ``iret`` there is an "emulation failure"). The probe boots a 512-byte boot
+sector that goes through 32-bit protected mode, with an ``iret`` as syslinux does, to 64-bit long
+mode (as every x86-64 guest kernel does), writes a marker to COM1 and exits QEMU through
+``isa-debug-exit``. The verdict is cached per QEMU version and kernel release.
 """
 
 from __future__ import annotations
@@ -56,8 +58,13 @@ class ProbeResult:
     detail: str
 
 
-def _real_mode(gdtr: int, long_mode: int) -> bytes:
-    """16-bit code: identity-map the first 2 MiB, enable PAE + long mode + paging, jump to 64-bit."""
+# GDT selectors of the probe: 64-bit code, flat 32-bit code, flat 32-bit data.
+_CODE64, _CODE32, _DATA32 = 0x08, 0x10, 0x18
+_GDT = struct.pack("<QQQQ", 0, 0x00209A0000000000, 0x00CF9A000000FFFF, 0x00CF92000000FFFF)
+
+
+def _real_mode(gdtr: int, protected_mode: int) -> bytes:
+    """16-bit code: identity-map the first 2 MiB (for later), enter 32-bit protected mode."""
     return b"".join(
         [
             b"\xfa",  # cli
@@ -71,20 +78,46 @@ def _real_mode(gdtr: int, long_mode: int) -> bytes:
             b"\xc7\x06\x00\x10\x03\x20",  # mov word [0x1000], 0x2003   PML4[0] -> PDPT
             b"\xc7\x06\x00\x20\x03\x30",  # mov word [0x2000], 0x3003   PDPT[0] -> PD
             b"\xc7\x06\x00\x30\x83\x00",  # mov word [0x3000], 0x0083   PD[0]: 2 MiB page at 0
-            b"\x0f\x20\xe0",  # mov eax, cr4
-            b"\x66\x83\xc8\x20",  # or eax, 0x20            PAE
-            b"\x0f\x22\xe0",  # mov cr4, eax
-            b"\x66\xb8\x00\x10\x00\x00",  # mov eax, 0x1000
-            b"\x0f\x22\xd8",  # mov cr3, eax
-            b"\x66\xb9\x80\x00\x00\xc0",  # mov ecx, 0xc0000080      EFER
-            b"\x0f\x32",  # rdmsr
-            b"\x66\x0d\x00\x01\x00\x00",  # or eax, 0x100           LME
-            b"\x0f\x30",  # wrmsr
             b"\x0f\x01\x16" + struct.pack("<H", gdtr),  # lgdt [gdtr]
             b"\x0f\x20\xc0",  # mov eax, cr0
-            b"\x66\x0d\x01\x00\x00\x80",  # or eax, 0x80000001      PE | PG
+            b"\x66\x83\xc8\x01",  # or eax, 1               PE
             b"\x0f\x22\xc0",  # mov cr0, eax
-            b"\xea" + struct.pack("<HH", long_mode, 0x08),  # jmp 0x08:long_mode
+            b"\xea" + struct.pack("<HH", protected_mode, _CODE32),  # jmp 0x10:protected_mode
+        ]
+    )
+
+
+def _protected_mode(origin: int, long_mode: int) -> bytes:
+    """32-bit code at ``origin``: flat segments, an ``iret`` to the next instruction (what PVM's
+    emulator cannot do), then PAE + long mode + paging and a jump to 64-bit code."""
+    head = b"".join(
+        [
+            b"\x66\xb8" + struct.pack("<H", _DATA32),  # mov ax, 0x18
+            b"\x8e\xd8\x8e\xc0\x8e\xd0",  # mov ds/es/ss, ax
+            b"\xbc\x00\x7c\x00\x00",  # mov esp, 0x7c00
+            b"\x9c",  # pushfd
+            b"\x6a" + bytes([_CODE32]),  # push 0x10
+        ]
+    )
+    after_iret = origin + len(head) + 6  # past "push imm32" (5 bytes) and "iretd" (1)
+    return b"".join(
+        [
+            head,
+            b"\x68" + struct.pack("<I", after_iret),  # push after_iret
+            b"\xcf",  # iretd
+            b"\x0f\x20\xe0",  # after_iret: mov eax, cr4
+            b"\x83\xc8\x20",  # or eax, 0x20            PAE
+            b"\x0f\x22\xe0",  # mov cr4, eax
+            b"\xb8\x00\x10\x00\x00",  # mov eax, 0x1000
+            b"\x0f\x22\xd8",  # mov cr3, eax
+            b"\xb9\x80\x00\x00\xc0",  # mov ecx, 0xc0000080      EFER
+            b"\x0f\x32",  # rdmsr
+            b"\x0d\x00\x01\x00\x00",  # or eax, 0x100           LME
+            b"\x0f\x30",  # wrmsr
+            b"\x0f\x20\xc0",  # mov eax, cr0
+            b"\x0d\x00\x00\x00\x80",  # or eax, 0x80000000      PG
+            b"\x0f\x22\xc0",  # mov cr0, eax
+            b"\xea" + struct.pack("<IH", long_mode, _CODE64),  # jmp 0x08:long_mode
         ]
     )
 
@@ -110,17 +143,18 @@ def _long_mode(message: int) -> bytes:
 
 def probe_boot_sector() -> bytes:
     """The probe guest: a bootable 512-byte MBR image."""
-    code16_len = len(_real_mode(0, 0))
-    code64_len = len(_long_mode(0))
-    gdt_off = (code16_len + code64_len + 7) & ~7
-    gdtr_off = gdt_off + 16
+    code16_end = len(_real_mode(0, 0))
+    code32_end = code16_end + len(_protected_mode(0, 0))
+    code64_end = code32_end + len(_long_mode(0))
+    gdt_off = (code64_end + 7) & ~7
+    gdtr_off = gdt_off + len(_GDT)
     message_off = gdtr_off + 6
     image = bytearray(512)
-    image[:code16_len] = _real_mode(_ORIGIN + gdtr_off, _ORIGIN + code16_len)
-    image[code16_len : code16_len + code64_len] = _long_mode(_ORIGIN + message_off)
-    # Null descriptor, then a present 64-bit code segment (selector 0x08).
-    image[gdt_off:gdtr_off] = struct.pack("<QQ", 0, 0x00209A0000000000)
-    image[gdtr_off:message_off] = struct.pack("<HI", 15, _ORIGIN + gdt_off)
+    image[:code16_end] = _real_mode(_ORIGIN + gdtr_off, _ORIGIN + code16_end)
+    image[code16_end:code32_end] = _protected_mode(_ORIGIN + code16_end, _ORIGIN + code32_end)
+    image[code32_end:code64_end] = _long_mode(_ORIGIN + message_off)
+    image[gdt_off:gdtr_off] = _GDT
+    image[gdtr_off:message_off] = struct.pack("<HI", len(_GDT) - 1, _ORIGIN + gdt_off)
     message = PROBE_MARKER + b"\r\n\0"
     image[message_off : message_off + len(message)] = message
     image[510:512] = b"\x55\xaa"
