@@ -41,6 +41,7 @@ _DEBUG_EXIT_PORT = 0xF4
 _DEBUG_EXIT_VALUE = 0x10
 # isa-debug-exit makes QEMU exit with (value << 1) | 1.
 _PROBE_EXIT_CODE = (_DEBUG_EXIT_VALUE << 1) | 1
+_PROBE_REVISION = "2"
 
 
 class Accelerator(StrEnum):
@@ -236,6 +237,8 @@ def qemu_version(qemu: str) -> str:
 def _cache_key(qemu: str) -> dict[str, str]:
     path = shutil.which(qemu) or qemu
     return {
+        # a verdict of an older, weaker probe is not kept (the first one passed on PVM hosts)
+        "probe": _PROBE_REVISION,
         "qemu": os.path.realpath(path),
         "qemuVersion": qemu_version(qemu),
         "kernel": platform.release(),
