@@ -24,6 +24,7 @@ check: install
 
 bench: install
 	$(BIN)/python bench/apiserver.py
+	$(BIN)/python bench/watch_memory.py
 	$(BIN)/python bench/vm_start.py
 	$(BIN)/python bench/migration.py --quick
 	$(BIN)/python bench/snapshots.py

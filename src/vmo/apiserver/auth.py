@@ -1,8 +1,10 @@
-"""Authentication: static user tokens, ServiceAccount tokens, client certificates.
+"""Authentication: static user tokens, ServiceAccount tokens, client certificates, anonymous.
 
 User tokens live in ``tokens.json`` under the state directory as SHA-256 digests, never in clear.
 ServiceAccount tokens are HS256 JWTs signed with a key of the server's; they are valid only while
-the ServiceAccount with the same uid exists, as bound tokens are upstream.
+the ServiceAccount with the same uid exists, as bound tokens are upstream. A request without
+credentials is ``system:anonymous`` on the public-info paths only, as kube-apiserver's anonymous
+authenticator is when its configuration lists conditions; elsewhere it is refused (401).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ from pathlib import Path
 from typing import Any
 
 AUTHENTICATED = "system:authenticated"
+UNAUTHENTICATED = "system:unauthenticated"
+ANONYMOUS_USER = "system:anonymous"
+# what the bootstrap ClusterRole system:public-info-viewer grants to everyone
+PUBLIC_INFO_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/version", "/version/"})
 SA_PREFIX = "system:serviceaccount:"
 ISSUER = "https://vmo.dev/embedded"
 
@@ -29,6 +35,9 @@ class Identity:
     name: str
     groups: tuple[str, ...]
     uid: str = ""
+
+
+ANONYMOUS = Identity(ANONYMOUS_USER, (UNAUTHENTICATED,))
 
 
 class TokenFile:
@@ -141,20 +150,29 @@ ServiceAccountLookup = Callable[[str, str], str | None]
 
 class Authenticator:
     def __init__(
-        self, tokens: TokenFile, sa_tokens: ServiceAccountTokens, sa_lookup: ServiceAccountLookup
+        self,
+        tokens: TokenFile,
+        sa_tokens: ServiceAccountTokens,
+        sa_lookup: ServiceAccountLookup,
+        *,
+        anonymous_paths: frozenset[str] = PUBLIC_INFO_PATHS,
     ) -> None:
         self.tokens = tokens
         self.sa_tokens = sa_tokens
         self._sa_lookup = sa_lookup
+        self.anonymous_paths = anonymous_paths
 
     def authenticate(
-        self, headers: Mapping[str, str], peercert: dict[str, Any] | None
+        self, headers: Mapping[str, str], peercert: dict[str, Any] | None, path: str = ""
     ) -> Identity | None:
+        """The caller, or None (401). Credentials that fail never fall back to anonymous."""
         auth = headers.get("Authorization", "")
         if auth.lower().startswith("bearer "):
             return self._from_token(auth[7:].strip())
         if peercert:
             return _from_certificate(peercert)
+        if "Authorization" not in headers and path in self.anonymous_paths:
+            return ANONYMOUS
         return None
 
     def _from_token(self, token: str) -> Identity | None:

@@ -12,15 +12,17 @@ import base64
 import dataclasses
 import json
 import logging
+import socket
+import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from vmo.api.types import JSON, ResourceType
-from vmo.apiserver import discovery, errors, openapi, table
+from vmo.apiserver import discovery, errors, heap, openapi, table
 from vmo.apiserver import objects as ob
 from vmo.apiserver import patch as patching
 from vmo.apiserver import protobuf as pb
@@ -31,18 +33,25 @@ from vmo.apiserver.registry import Registry
 from vmo.apiserver.requests import (
     ResourcePath,
     Wanted,
-    decode_any_json,
     decode_body,
+    decode_json,
     parse_accept,
     parse_resource_path,
 )
 from vmo.apiserver.selectors import SelectorError, parse_field_selector, parse_label_selector
-from vmo.apiserver.watch import Change
+from vmo.apiserver.watch import Change, Snapshot
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 3 * 1024 * 1024
+JSON_PATCH = "application/json-patch+json"
+MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+# in the order kube-apiserver names them when it refuses another
+PATCH_TYPES = (JSON_PATCH, MERGE_PATCH, APPLY_PATCH, STRATEGIC_MERGE_PATCH)
 BOOKMARK_INTERVAL = 30.0
+WATCH_WRITE_BUFFER = 16 * 1024
 VERSION = {
     "major": "1",
     "minor": "32",
@@ -120,8 +129,13 @@ class ApiHandlers:
 
     def app(self) -> web.Application:
         app = web.Application(
-            client_max_size=MAX_BODY, middlewares=[self._errors, self._authenticate]
+            client_max_size=MAX_BODY,
+            middlewares=[self._errors, self._authenticate],
+            # a client that hangs up cancels its handler, as a Go server cancels the request's
+            # context: an idle watch would otherwise live on until its timeout
+            handler_args={"handler_cancellation": True},
         )
+        app.cleanup_ctx.append(heap.connection_memory)
         app.router.add_get("/version", self._version)
         app.router.add_get("/version/", self._version)
         for probe in ("/healthz", "/readyz", "/livez"):
@@ -182,7 +196,7 @@ class ApiHandlers:
         peercert = None
         if request.transport is not None:
             peercert = request.transport.get_extra_info("peercert")
-        user = self.authenticator.authenticate(request.headers, peercert)
+        user = self.authenticator.authenticate(request.headers, peercert, request.path)
         if user is None:
             raise ApiError(401, "Unauthorized", "Unauthorized")
         request[_IDENTITY_KEY] = user
@@ -518,9 +532,16 @@ class ApiHandlers:
     async def _patch(
         self, request: web.Request, rt: ResourceType, rp: ResourcePath, caller: ob.Caller
     ) -> web.Response:
-        content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+        content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type not in PATCH_TYPES:
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                "the body of the request was in an unknown format - accepted media types include: "
+                + ", ".join(PATCH_TYPES),
+            )
         raw = await request.read()
-        if content_type == "application/apply-patch+yaml":
+        if content_type == APPLY_PATCH:
             return self._apply(request, rt, rp, caller, raw)
         current = self.service.row(rt, rp.namespace, rp.name)
         live = current.obj()
@@ -540,33 +561,28 @@ class ApiHandlers:
         return self._respond(request, result, rt)
 
     def _patched(self, rt: ResourceType, live: JSON, content_type: str, raw: bytes) -> JSON:
-        patch = decode_any_json(raw)
+        if (
+            content_type == STRATEGIC_MERGE_PATCH
+            and self.registry.owner_of(rt.group, rt.plural) != "builtin"
+        ):
+            raise ApiError(
+                415,
+                "UnsupportedMediaType",
+                "strategic merge patch is not supported for custom resources; use a merge patch",
+            )
+        patch = decode_json(raw)
         try:
-            if content_type == "application/json-patch+json":
+            if content_type == JSON_PATCH:
                 if not isinstance(patch, list):
                     raise errors.bad_request("a JSON patch must be a list of operations")
                 return patching.json_patch(live, patch)
             if not isinstance(patch, dict):
                 raise errors.bad_request("a merge patch must be a JSON object")
-            if content_type == "application/merge-patch+json":
+            if content_type == MERGE_PATCH:
                 return patching.json_merge_patch(live, patch)
-            if content_type == "application/strategic-merge-patch+json":
-                if self.registry.owner_of(rt.group, rt.plural) != "builtin":
-                    raise ApiError(
-                        415,
-                        "UnsupportedMediaType",
-                        "strategic merge patch is not supported for custom resources; use a merge patch",
-                    )
-                return patching.strategic_merge_patch(live, patch, rt.schema)
+            return patching.strategic_merge_patch(live, patch, rt.schema)
         except patching.PatchError as exc:
             raise ApiError(422, "Invalid", f"the patch could not be applied: {exc}") from None
-        raise ApiError(
-            415,
-            "UnsupportedMediaType",
-            "the body of the request was in an unknown format - accepted media types include: "
-            "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, "
-            "application/strategic-merge-patch+json",
-        )
 
     def _apply(
         self,
@@ -691,6 +707,7 @@ class _Watch:
         )
         self.prefix = ob.resource_prefix(rt, rp.namespace)
         self.last_rv = 0
+        self.writing = False
         # decided once per stream, not per event: stored bytes can go out as they are
         self.raw = not self.wanted.table and not handlers._needs_rewrite(rt)
 
@@ -700,13 +717,18 @@ class _Watch:
     async def run(self) -> web.StreamResponse:
         store = self.h.service.store
         sub = self.h.service.hub.subscribe(self.prefix)
+        sub.on_overflow = self._drop_if_stalled
+        resp = web.StreamResponse(
+            headers={"Content-Type": "application/json", "Cache-Control": "no-cache"}
+        )
+        resp.enable_chunked_encoding()
         try:
             backlog = self._backlog(store)
-            resp = web.StreamResponse(
-                headers={"Content-Type": "application/json", "Cache-Control": "no-cache"}
-            )
-            resp.enable_chunked_encoding()
             await resp.prepare(self.request)
+            if self.request.transport is not None:
+                # a client that stops reading makes the writer wait after this much, not after
+                # the half MiB that asyncio's TLS layer buffers by default
+                self.request.transport.set_write_buffer_limits(high=WATCH_WRITE_BUFFER)
             if isinstance(backlog, ApiError):
                 await resp.write(_dumps({"type": "ERROR", "object": backlog.status()}) + b"\n")
                 return resp
@@ -715,18 +737,38 @@ class _Watch:
             if self.initial and self.bookmarks:
                 await self._bookmark(resp, initial_end=True)
             await self._follow(resp, sub)
-            return resp
+        except ConnectionResetError:
+            # the client hung up (a write found the connection gone): the normal end of a
+            # watch, not a server error
+            log.debug("watch client on %s went away", self.prefix)
+        except asyncio.CancelledError:
+            log.debug("watch client on %s went away (handler cancelled)", self.prefix)
+            raise
         finally:
             self.h.service.hub.unsubscribe(sub)
+        return resp
 
-    def _backlog(self, store: st.Store) -> list[tuple[str, Change]] | ApiError:
-        """What precedes live changes; computed without awaiting, so nothing slips in between."""
+    def _drop_if_stalled(self) -> None:
+        """Called when the hub closes this watcher for falling behind. A writer blocked on a
+        client that does not read would never see the end: drop its connection, so that the
+        buffered bytes and the TLS state go now."""
+        transport = self.request.transport
+        if not self.writing or transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # a reset, not a FIN queued behind megabytes the client will never read: the
+            # kernel frees the connection's buffers at once instead of probing for minutes
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+
+    def _backlog(self, store: st.Store) -> Iterable[tuple[str, Change]] | ApiError:
+        """What precedes live changes; taken without awaiting, so nothing slips in between."""
         rv_param = self.request.query.get("resourceVersion", "")
         self.last_rv = store.revision
         if self.initial or rv_param in ("", "0"):
-            rows = store.scan(self.prefix)
-            changes = [Change("ADDED", r.rv, r.key, r.data) for r in rows]
-            return [("ADDED", c) for c in changes if self.matches is None or self._match(c.obj)]
+            snapshot = self.h.service.hub.snapshot(self.prefix, lambda: self._current(store))
+            return self._initial(snapshot)
         if not rv_param.isdigit():
             return errors.bad_request(f'invalid resourceVersion "{rv_param}"')
         try:
@@ -742,6 +784,15 @@ class _Watch:
             if translated is not None:
                 out.append(translated)
         return out
+
+    def _current(self, store: st.Store) -> list[Change]:
+        return [Change("ADDED", r.rv, r.key, r.data) for r in store.scan(self.prefix)]
+
+    def _initial(self, snapshot: Snapshot) -> Iterator[tuple[str, Change]]:
+        # a generator: it keeps the shared snapshot alive only while this watcher sends it
+        for change in snapshot.changes:
+            if self.matches is None or self._match(change.obj):
+                yield "ADDED", change
 
     def _translate(self, change: Change) -> tuple[str, Change] | None:
         """The event this watcher sees for a change: selectors turn entries and exits into
@@ -784,20 +835,29 @@ class _Watch:
     async def _send(self, resp: web.StreamResponse, etype: str, change: Change) -> None:
         if self.raw:
             # the stored bytes are already the object as served: no parse, no dump
-            await resp.write(b'{"type":"' + etype.encode() + b'","object":' + change.data + b"}\n")
+            await self._write(
+                resp, b'{"type":"' + etype.encode() + b'","object":' + change.data + b"}\n"
+            )
             return
         obj = ApiHandlers._as_version(json.loads(change.data), self.rt)
         if self.wanted.table:
             rv = str(obj["metadata"].get("resourceVersion", ""))
             obj = self.h._table([obj], self.rt, self.request, rv)
-        await resp.write(_dumps({"type": etype, "object": obj}) + b"\n")
+        await self._write(resp, _dumps({"type": etype, "object": obj}) + b"\n")
+
+    async def _write(self, resp: web.StreamResponse, data: bytes) -> None:
+        self.writing = True  # a write only waits while the client's buffers are full
+        try:
+            await resp.write(data)
+        finally:
+            self.writing = False
 
     async def _bookmark(self, resp: web.StreamResponse, *, initial_end: bool = False) -> None:
         md: JSON = {"resourceVersion": str(max(self.last_rv, 0))}
         if initial_end:
             md["annotations"] = {"k8s.io/initial-events-end": "true"}
         bookmark = {"kind": self.rt.kind, "apiVersion": self.rt.api_version, "metadata": md}
-        await resp.write(_dumps({"type": "BOOKMARK", "object": bookmark}) + b"\n")
+        await self._write(resp, _dumps({"type": "BOOKMARK", "object": bookmark}) + b"\n")
 
 
 def _with_query(request: web.Request, **overrides: str) -> web.Request:

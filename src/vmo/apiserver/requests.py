@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import yaml
@@ -13,6 +14,11 @@ from vmo.apiserver import protobuf as pb
 
 JSON_TYPE = "application/json"
 YAML_TYPE = "application/yaml"
+YAML_TYPES = (YAML_TYPE, "application/x-yaml", "text/yaml")
+# Containers a body may nest: more than any Kubernetes kind's schema needs, and few enough that
+# the recursive code behind decoding (merge, apply, validation, encoding) stays far from
+# Python's recursion limit. A deeper body is a 400, never a RecursionError's 500.
+MAX_DEPTH = 100
 NAMESPACE_SUBRESOURCES = ("status", "finalize")
 
 
@@ -95,18 +101,16 @@ def decode_body(body: bytes, content_type: str) -> JSON:
             return pb.decode(body)
         except pb.ProtobufError as exc:
             raise errors.bad_request(f"unable to decode protobuf body: {exc}") from None
-    if media in ("application/yaml", "application/x-yaml", "text/yaml"):
-        try:
-            loaded = yaml.safe_load(body)
-        except yaml.YAMLError as exc:
-            raise errors.bad_request(f"unable to decode YAML body: {exc}") from None
-    elif media in ("", JSON_TYPE, "text/plain") or media.endswith("+json"):
-        try:
-            loaded = json.loads(body) if body.strip() else None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise errors.bad_request(
-                f"couldn't get version/kind; json parse error: {exc}"
-            ) from None
+        except RecursionError:
+            raise too_deep() from None
+    if media in YAML_TYPES:
+        loaded = decode_yaml(body)
+    elif media in ("", JSON_TYPE):
+        loaded = (
+            decode_json(body, "couldn't get version/kind; json parse error")
+            if body.strip()
+            else None
+        )
     else:
         raise errors.ApiError(
             415,
@@ -118,8 +122,69 @@ def decode_body(body: bytes, content_type: str) -> JSON:
     return loaded
 
 
-def decode_any_json(body: bytes) -> object:
+def decode_json(body: bytes, failure: str = "unable to decode patch") -> object:
+    """JSON of any shape, refused (400) when malformed or nested past ``MAX_DEPTH``."""
     try:
-        return json.loads(body)
+        loaded = json.loads(body)
+    except RecursionError:
+        raise too_deep() from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise errors.bad_request(f"unable to decode patch: {exc}") from None
+        raise errors.bad_request(f"{failure}: {exc}") from None
+    check_nesting(loaded, len(body))
+    return loaded
+
+
+def decode_yaml(body: bytes) -> object:
+    try:
+        loaded = yaml.load(body, Loader=_NestingLimitedLoader)  # a SafeLoader: no tags run code
+    except _TooDeep:
+        raise too_deep() from None
+    except yaml.YAMLError as exc:
+        raise errors.bad_request(f"unable to decode YAML body: {exc}") from None
+    check_nesting(loaded, len(body))
+    return loaded
+
+
+def check_nesting(value: object, size: int) -> None:
+    """Refuses values nested past ``MAX_DEPTH`` containers, and YAML whose aliases make it
+    larger than its text could spell (every JSON or YAML node takes at least one byte)."""
+    budget = size + 16
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise errors.bad_request("the request body's aliases expand it beyond its own size")
+        if isinstance(node, dict):
+            children: Iterable[object] = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            raise too_deep()
+        stack.extend((child, depth + 1) for child in children)
+
+
+def too_deep() -> errors.ApiError:
+    return errors.bad_request(f"the request body is nested more than {MAX_DEPTH} levels deep")
+
+
+class _TooDeep(yaml.YAMLError):
+    pass
+
+
+class _NestingLimitedLoader(yaml.SafeLoader):
+    """A SafeLoader that stops composing past ``MAX_DEPTH`` nodes, before PyYAML's recursive
+    composer reaches Python's recursion limit."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self._depth > MAX_DEPTH:
+            raise _TooDeep("nested too deep")
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
