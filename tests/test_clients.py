@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -271,6 +272,8 @@ def test_vmo_up_daemon_status_down(tmp_path: Path) -> None:
     finally:
         down = subprocess.run([*vmo, "down"], capture_output=True, text=True, timeout=60)
     assert down.returncode == 0
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
+    # gone, or a zombie where init does not reap (as on these hosts): either way it has exited
+    with contextlib.suppress(FileNotFoundError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        assert state == "Z", f"pid {pid} still running ({state}) after vmo down"
     assert "not running" in subprocess.run([*vmo, "status"], capture_output=True, text=True).stdout

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import ssl
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from vmo.apiserver.lifecycle import Lifecycle
 from vmo.apiserver.migrations import MigrationAdmission
 from vmo.apiserver.registry import Registry
 from vmo.apiserver.watch import WatchHub
+from vmo.home import StateDir, write_private
 
 log = logging.getLogger(__name__)
 
@@ -40,62 +39,6 @@ ENGINE_USER = "system:vmo-engine"
 BOOT_NAMESPACES = ("default", "kube-system", "kube-public", "virtual-machines")
 HISTORY_KEEP = 50_000
 COMPACT_EVERY = 60.0
-
-
-@dataclass(frozen=True)
-class StateDir:
-    """Everything the embedded control plane keeps on disk, under ``$VMO_HOME``."""
-
-    root: Path
-
-    @classmethod
-    def default(cls) -> StateDir:
-        return cls(Path(os.environ.get("VMO_HOME") or Path.home() / ".vmo"))
-
-    @property
-    def pki(self) -> Path:
-        return self.root / "pki"
-
-    @property
-    def db(self) -> Path:
-        return self.root / "store.db"
-
-    @property
-    def tokens(self) -> Path:
-        return self.root / "tokens.json"
-
-    @property
-    def sa_key(self) -> Path:
-        return self.pki / "sa.key"
-
-    @property
-    def kubeconfig(self) -> Path:
-        return self.root / "admin.kubeconfig"
-
-    @property
-    def engine_kubeconfig(self) -> Path:
-        """The identity VMO's own controllers and node agents use."""
-        return self.root / "engine.kubeconfig"
-
-    @property
-    def nodes(self) -> Path:
-        return self.root / "nodes"
-
-    @property
-    def pidfile(self) -> Path:
-        return self.root / "apiserver.pid"
-
-    @property
-    def logfile(self) -> Path:
-        return self.root / "apiserver.log"
-
-    @property
-    def url_file(self) -> Path:
-        return self.root / "apiserver.url"
-
-    def prepare(self) -> None:
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.pki.mkdir(mode=0o700, exist_ok=True)
 
 
 def builtin_types() -> list[ResourceType]:
@@ -126,14 +69,6 @@ def kubeconfig(
         "current-context": "vmo",
         "preferences": {},
     }
-
-
-def write_private(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 class ApiServer:
@@ -258,7 +193,7 @@ class ApiServer:
                 self.state.engine_kubeconfig, url=url, user=ENGINE_USER, token=token
             )
         # written last: its presence tells `vmo up -d` and scripts that the kubeconfigs are ready
-        self.state.url_file.write_text(url + "\n")
+        write_private(self.state.url_file, url + "\n")
         self._compactor = asyncio.get_running_loop().create_task(self._compact_forever())
         log.info("VMO API server listening on %s", url)
         return url

@@ -8,8 +8,10 @@ replay from there, and compaction trims it so the database stays bounded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sqlite3
 from dataclasses import dataclass
 from enum import StrEnum
@@ -98,11 +100,23 @@ def dumps(obj: JSON) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def _make_private(db: Path) -> None:
+    """The database file is its owner's alone (0600), whatever the umask or an older VMO made it.
+
+    SQLite gives its WAL and shared-memory files the database file's mode, so they follow.
+    """
+    os.close(os.open(db, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(path, 0o600)
+
+
 class Store:
     """Synchronous SQLite store. One instance owns the database; callers serialise writes."""
 
     def __init__(self, path: Path, *, durable: bool = False) -> None:
         self.path = path
+        _make_private(Path(path))
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode survives a crash of this process (kill -9): a commit is in the WAL

@@ -8,246 +8,25 @@ import contextlib
 import logging
 import os
 import signal
-import ssl
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from vmo.apiserver.auth import TokenFile
-from vmo.apiserver.server import ApiServer, StateDir, kubeconfig
-from vmo.cli import storage, streams
+from vmo.apiserver.server import kubeconfig
+from vmo.cli import controlplane, storage, streams
+from vmo.cli._common import state_dir
 from vmo.client import Client, Credentials, load_kubeconfig
-from vmo.engine.embedded import Engine, NodeServices
-
-READY_TIMEOUT = 30.0
-
-
-def _state(args: argparse.Namespace) -> StateDir:
-    return StateDir(Path(args.home)) if args.home else StateDir.default()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _running_pid(state: StateDir) -> int | None:
-    try:
-        pid = int(state.pidfile.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-    return pid if _pid_alive(pid) else None
-
-
-def _probe(state: StateDir) -> str | None:
-    """Asks the running server's /readyz; returns its URL when it answers ok."""
-    try:
-        url = state.url_file.read_text().strip()
-        config = yaml.safe_load(state.kubeconfig.read_text())
-    except (FileNotFoundError, yaml.YAMLError):
-        return None
-    token = config["users"][0]["user"]["token"]
-    ctx = ssl.create_default_context(cafile=str(state.pki / "ca.crt"))
-    request = urllib.request.Request(f"{url}/readyz", headers={"Authorization": f"Bearer {token}"})
-    try:
-        with urllib.request.urlopen(request, context=ctx, timeout=2) as resp:
-            return url if resp.status == 200 else None
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-# --- up / down / status -----------------------------------------------------------------------
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    state = _state(args)
-    state.prepare()
-    pid = _running_pid(state)
-    if pid is not None:
-        print(f"VMO is already running (pid {pid}) at {_probe(state) or 'an unknown address'}")
-        return 0
-    if args.detach:
-        return _up_detached(args, state)
-    return _up_foreground(args, state)
-
-
-def _up_foreground(args: argparse.Namespace, state: StateDir) -> int:
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    state.pidfile.write_text(f"{os.getpid()}\n")
-    try:
-        asyncio.run(_serve(args, state))
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            if state.pidfile.read_text().strip() == str(os.getpid()):
-                state.pidfile.unlink()
-    return 0
-
-
-async def _serve(args: argparse.Namespace, state: StateDir) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    server = ApiServer(state, host=args.host, port=args.port)
-    url = await server.start()
-    engine = None
-    try:
-        if not args.no_engine:
-            engine = Engine(state, nodes=args.nodes)
-            await engine.start(stop)
-        print(f"VMO API server ready at {url}", flush=True)
-        print(f"kubectl --kubeconfig {state.kubeconfig} get namespaces", flush=True)
-        await stop.wait()
-    finally:
-        if engine is not None:
-            await engine.close()
-        await server.stop()
-
-
-def _up_detached(args: argparse.Namespace, state: StateDir) -> int:
-    with contextlib.suppress(FileNotFoundError):
-        state.url_file.unlink()
-    argv = [
-        sys.executable,
-        "-m",
-        "vmo.cli.main",
-        "--home",
-        str(state.root),
-        "up",
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-        "--nodes",
-        str(args.nodes),
-    ]
-    if args.no_engine:
-        argv.append("--no-engine")
-    with open(state.logfile, "ab") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            print(
-                f"vmo up: the server exited with code {proc.returncode}; see {state.logfile}",
-                file=sys.stderr,
-            )
-            return 1
-        url = _probe(state) if state.url_file.exists() else None
-        if url:
-            print(f"VMO is running (pid {proc.pid}) at {url}")
-            print(f"  kubeconfig: {state.kubeconfig}")
-            print(f"  log:        {state.logfile}")
-            return 0
-        time.sleep(0.1)
-    print(
-        f"vmo up: the server did not become ready in {READY_TIMEOUT:.0f}s; see {state.logfile}",
-        file=sys.stderr,
-    )
-    return 1
-
-
-def _guest_pids(state: StateDir) -> list[int]:
-    """QEMU processes VMO started under this state directory (their pidfile and cmdline agree)."""
-    pids = []
-    for pidfile in state.nodes.glob("*/vms/*/qemu.pid"):
-        try:
-            pid = int(pidfile.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue
-        if str(pidfile.parent).encode() in cmdline:
-            pids.append(pid)
-    return pids
-
-
-def _stop_guests(state: StateDir) -> None:
-    pids = _guest_pids(state)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(_pid_alive(p) for p in pids):
-        time.sleep(0.1)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    if pids:
-        print(f"stopped {len(pids)} guest(s)")
-    from vmo.engine.network.bridge import NetworkState, cleanup_orphans
-
-    for node_dir in sorted(state.nodes.glob("*")):
-        removed = cleanup_orphans(NetworkState(node_dir))
-        if removed:
-            print(f"removed {len(removed)} tap(s) of {node_dir.name}")
-
-
-def cmd_down(args: argparse.Namespace) -> int:
-    state = _state(args)
-    code = _stop_control_plane(state)
-    if args.stop_vms and code == 0:
-        # after the control plane, so no controller restarts the guests being stopped
-        _stop_guests(state)
-    return code
-
-
-def _stop_control_plane(state: StateDir) -> int:
-    pid = _running_pid(state)
-    if pid is None:
-        print("VMO is not running")
-        return 0
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and _pid_alive(pid):
-        time.sleep(0.1)
-    if _pid_alive(pid):
-        print(f"vmo down: pid {pid} did not stop in 15s", file=sys.stderr)
-        return 1
-    with contextlib.suppress(FileNotFoundError):
-        state.pidfile.unlink()
-    print("VMO stopped")
-    return 0
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    state = _state(args)
-    pid = _running_pid(state)
-    url = _probe(state) if pid else None
-    if pid is None:
-        print("VMO is not running")
-        return 3
-    print(f"VMO is running (pid {pid})")
-    print(f"  API server: {url or 'not answering'}")
-    print(f"  kubeconfig: {state.kubeconfig}")
-    return 0 if url else 1
-
+from vmo.engine.embedded import NodeServices
+from vmo.home import PRIVATE_UMASK
 
 # --- users -----------------------------------------------------------------------------------
 
 
 def cmd_user_add(args: argparse.Namespace) -> int:
-    state = _state(args)
+    state = state_dir(args)
     if not state.url_file.exists():
         print(
             "vmo user add: start VMO first (vmo up) so the kubeconfig can name its address",
@@ -277,7 +56,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 
 def _creds(args: argparse.Namespace) -> Credentials:
-    path = args.kubeconfig or os.environ.get("KUBECONFIG") or str(_state(args).kubeconfig)
+    path = args.kubeconfig or os.environ.get("KUBECONFIG") or str(state_dir(args).kubeconfig)
     return load_kubeconfig(path)
 
 
@@ -297,7 +76,7 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 def cmd_vnc(args: argparse.Namespace) -> int:
     creds = _creds(args)
-    url = streams.stream_url(creds, _namespace(args, creds), _vmi_name(args.name), "vnc")
+    path = streams.stream_path(_namespace(args, creds), _vmi_name(args.name), "vnc")
 
     def ready(port: int) -> None:
         print(
@@ -306,7 +85,7 @@ def cmd_vnc(args: argparse.Namespace) -> int:
         )
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(streams.tcp_proxy(creds, url, port=args.port, ready=ready))
+        asyncio.run(streams.tcp_proxy(creds, path, port=args.port, ready=ready))
     return 0
 
 
@@ -314,15 +93,15 @@ def cmd_port_forward(args: argparse.Namespace) -> int:
     creds = _creds(args)
     local, _, remote = args.ports.partition(":")
     remote = remote or local
-    url = streams.stream_url(
-        creds, _namespace(args, creds), _vmi_name(args.name), f"portforward/{remote}"
+    path = streams.stream_path(
+        _namespace(args, creds), _vmi_name(args.name), f"portforward/{remote}"
     )
 
     def ready(port: int) -> None:
         print(f"Forwarding from 127.0.0.1:{port} -> {remote}", flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(streams.tcp_proxy(creds, url, port=int(local), ready=ready))
+        asyncio.run(streams.tcp_proxy(creds, path, port=int(local), ready=ready))
     return 0
 
 
@@ -359,10 +138,11 @@ def cmd_image_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_node_run(args: argparse.Namespace) -> int:
+    os.umask(PRIVATE_UMASK)  # the node's files (disks, sockets, logs) are its owner's alone
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    state = _state(args)
+    state = state_dir(args)
     kubeconfig = args.kubeconfig or str(state.engine_kubeconfig)
 
     async def run() -> None:
@@ -444,8 +224,8 @@ def cmd_node_drain(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from vmo.cli import demo
 
-    state = _state(args)
-    if _probe(state) is None:
+    state = state_dir(args)
+    if controlplane.probe(state) is None:
         print("vmo demo: VMO is not running; start it with `vmo up -d`", file=sys.stderr)
         return 1
     print(
@@ -476,22 +256,7 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="vmo", description="VMO, a Virtual Machine Orchestrator")
     top.add_argument("--home", default="", help="state directory (default $VMO_HOME or ~/.vmo)")
     sub = top.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start the embedded control plane")
-    up.add_argument(
-        "-d", "--detach", action="store_true", help="run as a daemon (pid and log files)"
-    )
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=6443)
-    up.add_argument("-v", "--verbose", action="store_true")
-    up.add_argument("--nodes", type=int, default=1, help="node agents to run on this host")
-    up.add_argument(
-        "--no-engine", action="store_true", help="API server only: no controllers, no node"
-    )
-    up.set_defaults(func=cmd_up)
-    down = sub.add_parser("down", help="stop the embedded control plane (guests keep running)")
-    down.add_argument("--stop-vms", action="store_true", help="also stop every guest VMO started")
-    down.set_defaults(func=cmd_down)
-    sub.add_parser("status", help="is the control plane running?").set_defaults(func=cmd_status)
+    controlplane.register(sub)
     user = sub.add_parser("user", help="manage users").add_subparsers(
         dest="user_command", required=True
     )
@@ -537,6 +302,9 @@ def parser() -> argparse.ArgumentParser:
     from vmo.cli.export import add_export_commands
 
     add_export_commands(sub, _creds, _namespace)
+    from vmo.cli.controllers import add_controllers_commands
+
+    add_controllers_commands(sub, _creds)
     return top
 
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vmo.cli._common import state_dir
 from vmo.engine.storage.pool import Pool, qcow2_header
 
 
@@ -83,9 +84,7 @@ def report(pools: dict[str, Pool]) -> tuple[list[VolumeReport], list[dict[str, A
 
 
 def cmd_storage(args: argparse.Namespace) -> int:
-    from vmo.cli.main import _state
-
-    pools = pools_under(_state(args).root)
+    pools = pools_under(state_dir(args).root)
     volumes, layers = report(pools)
     if args.output == "json":
         print(json.dumps({"volumes": [asdict(v) for v in volumes], "layers": layers}, indent=1))

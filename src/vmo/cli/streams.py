@@ -1,58 +1,44 @@
-"""virtctl-style streaming commands: serial console, VNC proxy and port-forward over WebSockets."""
+"""virtctl-style streaming commands: serial console, VNC proxy and port-forward over WebSockets.
+
+The WebSockets are the client's (``Client.websocket``): this module moves bytes between them and
+the terminal or local TCP connections, and opens no HTTP connection of its own.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-import ssl
 import sys
 import termios
 import tty
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-import aiohttp
-
-from vmo.client import Credentials
+from vmo.client import ApiStatusError, Client, Credentials, WebSocket, WSMsgType
 
 ESCAPE = b"\x1d"  # Ctrl-]
 SUBRESOURCES = "/apis/subresources.kubevirt.io/v1"
+PROTOCOLS = ("plain.kubevirt.io",)
 
 
-def stream_url(creds: Credentials, namespace: str, vmi: str, what: str) -> str:
-    return (
-        f"{creds.server}{SUBRESOURCES}/namespaces/{namespace}/virtualmachineinstances/{vmi}/{what}"
-    )
+def stream_path(namespace: str, vmi: str, what: str) -> str:
+    return f"{SUBRESOURCES}/namespaces/{namespace}/virtualmachineinstances/{vmi}/{what}"
 
 
-def _ssl(creds: Credentials) -> ssl.SSLContext | bool:
-    if not creds.server.startswith("https"):
-        return False
-    ctx = ssl.create_default_context(cafile=creds.ca_file or None)
-    if creds.cert_file:
-        ctx.load_cert_chain(creds.cert_file, creds.key_file)
-    return ctx
-
-
-async def open_stream(
-    session: aiohttp.ClientSession, creds: Credentials, url: str
-) -> aiohttp.ClientWebSocketResponse:
-    headers = {"Authorization": f"Bearer {creds.token}"} if creds.token else {}
+@contextlib.asynccontextmanager
+async def open_stream(client: Client, path: str) -> AsyncIterator[WebSocket]:
+    """The subresource's WebSocket; a refusal becomes the command's error message."""
     try:
-        return await session.ws_connect(
-            url, headers=headers, ssl=_ssl(creds), protocols=("plain.kubevirt.io",), max_msg_size=0
-        )
-    except aiohttp.WSServerHandshakeError as exc:
-        raise SystemExit(
-            f"vmo: the server refused the connection: {exc.status} {exc.message}"
-        ) from None
+        async with client.websocket(path, protocols=PROTOCOLS) as ws:
+            yield ws
+    except ApiStatusError as exc:
+        raise SystemExit(f"vmo: the server refused the connection: {exc}") from None
 
 
 async def console(creds: Credentials, namespace: str, vmi: str) -> int:
     """Interactive serial console; Ctrl-] leaves. Without a terminal, pipes stdin/stdout."""
-    url = stream_url(creds, namespace, vmi, "console")
-    async with aiohttp.ClientSession() as session:
-        ws = await open_stream(session, creds, url)
+    path = stream_path(namespace, vmi, "console")
+    async with Client(creds) as client, open_stream(client, path) as ws:
         interactive = sys.stdin.isatty()
         if interactive:
             print(
@@ -67,11 +53,10 @@ async def console(creds: Credentials, namespace: str, vmi: str) -> int:
         finally:
             if saved is not None:
                 termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
-            await ws.close()
     return 0
 
 
-async def _pump_stdio(ws: aiohttp.ClientWebSocketResponse, *, stop_on_escape: bool) -> None:
+async def _pump_stdio(ws: WebSocket, *, stop_on_escape: bool) -> None:
     loop = asyncio.get_running_loop()
     stdin_fd = sys.stdin.fileno()
     outgoing: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -98,7 +83,7 @@ async def _pump_stdio(ws: aiohttp.ClientWebSocketResponse, *, stop_on_escape: bo
 
     async def from_ws() -> None:
         async for msg in ws:
-            if msg.type in (aiohttp.WSMsgType.BINARY, aiohttp.WSMsgType.TEXT):
+            if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT):
                 payload = msg.data if isinstance(msg.data, bytes) else msg.data.encode()
                 os.write(sys.stdout.fileno(), payload)
             else:
@@ -116,46 +101,39 @@ async def _pump_stdio(ws: aiohttp.ClientWebSocketResponse, *, stop_on_escape: bo
 
 
 async def tcp_proxy(
-    creds: Credentials, url: str, *, port: int, ready: Callable[[int], None], once: bool = False
+    creds: Credentials, path: str, *, port: int, ready: Callable[[int], None], once: bool = False
 ) -> None:
-    """Listens on 127.0.0.1:port; each connection is carried over its own WebSocket to ``url``."""
-    session = aiohttp.ClientSession()
+    """Listens on 127.0.0.1:port; each connection is carried over its own WebSocket to ``path``."""
     served = asyncio.Event()
+    async with Client(creds) as client:
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                async with open_stream(client, path) as ws:
+                    await _join(ws, reader, writer)
+            except SystemExit as exc:
+                print(exc, file=sys.stderr)
+            finally:
+                writer.close()
+            if once:
+                served.set()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        ready(server.sockets[0].getsockname()[1])
         try:
-            ws = await open_stream(session, creds, url)
-        except SystemExit as exc:
-            print(exc, file=sys.stderr)
-            writer.close()
-            return
-        await _join(ws, reader, writer)
-        if once:
-            served.set()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", port)
-    bound = server.sockets[0].getsockname()[1]
-    ready(bound)
-    try:
-        if once:
-            await served.wait()
-        else:
-            await asyncio.Event().wait()
-    finally:
-        server.close()
-        await session.close()
+            await (served.wait() if once else asyncio.Event().wait())
+        finally:
+            server.close()
 
 
-async def _join(
-    ws: aiohttp.ClientWebSocketResponse, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
+async def _join(ws: WebSocket, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     async def up() -> None:
         while data := await reader.read(65536):
             await ws.send_bytes(data)
 
     async def down() -> None:
         async for msg in ws:
-            if msg.type != aiohttp.WSMsgType.BINARY:
+            if msg.type != WSMsgType.BINARY:
                 break
             writer.write(msg.data)
             await writer.drain()
@@ -164,8 +142,6 @@ async def _join(
     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for task in tasks:
         task.cancel()
-    await ws.close()
-    writer.close()
 
 
 Runner = Callable[[], Awaitable[int]]

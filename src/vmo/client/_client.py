@@ -391,9 +391,10 @@ class Client:
             await ws.close()
 
     async def healthy(self) -> bool:
-        """True when the server answers ``/readyz`` with 200."""
+        """True when the server answers ``/readyz`` with 200 (within seconds: a probe must not
+        hang on a server that accepts connections and never answers)."""
         try:
-            async with self.session.get("/readyz") as resp:
+            async with self.session.get("/readyz", timeout=aiohttp.ClientTimeout(total=5)) as resp:
                 return resp.status == 200
         except TRANSIENT_ERRORS:
             return False
