@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import Api, Kubectl
+from vmo.apiserver import http
+from vmo.apiserver import store as st
 from vmo.apiserver.requests import MAX_DEPTH
 from vmo.apiserver.watch import Change, WatchHub
 from vmo.testing.apiserver import ThreadedServer
@@ -219,6 +221,76 @@ def test_a_client_hanging_up_is_not_logged_as_an_error(
     assert loud == [], [r.getMessage() for r in loud]
     went_away = [r for r in caplog.records if "went away" in r.getMessage()]
     assert went_away and all(r.levelno == logging.DEBUG for r in went_away)
+
+
+def _history(admin: Api, ns: str, updates: int) -> str:
+    """Writes a ConfigMap and ``updates`` changes to it; returns the version before them."""
+    rv = admin.get(CM.format(ns=ns)).json()["metadata"]["resourceVersion"]
+    assert admin.post(CM.format(ns=ns), configmap("h", n="0")).status_code == 201
+    for n in range(1, updates + 1):
+        r = admin.patch(f"{CM.format(ns=ns)}/h", {"data": {"n": str(n)}}, MERGE)
+        assert r.status_code == 200
+    return str(rv)
+
+
+def _events(admin: Api, ns: str, rv: str, count: int) -> list[dict[str, Any]]:
+    params = {"watch": "true", "resourceVersion": rv, "timeoutSeconds": "10"}
+    events: list[dict[str, Any]] = []
+    with admin.get(CM.format(ns=ns), params=params, stream=True) as resp:
+        for line in resp.iter_lines():
+            events.append(json.loads(line))
+            if len(events) == count or events[-1]["type"] == "ERROR":
+                break
+    return events
+
+
+MERGE = "application/merge-patch+json"
+
+
+def test_a_watch_far_behind_replays_history_a_page_at_a_time(
+    server: ThreadedServer, admin: Api, ns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert server.server is not None
+    store = server.server.store
+    pages: list[int] = []
+    read = store.events_since
+
+    def paged(rv: int, prefix: str = "", *, limit: int = 0) -> list[st.Event]:
+        page = read(rv, prefix, limit=limit)
+        pages.append(len(page))
+        return page
+
+    monkeypatch.setattr(http, "HISTORY_PAGE", 7)
+    monkeypatch.setattr(store, "events_since", paged)
+    rv = _history(admin, ns, updates=40)
+    events = _events(admin, ns, rv, count=41)
+    assert [e["object"]["data"]["n"] for e in events] == [str(n) for n in range(41)]
+    assert [e["type"] for e in events] == ["ADDED"] + ["MODIFIED"] * 40
+    assert len(pages) >= 6 and max(pages) <= 7  # never more than a page held at once
+
+
+def test_a_compaction_between_pages_ends_the_replay_with_410(
+    server: ThreadedServer, admin: Api, ns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert server.server is not None
+    store = server.server.store
+    read = store.events_since
+    calls: list[int] = []
+
+    def compacted_after_the_first_page(
+        rv: int, prefix: str = "", *, limit: int = 0
+    ) -> list[st.Event]:
+        calls.append(rv)
+        if len(calls) == 2:
+            store.compact(keep=0)
+        return read(rv, prefix, limit=limit)
+
+    monkeypatch.setattr(http, "HISTORY_PAGE", 7)
+    monkeypatch.setattr(store, "events_since", compacted_after_the_first_page)
+    rv = _history(admin, ns, updates=20)
+    events = _events(admin, ns, rv, count=30)
+    assert [e["type"] for e in events] == ["ADDED"] + ["MODIFIED"] * 6 + ["ERROR"]
+    assert events[-1]["object"]["code"] == 410 and events[-1]["object"]["reason"] == "Expired"
 
 
 # --- bodies nested too deep: 400 from every decoder ---------------------------------------------

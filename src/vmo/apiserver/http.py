@@ -52,6 +52,7 @@ STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 PATCH_TYPES = (JSON_PATCH, MERGE_PATCH, APPLY_PATCH, STRATEGIC_MERGE_PATCH)
 BOOKMARK_INTERVAL = 30.0
 WATCH_WRITE_BUFFER = 16 * 1024
+HISTORY_PAGE = 500  # events a watch replaying history reads from the store at a time
 VERSION = {
     "major": "1",
     "minor": "32",
@@ -706,7 +707,7 @@ class _Watch:
             else None
         )
         self.prefix = ob.resource_prefix(rt, rp.namespace)
-        self.last_rv = 0
+        self.last_rv = self.start_rv = 0
         self.writing = False
         # decided once per stream, not per event: stored bytes can go out as they are
         self.raw = not self.wanted.table and not handlers._needs_rewrite(rt)
@@ -730,10 +731,14 @@ class _Watch:
                 # the half MiB that asyncio's TLS layer buffers by default
                 self.request.transport.set_write_buffer_limits(high=WATCH_WRITE_BUFFER)
             if isinstance(backlog, ApiError):
-                await resp.write(_dumps({"type": "ERROR", "object": backlog.status()}) + b"\n")
+                await self._error(resp, backlog)
                 return resp
-            for etype, change in backlog:
-                await self._send(resp, etype, change)
+            try:
+                for etype, change in backlog:
+                    await self._send(resp, etype, change)
+            except st.Compacted as exc:  # between two pages of the history it replays
+                await self._error(resp, errors.gone(str(exc)))
+                return resp
             if self.initial and self.bookmarks:
                 await self._bookmark(resp, initial_end=True)
             await self._follow(resp, sub)
@@ -765,25 +770,36 @@ class _Watch:
     def _backlog(self, store: st.Store) -> Iterable[tuple[str, Change]] | ApiError:
         """What precedes live changes; taken without awaiting, so nothing slips in between."""
         rv_param = self.request.query.get("resourceVersion", "")
-        self.last_rv = store.revision
+        self.last_rv = self.start_rv = store.revision
         if self.initial or rv_param in ("", "0"):
             snapshot = self.h.service.hub.snapshot(self.prefix, lambda: self._current(store))
             return self._initial(snapshot)
         if not rv_param.isdigit():
             return errors.bad_request(f'invalid resourceVersion "{rv_param}"')
         try:
-            history = store.events_since(int(rv_param), self.prefix)
+            page = store.events_since(int(rv_param), self.prefix, limit=HISTORY_PAGE)
         except st.Compacted as exc:
             return errors.gone(str(exc))
-        out = []
-        for event in history:
-            prev = store.previous_state(event.key, event.rv) if self.matches is not None else None
-            translated = self._translate(
-                Change(event.type.value, event.rv, event.key, event.data, prev)
-            )
-            if translated is not None:
-                out.append(translated)
-        return out
+        return self._replay(store, page)
+
+    def _replay(self, store: st.Store, page: list[st.Event]) -> Iterator[tuple[str, Change]]:
+        """History from the version asked for up to this watch's start, read a page at a time:
+        a watcher far behind holds one page, not the whole history. Events never change, so
+        later pages agree with the first; a compaction in between raises Compacted."""
+        while page:
+            for event in page:
+                if event.rv > self.start_rv:
+                    return  # from here on, the live changes carry it
+                translated = self._translate(self._historic(store, event))
+                if translated is not None:
+                    yield translated
+            if len(page) < HISTORY_PAGE:
+                return
+            page = store.events_since(page[-1].rv, self.prefix, limit=HISTORY_PAGE)
+
+    def _historic(self, store: st.Store, event: st.Event) -> Change:
+        prev = store.previous_state(event.key, event.rv) if self.matches is not None else None
+        return Change(event.type.value, event.rv, event.key, event.data, prev)
 
     def _current(self, store: st.Store) -> list[Change]:
         return [Change("ADDED", r.rv, r.key, r.data) for r in store.scan(self.prefix)]
@@ -851,6 +867,9 @@ class _Watch:
             await resp.write(data)
         finally:
             self.writing = False
+
+    async def _error(self, resp: web.StreamResponse, error: ApiError) -> None:
+        await self._write(resp, _dumps({"type": "ERROR", "object": error.status()}) + b"\n")
 
     async def _bookmark(self, resp: web.StreamResponse, *, initial_end: bool = False) -> None:
         md: JSON = {"resourceVersion": str(max(self.last_rv, 0))}

@@ -171,8 +171,9 @@ class Store:
         ).fetchone()
         return int(row[0])
 
-    def events_since(self, rv: int, prefix: str = "") -> list[Event]:
-        """Events after ``rv`` under ``prefix``; raises Compacted when that history is gone."""
+    def events_since(self, rv: int, prefix: str = "", *, limit: int = 0) -> list[Event]:
+        """Events after ``rv`` under ``prefix`` (the first ``limit`` when given); raises
+        Compacted when that history is gone."""
         if rv < self._compacted:
             raise Compacted("", f"too old resource version: {rv} ({self._compacted})")
         sql = "SELECT rv, type, key, data FROM events WHERE rv > ?"
@@ -180,7 +181,11 @@ class Store:
         if prefix:
             sql += " AND key >= ? AND key < ?"
             args += (prefix, prefix_end(prefix))
-        cur = self._db.execute(sql + " ORDER BY rv", args)
+        sql += " ORDER BY rv"
+        if limit:
+            sql += " LIMIT ?"
+            args += (limit,)
+        cur = self._db.execute(sql, args)
         return [Event(EventType(t), int(r), k, bytes(d)) for r, t, k, d in cur]
 
     def previous_state(self, key: str, before_rv: int) -> bytes | None:
