@@ -224,6 +224,7 @@ def cmd_node_drain(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from vmo.cli import demo
 
+    os.umask(PRIVATE_UMASK)  # the demo's image goes into the home, which is its owner's alone
     state = state_dir(args)
     if controlplane.probe(state) is None:
         print("vmo demo: VMO is not running; start it with `vmo up -d`", file=sys.stderr)
