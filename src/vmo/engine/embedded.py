@@ -302,9 +302,11 @@ class NodeServices:
         return nad
 
     async def _release_networks(self, vmi: JSON, taps: list[str]) -> None:
-        for tap in taps:
-            await asyncio.to_thread(bridge.detach_tap, self.net_state, tap)
         md = vmi["metadata"]
+        # and those network.json records for this VMI: a restarted agent never made them itself
+        recorded = await asyncio.to_thread(bridge.taps_of, self.net_state, md.get("uid", ""))
+        for tap in sorted({*taps, *recorded}):
+            await asyncio.to_thread(bridge.detach_tap, self.net_state, tap)
         self._network_config.pop(md.get("uid", ""), None)
 
 

@@ -20,6 +20,7 @@ from vmo.client import KUBEVIRT, VMI, ApiStatusError, Client, NotFound
 from vmo.engine.agent import node as nodeobj
 from vmo.engine.agent.host import NetworkPreparer, NetworkReleaser
 from vmo.engine.agent.migration import MigrationRoles
+from vmo.engine.agent.releases import PendingRelease, PendingReleases
 from vmo.engine.agent.runtime import VmiRuntime, workdir_name
 from vmo.engine.qemu.accel import Accelerator, detect_accelerator
 from vmo.engine.qemu.errors import QemuError
@@ -163,9 +164,17 @@ class NodeAgent:
     _sync: VmiSync | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _taps: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    _releases: PendingReleases | None = None
     migrations: MigrationRoles | None = None
     cpus: int | None = None
     memory_ki: int | None = None
+
+    @property
+    def releases(self) -> PendingReleases:
+        """Network releases that failed, retried by the node's sweep until they succeed."""
+        if self._releases is None:
+            self._releases = PendingReleases(self.release_networks)
+        return self._releases
 
     @property
     def vms_dir(self) -> Path:
@@ -218,6 +227,7 @@ class NodeAgent:
                 await task
         if self.migrations is not None:
             await self.migrations.close()
+        await self.releases.close()
         for runtime in self.runtimes.values():
             await runtime.close()
         self.runtimes.clear()
@@ -254,8 +264,8 @@ class NodeAgent:
         await self._report_running(vmi, runtime)
         self._monitor(runtime)
 
-    async def release(self, runtime: VmiRuntime) -> None:
-        await self._release(runtime)
+    async def release(self, runtime: VmiRuntime, taps: list[str] | None = None) -> None:
+        await self._release(runtime, taps)
 
     # --- reconcile -----------------------------------------------------------------------------
 
@@ -389,30 +399,28 @@ class NodeAgent:
         grace = vmi["spec"].get("terminationGracePeriodSeconds")
         grace = DEFAULT_GRACE if grace is None else int(grace)
         if runtime is None:
-            runtime = VmiRuntime(
-                vmi["metadata"]["namespace"],
-                vmi["metadata"]["name"],
-                vmi["metadata"]["uid"],
-                self.workdir(vmi["metadata"]["namespace"], vmi["metadata"]["name"]),
-            )
-            if not await runtime.adopt():
-                runtime.process = None
+            # not adopted (an earlier agent's QEMU, answering QMP or not): the teardown finds it
+            md = vmi["metadata"]
+            workdir = self.workdir(md["namespace"], md["name"])
+            runtime = VmiRuntime(md["namespace"], md["name"], md["uid"], workdir)
         await self._teardown(runtime, vmi, grace=grace)
         await self._remove_finalizer(vmi)
 
     async def _teardown(self, runtime: VmiRuntime, vmi: JSON | None, *, grace: float) -> None:
+        """Stops the VMI's QEMU and gives back what it held. ``stop`` returns only once that QEMU
+        has exited, so whatever the caller reports next (Failed, the finalizer gone) is true."""
         await runtime.stop(grace)
         await self._release(runtime)
         runtime.remove_workdir()
         self.runtimes.pop(runtime.key, None)
 
-    async def _release(self, runtime: VmiRuntime) -> None:
-        taps = self._taps.pop(runtime.key, [])
-        vmi = self._latest.get(runtime.key) or {
-            "metadata": {"namespace": runtime.namespace, "name": runtime.name, "uid": runtime.uid}
-        }
-        with contextlib.suppress(Exception):
-            await self.release_networks(vmi, taps)
+    async def _release(self, runtime: VmiRuntime, taps: list[str] | None = None) -> None:
+        """Gives back the VMI's taps (those given, or those this agent made); a failure is logged
+        and retried by the node's sweep (``releases``)."""
+        taps = self._taps.pop(runtime.key, []) if taps is None else taps
+        # named by the runtime's uid, never the newest VMI of that name (it may be a successor's)
+        pending = PendingRelease(runtime.namespace, runtime.name, runtime.uid, tuple(taps))
+        await self.releases.give_back(pending)
 
     # --- status --------------------------------------------------------------------------------
 

@@ -51,5 +51,6 @@ class AgentHost(Protocol):
     async def adopt_migrated(self, vmi: JSON, runtime: VmiRuntime, taps: list[str]) -> None:
         """Takes over a guest that has just migrated here: reports it Running and follows it."""
 
-    async def release(self, runtime: VmiRuntime) -> None:
-        """Gives back the VMI's taps and other node resources."""
+    async def release(self, runtime: VmiRuntime, taps: list[str] | None = None) -> None:
+        """Gives back the VMI's taps (``taps``, or those the agent made for it); a failure is
+        logged and retried by the node's sweep."""

@@ -392,15 +392,9 @@ class MigrationRoles:
         if incoming.watcher is not None and incoming.watcher is not asyncio.current_task():
             incoming.watcher.cancel()
         runtime = incoming.runtime
-        runtime.stopping = True
-        if runtime.process is not None and runtime.alive:
-            await runtime.process.kill()
+        await runtime.kill()  # also one a restarted agent could not adopt: found by its pid
         await runtime.close()  # a QEMU that exited by itself still has our QMP connection
-        for tap in incoming.taps:
-            with contextlib.suppress(Exception):
-                await self.agent.release_networks(
-                    {"metadata": {"namespace": key[0], "name": key[1], "uid": runtime.uid}}, [tap]
-                )
+        await self.agent.release(runtime, incoming.taps)  # a failure is logged, then swept
         for local in incoming.copies.values():
             with contextlib.suppress(FileNotFoundError):
                 local.path.unlink()
@@ -410,13 +404,13 @@ class MigrationRoles:
         """A workdir left by an earlier attempt on this node: its QEMU and copies go."""
         if not workdir.exists():
             return
-        stale = VmiRuntime("", "", "", workdir)
-        if await stale.adopt() and stale.process is not None:
-            await stale.process.kill()
+        await VmiRuntime("", "", "", workdir).kill()  # answering QMP or not
         marker = read_marker(workdir) or {}
         for path in (marker.get("copies") or {}).values():
-            with contextlib.suppress(OSError):
-                Path(path).unlink()
+            try:
+                Path(path).unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("stale migration copy %s not removed: %s", path, exc)
         shutil.rmtree(workdir, ignore_errors=True)
 
     async def recover_target(self, vmi: JSON) -> bool:
@@ -429,7 +423,10 @@ class MigrationRoles:
             return False
         state = migration_state(vmi)
         runtime = VmiRuntime(md["namespace"], md["name"], md["uid"], workdir, node=self.node)
-        adopted = await runtime.adopt()
+        try:
+            adopted = await runtime.adopt()
+        except QemuError:
+            adopted = False  # a target QEMU that does not answer is rolled back: killed below
         copies = {
             name: runtime.volumes[name]
             for name in marker.get("copies") or {}
@@ -541,8 +538,7 @@ class MigrationRoles:
         self, runtime: VmiRuntime, key: tuple[str, str], copies: list[tuple[str, LocalVolume]]
     ) -> None:
         """The source half after success: QEMU, taps, workdir and node-local volumes go."""
-        if runtime.process is not None and runtime.alive:
-            await runtime.process.kill()
+        await runtime.kill()
         await self.agent.release(runtime)
         runtime.remove_workdir()
         for _, local in copies:

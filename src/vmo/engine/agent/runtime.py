@@ -21,7 +21,7 @@ from vmo.engine.qemu.accel import Accelerator
 from vmo.engine.qemu.argv import disk_node_names
 from vmo.engine.qemu.domain import DiskFormat, Domain, UserBackend
 from vmo.engine.qemu.errors import QemuError
-from vmo.engine.qemu.process import ExitStatus, QemuProcess, adopt, launch
+from vmo.engine.qemu.process import ExitStatus, QemuProcess, adopt, find, launch
 from vmo.engine.qemu.vmi import LocalVolume, NodeContext, domain_from_vmi
 
 log = logging.getLogger(__name__)
@@ -187,19 +187,18 @@ class VmiRuntime:
         }
 
     async def adopt(self) -> bool:
-        """Re-attaches to a QEMU left running by an earlier agent; True when there was one."""
+        """Re-attaches to a QEMU left running by an earlier agent: True when it did, False only
+        when no QEMU runs in the workdir (the kernel says so, by pid and start time).
+
+        A QEMU that runs but does not answer on QMP raises ``ProcessError``: it is not gone, so
+        its VMI must not be reported as if it were (the caller retries, or ``stop``s it).
+        """
         self._load_volumes()
         try:
             self.process = await adopt(self.workdir)
         except QemuError as exc:
-            log.warning(
-                "%s/%s: QEMU in %s does not answer: %s",
-                self.namespace,
-                self.name,
-                self.workdir,
-                exc,
-            )
-            return False
+            log.warning("%s/%s: QEMU in %s does not answer: %s", *self.key, self.workdir, exc)
+            raise
         return self.process is not None
 
     @property
@@ -249,11 +248,30 @@ class VmiRuntime:
         return host
 
     async def stop(self, grace: float) -> ExitStatus | None:
-        """ACPI power-down, then kill after ``grace`` seconds (terminationGracePeriodSeconds)."""
+        """ACPI power-down, then signals after ``grace`` seconds (terminationGracePeriodSeconds);
+        returns once QEMU has exited. Without a handle (the VMI was never adopted, or its QEMU
+        does not answer) the QEMU left in the workdir is found and stopped all the same."""
+        process = self._claim_leftover()
+        if process is None or process.exit_status is not None:
+            return None if process is None else process.exit_status
+        return await process.powerdown(grace)
+
+    async def kill(self) -> ExitStatus | None:
+        """SIGKILL, like ``stop`` with no grace and no power button; returns once QEMU has exited."""
+        process = self._claim_leftover()
+        if process is None or process.exit_status is not None:
+            return None if process is None else process.exit_status
+        return await process.kill()
+
+    def _claim_leftover(self) -> QemuProcess | None:
         self.stopping = True
-        if self.process is None or self.process.exit_status is not None:
-            return self.process.exit_status if self.process else None
-        return await self.process.powerdown(grace)
+        if self.process is None:
+            self.process = find(self.workdir)
+            if self.process is not None:
+                log.info(
+                    "%s/%s: stopping QEMU %d left in %s", *self.key, self.process.pid, self.workdir
+                )
+        return self.process
 
     async def close(self) -> None:
         """Forgets the process without touching it (agent shutdown: QEMU keeps running)."""

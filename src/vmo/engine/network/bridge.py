@@ -54,6 +54,7 @@ __all__ = [
     "remove_bridge",
     "remove_macspoofchk",
     "tap_name",
+    "taps_of",
 ]
 
 DEFAULT_BRIDGE = "cni0"
@@ -468,6 +469,17 @@ def detach_tap(state: NetworkState, tap: str) -> None:
     if bridge:
         remove_bridge(str(bridge))
     state.forget(tap)
+
+
+def taps_of(state: NetworkState, vmi_uid: str) -> list[str]:
+    """The taps recorded for one VMI (owner ``<uid>/<network>``): a restarted agent, which did not
+    make them itself, finds there what to release when that VMI goes."""
+    prefix = f"{vmi_uid}/"
+    return sorted(
+        tap
+        for tap, record in state.taps().items()
+        if vmi_uid and str(record.get("owner", "")).startswith(prefix)
+    )
 
 
 def cleanup_orphans(state: NetworkState, *, keep: Iterable[str] = ()) -> list[str]:

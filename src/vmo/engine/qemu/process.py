@@ -1,9 +1,11 @@
 """QEMU processes that outlive the agent: launch one into its working directory, or adopt it again.
 
 A launched QEMU runs in its own session with stdin from /dev/null and stdout/stderr appended to
-``<workdir>/qemu.log``; the argv is recorded in ``<workdir>/qemu.argv.json`` so that a restarted
-agent can prove (pidfile + /proc/<pid>/cmdline + a QMP answer) that a process is that VM's QEMU.
-Processes are tracked through a pidfd, so a recycled pid can never be signalled by mistake.
+``<workdir>/qemu.log``; the argv, the pid and the kernel's start time of the process are recorded
+in ``<workdir>/qemu.argv.json`` so that a restarted agent can prove (pid + start time, or pidfile +
+/proc/<pid>/cmdline for older records, then a QMP answer) that a process is that VM's QEMU, and can
+tell "gone" from "does not answer". Processes are tracked through a pidfd, so a recycled pid can
+never be signalled by mistake.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import re
 import select
 import shutil
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -34,7 +36,16 @@ from vmo.engine.qemu.errors import (
 )
 from vmo.engine.qemu.qmp import QMPClient, Runstate
 
-__all__ = ["LOG_NAME", "MANIFEST_NAME", "ExitStatus", "QemuProcess", "adopt", "launch"]
+__all__ = [
+    "LOG_NAME",
+    "MANIFEST_NAME",
+    "ExitStatus",
+    "ProcessIdentity",
+    "QemuProcess",
+    "adopt",
+    "find",
+    "launch",
+]
 
 log = logging.getLogger("vmo.engine.qemu.process")
 
@@ -43,6 +54,10 @@ MANIFEST_NAME = "qemu.argv.json"
 _STARTUP_POLL = 0.01
 _TAIL_BYTES = 64 << 10
 _TERMINATING = re.compile(rb"terminating on signal (\d+)")
+# /proc/<pid>/stat states of a process that has exited: its exit status only waits for its parent
+# (which, for a QEMU an earlier agent started, is init and not us)
+_EXITED_STATES = frozenset("ZX")
+_STAT_START_TIME = 19  # field 22 of /proc/<pid>/stat, counted after the ")" closing field 2
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,35 @@ def _cmdline(pid: int) -> list[str] | None:
     return [arg.decode(errors="surrogateescape") for arg in raw.split(b"\0")[:-1]]
 
 
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks after boot) of ``pid``, or None when there is no such pid."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw.rsplit(")", 1)[1].split()  # the command name (field 2) may hold spaces and ")"
+    return fields[0], int(fields[_STAT_START_TIME])
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """One process as the kernel knows it: its pid and start time, which a recycled pid never
+    shares. ``running()`` asks /proc about that very process, not merely whether the pid exists."""
+
+    pid: int
+    start_time: int
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessIdentity | None:
+        stat = _proc_stat(pid)
+        return None if stat is None else cls(pid, stat[1])
+
+    def running(self) -> bool:
+        """False once this process has exited (gone, a zombie, or its pid now someone else's)."""
+        stat = _proc_stat(self.pid)
+        return stat is not None and stat[1] == self.start_time and stat[0] not in _EXITED_STATES
+
+
 def _runs_argv(pid: int, argv: list[str]) -> bool:
     """Whether ``pid`` runs exactly ``argv`` (argv[0] compared by name: PATH lookup may differ)."""
     actual = _cmdline(pid)
@@ -103,13 +147,16 @@ class _Manifest:
     argv: list[str]
     paths: RuntimePaths
     log_offset: int
+    identity: ProcessIdentity | None = None  # recorded once QEMU is spawned
 
     def write(self, workdir: Path) -> None:
-        body = {
+        body: dict[str, object] = {
             "argv": self.argv,
             "paths": {name: str(getattr(self.paths, name)) for name in _PATH_FIELDS},
             "logOffset": self.log_offset,
         }
+        if self.identity is not None:
+            body |= {"pid": self.identity.pid, "startTime": self.identity.start_time}
         tmp = workdir / (MANIFEST_NAME + ".tmp")
         tmp.write_text(json.dumps(body, indent=2) + "\n")
         tmp.replace(workdir / MANIFEST_NAME)
@@ -119,9 +166,27 @@ class _Manifest:
         try:
             body = json.loads((workdir / MANIFEST_NAME).read_text())
             paths = RuntimePaths(**{name: Path(body["paths"][name]) for name in _PATH_FIELDS})
-            return cls([str(arg) for arg in body["argv"]], paths, int(body["logOffset"]))
+            identity = (
+                ProcessIdentity(int(body["pid"]), int(body["startTime"]))
+                if "startTime" in body
+                else None
+            )
+            argv = [str(arg) for arg in body["argv"]]
+            return cls(argv, paths, int(body["logOffset"]), identity)
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+    def runs(self, pid: int) -> bool:
+        """Whether ``pid`` is this record's QEMU and has not exited. With a recorded start time
+        that is the kernel's word (a QEMU busy exiting, whose cmdline is already empty, still
+        runs); older records fall back to comparing the command line."""
+        if self.identity is not None:
+            return self.identity.pid == pid and self.identity.running()
+        stat = _proc_stat(pid)
+        return stat is not None and stat[0] not in _EXITED_STATES and _runs_argv(pid, self.argv)
+
+    def pid(self) -> int | None:
+        return self.identity.pid if self.identity is not None else _read_pid(self.paths.pidfile)
 
 
 _PATH_FIELDS = ("qmp", "serial", "vnc", "guest_agent", "pidfile")
@@ -148,6 +213,11 @@ class QemuProcess:
     @property
     def argv(self) -> list[str]:
         return list(self._manifest.argv)
+
+    @property
+    def identity(self) -> ProcessIdentity | None:
+        """pid and start time, as recorded at launch (None for a record older than that)."""
+        return self._manifest.identity
 
     @property
     def exit_status(self) -> ExitStatus | None:
@@ -245,14 +315,19 @@ class QemuProcess:
         return await self.wait_exit()
 
     async def powerdown(self, grace: float, *, term_timeout: float = 5.0) -> ExitStatus:
-        """ACPI power button; after ``grace`` seconds SIGTERM, after ``term_timeout`` more SIGKILL."""
+        """ACPI power button; after ``grace`` seconds SIGTERM, after ``term_timeout`` more SIGKILL.
+
+        A QEMU whose monitor does not answer never saw the button: it gets SIGTERM at once."""
         self._exit_future()
+        pressed = self._status is not None
         if self._status is None:
             try:
                 await (await self.qmp()).execute("system_powerdown")
+                pressed = True
             except ProtocolError as exc:
                 log.warning("QEMU %d: system_powerdown failed, escalating: %s", self.pid, exc)
-        for timeout, next_signal in ((grace, signal.SIGTERM), (term_timeout, signal.SIGKILL)):
+        first = grace if pressed else 0.0
+        for timeout, next_signal in ((first, signal.SIGTERM), (term_timeout, signal.SIGKILL)):
             try:
                 return await self.wait_exit(timeout)
             except TimeoutError:
@@ -287,17 +362,17 @@ class QemuProcess:
             self._pidfd = None
 
 
-def _check_not_running(workdir: Path, paths: RuntimePaths) -> None:
+def _check_not_running(workdir: Path) -> None:
     manifest = _Manifest.read(workdir)
-    pid = _read_pid(paths.pidfile)
-    if manifest is not None and pid is not None and _runs_argv(pid, manifest.argv):
+    pid = None if manifest is None else manifest.pid()
+    if manifest is not None and pid is not None and manifest.runs(pid):
         raise ProcessError(f"QEMU {pid} already runs in {workdir}; adopt it instead")
 
 
 def _prepare_workdir(domain: Domain, workdir: Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     _confine_domain(domain, workdir)
-    _check_not_running(workdir, domain.paths)
+    _check_not_running(workdir)
     _unlink_runtime_files(domain.paths)
     efi = domain.efi
     if efi is not None and not efi.vars.exists():
@@ -389,23 +464,25 @@ async def launch(
     manifest = _Manifest(argv, domain.paths, _log_header(logfile))
     manifest.write(workdir)
     pid = _spawn(argv, logfile)
-    process = QemuProcess(pid=pid, pidfd=os.pidfd_open(pid), workdir=workdir, manifest=manifest)
+    pidfd = os.pidfd_open(pid)
+    # recorded at once: an agent that dies now leaves a QEMU the next one can still prove is its own
+    manifest = replace(manifest, identity=ProcessIdentity.of(pid))
+    manifest.write(workdir)
+    process = QemuProcess(pid=pid, pidfd=pidfd, workdir=workdir, manifest=manifest)
     log.info("launched QEMU %d for %s in %s", pid, domain.name, workdir)
     await _wait_for_qmp(process, startup_timeout)
     return process
 
 
-async def adopt(workdir: Path, *, qmp_timeout: float = 5.0) -> QemuProcess | None:
-    """The QEMU still running in ``workdir``, re-attached; None if there is none.
-
-    ``ProcessError`` if it runs but does not answer on QMP (the caller decides whether to kill it).
-    """
+def find(workdir: Path) -> QemuProcess | None:
+    """The QEMU that runs (or is still exiting) in ``workdir``, held by a pidfd but not talked to;
+    None only when the kernel says no such process runs any more (see ``_Manifest.runs``)."""
     workdir = workdir.resolve()
     manifest = _Manifest.read(workdir)
     if manifest is None:
         return None
-    pid = _read_pid(manifest.paths.pidfile)
-    if pid is None or not _runs_argv(pid, manifest.argv):
+    pid = manifest.pid()
+    if pid is None or not manifest.runs(pid):
         _unlink_runtime_files(manifest.paths)
         return None
     try:
@@ -413,10 +490,22 @@ async def adopt(workdir: Path, *, qmp_timeout: float = 5.0) -> QemuProcess | Non
     except ProcessLookupError:
         return None
     # Checked again through the pidfd's process: the pid may have been recycled in between.
-    if not _runs_argv(pid, manifest.argv):
+    if not manifest.runs(pid):
         os.close(pidfd)
         return None
-    process = QemuProcess(pid=pid, pidfd=pidfd, workdir=workdir, manifest=manifest)
+    return QemuProcess(pid=pid, pidfd=pidfd, workdir=workdir, manifest=manifest)
+
+
+async def adopt(workdir: Path, *, qmp_timeout: float = 5.0) -> QemuProcess | None:
+    """The QEMU still running in ``workdir``, re-attached; None if there is none.
+
+    ``ProcessError`` if it runs but does not answer on QMP (the caller decides whether to kill it:
+    ``find`` gives a handle that needs no QMP).
+    """
+    process = find(workdir)
+    if process is None:
+        return None
+    pid = process.pid
     try:
         await asyncio.wait_for(process.qmp(), qmp_timeout)
     except (ProtocolError, TimeoutError) as exc:
