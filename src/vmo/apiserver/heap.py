@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import logging
 from asyncio import sslproto
 from collections.abc import AsyncIterator
@@ -83,9 +82,8 @@ class HeapTrimmer:
 
 
 def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # the process's own symbols: the C library it runs on
         mallinfo2 = libc.mallinfo2
         libc.malloc_trim.argtypes = [ctypes.c_size_t]
     except (OSError, AttributeError, TypeError):
