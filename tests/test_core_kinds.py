@@ -302,9 +302,10 @@ def test_other_field_selectors() -> None:
 
 
 def test_kinds_with_columns_end_with_age_or_created_at() -> None:
-    for rt in TYPES.values():
-        if rt.printer_columns and rt.kind != "Event":
-            assert rt.printer_columns[-1].name in ("Age", "Created At"), rt.kind
+    with_columns = [rt for rt in TYPES.values() if rt.printer_columns and rt.kind != "Event"]
+    assert {"Namespace", "Node", "Service"} <= {rt.kind for rt in with_columns}
+    for rt in with_columns:
+        assert rt.printer_columns[-1].name in ("Age", "Created At"), rt.kind
 
 
 def test_every_schema_node_has_a_description_at_the_top() -> None:

@@ -98,7 +98,7 @@ def test_apply_get_describe_a_vm_with_kubevirt_columns(kubectl: Kubectl, ns: str
     header = kubectl("get", "vm", "-n", ns).stdout.splitlines()[0].split()
     assert header == ["NAME", "AGE", "STATUS", "READY"]
     described = kubectl("describe", "vm", "db", "-n", ns).stdout
-    assert "Run Strategy:  Halted" in described or "Halted" in described
+    assert "Run Strategy:  Halted" in described
     before = kubectl.json("get", "vm", "db", "-n", ns)
     kubectl.apply(VM_YAML.format(name="db", ns=ns))
     after = kubectl.json("get", "vm", "db", "-n", ns)

@@ -914,12 +914,12 @@ def netserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServ
 async def wait_for_subsets(
     client: Client, name: str, ns: str, want: Any, timeout: float = 10.0
 ) -> JSON:
+    """The Endpoints once ``want(subsets)`` holds ({} once they are gone: subsets None)."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         eps = await client.find(ENDPOINTS, name, ns)
         got = None if eps is None else eps.get("subsets") or []
         if want(got):
-            assert eps is not None or got is None
             return eps or {}
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"endpoints {ns}/{name} never matched; last: {got}")
@@ -970,9 +970,11 @@ async def test_endpoints_controller_tracks_vmis_of_a_service(
         assert eps["subsets"][0]["ports"] == [{"name": "pg", "port": 15432, "protocol": "TCP"}]
 
         await client.patch(VMI, f"{unique}-b", {"status": running}, ns)
-        await wait_for_subsets(
+        both = await wait_for_subsets(
             client, unique, ns, lambda s: bool(s) and len(s[0].get("addresses", [])) == 2
         )
+        names = {a["targetRef"]["name"] for a in both["subsets"][0]["addresses"]}
+        assert names == {f"{unique}-a", f"{unique}-b"}
 
         await client.patch(VMI, f"{unique}-a", {"metadata": {"labels": {"app": "other"}}}, ns)
         await client.delete(VMI, f"{unique}-b", ns)

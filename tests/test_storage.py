@@ -425,13 +425,20 @@ async def test_a_datavolume_claimed_by_another_node_is_left_alone(
     apiserver: ThreadedServer, pool: Pool, tmp_path: Path, unique: str
 ) -> None:
     async with running_controller(apiserver, pool, tmp_path) as (client, _):
-        other = dv(unique, {"blank": {}})
+        other = dv(f"{unique}-other", {"blank": {}})
         other["metadata"]["annotations"] = {STORAGE_NODE: "node-2"}
-        await client.create(DATAVOLUME, other)
-        await asyncio.sleep(0.5)
-        obj = await client.get(DATAVOLUME, unique, "default")
-        assert "status" not in obj or not obj["status"].get("phase")
-        assert not pool.exists("default", unique)
+        created = await client.create(DATAVOLUME, other)
+        # created after it, so it comes later on the same watch: once the controller has
+        # imported this one, it has had the other one in hand too
+        await client.create(DATAVOLUME, dv(f"{unique}-own", {"blank": {}}))
+        own = await wait_dv(client, "default", f"{unique}-own", phase_is("Succeeded", "Failed"))
+        assert own["status"]["phase"] == "Succeeded"
+        assert own["metadata"]["annotations"][STORAGE_NODE] == "node-1"
+        obj = await client.get(DATAVOLUME, f"{unique}-other", "default")
+        # never written to: no claim, no status, no finalizer
+        assert obj["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]
+        assert not pool.exists("default", f"{unique}-other")
+        assert pool.exists("default", f"{unique}-own")
 
 
 async def test_claim_with_stale_resource_version_loses(
