@@ -50,20 +50,31 @@ class ThreadedServer:
         self.running_engine = Engine(StateDir(self.home), nodes=self.nodes)
         await self.running_engine.start(self._stop)
 
-    def restart_node(self, name: str) -> None:
+    def restart_node(self, name: str, *, between: Callable[[], None] | None = None) -> None:
         """Stops one node's agent (its QEMUs keep running) and starts a fresh one on the same
-        state directory, as a crashed and restarted `vmo node run` would be."""
+        state directory, as a crashed and restarted `vmo node run` would be; ``between`` runs
+        while the node has no agent (the rest of the cluster goes on)."""
         assert self.running_engine is not None
-        self.call(self._restart_node(name), timeout=120)
+        self.call(self._stop_node(name), timeout=120)
+        if between is not None:
+            between()
+        self.call(self._start_node(name), timeout=120)
 
-    async def _restart_node(self, name: str) -> None:
+    def _node_index(self, name: str) -> int:
+        assert self.running_engine is not None
+        return next(i for i, n in enumerate(self.running_engine.node_services) if n.name == name)
+
+    async def _stop_node(self, name: str) -> None:
+        assert self.running_engine is not None
+        await self.running_engine.node_services[self._node_index(name)].close()
+
+    async def _start_node(self, name: str) -> None:
         from vmo.engine.embedded import NodeServices
 
-        assert self.running_engine is not None and self.running_engine.client is not None
+        assert self.running_engine is not None
         nodes = self.running_engine.node_services
-        index = next(i for i, n in enumerate(nodes) if n.name == name)
+        index = self._node_index(name)
         old = nodes[index]
-        await old.close()
         fresh = NodeServices(old.client, name, old.state_dir)
         await fresh.start(self._stop)
         nodes[index] = fresh

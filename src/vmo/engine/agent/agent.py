@@ -18,6 +18,7 @@ from typing import Any
 from vmo.api.kubevirt.migratable import claim_name, live_migratable, migration_method
 from vmo.client import KUBEVIRT, VMI, ApiStatusError, Client, NotFound
 from vmo.engine.agent import node as nodeobj
+from vmo.engine.agent.forwards import read_usernet
 from vmo.engine.agent.host import NetworkPreparer, NetworkReleaser
 from vmo.engine.agent.migration import MigrationRoles
 from vmo.engine.agent.releases import PendingRelease, PendingReleases
@@ -260,7 +261,7 @@ class NodeAgent:
     async def adopt_migrated(self, vmi: JSON, runtime: VmiRuntime, taps: list[str]) -> None:
         self.runtimes[runtime.key] = runtime
         self._taps[runtime.key] = list(taps)
-        await self._record_forwards(runtime)
+        await self._restore_forwards(runtime)  # a restarted agent's hand-over adopted this QEMU
         await self._report_running(vmi, runtime)
         self._monitor(runtime)
 
@@ -334,7 +335,7 @@ class NodeAgent:
         if await runtime.adopt():
             log.info("re-adopted QEMU of VMI %s/%s", *key)
             self.runtimes[key] = runtime
-            await self._reclaim_forwards(runtime, vmi)
+            await self._restore_forwards(runtime)
             self._monitor(runtime)
             if self.migrations is not None:
                 await self.migrations.recover_source(vmi, runtime)
@@ -350,17 +351,16 @@ class NodeAgent:
             },
         )
 
-    async def _reclaim_forwards(self, runtime: VmiRuntime, vmi: JSON) -> None:
-        """Host ports opened before a restart are listed in the VMI's annotations."""
-        raw = vmi["metadata"].get("annotations", {}).get("vmo.dev/host-forwards", "")
-        for item in filter(None, raw.split(",")):
-            proto, guest, host = item.split(":")
-            runtime.forwards[(proto, int(guest))] = int(host)
-        for iface in vmi["spec"]["domain"]["devices"].get("interfaces") or []:
-            if "masquerade" in iface:
-                runtime.pod_netdev = "netdev" + str(
-                    vmi["spec"]["domain"]["devices"]["interfaces"].index(iface)
-                )
+    async def _restore_forwards(self, runtime: VmiRuntime) -> None:
+        """The Service forwards of a QEMU this agent did not start, read from QEMU itself: the
+        VMI's annotation may name another QEMU's ports (a migration's source, a stale write)."""
+        try:
+            usernet = await read_usernet(runtime)
+        except (QemuError, OSError) as exc:
+            log.warning("VMI %s/%s: forwards not read from QEMU: %s", *runtime.key, exc)
+            return
+        runtime.pod_netdev, runtime.forwards = usernet.netdev, dict(usernet.forwards)
+        await self._record_forwards(runtime)
 
     def _monitor(self, runtime: VmiRuntime) -> None:
         asyncio.get_running_loop().create_task(self._await_exit(runtime))
