@@ -97,7 +97,7 @@ async def test_the_controller_labels_a_vm_with_its_node_against_the_api(
             EVENT, "default", field_selector=f"involvedObject.name={unique}"
         )
         assert {e["reason"] for e in events} == {"NodeChanged"}
-        assert controller.stats.permanent_failures == 0
+        assert controller.stats.failures == 0
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)

@@ -90,7 +90,7 @@ async def test_one_replica_leads_and_the_other_takes_over_when_it_dies(
         os.kill(replicas[leader].pid, signal.SIGKILL)  # no chance to release the lease
         replicas[leader].wait(10)
         survivor = next(name for name in replicas if name != leader)
-        assert await until(lambda: _is(holder, survivor)) is True
+        await until(lambda: _is(holder, survivor))
         await client.patch(VMI, "db", {"status": {"nodeName": "n2"}}, "default")
         await until(lambda: label("n2"))
     finally:

@@ -13,7 +13,7 @@ from typing import Any
 
 from vmo.api.annotations import NODE
 from vmo.client import VM, VMI, Client, NotFound
-from vmo.runtime import Controller, EventRecorder, Result, Watch, object_key, split_key
+from vmo.runtime import Controller, EventRecorder, Result, Watch, split_key
 
 JSON = dict[str, Any]
 
@@ -39,11 +39,6 @@ def label_patch(vm: JSON, node: str | None) -> JSON | None:
     return {"metadata": {"resourceVersion": md["resourceVersion"], "labels": {NODE_LABEL: node}}}
 
 
-def _owner_key(_etype: str, vmi: JSON) -> list[str]:
-    """A VMI is reconciled as the VM of the same name (KubeVirt names them alike)."""
-    return [object_key(vmi)]
-
-
 class NodeLabelController(Controller):
     name = "vm-node-label"
 
@@ -52,7 +47,8 @@ class NodeLabelController(Controller):
         self.events = EventRecorder(client, component="vmo-node-label", clock=self.clock)
 
     def watches(self) -> Sequence[Watch]:
-        return [Watch(VM), Watch(VMI, _owner_key)]
+        # a VMI's key is its VM's: KubeVirt names them alike
+        return [Watch(VM), Watch(VMI)]
 
     async def reconcile(self, key: str) -> Result | None:
         namespace, name = split_key(key)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmo.client import TRANSIENT_ERRORS, ApiStatusError, Client, Resource
-from vmo.runtime._clock import SYSTEM_CLOCK, Clock
+from vmo.runtime._clock import Clock
 from vmo.runtime._informer import Informer, Informers, Selector, object_key
 from vmo.runtime._queue import Backoff, RateLimitedQueue
 from vmo.runtime._result import PermanentError, Result, TemporaryError
@@ -84,7 +84,8 @@ class Controller(ABC):
     ) -> None:
         self.client = client
         self.informers = informers or Informers.of(client)
-        self.clock = clock or self.informers.clock or SYSTEM_CLOCK
+        self.clock = clock or self.informers.clock
+        self._backoff = backoff
         self.queue = RateLimitedQueue(clock=self.clock, backoff=backoff)
         self.stats = Stats()
         self._subscriptions: list[tuple[Informer, int]] = []
@@ -135,7 +136,10 @@ class Controller(ABC):
             await self.stop()
 
     async def start(self) -> None:
-        """Subscribes to the informers (called by ``run``)."""
+        """Subscribes to the informers (called by ``run``). A controller run again (after a
+        crash, or on winning its Lease back) gets a fresh queue: the last run shut its own."""
+        if self.queue.shut:
+            self.queue = RateLimitedQueue(clock=self.clock, backoff=self._backoff)
         for watch in self.watches():
             informer = self.informer(watch.full_selector)
             handle = informer.add_handler(self._queue_keys(watch.keys))

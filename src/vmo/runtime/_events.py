@@ -10,13 +10,16 @@ import logging
 import time
 from typing import Any
 
-from vmo.client import EVENT, ApiStatusError, Client
+from vmo.client import EVENT, TRANSIENT_ERRORS, ApiStatusError, Client
 from vmo.runtime._clock import SYSTEM_CLOCK, Clock
 from vmo.runtime._status import timestamp
 
 log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
+
+# Failures that lose an Event, never the reconcile that made it.
+_UNRECORDED: tuple[type[Exception], ...] = (ApiStatusError, *TRANSIENT_ERRORS)
 
 # How many (object, reason, message) keys are remembered for aggregating repeats.
 MAX_REMEMBERED = 4096
@@ -90,6 +93,6 @@ class EventRecorder:
             )
             await self.client.create(EVENT, event)
             self._seen[key] = (event["metadata"]["namespace"], event["metadata"]["name"], 1)
-        except ApiStatusError as exc:
+        except _UNRECORDED as exc:
             self._seen.pop(key, None)
             log.info("event %s on %s not recorded: %s", reason, obj["metadata"]["name"], exc)

@@ -14,7 +14,6 @@ client: the VMI watch of the virt-controller, the scheduler and a node agent is 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import weakref
 from collections.abc import Callable, Iterator
@@ -38,6 +37,18 @@ Handler = Callable[[str, JSON], None]
 
 # Failures a list or watch outlives: the server's refusals, bad bytes, lost connections.
 _RETRIED: tuple[type[Exception], ...] = (ApiStatusError, ValueError, *TRANSIENT_ERRORS)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancels ``task`` and waits for it to end; a cancellation of the caller itself still
+    propagates (only the task's own CancelledError is absorbed)."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
 
 
 def object_key(obj: JSON) -> str:
@@ -112,9 +123,7 @@ class Informer:
         if self._handlers or self._task is None:
             return
         task, self._task = self._task, None
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
         self.cache.clear()
         self.synced.clear()
         self.resource_version = ""

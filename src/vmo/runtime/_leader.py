@@ -17,6 +17,7 @@ from typing import Any
 
 from vmo.client import LEASE, NAMESPACE, TRANSIENT_ERRORS, ApiStatusError, Client, Conflict
 from vmo.runtime._clock import SYSTEM_CLOCK, Clock
+from vmo.runtime._informer import cancel_and_wait
 from vmo.runtime._status import micro_timestamp
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class LeaderElector:
     _observed: tuple[str, str, int] | None = field(default=None, init=False)
     _observed_at: float = field(default=0.0, init=False)
     _renewed_at: float | None = field(default=None, init=False)
+    attempts: int = field(default=0, init=False)  # tries so far, won or not
 
     @property
     def is_leader(self) -> bool:
@@ -59,6 +61,7 @@ class LeaderElector:
 
     async def try_acquire_or_renew(self) -> bool:
         """One attempt; True when this elector holds the lease afterwards."""
+        self.attempts += 1
         try:
             lease = await self.client.find(LEASE, self.name, self.namespace)
             if lease is None:
@@ -143,9 +146,10 @@ class LeaderElector:
                 await self._renew_until_lost(stop, task)
             finally:
                 lost.set()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                await self.release()
+                try:
+                    await _wait_or_cancel(task)
+                finally:
+                    await self.release()
 
     async def _renew_until_lost(self, stop: asyncio.Event, task: asyncio.Task[None]) -> None:
         while not stop.is_set() and not task.done():
@@ -165,6 +169,16 @@ class LeaderElector:
             for t in (waiter, sleeper):
                 t.cancel()
             await asyncio.gather(waiter, sleeper, return_exceptions=True)
+
+
+async def _wait_or_cancel(task: asyncio.Task[None]) -> None:
+    """Lets ``leading`` finish once told it lost; if this elector itself is being cancelled,
+    the leading task is cancelled too (and the caller's cancellation still propagates)."""
+    current = asyncio.current_task()
+    if current is not None and current.cancelling():
+        await cancel_and_wait(task)
+        raise asyncio.CancelledError
+    await task
 
 
 async def ensure_namespace(client: Client, namespace: str) -> None:

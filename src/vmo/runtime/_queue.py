@@ -132,6 +132,10 @@ class RateLimitedQueue:
         """Keys whose delay has not run out yet."""
         return frozenset(self._timers)
 
+    @property
+    def shut(self) -> bool:
+        return self._shutting_down
+
     def shut_down(self) -> None:
         """Stops handing out keys; pending delays are dropped."""
         self._shutting_down = True

@@ -51,9 +51,8 @@ def set_condition(
     if old is not None and old.get("status") == cond.get("status"):
         stamp = str(old.get("lastTransitionTime") or now)
     new = {**cond, "lastTransitionTime": stamp}
-    others = [dict(c) for c in conditions or [] if c.get("type") != cond["type"]]
     if old is None:
-        return [*others, new]
+        return [*(dict(c) for c in conditions or []), new]
     return [new if c.get("type") == cond["type"] else dict(c) for c in conditions or []]
 
 
@@ -64,15 +63,16 @@ def merge_conditions(
     *,
     keep_others: bool = False,
 ) -> list[JSON]:
-    """Every condition of ``new`` set against ``old``; conditions of other types are dropped
-    unless ``keep_others``."""
+    """Every condition of ``new``, each keeping its old transition time while its status is
+    unchanged; old conditions of other types are dropped unless ``keep_others``."""
     merged = [dict(c) for c in old or []] if keep_others else []
-    previous = [dict(c) for c in old or []]
     for cond in new:
-        before = find_condition(previous, str(cond["type"]))
-        base = [before] if before is not None else []
-        fresh = set_condition(base, cond, now)[0]
-        merged = set_condition(merged, fresh, str(fresh["lastTransitionTime"]))
+        before = find_condition(old, str(cond["type"]))
+        fresh = set_condition([before] if before else [], cond, now)[0]
+        merged = [c for c in merged if c.get("type") != cond["type"]] + [fresh]
+    if keep_others:  # keep the old order for the types that were there
+        order = {str(c.get("type")): i for i, c in enumerate(old or [])}
+        merged.sort(key=lambda c: order.get(str(c.get("type")), len(order)))
     return merged
 
 

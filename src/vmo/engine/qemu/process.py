@@ -465,9 +465,17 @@ async def launch(
     manifest.write(workdir)
     pid = _spawn(argv, logfile)
     pidfd = os.pidfd_open(pid)
-    # recorded at once: an agent that dies now leaves a QEMU the next one can still prove is its own
-    manifest = replace(manifest, identity=ProcessIdentity.of(pid))
-    manifest.write(workdir)
+    try:
+        # recorded at once: an agent that dies now leaves a QEMU the next one can prove is its own
+        manifest = replace(manifest, identity=ProcessIdentity.of(pid))
+        manifest.write(workdir)
+    except BaseException:
+        # a QEMU nobody could ever adopt must not be left running
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        os.close(pidfd)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise
     process = QemuProcess(pid=pid, pidfd=pidfd, workdir=workdir, manifest=manifest)
     log.info("launched QEMU %d for %s in %s", pid, domain.name, workdir)
     await _wait_for_qmp(process, startup_timeout)

@@ -584,6 +584,9 @@ def _creation_order(vmi: JSON) -> tuple[str, str, str]:
 # --- the shell -------------------------------------------------------------------------------------
 
 
+# Failures of the API rather than of one VMI's data.
+_API_FAILURES: tuple[type[Exception], ...] = (ApiStatusError, *TRANSIENT_ERRORS)
+
 PASS_KEY = "pending"
 """The scheduler's one work-queue key: a pass looks at every waiting VMI."""
 
@@ -644,19 +647,24 @@ class SchedulerController(Controller):
     ) -> JSON | None:
         try:
             return await self.schedule(vmi, nodes, vmis, volumes)
-        except Exception as exc:
-            if isinstance(exc, (ApiStatusError, *TRANSIENT_ERRORS)):
-                raise  # the API, not this VMI: the whole pass is retried
-            # this VMI's data: it fails alone, the pass goes on
-            md = vmi.get("metadata") or {}
-            log.warning(
-                "VMI %s/%s cannot be scheduled: %s", md.get("namespace"), md.get("name"), exc
-            )
-            message = f"the VMI cannot be placed: {type(exc).__name__}: {exc}"
-            # an Event even when the VMI itself cannot be written (its data fails admission)
-            await self.events.record(vmi, "FailedScheduling", message, type_="Warning")
-            updated = unschedulable_vmi(vmi, message, _now(), reason=REASON_INVALID)
-            return await self._write(updated) if updated["status"] != vmi.get("status") else None
+        except _API_FAILURES:
+            raise  # the API, not this VMI: the whole pass is retried
+        except InvalidRequest as exc:
+            return await self._fail_alone(vmi, exc)
+        except Exception as exc:  # malformed data, or a bug: it still fails this VMI alone
+            log.exception("placing VMI %s failed", _vmi_key(vmi))
+            return await self._fail_alone(vmi, exc)
+
+    async def _fail_alone(self, vmi: JSON, exc: Exception) -> JSON | None:
+        """PodScheduled=False saying why, and an Event (recorded once: it also reaches users
+        whose VMI cannot be written at all)."""
+        log.warning("VMI %s/%s cannot be scheduled: %s", *_vmi_key(vmi), exc)
+        message = f"the VMI cannot be placed: {type(exc).__name__}: {exc}"
+        updated = unschedulable_vmi(vmi, message, _now(), reason=REASON_INVALID)
+        if updated["status"] == vmi.get("status"):
+            return None  # already says so
+        await self.events.record(vmi, "FailedScheduling", message, type_="Warning")
+        return await self._write(updated)
 
     async def schedule(
         self,

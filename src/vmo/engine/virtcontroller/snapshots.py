@@ -117,11 +117,6 @@ def vm_volumes(vm: JSON) -> list[JSON]:
     )
 
 
-def _key(obj: JSON) -> str:
-    md = obj["metadata"]
-    return f"{md.get('namespace', '')}/{md['name']}"
-
-
 class Loop(Controller):
     """Watches kinds, queues primary keys, runs ``sync`` on the primary object (which may ask
     to be looked at again after some seconds)."""
