@@ -141,14 +141,17 @@ TAILS = ("", "m", "Ki", "Ei", "E", "e18", "e19", "e-9", "e400", "e99999", "e-999
 @pytest.mark.parametrize("sign", SIGNS)
 def test_every_quantity_the_pattern_admits_parses_finite_or_is_refused(sign: str) -> None:
     texts = [sign + number + tail for number, tail in itertools.product(NUMBERS, TAILS)]
+    parsed = 0
     for text in [t for t in texts if re.fullmatch(QUANTITY_PATTERN, t)]:
         try:
             value = parse_quantity(text)
         except QuantityError:
             continue
+        parsed += 1
         assert abs(value) <= MAX_QUANTITY, text
         assert math.isfinite(float(value)), text
         int(value)  # and converts without OverflowError
+    assert parsed >= len(NUMBERS)  # the sweep really checked values, not only refusals
 
 
 # --------------------------------------------------------------- quantities in range

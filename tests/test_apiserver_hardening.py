@@ -181,9 +181,11 @@ def test_watches_are_freed_when_their_clients_hang_up(server: ThreadedServer, ns
     hub = server.server.hub
     base_watchers, base_sockets = hub.watchers, open_sockets()
     clients = [unread_watch(server, f"{CM.format(ns=ns)}?watch=true") for _ in range(100)]
-    wait_for(lambda: hub.watchers == base_watchers + 100)
-    for client in clients:
-        client.close()
+    try:
+        wait_for(lambda: hub.watchers == base_watchers + 100)
+    finally:
+        for client in clients:
+            client.close()
     # no event is ever published: the server must notice the hang-ups by itself
     wait_for(lambda: hub.watchers == base_watchers)
     wait_for(lambda: open_sockets() <= base_sockets)
@@ -199,22 +201,24 @@ def test_unread_watches_are_closed_when_they_fall_behind(
         base = hub.watchers
         path = f"{CM.format(ns=ns)}?watch=true"
         slow = [unread_watch(server, path) for _ in range(20)]
-        events: list[str] = []
-        reader = threading.Thread(target=_read_watch, args=(admin, ns, events, 30), daemon=True)
-        reader.start()
-        wait_for(lambda: hub.watchers == base + 21)
-        for i in range(30):
-            # big enough to fill the kernel's buffers (up to 4 MiB) and then the watch buffer
-            r = admin.post(CM.format(ns=ns), configmap(f"big-{i}", k="x" * 256 * 1024))
-            assert r.status_code == 201, r.text
-        # the 20 that read nothing are closed; the one that reads sees every event
-        wait_for(lambda: hub.watchers == base + 1)
-        reader.join(30)
-        assert events == [f"big-{i}" for i in range(30)]
-        # reset, so that the server's kernel dropped what they never read
-        wait_for(lambda: all(reset_by_server(sock) for sock in slow))
-        for sock in slow:
-            sock.close()
+        try:
+            events: list[str] = []
+            reader = threading.Thread(target=_read_watch, args=(admin, ns, events, 30), daemon=True)
+            reader.start()
+            wait_for(lambda: hub.watchers == base + 21)
+            for i in range(30):
+                # big enough to fill the kernel's buffers (up to 4 MiB) and then the watch buffer
+                r = admin.post(CM.format(ns=ns), configmap(f"big-{i}", k="x" * 256 * 1024))
+                assert r.status_code == 201, r.text
+            # the 20 that read nothing are closed; the one that reads sees every event
+            wait_for(lambda: hub.watchers == base + 1)
+            reader.join(30)
+            assert events == [f"big-{i}" for i in range(30)]
+            # reset, so that the server's kernel dropped what they never read
+            wait_for(lambda: all(reset_by_server(sock) for sock in slow))
+        finally:
+            for sock in slow:
+                sock.close()
         wait_for(lambda: hub.watchers == base)
     finally:
         hub.buffer = WATCH_BUFFER

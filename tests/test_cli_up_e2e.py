@@ -44,8 +44,8 @@ def ready_statuses(home: Path) -> dict[str, str]:
 def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Started]:
     home = tmp_path_factory.mktemp("vmo-up") / "home"
     home.mkdir(mode=0o755)
-    up = vmo(home, "up", "-d", "--nodes", "2", "--port", "0", timeout=300)
     try:
+        up = vmo(home, "up", "-d", "--nodes", "2", "--port", "0", timeout=300)
         # the next line of a script that ran `vmo up -d`: nothing may be waited for in between
         nodes = ready_statuses(home) if up.returncode == 0 else {}
         yield Started(home, up, nodes)

@@ -36,11 +36,10 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from vmo.client import CONFIGMAP, ApiStatusError, Client
+from vmo.client import CONFIGMAP, TRANSIENT_ERRORS, ApiStatusError, Client
 
 log = logging.getLogger(__name__)
 
@@ -261,11 +260,15 @@ async def system_resolve(host: str, port: int) -> list[IPAddress]:
     return list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
 
 
+# The policy cannot be read: the import waits (is retried) rather than guessing.
+_UNREADABLE: tuple[type[Exception], ...] = (ApiStatusError, *TRANSIENT_ERRORS)
+
+
 async def load_allowed_hosts(client: Client) -> AllowList:
     """The administrator's allow-list; empty when the ConfigMap does not exist."""
     try:
         cm = await client.find(CONFIGMAP, POLICY_CONFIGMAP, POLICY_NAMESPACE)
-    except (ApiStatusError, aiohttp.ClientError) as exc:
+    except _UNREADABLE as exc:
         raise PolicyUnavailable(
             f"cannot read ConfigMap {POLICY_NAMESPACE}/{POLICY_CONFIGMAP}: {exc}"
         ) from exc
