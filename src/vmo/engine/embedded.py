@@ -27,6 +27,7 @@ from vmo.engine.agent.snapshots import SnapshotExecutor
 from vmo.engine.network import bridge, ipam
 from vmo.engine.qemu.domain import DiskFormat
 from vmo.engine.qemu.vmi import LocalVolume
+from vmo.engine.storage import qemu_img
 from vmo.engine.storage.export import ExportController
 from vmo.engine.storage.importer import DataVolumeController
 from vmo.engine.storage.pool import Pool, VolumeRecord
@@ -311,15 +312,12 @@ class NodeServices:
 
 
 async def _qemu_img_create(path: Path, size: int) -> None:
+    try:
+        argv = qemu_img.create(path, size)
+    except qemu_img.ImageSizeError as exc:
+        raise PrepareError("VolumeNotReady", str(exc)) from None
     proc = await asyncio.create_subprocess_exec(
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "--",  # the path and the size after it are never options (a size of -1 was one)
-        str(path),
-        str(size),
+        *argv,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -58,13 +58,15 @@ class Manager:
     async def _supervise(self, runnable: Runnable, stop: asyncio.Event) -> None:
         crashes = 0
         while not stop.is_set():
+            started = self.clock.monotonic()
             try:
                 await runnable.run(stop)
                 return
             except asyncio.CancelledError:
                 raise
             except Exception:
-                crashes += 1
+                # a run that lasted a while was healthy: its crash starts the backoff anew
+                crashes = 1 if self.clock.monotonic() - started > RESTART.cap else crashes + 1
                 delay = RESTART.delay(crashes)
                 log.exception("%s crashed; restarting in %.0fs", runnable.name, delay)
                 await self.clock.sleep(delay)

@@ -59,6 +59,7 @@ from vmo.client import (
     Conflict,
     NotFound,
 )
+from vmo.engine.storage import qemu_img
 from vmo.engine.storage.pool import Pool, volume_stem
 from vmo.runtime import (
     Controller,
@@ -444,13 +445,13 @@ class Unmappable(ExportError):
     """Some data of the image has no plain place in a file (compressed clusters)."""
 
 
-async def _qemu_img_json(*args: str) -> Any:
+async def _qemu_img_json(argv: list[str]) -> Any:
     proc = await asyncio.create_subprocess_exec(
-        "qemu-img", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     out, err = await proc.communicate()
     if proc.returncode != 0:
-        raise ExportError(f"qemu-img {args[0]} failed: {err.decode(errors='replace').strip()}")
+        raise ExportError(f"qemu-img {argv[1]} failed: {err.decode(errors='replace').strip()}")
     return json.loads(out)
 
 
@@ -470,14 +471,14 @@ def layout_from_map(size: int, chain: Sequence[Path], mapping: Sequence[JSON]) -
 
 async def map_layout(path: Path) -> Layout:
     """The guest-visible layout of a qcow2 (or raw) image and its backing chain."""
-    infos = await _qemu_img_json("info", "--output=json", "--backing-chain", "-U", "--", str(path))
+    infos = await _qemu_img_json(qemu_img.info(path, backing_chain=True))
     chain = [path]
     for info in infos[:-1]:
         backing = info.get("full-backing-filename") or info.get("backing-filename")
         chain.append(Path(str(backing)))
     size = int(infos[0]["virtual-size"])
     fmt = str(infos[0].get("format", "qcow2"))
-    mapping = await _qemu_img_json("map", "--output=json", "-U", "-f", fmt, "--", str(path))
+    mapping = await _qemu_img_json(qemu_img.map_extents(path, fmt=fmt))
     return layout_from_map(size, chain, mapping)
 
 
@@ -666,14 +667,7 @@ async def _flatten(vf: VolumeFile) -> Path:
     stem = volume_stem(vf.namespace, vf.claim)
     target = vf.pool.root / f".part-export-{stem}-{uuid.uuid4().hex[:8]}.raw"
     proc = await asyncio.create_subprocess_exec(
-        "qemu-img",
-        "convert",
-        "-U",
-        "-O",
-        "raw",
-        "--",  # paths after it are never options
-        str(vf.image()),
-        str(target),
+        *qemu_img.convert(vf.image(), target, target_fmt="raw"),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )

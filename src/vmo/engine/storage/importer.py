@@ -504,6 +504,7 @@ class DataVolumeController(Controller):
     def __post_init__(self) -> None:
         Controller.__init__(self, self.client)
         self.name = f"datavolumes-{self.node_name}"
+        self.events = EventRecorder(self.client, component=IMPORT_COMPONENT, clock=self.clock)
 
     # --- loop ---------------------------------------------------------------------------------
 
@@ -687,7 +688,7 @@ class DataVolumeController(Controller):
         md = dv["metadata"]
         log.warning("DataVolume %s/%s: %s", md["namespace"], md["name"], exc)
         await self._write(dv, refused_status(md["name"], str(exc), restarts))
-        await EventRecorder(self.client, component=IMPORT_COMPONENT).record(
+        await self.events.record(
             dv, "ImportFailed", f"Failed to import into PVC {md['name']}: {exc}", type_="Warning"
         )
 
