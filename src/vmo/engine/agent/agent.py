@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmo.api.annotations import HOST_FORWARDS
 from vmo.api.kubevirt.migratable import claim_name, live_migratable, migration_method
 from vmo.client import KUBEVIRT, VMI, ApiStatusError, Client, NotFound
 from vmo.engine.agent import node as nodeobj
@@ -505,16 +506,17 @@ class NodeAgent:
             await self.client.patch(
                 VMI,
                 runtime.name,
-                {"metadata": {"annotations": {"vmo.dev/host-forwards": value}}},
+                {"metadata": {"annotations": {HOST_FORWARDS: value}}},
                 runtime.namespace,
             )
 
 
 class VmiSync(Controller):
     """virt-handler's loop: every VMI event that concerns this node queues that VMI; one
-    reconcile per VMI at a time, several VMIs at once (a launch must not wait for another)."""
+    reconcile per VMI at a time, many VMIs at once (a graceful stop may take its VMI's whole
+    termination grace period, and must not hold up the other VMIs' launches)."""
 
-    workers = 8
+    workers = 64
 
     def __init__(self, agent: NodeAgent) -> None:
         super().__init__(agent.client)
