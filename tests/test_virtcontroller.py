@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -886,9 +887,10 @@ async def test_vm_lifecycle_against_the_api_server(
         unschedulable = await eventually(lambda: vm_status("ErrorUnschedulable"))
         scheduled_cond = cond(unschedulable["status"], "PodScheduled")
         assert scheduled_cond is not None
-        assert (
-            "1 node(s) had untolerated taint {node.kubernetes.io/not-ready: }"
-            in scheduled_cond["message"]
+        # other tests' nodes on the shared server may be not-ready too: the count varies
+        assert re.search(
+            r"\d+ node\(s\) had untolerated taint \{node.kubernetes.io/not-ready: \}",
+            scheduled_cond["message"],
         )
         vmi = await client.get(VMI, "db", ns)
         assert vmi["status"]["phase"] == "Scheduling" and not vmi["status"].get("nodeName")
