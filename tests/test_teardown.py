@@ -13,10 +13,12 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -118,18 +120,29 @@ async def client(apiserver: ThreadedServer) -> AsyncIterator[Client]:
 
 
 @pytest.fixture
-async def node(client: Client, tmp_path: Path, unique: str) -> AsyncIterator[Node]:
-    n = Node(client, f"td-{unique}", tmp_path / "nodes" / f"td-{unique}")
+async def node(client: Client, unique: str) -> AsyncIterator[Node]:
+    # a short home: the VMs' unix sockets must fit in 108 bytes, which pytest's long
+    # per-test directories under a full run do not leave room for
+    home = Path(tempfile.mkdtemp(prefix="vmo-td-"))
+    n = Node(client, f"td-{unique}", home / "nodes" / f"td-{unique}")
     try:
         yield n
     finally:
-        await n.stop()
-        leaked = qemus_in(n.state_dir)
-        for pid in leaked:
-            os.kill(pid, signal.SIGKILL)
-        taps = bridge.cleanup_orphans(bridge.NetworkState(n.state_dir))
-        assert not leaked, f"QEMU processes left running: {leaked}"
-        assert not taps, f"taps left behind: {taps}"
+        try:
+            await _stop_and_check(n)
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+async def _stop_and_check(n: Node) -> None:
+    """Stops the node's agent; nothing it ran may be left: no QEMU, no tap."""
+    await n.stop()
+    leaked = qemus_in(n.state_dir)
+    for pid in leaked:
+        os.kill(pid, signal.SIGKILL)
+    taps = bridge.cleanup_orphans(bridge.NetworkState(n.state_dir))
+    assert not leaked, f"QEMU processes left running: {leaked}"
+    assert not taps, f"taps left behind: {taps}"
 
 
 async def schedule(client: Client, vmi: JSON, node: str) -> JSON:
