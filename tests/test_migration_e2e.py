@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from tests.test_vm_e2e import (
     wait_for,
     wait_running,
 )
+from vmo.api.annotations import HOST_FORWARDS
 from vmo.testing.apiserver import ThreadedServer
 from vmo.testing.builders import http_datavolume
 
@@ -245,6 +247,32 @@ def test_a_second_migration_moves_it_back(capi: Api, moved: dict[str, Any]) -> N
     assert guest_counter(moved["port"]) > moved["counter"]
 
 
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_an_agent_restart_keeps_the_service_reaching_the_guest(
+    cluster: ThreadedServer, capi: Api, moved: dict[str, Any]
+) -> None:
+    """No migration: the node's agent restarts under a running guest. The forwards are read
+    from QEMU, not from the VMI's annotation, which here names a port nothing listens on (as a
+    migration's source can leave it)."""
+    counter = guest_counter(moved["port"])
+    stale = f"tcp:5432:{_closed_port()}"
+    path = f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances/mover"
+    patch = {"metadata": {"annotations": {HOST_FORWARDS: stale}}}
+    assert capi.patch(path, patch, "application/merge-patch+json").ok
+    cluster.restart_node(node_of(capi, "mover"))
+    # the guest's seconds since boot go on counting (it answers, and it did not reboot)
+    wait_for(lambda: guest_counter(moved["port"]) > counter, 30, "the counter to go on")
+    vmi = vmi_of(capi, "mover")
+    assert vmi is not None and vmi["metadata"]["annotations"][HOST_FORWARDS] != stale
+
+
 def test_admission_refuses_what_cannot_migrate(
     k: Kubectl, capi: Api, moved: dict[str, Any]
 ) -> None:
@@ -392,9 +420,7 @@ def _crawler_qemus(cluster: ThreadedServer) -> list[int]:
 # The old agent is closed in-process (a real one would die with its sockets); the connections it
 # drops are reported as unraisable ResourceWarnings, which are the harness's, not the guest's.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-# "sourceNode" is not here: after a source agent restart mid-migration the guest was left
-# unreachable through its Service in one run (see the closing note of issue 4).
-@pytest.mark.parametrize("side", ["targetNode"])
+@pytest.mark.parametrize("side", ["sourceNode", "targetNode"])
 def test_agent_restarted_mid_migration_finishes_or_rolls_back(
     cluster: ThreadedServer, capi: Api, slow: dict[str, Any], side: str
 ) -> None:
@@ -414,4 +440,28 @@ def test_agent_restarted_mid_migration_finishes_or_rolls_back(
         assert final["status"]["nodeName"] == state["sourceNode"] and state["failed"]
     # never two guests, never none: exactly one QEMU runs the VM once things settle
     wait_for(lambda: len(_crawler_qemus(cluster)) == 1, 60, "one QEMU for crawler")
+    # and its Service reaches it, whichever agent owns it now (it answers, it did not reboot)
+    assert guest_counter(slow["port"]) > slow["counter"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_hand_over_finished_by_a_restarted_target_agent_keeps_the_service(
+    cluster: ThreadedServer, capi: Api, slow: dict[str, Any]
+) -> None:
+    """The target's agent is down while QEMU completes the migration; the next agent adopts
+    the guest's QEMU and must reopen its Service forwards on the QEMU it did not start."""
+    mig = migrate(capi, "crawler")
+    name = mig["metadata"]["name"]
+    _in_running(capi, name)
+    vmi = vmi_of(capi, "crawler")
+    assert vmi is not None
+    target = vmi["status"]["migrationState"]["targetNode"]
+
+    def completes_meanwhile() -> None:
+        done = wait_phase(capi, name, "Succeeded", "Failed", timeout=180)
+        assert done["status"]["phase"] == "Succeeded", done["status"]
+
+    cluster.restart_node(target, between=completes_meanwhile)
+    wait_for(lambda: len(_crawler_qemus(cluster)) == 1, 60, "one QEMU for crawler")
+    assert node_of(capi, "crawler") == target
     assert guest_counter(slow["port"]) > slow["counter"]

@@ -54,6 +54,7 @@ from vmo.engine.qemu.migration import (
     parse_address,
     post_copy_available,
     prepare_target,
+    recover_source,
     source_settings,
     start_incoming,
     target_settings,
@@ -558,6 +559,76 @@ async def test_cancelling_the_task_cancels_the_migration(cluster: Cluster) -> No
     assert (await (await cluster.vm.qmp()).execute("query-migrate"))["status"] == "cancelled"
     outcome = await asyncio.wait_for(incoming, 30)
     assert not outcome.completed and outcome.failure_reason is not None
+    await discard(target)
+    await assert_source_intact(cluster.vm)
+
+
+@on_module_loop
+async def test_a_cancellation_while_qemu_adds_the_nbd_node_still_removes_it(
+    cluster: Cluster,
+) -> None:
+    """The task is cancelled after ``blockdev-add`` went out and before its reply came back (an
+    agent shut down at that moment): the node QEMU added must go all the same."""
+    tuning = MigrationTuning(bandwidth_bytes_per_s=SLOW)
+    target = await cluster.target(tuning)
+    qmp = await cluster.vm.qmp()
+    real = qmp.execute
+    sent = asyncio.Event()
+
+    async def execute(command: str, arguments: object = None, **kwargs: object) -> object:
+        if command == "blockdev-add" and not sent.is_set():
+            reply = asyncio.ensure_future(real(command, arguments, **kwargs))  # type: ignore[arg-type]
+            await asyncio.sleep(0.05)  # written to QEMU
+            sent.set()
+            await asyncio.sleep(30)  # cancelled in here, the reply unread
+            return await reply
+        return await real(command, arguments, **kwargs)  # type: ignore[arg-type]
+
+    qmp.execute = execute  # type: ignore[method-assign]
+    try:
+        migration = asyncio.create_task(cluster.migrate(target, tuning))
+        await asyncio.wait_for(sent.wait(), 30)
+        migration.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await migration
+    finally:
+        del qmp.execute
+    await discard(target)
+    await assert_source_intact(cluster.vm)
+
+
+@on_module_loop
+async def test_recover_source_undoes_what_a_dead_driver_left(cluster: Cluster) -> None:
+    """What a migration's driver leaves when it dies mid-copy (an NBD client node, a mirror job,
+    the memory stream): ``recover_source`` leaves the source as it was before."""
+    tuning = MigrationTuning(bandwidth_bytes_per_s=SLOW)
+    target = await cluster.target(tuning)
+    qmp = await cluster.vm.qmp()
+    mirror = cluster.mirrors(target)[0]
+    assert isinstance(mirror.server, UnixAddress)
+    server = {"type": "unix", "path": str(mirror.server.path)}
+    await qmp.execute(
+        "blockdev-add",
+        {"driver": "nbd", "node-name": "vmo-mig-nbd-0", "server": server, "export": mirror.export},
+    )
+    await qmp.execute(
+        "blockdev-mirror",
+        {
+            "job-id": "vmo-mig-0",
+            "device": mirror.node,
+            "target": "vmo-mig-nbd-0",
+            "sync": "full",
+            "copy-mode": "write-blocking",
+            "auto-dismiss": False,
+            "speed": SLOW,
+        },
+    )
+    await qmp.execute("migrate-set-parameters", {"max-bandwidth": SLOW})
+    await qmp.execute("migrate", {"uri": memory_uri(target)})
+    assert (await qmp.execute("query-migrate"))["status"] in ("setup", "active")
+    await recover_source(qmp)
+    assert (await qmp.execute("query-migrate"))["status"] == "cancelled"
+    await qmp.execute("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH})
     await discard(target)
     await assert_source_intact(cluster.vm)
 

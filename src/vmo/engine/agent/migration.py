@@ -29,6 +29,7 @@ from vmo.engine.agent.host import AgentHost
 from vmo.engine.agent.runtime import VmiRuntime, free_port, qemu_user
 from vmo.engine.qemu import migration as qm
 from vmo.engine.qemu.errors import QemuError
+from vmo.engine.qemu.qmp import VMRunState
 from vmo.engine.qemu.vmi import LocalVolume
 
 log = logging.getLogger(__name__)
@@ -556,16 +557,19 @@ class MigrationRoles:
         try:
             client = await _qmp(runtime)
             status = str((await client.execute("query-migrate")).get("status", "none"))
+            # "completed" is also what a QEMU that came here by an earlier migration reports of
+            # that incoming one; only a source that gave its guest away is left postmigrate
+            gave_away = (await client.query_status()) is VMRunState.POSTMIGRATE
         except (QemuError, OSError):
-            status = "unknown"
-        if status == "completed":
+            status, gave_away = "unknown", False
+        if status == "completed" and gave_away:
             runtime.stopping = True
             self.agent.runtimes.pop(key, None)
             await self._complete(vmi, mode=state.get("mode"))
             await self._retire_source(runtime, key, copied_volumes(runtime))
             return
         with contextlib.suppress(QemuError, OSError):
-            await _cancel_leftovers(await _qmp(runtime))
+            await qm.recover_source(await _qmp(runtime))
         self._handled.add(str(state["migrationUid"]))
         if state.get("startTimestamp") or state.get("targetNodeAddress"):
             await self._write_state(
@@ -615,21 +619,6 @@ def _failed_result(reason: str) -> qm.MigrationResult:
         ram_bytes=0,
         disk_bytes=0,
     )
-
-
-async def _cancel_leftovers(client: Any) -> None:
-    """After a restart: cancels a migration and block jobs a dead agent left, and makes sure a
-    guest that a pre-switchover pause stopped runs again."""
-    with contextlib.suppress(QemuError):
-        await client.execute("migrate_cancel")
-    with contextlib.suppress(QemuError):
-        for job in await client.execute("query-block-jobs") or []:
-            with contextlib.suppress(QemuError):
-                await client.execute("block-job-cancel", {"device": job["device"], "force": True})
-    with contextlib.suppress(QemuError):
-        status = await client.execute("query-status")
-        if status.get("status") in ("finish-migrate", "postmigrate", "pre-switchover"):
-            await client.execute("cont")
 
 
 def _volume_map(vmi: JSON, volumes: dict[str, LocalVolume]) -> dict[str, LocalVolume]:

@@ -46,6 +46,7 @@ __all__ = [
     "parse_address",
     "post_copy_available",
     "prepare_target",
+    "recover_source",
     "source_settings",
     "start_incoming",
     "target_settings",
@@ -59,6 +60,8 @@ GIB = 1 << 30
 UNLIMITED_BANDWIDTH = 1 << 40
 POLL_INTERVAL = 0.1
 _SETTLE_TIMEOUT = 30.0
+_JOB_PREFIX = "vmo-mig-"  # the block jobs of a migration
+_NBD_NODE_PREFIX = "vmo-mig-nbd-"  # and the NBD client nodes they write to
 _RESUME_TIMEOUT = 2.0
 _JOB_COMMAND_TIMEOUT = 60.0
 _USERFAULTFD_SYSCTL = Path("/proc/sys/vm/unprivileged_userfaultfd")
@@ -378,7 +381,7 @@ class _SourceMigration:
         self.uri = uri
         self.tuning = tuning
         self.mirrors = [
-            _Mirror(spec, job=f"vmo-mig-{i}", target_node=f"vmo-mig-nbd-{i}")
+            _Mirror(spec, job=f"{_JOB_PREFIX}{i}", target_node=f"{_NBD_NODE_PREFIX}{i}")
             for i, spec in enumerate(mirrors)
         ]
         self.on_progress = on_progress
@@ -431,6 +434,8 @@ class _SourceMigration:
     async def _start_mirrors(self) -> None:
         for mirror in self.mirrors:
             spec = mirror.spec
+            # recorded first: a cancellation while QEMU adds the node must still remove it
+            self.added_nodes.append(mirror.target_node)
             try:
                 await self.qmp.execute(
                     "blockdev-add",
@@ -442,9 +447,9 @@ class _SourceMigration:
                     },
                 )
             except QMPError as exc:
+                self.added_nodes.remove(mirror.target_node)
                 detail = f"NBD target {spec.export}: {exc.desc}"
                 raise _Failure(REASON_FAILED.format(detail=detail)) from exc
-            self.added_nodes.append(mirror.target_node)
             arguments: JSON = {
                 "job-id": mirror.job,
                 "device": spec.node,
@@ -719,6 +724,44 @@ async def migrate(
             # Cancelled (or on_progress raised): undo, whatever else is cancelled meanwhile.
             await asyncio.shield(run.fail(_Failure(REASON_ABORTED, aborted=True)))
             raise
+
+
+async def recover_source(qmp: QMPClient) -> None:
+    """After the process that drove a migration from this QEMU died: cancels the migration and
+    this module's block jobs, removes their NBD client nodes, and runs a guest that a
+    switchover pause left stopped. The source is then as it was before the migration."""
+    with contextlib.suppress(QMPError):
+        await qmp.execute("migrate_cancel")
+    jobs = [j for j in await qmp.execute("query-block-jobs") or [] if _ours(j.get("device"))]
+    for job in jobs:
+        if job.get("status") != "concluded":
+            with contextlib.suppress(QMPError):
+                await qmp.execute("block-job-cancel", {"device": job["device"], "force": True})
+    deadline = time.monotonic() + _SETTLE_TIMEOUT
+    while time.monotonic() < deadline:
+        left = {j.get("device"): j for j in await qmp.execute("query-block-jobs") or []}
+        waiting = [j for j in jobs if left.get(j["device"], {}).get("status", "null") != "null"]
+        for job in waiting:
+            if left[job["device"]].get("status") == "concluded":
+                with contextlib.suppress(QMPError):
+                    await qmp.execute("job-dismiss", {"id": job["device"]})
+        if not waiting:
+            break
+        await asyncio.sleep(POLL_INTERVAL)
+    for node in await qmp.execute("query-named-block-nodes", {"flat": True}) or []:
+        name = str(node.get("node-name") or "")
+        if name.startswith(_NBD_NODE_PREFIX):
+            try:
+                await qmp.execute("blockdev-del", {"node-name": name})
+            except QMPError as exc:
+                log.warning("cannot remove the NBD client node %s: %s", name, exc)
+    status = await qmp.execute("query-status")
+    if status.get("status") in ("finish-migrate", "postmigrate", "pre-switchover"):
+        await qmp.execute("cont")
+
+
+def _ours(job: object) -> bool:
+    return isinstance(job, str) and job.startswith(_JOB_PREFIX)
 
 
 # --- target side -------------------------------------------------------------------------------
