@@ -86,6 +86,12 @@ kind: ServiceAccount
 metadata: {name: $name, namespace: $ns}
 ---
 apiVersion: v1
+kind: Pod
+metadata: {name: $name, namespace: $ns}
+spec:
+  containers: [{name: compute, image: example.com/app}]
+---
+apiVersion: v1
 kind: Service
 metadata: {name: $name, namespace: $ns}
 spec:
@@ -334,6 +340,8 @@ DRY_RUN = {
     "VirtualMachineClone",
     "VirtualMachineBackup",
 }
+# Written only by the engine (virt-launcher Pods): past validation, admission refuses a user.
+ENGINE_WRITTEN = {"Pod"}
 # What must exist first, created for real: a migration's VMI, which must be running to be
 # migrated. Without an engine nothing runs it, so its status (no subresource on a VMI, as
 # upstream) says so by hand.
@@ -343,6 +351,14 @@ PREREQUISITES = {
         {"status": {"phase": "Running"}},
     )
 }
+
+
+def refused_for_users(out: Any) -> bool:
+    return (
+        out.returncode != 0
+        and "error validating" not in out.stderr
+        and "only its engine writes them" in out.stderr
+    )
 
 
 def _create_only(key: tuple[str, str]) -> bool:
@@ -426,6 +442,9 @@ def test_create_passes_validation(
     prepare(kubectl, key, name, ns)
     text = manifest(key, name, ns)
     out = run(kubectl, "create", key, text)
+    if key[1] in ENGINE_WRITTEN:
+        assert refused_for_users(out), out.stderr
+        return
     assert out.returncode == 0, out.stderr
     answer = json.loads(out.stdout)
     assert (answer["apiVersion"], answer["kind"]) == key
@@ -448,6 +467,9 @@ def test_apply_passes_validation(
         assert out.returncode != 0
         assert "error validating" not in out.stderr
         assert "error when retrieving current configuration" in out.stderr
+        return
+    if key[1] in ENGINE_WRITTEN:
+        assert refused_for_users(out), out.stderr
         return
     assert out.returncode == 0, out.stderr
     assert (json.loads(out.stdout)["kind"]) == key[1]

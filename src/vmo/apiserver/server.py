@@ -15,6 +15,7 @@ from aiohttp import web
 from vmo.api.core import core_resource_types
 from vmo.api.crd import crd_resource_types
 from vmo.api.kubevirt import kubevirt_resource_types
+from vmo.api.pods import pod
 from vmo.api.types import JSON, ResourceType
 from vmo.apiserver import bootstrap_roles, kubevirt_api, pki, rbac
 from vmo.apiserver import objects as ob
@@ -25,6 +26,7 @@ from vmo.apiserver.authn_reviews import authentication_reviews
 from vmo.apiserver.authz import RbacAuthorization, access_reviews, token_request_handler
 from vmo.apiserver.http import ApiHandlers, ExtraGroup
 from vmo.apiserver.kubevirt_api import KubeVirtApi
+from vmo.apiserver.launcher_pods import LOG_DISCOVERY, LauncherPods
 from vmo.apiserver.lifecycle import Lifecycle
 from vmo.apiserver.migrations import MigrationAdmission
 from vmo.apiserver.registry import Registry
@@ -42,7 +44,7 @@ COMPACT_EVERY = 60.0
 
 
 def builtin_types() -> list[ResourceType]:
-    return [*core_resource_types(), *kubevirt_resource_types()]
+    return [*core_resource_types(), pod(), *kubevirt_resource_types()]
 
 
 def kubeconfig(
@@ -113,6 +115,10 @@ class ApiServer:
         self.handlers.extra_discovery[("", "v1", "serviceaccounts")] = [
             ("token", "TokenRequest", ["create"])
         ]
+        pods = LauncherPods(self.service, self.registry, frozenset({ENGINE_USER, ob.SYSTEM.name}))
+        self.service.admission.append(pods.admit)
+        self.handlers.subresources[("", "v1", "pods", "log")] = pods.log
+        self.handlers.extra_discovery[("", "v1", "pods")] = LOG_DISCOVERY
         virt_api = KubeVirtApi(self.service, self.registry)
         self.handlers.extra_groups[kubevirt_api.GROUP] = ExtraGroup(
             kubevirt_api.VERSION, kubevirt_api.resource_list(), virt_api.handle

@@ -19,6 +19,7 @@ import aiohttp
 from aiohttp import web
 
 from vmo.engine.agent.agent import NodeAgent
+from vmo.engine.agent.logs import log_routes
 from vmo.engine.agent.runtime import VmiRuntime
 from vmo.engine.qemu.errors import QemuError
 
@@ -57,6 +58,7 @@ class AgentApi:
         app.router.add_get(BASE + "/portforward/{port:\\d+}", self._portforward)
         app.router.add_get(BASE + "/portforward/{port:\\d+}/{proto:tcp|udp}", self._portforward)
         app.router.add_get(BASE + "/hostport/{proto:tcp|udp}/{port:\\d+}", self._hostport)
+        app.router.add_routes(log_routes(self.agent))
         app.router.add_routes(self.extra_routes)
         return app
 

@@ -293,16 +293,25 @@ def _nics(domain: Domain) -> list[str]:
     return [arg for index, nic in enumerate(domain.nics) for arg in _nic(index, nic)]
 
 
-def _socket_chardev(chardev_id: str, path: str) -> list[str]:
+def _socket_chardev(chardev_id: str, path: str, *, logfile: str | None = None) -> list[str]:
     return [
         "-chardev",
-        _opts("socket", ("id", chardev_id), ("path", path), ("server", True), ("wait", False)),
+        _opts(
+            "socket",
+            ("id", chardev_id),
+            ("path", path),
+            ("server", True),
+            ("wait", False),
+            ("logfile", logfile),
+        ),
     ]
 
 
 def _consoles(domain: Domain) -> list[str]:
     paths = domain.paths
-    argv = _socket_chardev("charserial0", str(paths.serial))
+    # QEMU records the guest's serial output whether or not a console is attached (upstream's
+    # guest-console-log container); a new QEMU starts a new log, as a new launcher pod does
+    argv = _socket_chardev("charserial0", str(paths.serial), logfile=str(paths.serial_log))
     argv += ["-device", "isa-serial,chardev=charserial0,id=serial0"]
     if domain.guest_agent:
         argv += ["-device", _opts("virtio-serial-pci", ("id", _VIRTIO_SERIAL))]

@@ -210,6 +210,9 @@ class EfiFirmware:
     secure_boot: bool = False
 
 
+SERIAL_LOG_NAME = "serial.log"
+
+
 @dataclass(frozen=True)
 class RuntimePaths:
     """Where one VM's sockets and pidfile live; all under its working directory."""
@@ -229,6 +232,12 @@ class RuntimePaths:
             guest_agent=workdir / "qga.sock",
             pidfile=workdir / "qemu.pid",
         )
+
+    @property
+    def serial_log(self) -> Path:
+        """Everything the guest writes to its serial console, as QEMU records it (what
+        ``kubectl logs -c guest-console-log`` reads): beside the serial socket."""
+        return self.serial.with_name(SERIAL_LOG_NAME)
 
     def sockets(self) -> tuple[Path, ...]:
         return (self.qmp, self.serial, self.vnc, self.guest_agent)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from vmo.client import Client
 from vmo.engine.virtcontroller.clone import CloneController
+from vmo.engine.virtcontroller.launcher_pods import LauncherPodController
 from vmo.engine.virtcontroller.migration import MigrationController
 from vmo.engine.virtcontroller.scheduler import SchedulerController
 from vmo.engine.virtcontroller.snapshots import RestoreController, SnapshotController
@@ -21,4 +22,5 @@ def virt_controllers(client: Client) -> list[Controller]:
         SnapshotController(client),
         RestoreController(client),
         CloneController(client),
+        LauncherPodController(client),
     ]

@@ -1,0 +1,199 @@
+"""core/v1 Pod as VMO serves it: each VMI's virt-launcher Pod, written only by the engine.
+
+The schema holds the fields the engine writes (and ``kubectl explain`` shows); users read Pods,
+and their logs, but never write them (the API server's admission says so). Printer columns are
+kubectl's for pods, in its order; READY and STATUS are computed upstream, so the closest plain
+fields stand in (the Ready condition's status, the phase).
+"""
+
+from __future__ import annotations
+
+from vmo.api.core import (
+    AGE,
+    array,
+    boolean,
+    conditions,
+    integer,
+    obj,
+    quantity,
+    resource,
+    string,
+    string_map,
+    timestamp,
+)
+from vmo.api.types import JSON, PrinterColumn, ResourceType
+
+__all__ = ["COMPUTE", "CONTAINERS", "GUEST_CONSOLE_LOG", "pod"]
+
+COMPUTE = "compute"  # QEMU's container upstream; the default container of `kubectl logs`
+GUEST_CONSOLE_LOG = "guest-console-log"  # upstream's serial console log container
+CONTAINERS = (COMPUTE, GUEST_CONSOLE_LOG)
+
+
+def _resources() -> JSON:
+    return obj(
+        {
+            "requests": {
+                "type": "object",
+                "additionalProperties": quantity(),
+                "description": "Minimum amount of compute resources required.",
+            },
+            "limits": {
+                "type": "object",
+                "additionalProperties": quantity(),
+                "description": "Maximum amount of compute resources allowed.",
+            },
+        },
+        "Compute resources required by this container.",
+    )
+
+
+def _container() -> JSON:
+    return obj(
+        {
+            "name": string("Name of the container, unique in the pod."),
+            "image": string("Container image name."),
+            "command": array(string(), "Entrypoint array."),
+            "resources": _resources(),
+        },
+        required=("name",),
+    )
+
+
+def pod_spec() -> JSON:
+    gate = obj({"conditionType": string("A condition type in the pod's conditions.")})
+    return obj(
+        {
+            "containers": array(
+                _container(),
+                "Containers of the pod (compute and guest-console-log).",
+                merge_key="name",
+            ),
+            "nodeName": string("The node this pod runs on."),
+            "hostname": string("The hostname of the pod."),
+            "restartPolicy": string(
+                "Restart policy for all containers.", enum=("Always", "OnFailure", "Never")
+            ),
+            "terminationGracePeriodSeconds": integer(
+                "Seconds the pod needs to terminate gracefully.", fmt="int64"
+            ),
+            "schedulerName": string("The scheduler that placed the pod."),
+            "nodeSelector": string_map("Labels a node must have to run the pod."),
+            "readinessGates": array(gate, "Extra conditions the pod's readiness depends on."),
+        },
+        "Specification of the desired behavior of the pod.",
+        required=("containers",),
+    )
+
+
+def _container_state() -> JSON:
+    return obj(
+        {
+            "waiting": obj(
+                {"reason": string("Why it is waiting."), "message": string("Details.")},
+                "The container is waiting to start.",
+            ),
+            "running": obj(
+                {"startedAt": timestamp("When the container last started.")},
+                "The container is running.",
+            ),
+            "terminated": obj(
+                {
+                    "exitCode": integer("Exit status of the container's last termination."),
+                    "reason": string("Why it terminated."),
+                    "message": string("Details."),
+                    "startedAt": timestamp("When the container started."),
+                    "finishedAt": timestamp("When the container finished."),
+                },
+                "The container has terminated.",
+                required=("exitCode",),
+            ),
+        },
+        "Details about the container's current condition.",
+    )
+
+
+def _container_status() -> JSON:
+    return obj(
+        {
+            "name": string("The container's name."),
+            "ready": boolean("Whether the container is ready."),
+            "started": boolean("Whether the container has started."),
+            "restartCount": integer("How many times the container has been restarted."),
+            "image": string("The container's image."),
+            "imageID": string("The image's ID."),
+            "state": _container_state(),
+        },
+        required=("name", "ready", "restartCount", "image", "imageID"),
+    )
+
+
+def _ips(description: str) -> JSON:
+    return array(obj({"ip": string("An IP address.")}, required=("ip",)), description)
+
+
+def pod_status() -> JSON:
+    return obj(
+        {
+            "phase": string(
+                "The pod's lifecycle phase, following its VMI's.",
+                enum=("Pending", "Running", "Succeeded", "Failed", "Unknown"),
+            ),
+            "conditions": conditions("Current service state of the pod."),
+            "message": string("Why the pod is in this condition."),
+            "reason": string("A brief CamelCase reason for the pod's state."),
+            "hostIP": string("The IP of the node the pod runs on."),
+            "hostIPs": _ips("The IPs of the node the pod runs on."),
+            "podIP": string("The IP of the VMI on its pod network."),
+            "podIPs": _ips("The IPs of the VMI on its pod network."),
+            "nominatedNodeName": string("A node the pod may be placed on after preemption."),
+            "startTime": timestamp("When the pod was acknowledged by its node."),
+            "qosClass": string(
+                "The pod's quality of service class.",
+                enum=("Guaranteed", "Burstable", "BestEffort"),
+            ),
+            "containerStatuses": array(
+                _container_status(), "The status of each container.", list_type="atomic"
+            ),
+        },
+        "Most recently observed status of the pod.",
+    )
+
+
+def pod() -> ResourceType:
+    return ResourceType(
+        group="",
+        version="v1",
+        kind="Pod",
+        plural="pods",
+        singular="pod",
+        namespaced=True,
+        short_names=("po",),
+        categories=("all",),
+        subresources=("status",),
+        printer_columns=(
+            PrinterColumn("Ready", "string", '.status.conditions[?(@.type=="Ready")].status'),
+            PrinterColumn("Status", "string", ".status.phase"),
+            PrinterColumn("Restarts", "integer", ".status.containerStatuses[0].restartCount"),
+            AGE,
+            PrinterColumn("IP", "string", ".status.podIP", priority=1),
+            PrinterColumn("Node", "string", ".spec.nodeName", priority=1),
+            PrinterColumn("Nominated Node", "string", ".status.nominatedNodeName", priority=1),
+            PrinterColumn(
+                "Readiness Gates", "string", ".spec.readinessGates[*].conditionType", priority=1
+            ),
+        ),
+        schema=resource(
+            "Pod is a collection of containers; here, the virt-launcher pod of one VMI.",
+            {"spec": pod_spec(), "status": pod_status()},
+        ),
+        field_selectors={
+            "spec.nodeName": ".spec.nodeName",
+            "spec.restartPolicy": ".spec.restartPolicy",
+            "spec.schedulerName": ".spec.schedulerName",
+            "status.phase": ".status.phase",
+            "status.podIP": ".status.podIP",
+            "status.nominatedNodeName": ".status.nominatedNodeName",
+        },
+        has_generation=False,
+    )
