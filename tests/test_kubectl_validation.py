@@ -98,6 +98,26 @@ spec:
   selector: {app: $name}
   ports: [{port: 80, targetPort: 8080}]
 ---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: $name, namespace: $ns}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 1Gi}}
+---
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: $name}
+spec:
+  capacity: {storage: 1Gi}
+  accessModes: [ReadWriteOnce]
+  csi: {driver: example.com/csi, volumeHandle: $name}
+---
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: $name}
+provisioner: example.com/csi
+---
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
 metadata: {name: gadgets.$name.example.com}
@@ -326,6 +346,8 @@ SAMPLES = _by_kind(_SAMPLES)
 DRY_RUN = {
     "CustomResourceDefinition",
     "Node",
+    "PersistentVolume",
+    "StorageClass",
     "ClusterRoleBinding",
     "KubeVirt",
     "MigrationPolicy",

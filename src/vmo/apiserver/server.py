@@ -16,6 +16,7 @@ from vmo.api.core import core_resource_types
 from vmo.api.crd import crd_resource_types
 from vmo.api.kubevirt import kubevirt_resource_types
 from vmo.api.pods import pod
+from vmo.api.storage import storage_types
 from vmo.api.types import JSON, ResourceType
 from vmo.apiserver import bootstrap_roles, kubevirt_api, pki, rbac
 from vmo.apiserver import objects as ob
@@ -30,6 +31,7 @@ from vmo.apiserver.launcher_pods import LOG_DISCOVERY, LauncherPods
 from vmo.apiserver.lifecycle import Lifecycle
 from vmo.apiserver.migrations import MigrationAdmission
 from vmo.apiserver.registry import Registry
+from vmo.apiserver.storage_admission import StorageAdmission
 from vmo.apiserver.watch import WatchHub
 from vmo.home import StateDir, write_private
 
@@ -44,7 +46,12 @@ COMPACT_EVERY = 60.0
 
 
 def builtin_types() -> list[ResourceType]:
-    return [*core_resource_types(), pod(), *kubevirt_resource_types()]
+    return [
+        *core_resource_types(),
+        pod(),
+        *storage_types(),
+        *kubevirt_resource_types(),
+    ]
 
 
 def kubeconfig(
@@ -96,6 +103,7 @@ class ApiServer:
         self.service.admission.append(mac_pool.admit)
         self.service.admission.append(ServiceAllocator(self.service, self.registry).admit)
         self.service.admission.append(MigrationAdmission(self.service, self.registry).admit)
+        self.service.admission.append(StorageAdmission(self.service, self.registry).admit)
         self.lifecycle = Lifecycle(
             self.service,
             self.registry,

@@ -78,7 +78,7 @@ def to_table(
     rows = [
         {
             "cells": [
-                obj.get("metadata", {}).get("name", ""),
+                _name_cell(obj),
                 *(_cell(c, p, obj, moment) for c, p in zip(columns, paths, strict=True)),
             ],
             "object": _row_object(obj, mode, api_version),
@@ -97,6 +97,16 @@ def to_table(
         "columnDefinitions": [_NAME_COLUMN, *(_column_definition(c) for c in columns)],
         "rows": rows,
     }
+
+
+def _name_cell(obj: JSON) -> str:
+    """The Name cell; a default StorageClass reads "NAME (default)", as upstream prints it."""
+    md = obj.get("metadata", {})
+    name = str(md.get("name", ""))
+    default = (md.get("annotations") or {}).get("storageclass.kubernetes.io/is-default-class")
+    if obj.get("kind") == "StorageClass" and default == "true":
+        return f"{name} (default)"
+    return name
 
 
 def _column_definition(column: PrinterColumn) -> JSON:

@@ -28,6 +28,12 @@ from vmo.engine.network import bridge, ipam
 from vmo.engine.qemu.domain import DiskFormat
 from vmo.engine.qemu.vmi import LocalVolume
 from vmo.engine.storage import qemu_img
+from vmo.engine.storage.claims import (
+    ClaimController,
+    Provisioner,
+    ensure_storage_classes,
+    provision_for_vmi,
+)
 from vmo.engine.storage.export import ExportController
 from vmo.engine.storage.importer import DataVolumeController
 from vmo.engine.storage.pool import Pool, VolumeRecord
@@ -59,6 +65,7 @@ class NodeServices:
     ipam: ipam.IpamStore = field(init=False)
     _network_config: dict[str, JSON] = field(default_factory=dict)
     datavolumes: DataVolumeController = field(init=False)
+    provisioner: Provisioner = field(init=False)
     snapshots: SnapshotExecutor = field(init=False)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
@@ -90,13 +97,18 @@ class NodeServices:
             cpus=self.cpus,
             memory_ki=self.memory_ki,
         )
+        self.provisioner = Provisioner(
+            self.client, self.name, self.pool, self.shared_pool, resize_online=self._resize_online
+        )
         self.datavolumes = DataVolumeController(
             self.client,
             self.pool,
             self.name,
             import_dir=self.image_dir,
             shared_pool=self.shared_pool,
+            claims=self.provisioner,
         )
+        self.provisioner.import_claim = self.datavolumes.import_claim
         self.agent.migrations = MigrationRoles(
             self.agent,
             prepare_target_volumes=self._prepare_target_volumes,
@@ -115,7 +127,8 @@ class NodeServices:
         exports = ExportController(
             self.client, self.name, [self.pool, self.shared_pool], self.state_dir
         )
-        background = Manager([self.datavolumes, self.snapshots, exports])
+        claims = ClaimController(self.provisioner)
+        background = Manager([self.datavolumes, claims, self.snapshots, exports])
         self.tasks.append(
             asyncio.get_running_loop().create_task(background.run(stop), name=f"node-{self.name}")
         )
@@ -143,6 +156,10 @@ class NodeServices:
 
     async def _prepare_volumes(self, vmi: JSON, workdir: Path) -> dict[str, LocalVolume]:
         workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            await provision_for_vmi(self.provisioner, vmi)  # this node is the first consumer
+        except ApiStatusError as exc:
+            raise PrepareError("VolumeNotReady", f"claim not provisioned: {exc}") from None
         try:
             resolved = await resolve_volumes(
                 vmi, self.pool, workdir=workdir, shared_pool=self.shared_pool
@@ -178,6 +195,22 @@ class NodeServices:
                 seed, DiskFormat.RAW, readonly=True, virtual_size=seed.stat().st_size
             )
         return volumes
+
+    async def _resize_online(self, namespace: str, claim: str, size: int) -> bool:
+        """Grows the claim's disk in the QEMU of this node that has it open (``block_resize``;
+        the guest sees the new size at once); False when no QEMU here uses it."""
+        agent = self.agent
+        if agent is None:
+            return False
+        for runtime in list(agent.runtimes.values()):
+            for volume, local in runtime.volume_sources():
+                if local.claim != (namespace, claim) or runtime.process is None:
+                    continue
+                node = runtime.disk_nodes[str(volume["name"])]
+                qmp = await runtime.process.qmp()
+                await qmp.execute("block_resize", {"node-name": node, "size": size})
+                return True
+        return False
 
     # --- what a live migration needs from storage ------------------------------------------------
 
@@ -358,6 +391,7 @@ class Engine:
 
     async def start(self, stop: asyncio.Event) -> None:
         client = self.client = Client.from_kubeconfig(self.state.engine_kubeconfig)
+        await ensure_storage_classes(client)
         opener = AgentPortOpener(client, self.node_services)
         manager = Manager([*cluster_controllers(client), ServiceProxyController(client, opener)])
         self._controllers = asyncio.get_running_loop().create_task(manager.run(stop))

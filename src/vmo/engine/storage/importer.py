@@ -50,6 +50,7 @@ from yarl import URL
 from vmo.api.annotations import CLONE_MODE, STORAGE_NODE
 from vmo.api.quantity import QuantityError, parse_quantity
 from vmo.client import CONFIGMAP, DATAVOLUME, SECRET, Client, Conflict, NotFound
+from vmo.engine.storage.claims import Provisioner
 from vmo.engine.storage.pool import Pool, PoolError, VolumeInfo, VolumeNotFound
 from vmo.engine.storage.urlpolicy import (
     AllowList,
@@ -451,6 +452,11 @@ def _redirect_target(url: URL, location: str) -> URL:
 # --- the controller ---------------------------------------------------------------------------
 
 
+CLAIM_IMPORT_ENDPOINT = "cdi.kubevirt.io/storage.import.endpoint"
+CLAIM_IMPORT_SECRET = "cdi.kubevirt.io/storage.import.secretName"
+CLAIM_IMPORT_CERT = "cdi.kubevirt.io/storage.import.certConfigMap"
+
+
 class UploadRefused(Exception):
     """An upload that cannot be taken now; ``code`` is the HTTP status to answer with."""
 
@@ -496,6 +502,8 @@ class DataVolumeController(Controller):
     # the host-wide pool every node opens in place: DataVolumes asking ReadWriteMany live there
     shared_pool: Pool | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # makes each DataVolume's claim and binds it once the import succeeded (CDI's role)
+    claims: Provisioner | None = None
     _tasks: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
     _uploading: set[tuple[str, str]] = field(default_factory=set)
 
@@ -553,6 +561,8 @@ class DataVolumeController(Controller):
             dv = claimed
         elif owner != self.node_name:
             return
+        if self.claims is not None:
+            await self.claims.ensure_datavolume_claim(dv)
         running = self._tasks.get(key)
         if (running is not None and not running.done()) or key in self._uploading:
             return
@@ -621,6 +631,9 @@ class DataVolumeController(Controller):
 
     async def _ensure_succeeded(self, dv: JSON) -> None:
         status = dv.get("status") or {}
+        if self.claims is not None:
+            restarts = int(status.get("restartCount", 0))
+            await self.claims.bind_datavolume(dv, self.pool_for(dv), restarts=restarts)
         if status.get("phase") == DataVolumePhase.SUCCEEDED:
             return
         kind = _kind_of(dv)
@@ -759,6 +772,50 @@ class DataVolumeController(Controller):
                 owner_uid=uid,
             )
 
+    # --- claims annotated for import (CDI's older, DataVolume-less style) ---------------------
+
+    async def import_claim(self, pvc: JSON, pool: Pool) -> VolumeInfo:
+        """Fills a claim annotated ``cdi.kubevirt.io/storage.import.endpoint`` into ``pool``, as
+        the DataVolume of the same source would (URL policy, CA bundle and credentials
+        included); raises ``ImportSpecError``, ``ImportRefused``, ``TransferError`` or
+        ``PoolError``."""
+        annotations = pvc["metadata"].get("annotations") or {}
+        http: JSON = {"url": annotations.get(CLAIM_IMPORT_ENDPOINT, "")}
+        if annotations.get(CLAIM_IMPORT_SECRET):
+            http["secretRef"] = annotations[CLAIM_IMPORT_SECRET]
+        if annotations.get(CLAIM_IMPORT_CERT):
+            http["certConfigMap"] = annotations[CLAIM_IMPORT_CERT]
+        spec = pvc.get("spec") or {}
+        as_dv = {
+            "metadata": pvc["metadata"],
+            "spec": {
+                "source": {"http": http},
+                "storage": {"resources": spec.get("resources") or {}},
+            },
+        }
+        plan = import_plan(as_dv, import_dir=self.import_dir)
+        md = pvc["metadata"]
+        namespace, name, uid = md["namespace"], md["name"], md.get("uid", "")
+        size = plan.size or 0
+        if plan.kind is SourceKind.FILE:
+            assert plan.path is not None
+            if not plan.path.is_file():
+                raise TransferError(f"Unable to read local data source: no file {plan.path}")
+            return await pool.import_file(
+                namespace, name, plan.path, source=plan.url, min_size=size, owner_uid=uid
+            )
+        access = await http_access(self.client, namespace, plan)
+        async with open_http(plan.url, access) as (chunks, total):
+            return await pool.import_stream(
+                namespace,
+                name,
+                chunks,
+                total=total,
+                source=plan.url,
+                min_size=size,
+                owner_uid=uid,
+            )
+
     # --- uploads ------------------------------------------------------------------------------
 
     async def receive_upload(
@@ -830,6 +887,8 @@ class DataVolumeController(Controller):
         conditions = merge_conditions(old, status["conditions"], now)
         # CDI's conditions carry a heartbeat: the time they were last confirmed
         full = {**status, "conditions": [{**c, "lastHeartbeatTime": now} for c in conditions]}
+        if self.claims is not None:
+            full["claimName"] = md["name"]  # CDI's: the claim of the same name
         updated = await self.client.patch_status(DATAVOLUME, md["name"], full, md["namespace"])
         dv["status"] = updated.get("status") or full
 

@@ -32,7 +32,7 @@ from collections.abc import (
     Collection,
     Iterator,
 )
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -504,6 +504,18 @@ class Pool:
             raise VolumeNotFound(f"volume {namespace}/{name} not found in the pool")
         data = json.loads(await _run(qemu_img.info(path, fmt="qcow2")))
         return VolumeInfo(_allocated(path), int(data["virtual-size"]), str(data["format"]))
+
+    async def resize(self, namespace: str, name: str, size: int, *, offline: bool) -> None:
+        """Grows a volume to ``size`` bytes: its top layer with ``qemu-img resize`` when
+        ``offline`` (no QEMU has it open), else only the record (QEMU's ``block_resize`` grew the
+        image); never shrinks."""
+        record = self.record(namespace, name)
+        if size <= record.virtual_size:
+            return
+        if offline:
+            async with self._locked():
+                await _run(qemu_img.resize(self.top(namespace, name), size))
+        self._write_sidecar(replace(record, virtual_size=size))
 
     async def create_blank(
         self, namespace: str, name: str, size: int, *, owner_uid: str = ""

@@ -29,6 +29,26 @@ def referenced_data_volumes(vm: JSON) -> list[str]:
     ]
 
 
+def template_claim_names(vm: JSON) -> list[str]:
+    """Claim names the template's ``persistentVolumeClaim`` and ephemeral volumes use; a claim a
+    DataVolume of the same name owns is awaited like a ``dataVolume`` volume, as upstream."""
+    volumes = vm.get("spec", {}).get("template", {}).get("spec", {}).get("volumes") or []
+    names = []
+    for volume in volumes:
+        pvc = volume.get("persistentVolumeClaim") or (volume.get("ephemeral") or {}).get(
+            "persistentVolumeClaim"
+        )
+        name = (pvc or {}).get("claimName")
+        if name:
+            names.append(str(name))
+    return names
+
+
+def _awaited(vm: JSON, dvs: Mapping[str, JSON]) -> list[str]:
+    """The DataVolumes a VM's volumes wait for: by ``dataVolume`` or by their claim."""
+    return [*referenced_data_volumes(vm), *(n for n in template_claim_names(vm) if n in dvs)]
+
+
 def build_data_volume(vm: JSON, template: JSON) -> JSON:
     """A DataVolume from one of the VM's ``dataVolumeTemplates``, owned by the VM."""
     tmd = template.get("metadata") or {}
@@ -62,18 +82,18 @@ def _dv_phase(dvs: Mapping[str, JSON], name: str) -> str:
 
 def data_volumes_ready(vm: JSON, dvs: Mapping[str, JSON]) -> bool:
     """Every DataVolume the VM creates or uses exists and can be attached."""
-    names = set(template_data_volume_names(vm)) | set(referenced_data_volumes(vm))
+    names = set(template_data_volume_names(vm)) | set(_awaited(vm, dvs))
     return all(name in dvs and _dv_phase(dvs, name) in DV_READY_PHASES for name in names)
 
 
 def data_volume_error(vm: JSON, dvs: Mapping[str, JSON]) -> bool:
-    return any(_dv_phase(dvs, n) in DV_FAILED_PHASES for n in referenced_data_volumes(vm))
+    return any(_dv_phase(dvs, n) in DV_FAILED_PHASES for n in _awaited(vm, dvs))
 
 
 def data_volume_provisioning(vm: JSON, dvs: Mapping[str, JSON]) -> bool:
     """Some DataVolume of the VM is still being imported (or not yet created from its template)."""
     templated = set(template_data_volume_names(vm))
-    for name in referenced_data_volumes(vm):
+    for name in _awaited(vm, dvs):
         if name not in dvs:
             if name in templated:
                 return True

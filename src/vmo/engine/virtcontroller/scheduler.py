@@ -19,9 +19,11 @@ from typing import Any
 
 from vmo.api.annotations import STORAGE_NODE
 from vmo.api.quantity import QuantityError, parse_quantity
+from vmo.api.storage import SELECTED_NODE
 from vmo.client import (
     DATAVOLUME,
     NODE,
+    PVC,
     TRANSIENT_ERRORS,
     VMI,
     ApiStatusError,
@@ -707,6 +709,14 @@ async def local_volume_nodes(client: Client) -> dict[tuple[str, str], str]:
         holder = (md.get("annotations") or {}).get(STORAGE_NODE)
         if holder and not is_shared(dv):
             found[(str(md.get("namespace", "")), str(md["name"]))] = str(holder)
+    # standalone claims bound to a node's own pool (their PV's node affinity)
+    pvcs, _ = await client.list(PVC)
+    for pvc in pvcs:
+        md = pvc["metadata"]
+        selected = (md.get("annotations") or {}).get(SELECTED_NODE)
+        key = (str(md.get("namespace", "")), str(md["name"]))
+        if selected and key not in found:
+            found[key] = str(selected)
     return found
 
 

@@ -37,6 +37,7 @@ from vmo.engine.virtcontroller.datavolumes import (
     data_volumes_ready,
     missing_data_volumes,
     referenced_data_volumes,
+    template_claim_names,
     template_data_volume_names,
 )
 from vmo.engine.virtcontroller.startfailure import (
@@ -616,6 +617,7 @@ class VMController(Controller):
     async def _data_volumes(self, vm: JSON) -> dict[str, JSON]:
         namespace = vm["metadata"].get("namespace", "")
         names = set(template_data_volume_names(vm)) | set(referenced_data_volumes(vm))
+        names |= set(template_claim_names(vm))  # a claim a DataVolume fills is awaited like one
         found: dict[str, JSON] = {}
         for name in sorted(names):
             dv = await self.client.find(DATAVOLUME, name, namespace)
