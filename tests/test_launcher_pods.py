@@ -146,7 +146,7 @@ def test_log_parameters_are_checked_by_name() -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
-    yield from engine_cluster(tmp_path_factory.mktemp("vmo-pods"))
+    yield from engine_cluster(tmp_path_factory.mktemp("vmo-pods"), nodes=2)
 
 
 @pytest.fixture(scope="module")
@@ -194,13 +194,15 @@ def pod(capi: Api, web: dict[str, Any]) -> dict[str, Any]:
     return running_pod(capi, web)
 
 
-def test_get_pods_wide_shows_node_and_ip(k: Kubectl, pod: dict[str, Any]) -> None:
+def test_get_pods_wide_shows_node_and_ip(
+    k: Kubectl, web: dict[str, Any], pod: dict[str, Any]
+) -> None:
     out = k("get", "pods", "-n", NS, "-o", "wide").stdout.splitlines()
     header = out[0].split()
     assert header[:5] == ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
     assert header[5:] == ["IP", "NODE", "NOMINATED", "NODE", "READINESS", "GATES"]
     row = next(line.split() for line in out if line.startswith(pod["metadata"]["name"]))
-    assert row[2] == "Running" and row[5:7] == ["10.0.2.2", "node-1"]
+    assert row[2] == "Running" and row[5:7] == ["10.0.2.2", web["status"]["nodeName"]]
 
 
 def test_pod_validates_and_names_its_vmi(
@@ -218,9 +220,9 @@ def test_pod_validates_and_names_its_vmi(
         "web",
         True,
     )
-    assert live["spec"]["nodeName"] == "node-1"
-    vmi = vmi_of_web(k)
-    assert vmi["status"]["activePods"] == {md["uid"]: "node-1"}
+    node = web["status"]["nodeName"]
+    assert live["spec"]["nodeName"] == node and live["status"]["hostIP"]
+    assert vmi_of_web(k)["status"]["activePods"] == {md["uid"]: node}
 
 
 def vmi_of_web(k: Kubectl) -> dict[str, Any]:
@@ -316,6 +318,38 @@ def test_users_cannot_create_or_change_pods(k: Kubectl, pod: dict[str, Any]) -> 
     assert "only its engine writes them" in created.stderr and "Forbidden" in created.stderr
     labelled = k("label", "pod", pod["metadata"]["name"], "-n", NS, "x=y", check=False)
     assert labelled.returncode != 0 and "cannot update pods" in labelled.stderr
+
+
+def test_a_migrated_vmis_pod_moves_to_the_target_node(
+    k: Kubectl, capi: Api, web: dict[str, Any], pod: dict[str, Any]
+) -> None:
+    source = web["status"]["nodeName"]
+    body = {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstanceMigration",
+        "metadata": {"name": "web-move", "namespace": NS},
+        "spec": {"vmiName": "web"},
+    }
+    k.apply(body)
+
+    def done() -> str | None:
+        migration = k.json("get", "vmim", "web-move", "-n", NS)
+        phase = migration.get("status", {}).get("phase")
+        assert phase != "Failed", migration["status"]
+        return phase if phase == "Succeeded" else None
+
+    wait_for(done, 120, "the migration to succeed")
+
+    def moved() -> dict[str, Any] | None:
+        live = k.json("get", "pod", pod["metadata"]["name"], "-n", NS)
+        return live if live["spec"].get("nodeName") not in (None, source) else None
+
+    live = wait_for(moved, 30, "the Pod's nodeName to follow the VMI")
+    assert live["spec"]["nodeName"] == vmi_of_web(k)["status"]["nodeName"]
+    assert live["status"]["phase"] == "Running"
+    validate(live)
+    logs = k("logs", pod["metadata"]["name"], "-n", NS, "-c", "guest-console-log", check=False)
+    assert logs.returncode == 0, logs.stderr  # the target QEMU's console log, on the new node
 
 
 def test_deleting_the_pod_stops_the_vmi_and_its_vm_starts_a_new_one(
