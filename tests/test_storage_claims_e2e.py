@@ -73,6 +73,8 @@ def pvc(capi: Api, name: str) -> dict[str, Any]:
 def bound(capi: Api, name: str) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
         got = capi.get(f"{PVCS}/{name}").json()
+        if got.get("kind") != "PersistentVolumeClaim":
+            return None  # not (or no longer) there: a Status
         return got if (got.get("status") or {}).get("phase") == "Bound" else None
 
     found: dict[str, Any] = wait_for(check, BOOT_TIMEOUT, f"claim {name} to be Bound")
@@ -268,3 +270,64 @@ def test_a_claim_in_use_is_protected_and_released_with_its_volume(
         "its PV to go",
     )
     assert not list(pool.glob(f"{NS}--claimer-data*"))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_datavolume_without_its_claim_gets_it_back_with_its_volume_unchanged(
+    cluster: ThreadedServer, k: Kubectl, capi: Api, booted: dict[str, Any]
+) -> None:
+    """What every DataVolume made before claims existed looks like: a volume in the pool and no
+    claim. After the node agent restarts (an upgrade), the claim and its PV are there, bound,
+    and the volume is the same file."""
+    blank = {
+        "apiVersion": "cdi.kubevirt.io/v1beta1",
+        "kind": "DataVolume",
+        "metadata": {"name": "older", "namespace": NS},
+        "spec": {
+            "source": {"blank": {}},
+            "storage": {"resources": {"requests": {"storage": "16Mi"}}},
+        },
+    }
+    k.apply(blank)
+    first = bound(capi, "older")
+    node = first["metadata"]["annotations"]["volume.kubernetes.io/selected-node"]
+    volume = cluster.home / "nodes" / node / "pool" / f"{NS}--older.qcow2"
+    inode = volume.resolve().stat().st_ino
+    assert capi.delete(f"{PVCS}/older").status_code == 200
+    wait_for(lambda: capi.get(f"{PVCS}/older").status_code == 404, 30, "the claim to go")
+    old_pv = first["spec"]["volumeName"]
+    wait_for(
+        lambda: capi.get(f"/api/v1/persistentvolumes/{old_pv}").status_code == 404, 30, "its PV"
+    )
+    assert volume.resolve().stat().st_ino == inode  # a DataVolume's volume stays with it
+    cluster.restart_node(node)
+    again = bound(capi, "older")
+    assert again["metadata"]["uid"] != first["metadata"]["uid"]
+    assert volume.resolve().stat().st_ino == inode
+    pv = capi.get(f"/api/v1/persistentvolumes/{again['spec']['volumeName']}").json()
+    assert pv["spec"]["claimRef"]["uid"] == again["metadata"]["uid"]
+
+
+def test_deleting_a_storage_class_strands_no_claim(
+    cluster: ThreadedServer, k: Kubectl, capi: Api, booted: dict[str, Any]
+) -> None:
+    """Last in the module: the class goes; its bound claim stays bound and is still released
+    with its volume; a new claim naming the class waits, with an Event saying why."""
+    sc = "/apis/storage.k8s.io/v1/storageclasses/vmo-shared"
+    assert capi.delete(sc).status_code == 200
+    assert pvc(capi, "idle")["status"]["phase"] == "Bound"
+    k.apply(claim("orphan", "16Mi", storageClassName="vmo-shared", accessModes=["ReadWriteMany"]))
+
+    def why() -> dict[str, Any] | None:
+        events = capi.get(f"/api/v1/namespaces/{NS}/events").json()["items"]
+        return next((e for e in events if e["involvedObject"].get("name") == "orphan"), None)
+
+    event = wait_for(why, 30, "an Event for the orphan claim")
+    assert 'storageclass.storage.k8s.io "vmo-shared" not found' in event["message"]
+    assert pvc(capi, "orphan")["status"]["phase"] == "Pending"
+    pv_name = pvc(capi, "idle")["spec"]["volumeName"]
+    assert capi.delete(f"{PVCS}/idle").status_code == 200
+    wait_for(
+        lambda: capi.get(f"/api/v1/persistentvolumes/{pv_name}").status_code == 404, 30, "its PV"
+    )
+    assert not (cluster.home / "shared-pool" / f"{NS}--idle.qcow2").exists()
