@@ -16,8 +16,10 @@ import yaml
 
 from tests.conftest import Api, Kubectl, make_user
 from tests.test_vm_e2e import NS, datavolume, engine_cluster, vm, vmi_of, wait_for, wait_running
+from vmo.api.pods import pod as pod_type
 from vmo.apiserver.errors import ApiError
 from vmo.apiserver.launcher_pods import log_params
+from vmo.apiserver.table import to_table
 from vmo.engine.agent.logs import tail_lines
 from vmo.engine.virtcontroller.launcher_pods import launcher_pod, pod_name
 from vmo.testing.apiserver import ThreadedServer
@@ -26,6 +28,7 @@ from vmo.testing.guest import READY_MARKER
 KUBERNETES = "1.32.0"  # the kubectl on these machines
 BOOT_TIMEOUT = 180.0
 LAUNCHER = "kubevirt.io=virt-launcher"
+POD_TYPE = pod_type()
 
 
 def validate(pod: dict[str, Any]) -> None:
@@ -108,6 +111,24 @@ def test_pod_follows_its_vmi_as_upstream_labels_and_owns_it() -> None:
 def test_scheduled_vmi_has_a_pending_pod_and_a_pending_one_no_node() -> None:
     assert launcher_pod(_vmi("Scheduled"), name="p", host_ip=None)["status"]["phase"] == "Pending"
     assert "nodeName" not in launcher_pod(_vmi("Pending"), name="p", host_ip=None)["spec"]
+
+
+@pytest.mark.parametrize(
+    ("phase", "status", "cells"),
+    [
+        ("Pending", {}, ["0/2", "ContainerCreating", 0]),
+        ("Running", RUNNING, ["2/2", "Running", 0]),
+        ("Succeeded", {"nodeName": "node-1"}, ["0/2", "Completed", 0]),
+        ("Failed", {"nodeName": "node-1"}, ["0/2", "Error", 0]),
+    ],
+)
+def test_pods_table_reads_as_kubectls(phase: str, status: dict[str, Any], cells: list[Any]) -> None:
+    pod = launcher_pod(_vmi(phase, **status), name="p", host_ip=None)
+    rows = to_table([pod], POD_TYPE.printer_columns, resource_version="1")["rows"]
+    assert rows[0]["cells"][1:4] == cells
+    pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:10Z"
+    terminating = to_table([pod], POD_TYPE.printer_columns, resource_version="1")["rows"]
+    assert terminating[0]["cells"][2] == "Terminating"
 
 
 def test_pod_names_are_upstreams_and_fit_a_generated_name() -> None:
@@ -202,7 +223,8 @@ def test_get_pods_wide_shows_node_and_ip(
     assert header[:5] == ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
     assert header[5:] == ["IP", "NODE", "NOMINATED", "NODE", "READINESS", "GATES"]
     row = next(line.split() for line in out if line.startswith(pod["metadata"]["name"]))
-    assert row[2] == "Running" and row[5:7] == ["10.0.2.2", web["status"]["nodeName"]]
+    assert row[1:4] == ["2/2", "Running", "0"]
+    assert row[5:7] == ["10.0.2.2", web["status"]["nodeName"]]
 
 
 def test_pod_validates_and_names_its_vmi(

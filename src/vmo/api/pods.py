@@ -2,11 +2,14 @@
 
 The schema holds the fields the engine writes (and ``kubectl explain`` shows); users read Pods,
 and their logs, but never write them (the API server's admission says so). Printer columns are
-kubectl's for pods, in its order; READY and STATUS are computed upstream, so the closest plain
-fields stand in (the Ready condition's status, the phase).
+kubectl's for pods, in its order; READY, STATUS and RESTARTS are computed as kubectl's pod
+printer computes them (``COMPUTED_CELLS``), their JSONPaths the closest plain fields.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 from vmo.api.core import (
     AGE,
@@ -23,7 +26,7 @@ from vmo.api.core import (
 )
 from vmo.api.types import JSON, PrinterColumn, ResourceType
 
-__all__ = ["COMPUTE", "CONTAINERS", "GUEST_CONSOLE_LOG", "pod"]
+__all__ = ["COMPUTE", "COMPUTED_CELLS", "CONTAINERS", "GUEST_CONSOLE_LOG", "pod"]
 
 COMPUTE = "compute"  # QEMU's container upstream; the default container of `kubectl logs`
 GUEST_CONSOLE_LOG = "guest-console-log"  # upstream's serial console log container
@@ -197,3 +200,46 @@ def pod() -> ResourceType:
         },
         has_generation=False,
     )
+
+
+# --------------------------------------------------------------------------- computed cells
+
+
+def _container_statuses(pod: JSON) -> list[JSON]:
+    return list((pod.get("status") or {}).get("containerStatuses") or [])
+
+
+def ready_cell(pod: JSON) -> str:
+    """``2/2``: ready containers of all the pod's containers."""
+    total = len((pod.get("spec") or {}).get("containers") or [])
+    ready = sum(1 for c in _container_statuses(pod) if c.get("ready"))
+    return f"{ready}/{total}"
+
+
+def status_cell(pod: JSON) -> str:
+    """What kubectl prints as STATUS: Terminating, a container's waiting or terminated reason
+    (ContainerCreating, Completed, Error), else the phase."""
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return "Terminating"
+    status = pod.get("status") or {}
+    reason = str(status.get("reason") or status.get("phase") or "")
+    for container in _container_statuses(pod):
+        state = container.get("state") or {}
+        waiting, terminated = state.get("waiting") or {}, state.get("terminated")
+        if waiting.get("reason"):
+            reason = str(waiting["reason"])
+        elif terminated is not None:
+            reason = str(terminated.get("reason") or f"ExitCode:{terminated.get('exitCode', 0)}")
+    return reason
+
+
+def restarts_cell(pod: JSON) -> int:
+    return sum(int(c.get("restartCount") or 0) for c in _container_statuses(pod))
+
+
+COMPUTED_CELLS: dict[tuple[str, str, str], Callable[[JSON], Any]] = {
+    ("v1", "Pod", "Ready"): ready_cell,
+    ("v1", "Pod", "Status"): status_cell,
+    ("v1", "Pod", "Restarts"): restarts_cell,
+}
+"""(apiVersion, kind, printer column) -> the cell, for columns kubectl computes, not reads."""

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from vmo.api.pods import COMPUTED_CELLS
 from vmo.api.types import JSON, PrinterColumn
 
 __all__ = [
@@ -136,6 +137,10 @@ def _row_object(obj: JSON, mode: str, api_version: str) -> JSON | None:
 
 def _cell(column: PrinterColumn, path: list[_Step], obj: JSON, now: datetime) -> Any:
     """A cell as the CRD table convertor makes it; None (kubectl prints ``<none>``) if absent."""
+    kind = (str(obj.get("apiVersion", "")), str(obj.get("kind", "")), column.name)
+    computed = COMPUTED_CELLS.get(kind)
+    if computed is not None:
+        return computed(obj)
     try:
         results = _evaluate(path, obj)
     except JsonPathError:
