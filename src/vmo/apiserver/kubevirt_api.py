@@ -1,16 +1,19 @@
 """The virt-api role: the ``subresources.kubevirt.io`` actions on VMs and VMIs.
 
 start/stop/restart change the VirtualMachine as KubeVirt's virt-api does (runStrategy or
-``status.stateChangeRequests``); pause/unpause, console, VNC, guest OS info and port-forward are
-relayed to the node agent that runs the VMI, over the agent's unix socket named on its Node
-(annotation ``vmo.dev/agent-socket``), as virt-api relays to virt-handler.
+``status.stateChangeRequests``); pause/unpause, console, VNC, the guest agent's reports (OS info,
+filesystems, users) and port-forward are relayed to the node agent that runs the VMI, over the
+agent's unix socket named on its Node (annotation ``vmo.dev/agent-socket``), as virt-api relays
+to virt-handler. ``/version`` answers with upstream's version Info shape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import logging
+import platform
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,10 +47,33 @@ SUBRESOURCES: dict[tuple[str, str], tuple[list[str], str]] = {
     ("virtualmachineinstances", "console"): (["get"], "VirtualMachineInstance"),
     ("virtualmachineinstances", "vnc"): (["get"], "VirtualMachineInstance"),
     ("virtualmachineinstances", "guestosinfo"): (["get"], "VirtualMachineInstance"),
+    ("virtualmachineinstances", "filesystemlist"): (["get"], "VirtualMachineInstance"),
+    ("virtualmachineinstances", "userlist"): (["get"], "VirtualMachineInstance"),
     ("virtualmachineinstances", "portforward"): (["get"], "VirtualMachineInstance"),
+    ("virtualmachines", "portforward"): (["get"], "VirtualMachine"),
 }
 _AGENT_ACTIONS = ("pause", "unpause", "softreboot")
 _AGENT_STREAMS = ("console", "vnc", "portforward")
+# what the node agent reports from the guest agent, relayed as is
+_GUEST_REPORTS = ("guestosinfo", "filesystemlist", "userlist")
+
+
+def version_info() -> JSON:
+    """The server's version in the shape of KubeVirt's ``version.Info`` (Go fields kept)."""
+    try:
+        version = importlib.metadata.version("vmo")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0.0.0"
+    machine = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    return {
+        "gitVersion": f"v{version}",
+        "gitCommit": "",
+        "gitTreeState": "",
+        "buildDate": "",
+        "goVersion": f"python{platform.python_version()}",
+        "compiler": platform.python_implementation().lower(),
+        "platform": f"{platform.system().lower()}/{machine}",
+    }
 
 
 def resource_list() -> JSON:
@@ -105,6 +131,10 @@ class KubeVirtApi:
         return rt
 
     async def handle(self, request: web.Request, rp: ResourcePath) -> web.StreamResponse:
+        if rp.resource == "version" and not rp.name and not rp.namespace:
+            if request.method != "GET":
+                raise errors.method_not_allowed(f"{request.method} is not supported on version")
+            return web.json_response(version_info())
         key = (rp.resource, rp.subresource.split("/")[0])
         if key not in SUBRESOURCES or not rp.name or not rp.namespace:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
@@ -116,6 +146,10 @@ class KubeVirtApi:
             )
         body = await _options(request)
         dry_run = body.get("dryRun") == ["All"]
+        if key == ("virtualmachines", "portforward"):
+            return await self._relay_stream(
+                request, self._vmi_of_vm(rp.namespace, rp.name), rp.subresource
+            )
         if rp.resource == "virtualmachines":
             action = {"start": self.start, "stop": self.stop, "restart": self.restart}[key[1]]
             action(rp.namespace, rp.name, body, dry_run)
@@ -126,8 +160,8 @@ class KubeVirtApi:
             if not dry_run:
                 await self._agent_put(vmi, key[1])
             return web.Response(status=202)
-        if key[1] == "guestosinfo":
-            return web.json_response(await self._agent_get(vmi, "guestosinfo"))
+        if key[1] in _GUEST_REPORTS:
+            return web.json_response(await self._agent_get(vmi, key[1]))
         return await self._relay_stream(request, vmi, rp.subresource)
 
     # --- VM lifecycle --------------------------------------------------------------------------
@@ -136,6 +170,18 @@ class KubeVirtApi:
         vm = self.service.get(self._rt("virtualmachines"), namespace, name)
         vmi = self.service.find(self._rt("virtualmachineinstances"), namespace, name)
         return vm, vmi
+
+    def _vmi_of_vm(self, namespace: str, name: str) -> JSON:
+        """The VM's VMI, as virt-api finds it for the VM's port-forward: 404 for no VM, 409
+        for a VM that has no VMI running."""
+        vm, vmi = self._vm_and_vmi(namespace, name)
+        owned = vmi is not None and any(
+            ref.get("uid") == vm["metadata"].get("uid")
+            for ref in vmi["metadata"].get("ownerReferences") or []
+        )
+        if vmi is None or not owned:
+            raise conflict("virtualmachine", name, "VM is not running")
+        return vmi
 
     def start(self, namespace: str, name: str, body: JSON, dry_run: bool) -> None:
         vm, vmi = self._vm_and_vmi(namespace, name)

@@ -306,6 +306,9 @@ def parser() -> argparse.ArgumentParser:
     from vmo.cli.controllers import add_controllers_commands
 
     add_controllers_commands(sub, _creds)
+    from vmo.cli.virtctl import register as add_virtctl_commands
+
+    add_virtctl_commands(sub, _creds, _namespace)
     return top
 
 

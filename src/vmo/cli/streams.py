@@ -1,4 +1,5 @@
-"""virtctl-style streaming commands: serial console, VNC proxy and port-forward over WebSockets.
+"""virtctl-style streaming commands: serial console, VNC proxy and port-forward over WebSockets
+(to local TCP connections, or to stdin/stdout as ``port-forward --stdio`` for ssh's ProxyCommand).
 
 The WebSockets are the client's (``Client.websocket``): this module moves bytes between them and
 the terminal or local TCP connections, and opens no HTTP connection of its own.
@@ -11,6 +12,7 @@ import contextlib
 import os
 import sys
 import termios
+import threading
 import tty
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -19,10 +21,13 @@ from vmo.client import ApiStatusError, Client, Credentials, WebSocket, WSMsgType
 ESCAPE = b"\x1d"  # Ctrl-]
 SUBRESOURCES = "/apis/subresources.kubevirt.io/v1"
 PROTOCOLS = ("plain.kubevirt.io",)
+STDIO_LINGER = 5.0  # seconds the guest's answer may still come after stdin ends
 
 
-def stream_path(namespace: str, vmi: str, what: str) -> str:
-    return f"{SUBRESOURCES}/namespaces/{namespace}/virtualmachineinstances/{vmi}/{what}"
+def stream_path(
+    namespace: str, vmi: str, what: str, *, resource: str = "virtualmachineinstances"
+) -> str:
+    return f"{SUBRESOURCES}/namespaces/{namespace}/{resource}/{vmi}/{what}"
 
 
 @contextlib.asynccontextmanager
@@ -142,6 +147,59 @@ async def _join(ws: WebSocket, reader: asyncio.StreamReader, writer: asyncio.Str
     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     for task in tasks:
         task.cancel()
+
+
+async def stdio_forward(creds: Credentials, path: str) -> None:
+    """Carries stdin to the port-forward WebSocket at ``path`` and its bytes to stdout, until
+    the guest's side closes or stdin ends: the ProxyCommand half of ``vmo ssh``."""
+    async with Client(creds) as client, open_stream(client, path) as ws:
+        loop = asyncio.get_running_loop()
+        incoming: asyncio.Queue[bytes] = asyncio.Queue()
+        # a thread, not add_reader: stdin may be a file or /dev/null, which epoll refuses
+        reader = threading.Thread(
+            target=_read_stdin, args=(loop, incoming), name="stdin", daemon=True
+        )
+        reader.start()
+
+        async def up() -> None:
+            while data := await incoming.get():
+                await ws.send_bytes(data)
+
+        async def down() -> None:
+            async for msg in ws:
+                if msg.type not in (WSMsgType.BINARY, WSMsgType.TEXT):
+                    break
+                payload = msg.data if isinstance(msg.data, bytes) else msg.data.encode()
+                await loop.run_in_executor(None, _write_stdout, payload)
+
+        sending, receiving = asyncio.create_task(up()), asyncio.create_task(down())
+        try:
+            await asyncio.wait((sending, receiving), return_when=asyncio.FIRST_COMPLETED)
+            if sending.done() and not receiving.done():
+                # stdin ended, the guest may still be answering; a WebSocket has no half-close
+                await asyncio.wait((receiving,), timeout=STDIO_LINGER)
+        finally:
+            for task in (sending, receiving):
+                task.cancel()
+
+
+def _read_stdin(loop: asyncio.AbstractEventLoop, into: asyncio.Queue[bytes]) -> None:
+    fd = sys.stdin.fileno()
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            data = b""
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening
+            loop.call_soon_threadsafe(into.put_nowait, data)
+        if not data:
+            return
+
+
+def _write_stdout(data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(sys.stdout.fileno(), view) :]
 
 
 Runner = Callable[[], Awaitable[int]]

@@ -53,6 +53,8 @@ class AgentApi:
         app = web.Application(client_max_size=0)
         app.router.add_put(BASE + "/{action:pause|unpause|softreboot}", self._action)
         app.router.add_get(BASE + "/guestosinfo", self._guestosinfo)
+        app.router.add_get(BASE + "/filesystemlist", self._filesystemlist)
+        app.router.add_get(BASE + "/userlist", self._userlist)
         app.router.add_get(BASE + "/console", self._console)
         app.router.add_get(BASE + "/vnc", self._vnc)
         app.router.add_get(BASE + "/portforward/{port:\\d+}", self._portforward)
@@ -103,6 +105,24 @@ class AgentApi:
         if info is None:
             return _status(409, "Conflict", "VMI does not have guest agent connected")
         return web.json_response(info)
+
+    async def _filesystemlist(self, request: web.Request) -> web.Response:
+        return await self._guest_report(request, "guest-get-fsinfo", filesystem_list)
+
+    async def _userlist(self, request: web.Request) -> web.Response:
+        return await self._guest_report(request, "guest-get-users", user_list)
+
+    async def _guest_report(
+        self, request: web.Request, command: str, shape: Callable[[Any], dict[str, Any]]
+    ) -> web.Response:
+        """A guest agent command's answer in KubeVirt's shape; 409 when no agent answers."""
+        runtime = self._runtime(request)
+        if runtime is None:
+            return _status(409, "Conflict", "VMI is not running on this node")
+        answer = await guest_agent_call(runtime, command)
+        if answer is None:
+            return _status(409, "Conflict", "VMI does not have guest agent connected")
+        return web.json_response(shape(answer))
 
     async def _console(self, request: web.Request) -> web.StreamResponse:
         return await self._socket_stream(request, "serial")
@@ -182,8 +202,8 @@ async def _bridge(request: web.Request, opener: Opener) -> web.StreamResponse:
     return ws
 
 
-async def guest_os_info(runtime: VmiRuntime) -> dict[str, Any] | None:
-    """KubeVirt's guestOSInfo from the guest agent, or None when no agent answers."""
+async def guest_agent_call(runtime: VmiRuntime, command: str) -> Any:
+    """One guest agent command's ``return`` value, or None when no agent answers."""
     from vmo.engine.qemu.guest_agent import GuestAgentClient
 
     if runtime.process is None:
@@ -195,11 +215,63 @@ async def guest_os_info(runtime: VmiRuntime) -> dict[str, Any] | None:
     except (QemuError, OSError, TimeoutError):
         return None
     try:
-        info = await agent.osinfo()
+        return await agent.execute(command)
     except (QemuError, TimeoutError):
         return None
     finally:
         await agent.close()
+
+
+def filesystem_list(fsinfo: Any) -> dict[str, Any]:
+    """``guest-get-fsinfo`` as KubeVirt's VirtualMachineInstanceFileSystemList."""
+    items = [
+        {
+            "diskName": str(fs.get("name", "")),
+            "mountPoint": str(fs.get("mountpoint", "")),
+            "fileSystemType": str(fs.get("type", "")),
+            "usedBytes": int(fs.get("used-bytes", 0)),
+            "totalBytes": int(fs.get("total-bytes", 0)),
+            **_fs_disks(fs.get("disk")),
+        }
+        for fs in fsinfo or []
+        if isinstance(fs, dict)
+    ]
+    return {"metadata": {}, "items": items}
+
+
+def _fs_disks(disks: Any) -> dict[str, Any]:
+    shaped = [
+        {
+            "busType": str(d.get("bus-type", "")),
+            **({"serial": d["serial"]} if d.get("serial") else {}),
+        }
+        for d in disks or []
+        if isinstance(d, dict)
+    ]
+    return {"disk": shaped} if shaped else {}
+
+
+def user_list(users: Any) -> dict[str, Any]:
+    """``guest-get-users`` as KubeVirt's VirtualMachineInstanceGuestOSUserList (login time in
+    fractional seconds since the epoch, as the agent reports it)."""
+    items = []
+    for user in users or []:
+        if not isinstance(user, dict):
+            continue
+        item: dict[str, Any] = {"userName": str(user.get("user", ""))}
+        if user.get("domain"):
+            item["domain"] = str(user["domain"])
+        if user.get("login-time"):
+            item["loginTime"] = float(user["login-time"])
+        items.append(item)
+    return {"metadata": {}, "items": items}
+
+
+async def guest_os_info(runtime: VmiRuntime) -> dict[str, Any] | None:
+    """KubeVirt's guestOSInfo from the guest agent, or None when no agent answers."""
+    info = await guest_agent_call(runtime, "guest-get-osinfo")
+    if not isinstance(info, dict):
+        return None
     return {
         "id": info.get("id", ""),
         "name": info.get("name", ""),
