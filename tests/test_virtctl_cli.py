@@ -30,6 +30,7 @@ from tests.test_vm_e2e import (
     wait_running,
 )
 from vmo.cli import virtctl
+from vmo.engine.agent.api import filesystem_list, user_list
 from vmo.testing.apiserver import ThreadedServer
 
 NAME = "vctl"
@@ -292,6 +293,37 @@ def test_proxy_command_quotes_what_a_shell_would_split() -> None:
 
 
 # --- the guest agent's reports -----------------------------------------------------------------
+
+
+def test_guest_agent_answers_take_kubevirts_shape() -> None:
+    fsinfo = [
+        {
+            "name": "vda1",
+            "mountpoint": "/",
+            "type": "ext4",
+            "used-bytes": 1024,
+            "total-bytes": 4096,
+            "disk": [{"bus-type": "virtio", "serial": "root-disk", "bus": 0, "target": 0}],
+        }
+    ]
+    assert filesystem_list(fsinfo)["items"] == [
+        {
+            "diskName": "vda1",
+            "mountPoint": "/",
+            "fileSystemType": "ext4",
+            "usedBytes": 1024,
+            "totalBytes": 4096,
+            "disk": [{"busType": "virtio", "serial": "root-disk"}],
+        }
+    ]
+    users = [{"user": "alice", "login-time": 1764680000.25}, {"user": "bob", "domain": "CORP"}]
+    assert user_list(users) == {
+        "metadata": {},
+        "items": [
+            {"userName": "alice", "loginTime": 1764680000.25},
+            {"userName": "bob", "domain": "CORP"},
+        ],
+    }
 
 
 def test_guestosinfo_prints_the_subresources_json(booted: ThreadedServer) -> None:
