@@ -118,6 +118,27 @@ kind: StorageClass
 metadata: {name: $name}
 provisioner: example.com/csi
 ---
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: $name, namespace: $ns}
+spec:
+  source: {persistentVolumeClaimName: $name}
+---
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshotContent
+metadata: {name: $name}
+spec:
+  deletionPolicy: Delete
+  driver: example.com/csi
+  source: {volumeHandle: $name}
+  volumeSnapshotRef: {name: $name, namespace: $ns}
+---
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshotClass
+metadata: {name: $name}
+driver: example.com/csi
+deletionPolicy: Delete
+---
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
 metadata: {name: gadgets.$name.example.com}
@@ -348,6 +369,9 @@ DRY_RUN = {
     "Node",
     "PersistentVolume",
     "StorageClass",
+    "VolumeSnapshot",
+    "VolumeSnapshotContent",
+    "VolumeSnapshotClass",
     "ClusterRoleBinding",
     "KubeVirt",
     "MigrationPolicy",

@@ -432,12 +432,37 @@ def _cdi_cluster_roles() -> list[JSON]:
     ]
 
 
+def _volume_snapshot_cluster_roles() -> list[JSON]:
+    """Aggregated roles for snapshot.storage.k8s.io, as distributions that serve the CSI
+    snapshot kinds add them: namespace admins and editors take and delete VolumeSnapshots,
+    viewers read them; contents and classes are cluster-scoped, the cluster admin's."""
+    group, snapshots = ["snapshot.storage.k8s.io"], ["volumesnapshots"]
+    return [
+        _cluster_role(
+            "snapshot.storage.k8s.io:admin",
+            [_rule(READ_WRITE, group, snapshots)],
+            labels={AGGREGATE_TO_ADMIN: "true"},
+        ),
+        _cluster_role(
+            "snapshot.storage.k8s.io:edit",
+            [_rule(READ_WRITE, group, snapshots)],
+            labels={AGGREGATE_TO_EDIT: "true"},
+        ),
+        _cluster_role(
+            "snapshot.storage.k8s.io:view",
+            [_rule(READ, group, snapshots)],
+            labels={AGGREGATE_TO_VIEW: "true"},
+        ),
+    ]
+
+
 # --------------------------------------------------------------------------- public
 
 
 def bootstrap_cluster_roles() -> list[JSON]:
     """Every bootstrap ClusterRole, aggregated roles already holding their aggregated rules."""
     roles = _kubernetes_cluster_roles() + _kubevirt_cluster_roles() + _cdi_cluster_roles()
+    roles += _volume_snapshot_cluster_roles()
     aggregated = aggregate_cluster_roles(roles)
     for role in roles:
         name = role["metadata"]["name"]

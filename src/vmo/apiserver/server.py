@@ -18,6 +18,7 @@ from vmo.api.kubevirt import kubevirt_resource_types
 from vmo.api.pods import pod
 from vmo.api.storage import storage_types
 from vmo.api.types import JSON, ResourceType
+from vmo.api.volumesnapshot import volume_snapshot_types
 from vmo.apiserver import bootstrap_roles, kubevirt_api, pki, rbac
 from vmo.apiserver import objects as ob
 from vmo.apiserver import store as st
@@ -51,6 +52,7 @@ def builtin_types() -> list[ResourceType]:
         pod(),
         *storage_types(),
         *kubevirt_resource_types(),
+        *volume_snapshot_types(),
     ]
 
 

@@ -39,6 +39,7 @@ from vmo.engine.storage.importer import DataVolumeController
 from vmo.engine.storage.pool import Pool, VolumeRecord
 from vmo.engine.storage.upload import api_server_authorizer, upload_routes
 from vmo.engine.storage.volumes import VolumeError, resolve_volumes, virtual_size
+from vmo.engine.storage.volumesnapshots import ensure_snapshot_classes
 from vmo.home import StateDir
 from vmo.runtime import Controller, Manager, Result, Runnable, Watch
 
@@ -392,6 +393,7 @@ class Engine:
     async def start(self, stop: asyncio.Event) -> None:
         client = self.client = Client.from_kubeconfig(self.state.engine_kubeconfig)
         await ensure_storage_classes(client)
+        await ensure_snapshot_classes(client)
         opener = AgentPortOpener(client, self.node_services)
         manager = Manager([*cluster_controllers(client), ServiceProxyController(client, opener)])
         self._controllers = asyncio.get_running_loop().create_task(manager.run(stop))

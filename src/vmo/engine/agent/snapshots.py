@@ -3,8 +3,10 @@ lists, and removes them (merging what must be merged) when the content goes.
 
 The cluster's snapshot controller writes the content; the node that runs the VM (online) or holds
 its volumes (offline) claims it with the ``vmo.dev/snapshot-node`` annotation and the content's
-protection finalizer, then reports ``status.readyToUse`` / ``status.error``. Protocol:
-docs/snapshots.md.
+protection finalizer, takes the pool snapshots, then makes one VolumeSnapshot per volume (owned
+by the content, as upstream's) which the node's snapshotter binds to a VolumeSnapshotContent
+(engine/storage/volumesnapshots.py). Once they are ready it reports ``status.readyToUse`` /
+``status.error``. Protocol: docs/snapshots.md.
 
 Online: the guest's filesystems are frozen through its guest agent when one answers (and thawed
 whatever happens), the vCPUs are paused for the instant every disk moves onto its new overlay
@@ -33,13 +35,18 @@ from vmo.engine.qemu.guest_agent import GuestAgentClient
 from vmo.engine.qemu.qmp import QMPClient
 from vmo.engine.qemu.snapshot import Overlay, merge_layer, snapshot_disks
 from vmo.engine.storage.pool import Pool, PoolError
-from vmo.runtime import Controller, Result, Watch, split_key
+from vmo.engine.storage.volumesnapshots import VOLUMESNAPSHOT, VolumeSnapshotter
+from vmo.runtime import SHUTDOWN_GRACE_SECONDS, Controller, Result, Watch, split_key
 
 log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
 INDICATIONS = SNAPSHOT_INDICATIONS
 CONTENT_FINALIZER = "snapshot.kubevirt.io/vmsnapshotcontent-protection"
+# set once the pool snapshots are taken: the content's volume snapshots are VolumeSnapshots
+# (contents from before they existed have none, and their pool snapshots go with them)
+VOLUME_SNAPSHOTS = "vmo.dev/volume-snapshots"
+CONTENT_API_VERSION = "snapshot.kubevirt.io/v1beta1"
 AGENT_CONNECT_TIMEOUT = 2.0
 FREEZE_TIMEOUT = 30.0
 SWEEP_SECONDS = 10.0
@@ -72,6 +79,43 @@ def backups_of(content: JSON) -> list[Backup]:
     return [Backup.parse(b) for b in (content.get("spec") or {}).get("volumeBackups") or []]
 
 
+def _owner_content_keys(_etype: str, snapshot: JSON) -> list[str]:
+    md = snapshot["metadata"]
+    return [
+        f"{md['namespace']}/{ref['name']}"
+        for ref in md.get("ownerReferences") or []
+        if ref.get("kind") == "VirtualMachineSnapshotContent" and ref.get("controller")
+    ]
+
+
+def volume_snapshot_object(content: JSON, backup: Backup, node: str, vsclass: str) -> JSON:
+    """The VolumeSnapshot of one volume of a VM snapshot, owned by its content."""
+    md = content["metadata"]
+    return {
+        "apiVersion": "snapshot.storage.k8s.io/v1",
+        "kind": "VolumeSnapshot",
+        "metadata": {
+            "name": backup.snapshot,
+            "namespace": md["namespace"],
+            "annotations": {SNAPSHOT_NODE: node},
+            "ownerReferences": [
+                {
+                    "apiVersion": CONTENT_API_VERSION,
+                    "kind": "VirtualMachineSnapshotContent",
+                    "name": md["name"],
+                    "uid": md.get("uid", ""),
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {
+            "source": {"persistentVolumeClaimName": backup.claim},
+            "volumeSnapshotClassName": vsclass,
+        },
+    }
+
+
 def source_vm(content: JSON) -> tuple[str, str]:
     md = (((content.get("spec") or {}).get("source") or {}).get("virtualMachine") or {}).get(
         "metadata"
@@ -94,17 +138,25 @@ class SnapshotExecutor(Controller):
         super().__init__(client)
         self.node, self.agent, self.pools = node, agent, list(pools)
         self.name = f"snapshot-executor-{node}"
+        self.volume_snapshots = VolumeSnapshotter(client, node, self.pools)
 
     def watches(self) -> Sequence[Watch]:
-        return [Watch(VMSNAPSHOTCONTENT)]
+        return [Watch(VMSNAPSHOTCONTENT), Watch(VOLUMESNAPSHOT, _owner_content_keys)]
 
     async def run(self, stop: asyncio.Event) -> None:
-        sweep = asyncio.get_running_loop().create_task(self._sweep(stop))
+        loop = asyncio.get_running_loop()
+        sweep = loop.create_task(self._sweep(stop))
+        snapshotter = loop.create_task(self.volume_snapshots.run(stop))
         try:
             await super().run(stop)
         finally:
             sweep.cancel()
-            await asyncio.gather(sweep, return_exceptions=True)
+            try:
+                if stop.is_set():  # it stops on its own: let its reconciles in flight finish
+                    await asyncio.wait({snapshotter}, timeout=SHUTDOWN_GRACE_SECONDS)
+            finally:
+                snapshotter.cancel()
+                await asyncio.gather(sweep, snapshotter, return_exceptions=True)
 
     async def _sweep(self, stop: asyncio.Event) -> None:
         """Merges (offline) the layers no snapshot needs any more once no QEMU has them open."""
@@ -127,12 +179,15 @@ class SnapshotExecutor(Controller):
         owner = (md.get("annotations") or {}).get(SNAPSHOT_NODE)
         if md.get("deletionTimestamp"):
             if owner == self.node and CONTENT_FINALIZER in (md.get("finalizers") or []):
-                await self.remove(content)
+                if not await self.remove(content):
+                    return 0.5  # its VolumeSnapshots go first
                 await self._drop_finalizer(content)
             return None
         status = content.get("status") or {}
         if status.get("readyToUse") or status.get("error") or (owner and owner != self.node):
             return None
+        if owner == self.node and (md.get("annotations") or {}).get(VOLUME_SNAPSHOTS):
+            return await self.await_volume_snapshots(content)
         vm_ns, vm_name = source_vm(content)
         vmi = await self.client.find(VMI, vm_name, vm_ns)
         runtime: VmiRuntime | None = None
@@ -149,12 +204,55 @@ class SnapshotExecutor(Controller):
         if claimed is None:
             return None
         try:
-            indications, times = await self.take(claimed, runtime)
+            indications, _times = await self.take(claimed, runtime)
         except (SnapshotError, PoolError, QemuError, OSError) as exc:
             log.warning("snapshot %s/%s failed: %s", md["namespace"], md["name"], exc)
             await self._report(claimed, error=str(exc))
             return None
-        await self._report(claimed, indications=indications, times=times)
+        taken = await self._mark_taken(claimed, indications)
+        return None if taken is None else await self.await_volume_snapshots(taken)
+
+    async def _mark_taken(self, content: JSON, indications: list[str]) -> JSON | None:
+        md = content["metadata"]
+        annotations = {INDICATIONS: ",".join(indications), VOLUME_SNAPSHOTS: "true"}
+        with contextlib.suppress(NotFound):
+            marked: JSON = await self.client.patch(
+                VMSNAPSHOTCONTENT, md["name"], {"metadata": {"annotations": annotations}},
+                md["namespace"],
+            )  # fmt: skip
+            return marked
+        return None
+
+    async def await_volume_snapshots(self, content: JSON) -> float | None:
+        """Makes the content's VolumeSnapshots where missing; reports the content ready once
+        every one is (or failed once one did)."""
+        namespace = content["metadata"]["namespace"]
+        statuses: list[JSON] = []
+        for b in backups_of(content):
+            vs = await self.client.find(VOLUMESNAPSHOT, b.snapshot, namespace)
+            if vs is None:
+                pool = self._pool_of(namespace, b.claim)
+                if pool is None:
+                    await self._report(content, error=f"volume {b.claim} left node {self.node}")
+                    return None
+                body = volume_snapshot_object(
+                    content, b, self.node, self.volume_snapshots.class_of(pool)
+                )
+                with contextlib.suppress(Conflict):
+                    await self.client.create(VOLUMESNAPSHOT, body, namespace)
+                return 0.5
+            vstatus = vs.get("status") or {}
+            if vstatus.get("error"):
+                message = f"VolumeSnapshot {b.snapshot}: {vstatus['error'].get('message', '')}"
+                await self._report(content, error=message)
+                return None
+            if not vstatus.get("readyToUse"):
+                return 0.5
+            statuses.append(
+                {"volumeSnapshotName": b.snapshot, "readyToUse": True,
+                 "creationTime": vstatus.get("creationTime")}
+            )  # fmt: skip
+        await self._report(content, statuses=statuses)
         return None
 
     def _pool_of(self, namespace: str, claim: str) -> Pool | None:
@@ -190,12 +288,7 @@ class SnapshotExecutor(Controller):
             await self.client.patch(VMSNAPSHOTCONTENT, md["name"], patch, md["namespace"])
 
     async def _report(
-        self,
-        content: JSON,
-        *,
-        error: str = "",
-        indications: list[str] | None = None,
-        times: dict[str, str] | None = None,
+        self, content: JSON, *, error: str = "", statuses: list[JSON] | None = None
     ) -> None:
         md = content["metadata"]
         now = _now()
@@ -203,23 +296,9 @@ class SnapshotExecutor(Controller):
         if error:
             status = {"readyToUse": False, "error": {"message": error, "time": now}}
         else:
-            status = {
-                "readyToUse": True,
-                "creationTime": now,
-                "volumeSnapshotStatus": [
-                    {"volumeSnapshotName": b.snapshot, "creationTime": (times or {})[b.snapshot],
-                     "readyToUse": True}
-                    for b in backups_of(content)
-                ],
-            }  # fmt: skip
+            status = {"readyToUse": True, "creationTime": now,
+                      "volumeSnapshotStatus": statuses or []}  # fmt: skip
         with contextlib.suppress(NotFound):
-            if indications is not None:
-                await self.client.patch(
-                    VMSNAPSHOTCONTENT,
-                    md["name"],
-                    {"metadata": {"annotations": {INDICATIONS: ",".join(indications)}}},
-                    md["namespace"],
-                )
             await self.client.patch_status(VMSNAPSHOTCONTENT, md["name"], status, md["namespace"])
 
     # --- taking -------------------------------------------------------------------------------
@@ -326,15 +405,29 @@ class SnapshotExecutor(Controller):
 
     # --- removing -----------------------------------------------------------------------------
 
-    async def remove(self, content: JSON) -> None:
-        """Forgets the content's volume snapshots, then merges their layers away (live where a
-        running VM's chain holds them)."""
+    async def remove(self, content: JSON) -> bool:
+        """Deletes the content's VolumeSnapshots (their contents' deletion policy decides
+        whether the pool snapshots go), then merges the layers no snapshot holds any more away
+        (live where a running VM's chain holds them); False while VolumeSnapshots remain."""
         namespace = content["metadata"]["namespace"]
+        uid = content["metadata"].get("uid")
+        with_objects = bool((content["metadata"].get("annotations") or {}).get(VOLUME_SNAPSHOTS))
+        pending = False
         for b in backups_of(content):
-            for pool in self.pools:
-                with contextlib.suppress(PoolError, OSError):
-                    await pool.delete_snapshot(namespace, b.snapshot)
+            vs = await self.client.find(VOLUMESNAPSHOT, b.snapshot, namespace)
+            if vs is not None and uid in {o.get("uid") for o in vs["metadata"].get(
+                    "ownerReferences") or []}:  # fmt: skip
+                pending = True
+                if not vs["metadata"].get("deletionTimestamp"):
+                    await self.client.delete(VOLUMESNAPSHOT, b.snapshot, namespace)
+            elif not with_objects:
+                for pool in self.pools:
+                    with contextlib.suppress(PoolError, OSError):
+                        await pool.delete_snapshot(namespace, b.snapshot)
+        if pending:
+            return False
         await self.merge(live=True)
+        return True
 
     def _running(self) -> list[VmiRuntime]:
         return [r for r in self.agent.runtimes.values() if r.process is not None and r.alive]
