@@ -26,6 +26,7 @@ from vmo.api.types import JSON, ResourceType
 from vmo.apiserver import errors
 from vmo.apiserver import objects as ob
 from vmo.apiserver.errors import ApiError
+from vmo.apiserver.hotplug_api import HOTPLUG_SUBRESOURCES, VolumeHotplug
 from vmo.apiserver.registry import Registry
 from vmo.apiserver.requests import ResourcePath, decode_json
 
@@ -51,6 +52,11 @@ SUBRESOURCES: dict[tuple[str, str], tuple[list[str], str]] = {
     ("virtualmachineinstances", "userlist"): (["get"], "VirtualMachineInstance"),
     ("virtualmachineinstances", "portforward"): (["get"], "VirtualMachineInstance"),
     ("virtualmachines", "portforward"): (["get"], "VirtualMachine"),
+    # disk hotplug (hotplug_api)
+    ("virtualmachineinstances", "addvolume"): (["update"], "VirtualMachineInstance"),
+    ("virtualmachineinstances", "removevolume"): (["update"], "VirtualMachineInstance"),
+    ("virtualmachines", "addvolume"): (["update"], "VirtualMachine"),
+    ("virtualmachines", "removevolume"): (["update"], "VirtualMachine"),
 }
 _AGENT_ACTIONS = ("pause", "unpause", "softreboot")
 _AGENT_STREAMS = ("console", "vnc", "portforward")
@@ -150,6 +156,11 @@ class KubeVirtApi:
             return await self._relay_stream(
                 request, self._vmi_of_vm(rp.namespace, rp.name), rp.subresource
             )
+        if key[1] in HOTPLUG_SUBRESOURCES:
+            VolumeHotplug(self.service, self.registry).handle(
+                resource=rp.resource, action=key[1], namespace=rp.namespace, name=rp.name, body=body
+            )
+            return web.Response(status=202)
         if rp.resource == "virtualmachines":
             action = {"start": self.start, "stop": self.stop, "restart": self.restart}[key[1]]
             action(rp.namespace, rp.name, body, dry_run)

@@ -309,6 +309,9 @@ def parser() -> argparse.ArgumentParser:
     from vmo.cli.virtctl import register as add_virtctl_commands
 
     add_virtctl_commands(sub, _creds, _namespace)
+    from vmo.cli.hotplug import register as add_hotplug_commands
+
+    add_hotplug_commands(sub, _creds, _namespace)
     return top
 
 

@@ -21,11 +21,14 @@ from vmo.client import KUBEVIRT, VMI, ApiStatusError, Client, NotFound
 from vmo.engine.agent import node as nodeobj
 from vmo.engine.agent.forwards import read_usernet
 from vmo.engine.agent.host import NetworkPreparer, NetworkReleaser
+from vmo.engine.agent.hotplug import HotplugSync
+from vmo.engine.agent.hotplug import migratability as hotplug_migratability
 from vmo.engine.agent.migration import MigrationRoles
 from vmo.engine.agent.releases import PendingRelease, PendingReleases
 from vmo.engine.agent.runtime import VmiRuntime, workdir_name
 from vmo.engine.qemu.accel import Accelerator, detect_accelerator
 from vmo.engine.qemu.errors import QemuError
+from vmo.engine.qemu.hotplug import DETACH_TIMEOUT
 from vmo.engine.qemu.vmi import LocalVolume
 from vmo.runtime import DELETED, Controller, Result, Watch, object_key, split_key
 
@@ -170,6 +173,15 @@ class NodeAgent:
     migrations: MigrationRoles | None = None
     cpus: int | None = None
     memory_ki: int | None = None
+    detach_timeout: float = DETACH_TIMEOUT
+    _hotplug: HotplugSync | None = None
+
+    @property
+    def hotplug(self) -> HotplugSync:
+        """Disks hot-plugged into running VMIs (the spec's hotpluggable volumes)."""
+        if self._hotplug is None:
+            self._hotplug = HotplugSync(self)
+        return self._hotplug
 
     @property
     def releases(self) -> PendingReleases:
@@ -294,6 +306,8 @@ class NodeAgent:
             await self._launch(vmi)
         elif runtime is None and phase == "Running":
             await self._readopt(vmi)
+        elif runtime is not None and phase == "Running" and runtime.alive and _settled(vmi):
+            await self.hotplug.sync(vmi, runtime)
 
     async def _launch(self, vmi: JSON) -> None:
         md = vmi["metadata"]
@@ -337,6 +351,7 @@ class NodeAgent:
             log.info("re-adopted QEMU of VMI %s/%s", *key)
             self.runtimes[key] = runtime
             await self._restore_forwards(runtime)
+            await self.hotplug.verify(runtime)  # the disks QEMU has, as it says
             self._monitor(runtime)
             if self.migrations is not None:
                 await self.migrations.recover_source(vmi, runtime)
@@ -428,6 +443,34 @@ class NodeAgent:
     async def _report_running(self, vmi: JSON, runtime: VmiRuntime) -> None:
         await self._set_status(vmi, running_status(vmi, runtime))
 
+    async def report_volumes(self, vmi: JSON, runtime: VmiRuntime) -> None:
+        """status.volumeStatus with the hotplug entries, and LiveMigratable that follows them."""
+        fresh = self._latest.get(runtime.key) or vmi
+        volumes = volume_status(fresh, runtime) + self.hotplug.entries(runtime)
+        refusal = hotplug_migratability(runtime)
+        migratable = refusal or live_migratable(fresh, shared_claims=shared_claims(runtime))
+        conditions = [
+            c
+            for c in fresh.get("status", {}).get("conditions") or []
+            if c.get("type") != "LiveMigratable"
+        ]
+        old = next(
+            (
+                c
+                for c in fresh.get("status", {}).get("conditions") or []
+                if c.get("type") == "LiveMigratable"
+            ),
+            None,
+        )
+        cond = migratable.condition(now())
+        if (
+            old is not None
+            and old.get("status") == cond["status"]
+            and old.get("reason") == cond.get("reason")
+        ):
+            cond = old
+        await self._set_status(fresh, {"volumeStatus": volumes, "conditions": [*conditions, cond]})
+
     async def _set_status(self, vmi: JSON, status: JSON) -> None:
         """Merge-patches the given status keys only: the migration controller and the other
         node's agent write other keys of the same status concurrently."""
@@ -509,6 +552,12 @@ class NodeAgent:
                 {"metadata": {"annotations": {HOST_FORWARDS: value}}},
                 runtime.namespace,
             )
+
+
+def _settled(vmi: JSON) -> bool:
+    """No migration in flight: the guest's disks are not being moved."""
+    state = vmi.get("status", {}).get("migrationState") or {}
+    return not state or bool(state.get("completed") or state.get("failed"))
 
 
 class VmiSync(Controller):

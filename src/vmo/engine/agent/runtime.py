@@ -85,6 +85,8 @@ class VmiRuntime:
     # layer file -> QEMU node name, for the overlays live snapshots added (QEMU knows them only
     # as fdsets, so a later merge finds them here)
     layer_nodes: dict[str, str] = field(default_factory=dict)
+    # hot-plugged volumes attached to this QEMU, by volume name (engine.agent.hotplug's records)
+    hotplugged: dict[str, JSON] = field(default_factory=dict)
 
     def volume_sources(self) -> list[tuple[JSON, LocalVolume]]:
         """(the VMI's volume entry, its local file), in the VMI's volume order."""
@@ -146,6 +148,7 @@ class VmiRuntime:
             "spec": self.spec,
             "disk_nodes": self.disk_nodes,
             "layer_nodes": self.layer_nodes,
+            "hotplugged": self.hotplugged,
             "memory_mib": self.domain.memory_mib if self.domain else self.memory_mib,
             "volumes": {
                 name: {
@@ -172,6 +175,7 @@ class VmiRuntime:
         self.spec = data.get("spec") or {}
         self.disk_nodes = dict(data.get("disk_nodes") or {})
         self.layer_nodes = dict(data.get("layer_nodes") or {})
+        self.hotplugged = dict(data.get("hotplugged") or {})
         self.memory_mib = int(data.get("memory_mib") or 0)
         self.volumes = {
             name: LocalVolume(

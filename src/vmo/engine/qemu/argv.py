@@ -24,7 +24,14 @@ from vmo.engine.qemu.domain import (
     UserBackend,
 )
 
-__all__ = ["DEFAULT_QEMU", "GUEST_AGENT_CHANNEL", "cpu_model", "disk_node_names", "qemu_argv"]
+__all__ = [
+    "DEFAULT_QEMU",
+    "GUEST_AGENT_CHANNEL",
+    "SCSI_CONTROLLER",
+    "cpu_model",
+    "disk_node_names",
+    "qemu_argv",
+]
 
 DEFAULT_QEMU = "qemu-system-x86_64"
 
@@ -70,6 +77,7 @@ def _sandbox(run_as: str | None) -> str:
 
 
 _SCSI_CONTROLLER = "scsi0"
+SCSI_CONTROLLER = _SCSI_CONTROLLER
 _VIRTIO_SERIAL = "virtio-serial0"
 GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
@@ -240,7 +248,7 @@ def _disk_device(index: int, disk: Disk, bus: str | None) -> list[str]:
 
 def _disks(domain: Domain) -> list[str]:
     argv: list[str] = []
-    if any(disk.bus is DiskBus.SCSI for disk in domain.disks):
+    if domain.scsi_controller or any(disk.bus is DiskBus.SCSI for disk in domain.disks):
         argv += ["-device", _opts("virtio-scsi-pci", ("id", _SCSI_CONTROLLER))]
     for index, (disk, bus) in enumerate(zip(domain.disks, _disk_buses(domain.disks), strict=True)):
         argv += _disk_backend(index, disk) + _disk_device(index, disk, bus)

@@ -273,6 +273,8 @@ class Domain:
     graphics: bool = True
     kernel_boot: KernelBoot | None = None
     efi: EfiFirmware | None = None
+    scsi_controller: bool = False
+    """A virtio-scsi controller even without SCSI disks: what disks are hot-plugged onto."""
     incoming: str | None = None
     """A live migration's destination: ``defer`` (the URI comes later, through QMP
     ``migrate-incoming``) or a ``unix:``/``tcp:`` URI to listen on. QEMU starts in the

@@ -87,6 +87,7 @@ _DEVICE_KEYS = {
     "autoattachMemBalloon",
     "blockMultiQueue",
     "networkInterfaceMultiqueue",
+    "disableHotplug",
 }
 _FIRMWARE_KEYS = {"uuid", "serial", "bootloader"}
 _FEATURE_KEYS = {"acpi", "apic", "smm"}
@@ -506,6 +507,8 @@ def domain_from_vmi(vmi: JSON, *, ctx: NodeContext) -> Domain:
             rng="rng" in devices,
             graphics=devices.get("autoattachGraphicsDevice", True) is not False,
             efi=_firmware(domain, ctx),
+            # as KubeVirt: every VMI may have disks hot-plugged, unless it opts out
+            scsi_controller=devices.get("disableHotplug") is not True,
             incoming=ctx.incoming,
         )
     except ValueError as exc:
