@@ -189,6 +189,16 @@ def test_a_hotplugged_claim_reaches_the_guest_with_its_data(
     migratable = condition(current, "LiveMigratable")
     assert migratable["status"] == "False" and migratable["reason"] == "HotplugNotLiveMigratable"
     assert_upstream_valid(current)
+    migration = {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstanceMigration",
+        "metadata": {"name": "hp-move", "namespace": NS},
+        "spec": {"vmiName": "hp"},
+    }
+    refused = capi.post(
+        f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstancemigrations", migration
+    )
+    assert refused.status_code >= 400 and "HotplugNotLiveMigratable" in refused.json()["message"]
     # the image's MBR signature, written by the import before the disk was attached
     signature = wait_for(
         lambda: (
@@ -268,7 +278,29 @@ def test_a_blank_claim_is_provisioned_on_the_vmi_s_node_when_hotplugged_persiste
         "a 16Mi disk in the guest",
     )
     assert str(BLANK_SECTORS) in sizes
-    assert_upstream_valid(capi.get(f"{VMS}/hp").json())
+    vm_obj = capi.get(f"{VMS}/hp").json()
+    assert_upstream_valid(vm_obj)
+    # the running VMI has the template's new disk: no restart is required for it
+    restart = [
+        c for c in vm_obj["status"].get("conditions") or [] if c["type"] == "RestartRequired"
+    ]
+    assert not restart, restart
+
+
+def test_a_restarted_agent_knows_the_hotplugged_disks(
+    cluster: ThreadedServer, capi: Api, booted: dict[str, Any]
+) -> None:
+    cluster.restart_node("node-1")  # its QEMU keeps running; the new agent adopts it
+    # touching the VMI makes the new agent reconcile it: nothing is attached twice
+    patch = {"metadata": {"labels": {"touched": "yes"}}}
+    r = capi.request(
+        "PATCH", f"{VMIS}/hp", patch, headers={"Content-Type": "application/merge-patch+json"}
+    )
+    assert r.status_code == 200, r.text
+    assert {(volume_entry(capi, n) or {}).get("phase") for n in ("hp-data", "hp-blank")} == {
+        "Ready"
+    }
+    assert "sda" in guest(cluster, "ls /sys/block") and "sdb" in guest(cluster, "ls /sys/block")
 
 
 def test_removing_disks_unplugs_them_from_the_guest(
@@ -290,6 +322,8 @@ def test_removing_disks_unplugs_them_from_the_guest(
     template = capi.get(f"{VMS}/hp").json()["spec"]["template"]["spec"]
     assert "hp-blank" not in {v["name"] for v in template["volumes"]}
     assert condition(current, "LiveMigratable")["status"] == "True"
+    vm_conditions = capi.get(f"{VMS}/hp").json()["status"].get("conditions") or []
+    assert "RestartRequired" not in {c["type"] for c in vm_conditions}
     assert_upstream_valid(current)
     listing = wait_for(
         lambda: (o := guest(cluster, "ls /sys/block; echo listed")) and "sd" not in o and o,

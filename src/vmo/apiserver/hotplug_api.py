@@ -10,9 +10,12 @@ the SCSI bus (q35's PCIe root has no hotplug slots for virtio-blk without spare 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vmo.api.annotations import VM_TEMPLATE_HASH
 from vmo.api.types import JSON, ResourceType
 from vmo.apiserver import errors
 from vmo.apiserver import objects as ob
@@ -138,6 +141,14 @@ def verify_remove(volumes: list[JSON], name: str) -> str | None:
     return f"Unable to remove volume [{name}] because it does not exist"
 
 
+def template_hash(vm: JSON) -> str:
+    """The VM controller's digest of ``spec.template`` (engine.virtcontroller.vmi_template): a
+    VMI recording the VM's current digest needs no restart."""
+    template = vm.get("spec", {}).get("template") or {}
+    canonical = json.dumps(template, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
 def apply_add(spec: JSON, request: AddVolume) -> None:
     spec.setdefault("volumes", []).append(copy.deepcopy(request.volume))
     devices = spec.setdefault("domain", {}).setdefault("devices", {})
@@ -208,6 +219,7 @@ class VolumeHotplug:
         verify: Callable[[list[JSON]], str | None],
         *,
         dry_run: bool,
+        template_hashes: tuple[str, str] | None = None,
     ) -> None:
         rt = self.resource_type("virtualmachineinstances")
         current = self.service.row(rt, namespace, name)
@@ -226,6 +238,10 @@ class VolumeHotplug:
                 "hotplug is disabled for this VMI (spec.domain.devices.disableHotplug)",
             )
         change(spec)
+        annotations = vmi["metadata"].setdefault("annotations", {})
+        if template_hashes and annotations.get(VM_TEMPLATE_HASH) == template_hashes[0]:
+            # the VMI follows its VM's new template by hotplug: no restart is required for it
+            annotations[VM_TEMPLATE_HASH] = template_hashes[1]
         self.service.replace(rt, current, vmi, caller=ob.Caller(dry_run=dry_run))
 
     def _vm(
@@ -255,8 +271,10 @@ class VolumeHotplug:
             if running and owned
             else "not running"
         )
+        old_hash = template_hash(vm)
         change(template)
         self.service.replace(rt, current, vm, caller=ob.Caller(dry_run=dry_run))
         if vmi_problem is None:
             # what the VM controller does with a template change of a hotpluggable volume
-            self._vmi(namespace, name, change, verify, dry_run=dry_run)
+            hashes = (old_hash, template_hash(vm))
+            self._vmi(namespace, name, change, verify, dry_run=dry_run, template_hashes=hashes)
