@@ -82,7 +82,10 @@ def test_only_hotpluggable_volumes_are_removed_by_name_or_source() -> None:
     assert "is not hotpluggable" in str(verify_remove(volumes, "root"))
     assert "because it does not exist" in str(verify_remove(volumes, "ghost"))
     assert verify_remove(volumes, "data") is None  # by its claim, as upstream allows
-    spec = {"volumes": volumes, "domain": {"devices": {"disks": [{"name": "root"}, {"name": "d"}]}}}
+    spec: dict[str, Any] = {
+        "volumes": volumes,
+        "domain": {"devices": {"disks": [{"name": "root"}, {"name": "d"}]}},
+    }
     apply_remove(spec, "data")
     assert [v["name"] for v in spec["volumes"]] == ["root"]
     assert spec["domain"]["devices"]["disks"] == [{"name": "root"}]
