@@ -49,7 +49,7 @@ from yarl import URL
 
 from vmo.api.annotations import CLONE_MODE, STORAGE_NODE
 from vmo.api.quantity import QuantityError, parse_quantity
-from vmo.client import CONFIGMAP, DATAVOLUME, SECRET, Client, Conflict, NotFound
+from vmo.client import CONFIGMAP, DATAVOLUME, NODE, SECRET, Client, Conflict, NotFound
 from vmo.engine.storage.claims import Provisioner
 from vmo.engine.storage.pool import Pool, PoolError, VolumeInfo, VolumeNotFound
 from vmo.engine.storage.urlpolicy import (
@@ -506,6 +506,7 @@ class DataVolumeController(Controller):
     claims: Provisioner | None = None
     _tasks: dict[tuple[str, str], asyncio.Task[None]] = field(default_factory=dict)
     _uploading: set[tuple[str, str]] = field(default_factory=set)
+    _cordoned: set[str] = field(default_factory=set)  # keys not claimed while this node was
 
     workers = 1
 
@@ -517,7 +518,22 @@ class DataVolumeController(Controller):
     # --- loop ---------------------------------------------------------------------------------
 
     def watches(self) -> Sequence[Watch]:
-        return [Watch(DATAVOLUME)]
+        return [Watch(DATAVOLUME), Watch(NODE, self._node_keys)]
+
+    def _node_keys(self, _etype: str, node: JSON) -> list[str]:
+        """This node uncordoned: the DataVolumes it left to others meanwhile are looked at again."""
+        if node["metadata"].get("name") != self.node_name or node.get("spec", {}).get(
+            "unschedulable"
+        ):
+            return []
+        waiting, self._cordoned = sorted(self._cordoned), set()
+        return waiting
+
+    async def _schedulable(self) -> bool:
+        """An importer runs in a pod, which kube-scheduler keeps off cordoned nodes: a cordoned
+        node claims no new DataVolume."""
+        node = await self.client.find(NODE, self.node_name)
+        return not (node or {}).get("spec", {}).get("unschedulable")
 
     async def run(self, stop: asyncio.Event) -> None:
         """Watches DataVolumes and reconciles them until ``stop`` is set."""
@@ -555,6 +571,9 @@ class DataVolumeController(Controller):
                 is None
             ):
                 return  # made where the snapshot is: the node holding it claims it
+            if not await self._schedulable():
+                self._cordoned.add(f"{namespace}/{name}")
+                return
             claimed = await self._claim(dv)
             if claimed is None:
                 return
