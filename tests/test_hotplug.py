@@ -151,3 +151,17 @@ def test_qemu_names_are_short_and_stable() -> None:
     assert node_name(long) == node_name(long) and len(node_name(long)) <= 31
     assert node_name("a") != node_name("b")
     assert device_id("data") == "ua-data"
+
+
+def test_an_unknown_dry_run_is_refused() -> None:
+    from vmo.apiserver.hotplug_api import VolumeHotplug
+
+    hotplug = VolumeHotplug(None, None)  # type: ignore[arg-type]
+    with pytest.raises(ApiError, match="Invalid dryRun"):
+        hotplug.handle(
+            resource="virtualmachineinstances",
+            action="removevolume",
+            namespace="ns",
+            name="vmi",
+            body={"name": "d", "dryRun": ["Some"]},
+        )

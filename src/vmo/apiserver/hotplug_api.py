@@ -179,6 +179,8 @@ class VolumeHotplug:
 
     def handle(self, *, resource: str, action: str, namespace: str, name: str, body: JSON) -> None:
         dry_run = body.get("dryRun") == ["All"]
+        if body.get("dryRun") not in (None, [], ["All"]):
+            raise errors.bad_request(f'Invalid dryRun {body.get("dryRun")!r}: only ["All"]')
         if action == "addvolume":
             request = add_options(body)
             self._check_source(namespace, request)
