@@ -157,3 +157,15 @@ def test_kubectl_lists_the_storage_kinds(kubectl: Kubectl, unique: str) -> None:
     assert LOCAL_CLASS in out and "(default)" in out
     wide = kubectl("get", "pvc", f"kubectl-{unique}", "-n", NS, "-o", "wide").stdout
     assert "Filesystem" in wide.splitlines()[1]
+
+
+def test_access_modes_print_as_kubectl_abbreviates_them(
+    api: Api, kubectl: Kubectl, unique: str
+) -> None:
+    name = f"modes-{unique}"
+    assert api.post(PVCS, claim(name)).status_code == 201
+    status = {"status": {"phase": "Bound", "accessModes": ["ReadWriteOnce", "ReadWriteOncePod"]}}
+    patched = api.patch(f"{PVCS}/{name}/status", status, "application/merge-patch+json")
+    assert patched.status_code == 200, patched.text
+    row = kubectl("get", "pvc", name, "-n", NS).stdout.splitlines()[1].split()
+    assert "RWO,RWOP" in row, row

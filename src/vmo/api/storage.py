@@ -10,7 +10,9 @@ provisioner, parameters, reclaim policy and binding mode never change.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from vmo.api.core import (
     _columns,
@@ -30,6 +32,7 @@ from vmo.api.types import JSON, Cause, PrinterColumn, ResourceType
 
 __all__ = [
     "ACCESS_MODES",
+    "COMPUTED_CELLS",
     "DEFAULT_CLASS_ANNOTATION",
     "PVC_PROTECTION",
     "PV_PROTECTION",
@@ -49,6 +52,29 @@ PV_PROTECTION = "kubernetes.io/pv-protection"
 SELECTED_NODE = "volume.kubernetes.io/selected-node"
 _FORBIDDEN = "FieldValueForbidden"
 _REQUIRED = "FieldValueRequired"
+
+
+_MODE_ABBREVIATIONS = {
+    "ReadWriteOnce": "RWO",
+    "ReadOnlyMany": "ROX",
+    "ReadWriteMany": "RWX",
+    "ReadWriteOncePod": "RWOP",
+}
+
+
+def _modes_cell(section: str) -> Callable[[JSON], Any]:
+    def cell(obj: JSON) -> str:
+        modes = (obj.get(section) or {}).get("accessModes") or []
+        return ",".join(_MODE_ABBREVIATIONS.get(str(m), str(m)) for m in modes)
+
+    return cell
+
+
+COMPUTED_CELLS: dict[tuple[str, str, str], Callable[[JSON], Any]] = {
+    ("v1", "PersistentVolumeClaim", "Access Modes"): _modes_cell("status"),
+    ("v1", "PersistentVolume", "Access Modes"): _modes_cell("spec"),
+}
+"""Access modes as kubectl prints them (RWO, ROX, RWX, RWOP), for the table convertor."""
 
 
 def claim_request(pvc: JSON) -> int | None:

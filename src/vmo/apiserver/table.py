@@ -15,7 +15,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from vmo.api.pods import COMPUTED_CELLS
+from vmo.api.pods import COMPUTED_CELLS as POD_CELLS
+from vmo.api.storage import COMPUTED_CELLS as STORAGE_CELLS
 from vmo.api.types import JSON, PrinterColumn
 
 __all__ = [
@@ -133,6 +134,9 @@ def _row_object(obj: JSON, mode: str, api_version: str) -> JSON | None:
         "apiVersion": api_version,
         "metadata": obj.get("metadata", {}),
     }
+
+
+COMPUTED_CELLS = {**POD_CELLS, **STORAGE_CELLS}
 
 
 def _cell(column: PrinterColumn, path: list[_Step], obj: JSON, now: datetime) -> Any:
