@@ -20,7 +20,7 @@ from vmo.api.kubevirt.migratable import claim_name, live_migratable, migration_m
 from vmo.client import KUBEVIRT, VMI, ApiStatusError, Client, NotFound
 from vmo.engine.agent import node as nodeobj
 from vmo.engine.agent.forwards import read_usernet
-from vmo.engine.agent.host import NetworkPreparer, NetworkReleaser
+from vmo.engine.agent.host import NetworkPreparer, NetworkReleaser, PrepareError
 from vmo.engine.agent.hotplug import HotplugSync
 from vmo.engine.agent.hotplug import migratability as hotplug_migratability
 from vmo.engine.agent.migration import MigrationRoles
@@ -44,14 +44,6 @@ VolumePreparer = Callable[[JSON, Path], Awaitable[dict[str, LocalVolume]]]
 """(VMI, its workdir) -> the local file behind each volume (raises PrepareError)."""
 
 __all__ = ["NetworkPreparer", "NetworkReleaser", "NodeAgent", "PrepareError"]
-
-
-class PrepareError(Exception):
-    """A VMI cannot start here; ``reason`` and the message go to its status."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 async def use_emulation_from_kubevirt(client: Client) -> bool | None:

@@ -22,6 +22,31 @@ NetworkPreparer = Callable[[JSON], Awaitable[tuple[dict[str, str], list[JSON]]]]
 
 NetworkReleaser = Callable[[JSON, list[str]], Awaitable[None]]
 
+VolumePreparer = Callable[[JSON, Path], Awaitable[dict[str, Any]]]
+"""(VMI, its workdir) -> the local file behind each volume (raises PrepareError)."""
+
+
+class PrepareError(Exception):
+    """A VMI cannot start here; ``reason`` and the message go to its status."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class HotplugHost(Protocol):
+    """What disk hotplug needs of its node agent (``agent.py`` implements it)."""
+
+    client: Client
+    detach_timeout: float
+
+    @property
+    def prepare_volumes(self) -> VolumePreparer: ...
+
+    def enqueue(self, key: Key) -> None: ...
+
+    async def report_volumes(self, vmi: JSON, runtime: VmiRuntime) -> None: ...
+
 
 class AgentHost(Protocol):
     """A node agent as its migration roles see it."""

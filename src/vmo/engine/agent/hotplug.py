@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vmo.api.kubevirt.migratable import Migratability
+from vmo.engine.agent.host import HotplugHost, PrepareError
 from vmo.engine.qemu import hotplug as qh
 from vmo.engine.qemu.errors import QemuError
 from vmo.runtime import EventRecorder
 
 if TYPE_CHECKING:
-    from vmo.engine.agent.agent import NodeAgent
     from vmo.engine.agent.runtime import VmiRuntime
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def migratability(runtime: VmiRuntime) -> Migratability | None:
 
 @dataclass
 class HotplugSync:
-    agent: NodeAgent
+    agent: HotplugHost
     # (namespace, name) -> volume name -> (phase, reason, message) of volumes not Ready yet
     progress: dict[tuple[str, str], dict[str, tuple[str, str, str]]] = field(default_factory=dict)
     _events: EventRecorder | None = None
@@ -155,8 +155,6 @@ class HotplugSync:
             f"Waiting for volume {claim} on this node",
         )
         single = {**vmi, "spec": {**vmi["spec"], "volumes": [volume]}}
-        from vmo.engine.agent.agent import PrepareError
-
         try:
             local = (await self.agent.prepare_volumes(single, runtime.workdir))[name]
         except (PrepareError, KeyError, OSError) as exc:
