@@ -160,6 +160,18 @@ def make_user(apiserver: ThreadedServer, name: str, *groups: str) -> tuple[str, 
 
 
 @pytest.fixture(scope="module")
+def k(cluster: ThreadedServer) -> Kubectl:
+    """kubectl as the admin of the module's engine cluster (each e2e module defines ``cluster``)."""
+    return Kubectl(cluster.kubeconfig)
+
+
+@pytest.fixture(scope="module")
+def capi(cluster: ThreadedServer) -> Api:
+    """Plain HTTPS requests as the admin of the module's engine cluster."""
+    return Api(cluster.url, cluster.ca, cluster.admin_token)
+
+
+@pytest.fixture(scope="module")
 def guest() -> GuestImage:
     return build_guest(default_cache_dir())
 

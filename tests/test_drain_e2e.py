@@ -68,16 +68,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer
     yield from engine_cluster(tmp_path_factory.mktemp("vmo-drain"), nodes=2)
 
 
-@pytest.fixture(scope="module")
-def k(cluster: ThreadedServer) -> Kubectl:
-    return Kubectl(cluster.kubeconfig)
-
-
-@pytest.fixture(scope="module")
-def capi(cluster: ThreadedServer) -> Api:
-    return Api(cluster.url, cluster.ca, cluster.admin_token)
-
-
 def vmo(cluster: ThreadedServer, *args: str) -> subprocess.CompletedProcess[str]:
     """The `vmo` command, as a user runs it against this cluster."""
     return subprocess.run(

@@ -227,11 +227,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def capi(cluster: ThreadedServer) -> Api:
-    return Api(cluster.url, cluster.ca, cluster.admin_token)
-
-
 def pool_dirs(cluster: ThreadedServer) -> list[Path]:
     return [cluster.home / "nodes" / "node-1" / "pool", cluster.home / "shared-pool"]
 

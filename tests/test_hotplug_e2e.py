@@ -65,16 +65,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer
     yield from engine_cluster(tmp_path_factory.mktemp("vmo-hotplug"))
 
 
-@pytest.fixture(scope="module")
-def k(cluster: ThreadedServer) -> Kubectl:
-    return Kubectl(cluster.kubeconfig)
-
-
-@pytest.fixture(scope="module")
-def capi(cluster: ThreadedServer) -> Api:
-    return Api(cluster.url, cluster.ca, cluster.admin_token)
-
-
 def claim(name: str, size: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "apiVersion": "v1",

@@ -170,16 +170,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer
     yield from engine_cluster(tmp_path_factory.mktemp("vmo-pods"), nodes=2)
 
 
-@pytest.fixture(scope="module")
-def k(cluster: ThreadedServer) -> Kubectl:
-    return Kubectl(cluster.kubeconfig)
-
-
-@pytest.fixture(scope="module")
-def capi(cluster: ThreadedServer) -> Api:
-    return Api(cluster.url, cluster.ca, cluster.admin_token)
-
-
 def pods_of(capi: Api, vmi_name: str) -> list[dict[str, Any]]:
     listed = capi.get(f"/api/v1/namespaces/{NS}/pods", params={"labelSelector": LAUNCHER})
     return [

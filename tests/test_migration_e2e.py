@@ -47,16 +47,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer
 
 
 @pytest.fixture(scope="module")
-def k(cluster: ThreadedServer) -> Kubectl:
-    return Kubectl(cluster.kubeconfig)
-
-
-@pytest.fixture(scope="module")
-def capi(cluster: ThreadedServer) -> Api:
-    return Api(cluster.url, cluster.ca, cluster.admin_token)
-
-
-@pytest.fixture(scope="module")
 def slow_policy(capi: Api) -> Iterator[None]:
     """VMs labelled mig-test=slow migrate at 12 MiB/s: a window for the fault tests."""
     policy = {

@@ -53,16 +53,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer
     yield from engine_cluster(tmp_path_factory.mktemp("vmo-snap"))
 
 
-@pytest.fixture(scope="module")
-def k(cluster: ThreadedServer) -> Kubectl:
-    return Kubectl(cluster.kubeconfig)
-
-
-@pytest.fixture(scope="module")
-def capi(cluster: ThreadedServer) -> Api:
-    return Api(cluster.url, cluster.ca, cluster.admin_token)
-
-
 def data_vm(name: str, root: str, data: str) -> dict[str, Any]:
     obj = boot_vm(
         name,

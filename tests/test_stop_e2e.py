@@ -26,11 +26,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer
 
 
 @pytest.fixture(scope="module")
-def capi(cluster: ThreadedServer) -> Api:
-    return Api(cluster.url, cluster.ca, cluster.admin_token)
-
-
-@pytest.fixture(scope="module")
 def stopper(cluster: ThreadedServer, capi: Api, image_server: str) -> Path:
     """The VM, created stopped (each test starts it); returns its workdir on node-1."""
     k = Kubectl(cluster.kubeconfig)

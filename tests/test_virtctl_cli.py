@@ -44,11 +44,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer
 
 
 @pytest.fixture(scope="module")
-def capi(cluster: ThreadedServer) -> Api:
-    return Api(cluster.url, cluster.ca, cluster.admin_token)
-
-
-@pytest.fixture(scope="module")
 def booted(cluster: ThreadedServer, capi: Api, image_server: str) -> ThreadedServer:
     """The VM ``vctl`` (labelled app=vctl) running, its TCP service on 5432 answering."""
     k = Kubectl(cluster.kubeconfig)

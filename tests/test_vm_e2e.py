@@ -83,16 +83,6 @@ def _qemus_under(home: Path) -> list[int]:
     return pids
 
 
-@pytest.fixture(scope="module")
-def k(cluster: ThreadedServer) -> Kubectl:
-    return Kubectl(cluster.kubeconfig)
-
-
-@pytest.fixture(scope="module")
-def capi(cluster: ThreadedServer) -> Api:
-    return Api(cluster.url, cluster.ca, cluster.admin_token)
-
-
 def datavolume(name: str, url: str) -> dict[str, Any]:
     return http_datavolume(name, url, namespace=NS)
 

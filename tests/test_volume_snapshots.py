@@ -301,16 +301,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer
     yield from engine_cluster(tmp_path_factory.mktemp("vmo-vs"))
 
 
-@pytest.fixture(scope="module")
-def k(cluster: ThreadedServer) -> Kubectl:
-    return Kubectl(cluster.kubeconfig)
-
-
-@pytest.fixture(scope="module")
-def capi(cluster: ThreadedServer) -> Api:
-    return Api(cluster.url, cluster.ca, cluster.admin_token)
-
-
 def get(capi: Api, path: str) -> dict[str, Any] | None:
     r = capi.get(path)
     return r.json() if r.ok else None
