@@ -34,6 +34,7 @@ from vmo.api.volumesnapshot import (
     DEFAULT_SNAPSHOT_CLASS_ANNOTATION,
 )
 from vmo.client import VMI, Client, Conflict, NotFound, Resource
+from vmo.engine.storage.claims import LOCAL_PROVISIONER, SHARED_PROVISIONER
 from vmo.engine.storage.pool import Pool, PoolError, SnapshotRecord
 from vmo.runtime import Controller, Result, Watch
 
@@ -57,8 +58,8 @@ VOLUMESNAPSHOTCLASS = Resource(
     namespaced=False,
 )
 # the drivers are the pools' provisioners (engine/storage/claims.py names the same two)
-LOCAL_DRIVER = "local.storage.vmo.dev"
-SHARED_DRIVER = "shared.storage.vmo.dev"
+LOCAL_DRIVER = LOCAL_PROVISIONER  # a snapshot class matches its storage class by driver name
+SHARED_DRIVER = SHARED_PROVISIONER
 LOCAL_SNAPSHOT_CLASS = "vmo-local"
 SHARED_SNAPSHOT_CLASS = "vmo-shared"
 CONTENT_KEY = "content:"
