@@ -9,6 +9,7 @@ import subprocess
 from collections.abc import Iterator
 from typing import Any
 
+import kubernetes
 import kubernetes_validate
 import pytest
 
@@ -72,13 +73,49 @@ def bound(capi: Api, name: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def booted(k: Kubectl, capi: Api, image_server: str) -> dict[str, Any]:
+def client(cluster: ThreadedServer) -> kubernetes.client.ApiClient:
+    """The official Kubernetes Python client, from the cluster's kubeconfig."""
+    return kubernetes.config.new_client_from_config(str(cluster.kubeconfig))
+
+
+@pytest.fixture(scope="module")
+def booted(
+    k: Kubectl, capi: Api, client: kubernetes.client.ApiClient, image_server: str
+) -> dict[str, Any]:
+    """As a tutorial does it: the DataVolume with kubectl, the claim with CoreV1Api, the VM
+    with CustomObjectsApi."""
     k.apply(
         http_datavolume("claimer-root", f"{image_server}/disk.qcow2", namespace=NS, size="64Mi")
     )
-    k.apply(claim("claimer-data", "48Mi"))
-    k.apply(claim_vm())
+    core = kubernetes.client.CoreV1Api(client)
+    core.create_namespaced_persistent_volume_claim(NS, claim("claimer-data", "48Mi"))
+    custom = kubernetes.client.CustomObjectsApi(client)
+    custom.create_namespaced_custom_object("kubevirt.io", "v1", NS, "virtualmachines", claim_vm())
     return wait_running(capi, "claimer")
+
+
+def test_the_python_client_reads_claims_volumes_and_classes(
+    client: kubernetes.client.ApiClient, booted: dict[str, Any]
+) -> None:
+    core = kubernetes.client.CoreV1Api(client)
+    wait_for(
+        lambda: (
+            core.read_namespaced_persistent_volume_claim("claimer-data", NS).status.phase == "Bound"
+        ),
+        BOOT_TIMEOUT,
+        "claimer-data Bound",
+    )
+    data = core.read_namespaced_persistent_volume_claim("claimer-data", NS)
+    assert data.spec.storage_class_name == "vmo-local"
+    assert data.status.capacity == {"storage": "48Mi"}
+    pv = core.read_persistent_volume(data.spec.volume_name)
+    assert pv.spec.claim_ref.name == "claimer-data" and pv.status.phase == "Bound"
+    classes = kubernetes.client.StorageV1Api(client).list_storage_class().items
+    assert {"vmo-local", "vmo-shared"} <= {c.metadata.name for c in classes}
+    vm = kubernetes.client.CustomObjectsApi(client).get_namespaced_custom_object(
+        "kubevirt.io", "v1", NS, "virtualmachines", "claimer"
+    )
+    assert vm["status"]["printableStatus"] == "Running"
 
 
 def test_a_datavolume_owns_a_bound_claim_of_its_name(capi: Api, booted: dict[str, Any]) -> None:
