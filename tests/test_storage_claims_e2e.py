@@ -73,9 +73,14 @@ def bound(capi: Api, name: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def client(cluster: ThreadedServer) -> kubernetes.client.ApiClient:
-    """The official Kubernetes Python client, from the cluster's kubeconfig."""
-    return kubernetes.config.new_client_from_config(str(cluster.kubeconfig))
+def client(cluster: ThreadedServer) -> Iterator[kubernetes.client.ApiClient]:
+    """The official Kubernetes Python client, from the cluster's kubeconfig; closed before the
+    cluster stops, so that no kept-alive connection outlives the server's loop."""
+    api_client = kubernetes.config.new_client_from_config(str(cluster.kubeconfig))
+    try:
+        yield api_client
+    finally:
+        api_client.close()
 
 
 @pytest.fixture(scope="module")
