@@ -84,6 +84,18 @@ def claim_name(volume: JSON) -> str:
     return ""
 
 
+def vmi_claim_names(vmi: JSON) -> list[str]:
+    """Every claim a VMI's volumes name: DataVolumes, claims, and ephemeral claims' bases."""
+    names = []
+    for volume in (vmi.get("spec") or {}).get("volumes") or []:
+        if "ephemeral" in volume:
+            pvc = (volume["ephemeral"] or {}).get("persistentVolumeClaim") or {}
+            names.append(str(pvc.get("claimName", "")))
+        elif claim_name(volume):
+            names.append(claim_name(volume))
+    return names
+
+
 def migration_method(vmi: JSON, *, shared_claims: Collection[str] = ()) -> str:
     """``LiveMigration`` when every disk is on shared storage, else ``BlockMigration``."""
     for volume in (vmi.get("spec") or {}).get("volumes") or []:

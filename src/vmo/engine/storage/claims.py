@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmo.api.annotations import STORAGE_NODE
+from vmo.api.kubevirt.migratable import vmi_claim_names
 from vmo.api.quantity import QuantityError, parse_quantity
 from vmo.api.storage import (
     DEFAULT_CLASS_ANNOTATION,
@@ -207,17 +208,7 @@ def claim_for_datavolume(dv: JSON) -> JSON:
 
 
 def claims_of_vmi(vmi: JSON) -> set[str]:
-    names = set()
-    for volume in (vmi.get("spec") or {}).get("volumes") or []:
-        if "persistentVolumeClaim" in volume:
-            names.add(str((volume["persistentVolumeClaim"] or {}).get("claimName", "")))
-        elif "dataVolume" in volume:
-            names.add(str((volume["dataVolume"] or {}).get("name", "")))
-        elif "ephemeral" in volume:
-            pvc = (volume["ephemeral"] or {}).get("persistentVolumeClaim") or {}
-            names.add(str(pvc.get("claimName", "")))
-    names.discard("")
-    return names
+    return set(vmi_claim_names(vmi)) - {""}
 
 
 def _in_use(vmis: Sequence[JSON], claim: str) -> bool:

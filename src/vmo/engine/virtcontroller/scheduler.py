@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from vmo.api.annotations import STORAGE_NODE
+from vmo.api.kubevirt.migratable import vmi_claim_names
 from vmo.api.quantity import QuantityError, parse_quantity
 from vmo.api.storage import SELECTED_NODE
 from vmo.client import (
@@ -344,24 +345,10 @@ def _check_pod_affinity(vmi: JSON, node: JSON, ctx: _Context) -> list[str]:
     return []
 
 
-def claim_names(vmi: JSON) -> list[str]:
-    """The pool volumes (claims) a VMI's volumes name: DataVolumes, PVCs, ephemeral PVCs."""
-    names = []
-    for volume in (vmi.get("spec") or {}).get("volumes") or []:
-        if "dataVolume" in volume:
-            names.append(str((volume["dataVolume"] or {}).get("name", "")))
-        elif "persistentVolumeClaim" in volume:
-            names.append(str((volume["persistentVolumeClaim"] or {}).get("claimName", "")))
-        elif "ephemeral" in volume:
-            pvc = (volume["ephemeral"] or {}).get("persistentVolumeClaim") or {}
-            names.append(str(pvc.get("claimName", "")))
-    return names
-
-
 def _check_volumes(vmi: JSON, node: JSON, ctx: _Context) -> list[str]:
     """A node-local volume binds its VMI to the node holding it (a local PV's node affinity)."""
     namespace = str(vmi.get("metadata", {}).get("namespace", ""))
-    for claim in claim_names(vmi):
+    for claim in vmi_claim_names(vmi):
         holder = ctx.volume_nodes.get((namespace, claim))
         if holder is not None and holder != node["metadata"]["name"]:
             return [REASON_VOLUME_NODE]
