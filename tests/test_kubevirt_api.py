@@ -58,6 +58,15 @@ def test_start_and_stop_flip_the_run_strategy(api: Api, ns: str) -> None:
     assert api.get(_vm_url(ns, "s")).json()["spec"]["runStrategy"] == "Halted"
 
 
+def test_start_paused_of_a_halted_vm_is_a_request_for_the_controller(api: Api, ns: str) -> None:
+    api.post(f"/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachines", vm("p", "Halted"))
+    assert api.put(SUB.format(ns=ns, name="p", action="start"), {"paused": True}).status_code == 202
+    got = api.get(_vm_url(ns, "p")).json()
+    # upstream's virt-api leaves the run strategy to virt-controller, which starts the VMI paused
+    assert got["spec"]["runStrategy"] == "Halted"
+    assert got["status"]["stateChangeRequests"] == [{"action": "Start", "data": {"paused": "true"}}]
+
+
 def test_manual_start_is_a_state_change_request(api: Api, ns: str) -> None:
     api.post(f"/apis/kubevirt.io/v1/namespaces/{ns}/virtualmachines", vm("m", "Manual"))
     assert api.put(SUB.format(ns=ns, name="m", action="start")).status_code == 202

@@ -282,6 +282,14 @@ def test_unknown_field_refusal_names_field() -> None:
     assert any("spec.template.spec.domain.cpu.coresPerSocket" in c.field for c in causes)
 
 
+def test_start_strategy_paused_is_accepted_and_nothing_else() -> None:
+    vm = load_example("vm-fedora-masquerade.yaml")
+    vm["spec"]["template"]["spec"]["startStrategy"] = "Paused"
+    assert upstream_errors(vm) == [] and vmo_draft7_errors(vm) == []
+    vm["spec"]["template"]["spec"]["startStrategy"] = "Later"
+    assert vmo_draft7_errors(vm) == ["spec.template.spec.startStrategy"]
+
+
 def test_passt_binding_is_refused_with_reason() -> None:
     vm = load_example("vm-fedora-masquerade.yaml")
     iface = vm["spec"]["template"]["spec"]["domain"]["devices"]["interfaces"][0]

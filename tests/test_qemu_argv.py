@@ -142,6 +142,16 @@ def test_no_shell_and_no_defaults() -> None:
     assert option(argv, "-msg") == ["timestamp=on"]
 
 
+def test_start_strategy_paused_starts_qemu_stopped_but_never_a_migration_target() -> None:
+    assert "-S" not in argv_for(base_vmi())
+    vmi = base_vmi()
+    vmi["spec"]["startStrategy"] = "Paused"
+    assert "-S" in argv_for(vmi)
+    # a target runs as its source does once the state has come over: no -S, whatever the spec
+    target = argv_for(vmi, base_ctx(incoming="defer"))
+    assert "-S" not in target and option(target, "-incoming") == ["defer"]
+
+
 def test_kernel_boot_is_passed_through(tmp_path: Path) -> None:
     domain = Domain(
         name="kernel-test",

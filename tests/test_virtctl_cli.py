@@ -9,6 +9,7 @@ import base64
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -566,3 +567,29 @@ def test_stop_start_and_restart(booted: ThreadedServer, capi: Api) -> None:
         return bool(uid) and uid != first and vmi.get("status", {}).get("phase") == "Running"
 
     wait_for(restarted, BOOT_TIMEOUT, "a new VMI running")
+
+
+def test_start_paused_runs_not_one_guest_instruction_until_unpaused(
+    booted: ThreadedServer, capi: Api
+) -> None:
+    k = Kubectl(booted.kubeconfig)
+    ok(vmo(booted, "stop", NAME))
+    wait_for(lambda: vmi_of(capi, NAME) is None, BOOT_TIMEOUT, "the VMI to go")
+    assert ok(vmo(booted, "start", NAME, "--paused")).strip() == f"VM {NAME} was scheduled to start"
+    wait_for(lambda: vmi_conditions(capi).get("Paused") == "True", BOOT_TIMEOUT, "a paused VMI")
+    vmi = vmi_of(capi, NAME) or {}
+    assert vmi["spec"]["startStrategy"] == "Paused" and vmi["status"]["phase"] == "Running"
+    wait_for(
+        lambda: capi.get(f"{VM_PATH}/{NAME}").json()["status"].get("printableStatus") == "Paused",
+        30,
+        "the VM printed as Paused",
+    )
+    (pod,) = k.json(
+        "get", "pods", "-n", NS, "-l", f"kubevirt.io/created-by={vmi['metadata']['uid']}"
+    )["items"]
+    console = ["logs", pod["metadata"]["name"], "-n", NS, "-c", "guest-console-log"]
+    time.sleep(3)  # a guest that ran would have printed its firmware's and kernel's lines by now
+    assert k(*console).stdout == ""
+    assert ok(vmo(booted, "unpause", "vm", NAME)).strip() == f"VMI {NAME} was scheduled to unpause"
+    wait_for(lambda: stdio_line(booted, f"vmi/{NAME}", 5432), BOOT_TIMEOUT, "the guest booted")
+    assert vmi_conditions(capi).get("Paused") != "True" and k(*console).stdout

@@ -206,7 +206,11 @@ class KubeVirtApi:
         request: JSON = {"action": "Start"}
         if body.get("paused"):
             request["data"] = {"paused": "true"}
-        if strategy == "Halted":
+        if strategy == "Halted" and body.get("paused"):
+            # as upstream: the request goes to the VM controller, which turns the VM Always and
+            # starts its VMI paused
+            self._change_requests(vm, [request], dry_run)
+        elif strategy == "Halted":
             self._patch_vm(vm, {"spec": {"runStrategy": "Always", "running": None}}, dry_run)
         elif strategy in ("Manual", "RerunOnFailure"):
             phase = (vmi or {}).get("status", {}).get("phase")

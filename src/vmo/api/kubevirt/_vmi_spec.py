@@ -37,6 +37,8 @@ NO_BINDING = "only masquerade and bridge interface bindings are supported by VMO
 NO_POD = "VMO's embedded engine runs no virt-launcher pod, so pod-level settings do not apply"
 NO_HOTPLUG = "VM rollout strategies and hotplug limits are not supported by VMO's embedded engine"
 NO_VOLUME = "this volume source is not available in VMO's embedded engine"
+START_PAUSED = "Paused"
+"""The one ``spec.startStrategy``: the guest's vCPUs do not run until it is unpaused."""
 NO_DISK_TUNING = "per-disk I/O tuning is not configured by VMO's embedded engine"
 NO_ARCH = "VMO's embedded engine runs amd64 guests only"
 
@@ -364,7 +366,7 @@ def vmi_spec() -> JSON:
             "accessCredentials": unsupported(
                 "credential injection is not supported; use cloud-init user data"
             ),
-            "startStrategy": unsupported("start strategies are not supported by VMO's engine"),
+            "startStrategy": string(enum=(START_PAUSED,)),
             "topologySpreadConstraints": unsupported(NO_POD),
             "resourceClaims": unsupported("dynamic resource claims are not supported by VMO"),
             "utilityVolumes": unsupported(NO_VOLUME),

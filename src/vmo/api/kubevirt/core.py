@@ -29,6 +29,7 @@ from vmo.api.kubevirt.defaults import default_vm, default_vmi
 from vmo.api.kubevirt.validation import validate_vm, validate_vmi, validate_vmim, vm_warnings
 from vmo.api.types import PrinterColumn, ResourceType
 
+START_PAUSED = _vmi_spec.START_PAUSED
 GROUP = "kubevirt.io"
 VERSION = "v1"
 AGE = PrinterColumn("Age", "date", ".metadata.creationTimestamp")

@@ -131,14 +131,18 @@ def volume_status(vmi: JSON, runtime: VmiRuntime) -> list[JSON]:
 def running_status(vmi: JSON, runtime: VmiRuntime) -> JSON:
     shared = shared_claims(runtime)
     stamp = now()
+    conditions = [
+        condition("Ready", True),
+        live_migratable(vmi, shared_claims=shared).condition(stamp),
+    ]
+    if runtime.domain is not None and runtime.domain.start_paused:
+        message = "VMI was started paused (spec.startStrategy: Paused)"
+        conditions.append(condition("Paused", True, "PausedByUser", message))
     return {
         "phase": "Running",
         "nodeName": runtime.node,
         "interfaces": pod_interfaces(vmi, runtime),
-        "conditions": [
-            condition("Ready", True),
-            live_migratable(vmi, shared_claims=shared).condition(stamp),
-        ],
+        "conditions": conditions,
         "guestOSInfo": {},
         "machine": {"type": "q35"},
         "migrationMethod": migration_method(vmi, shared_claims=shared),

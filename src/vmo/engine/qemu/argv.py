@@ -365,8 +365,10 @@ def _kernel_boot(domain: Domain) -> list[str]:
 
 
 def _incoming(domain: Domain) -> list[str]:
-    # No -S: the destination runs the guest by itself once the migration completes.
-    return [] if domain.incoming is None else ["-incoming", domain.incoming]
+    # No -S for a destination: it runs the guest by itself once the migration completes.
+    if domain.incoming is not None:
+        return ["-incoming", domain.incoming]
+    return ["-S"] if domain.start_paused else []
 
 
 def disk_node_names(domain: Domain) -> dict[str, str]:

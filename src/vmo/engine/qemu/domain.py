@@ -279,12 +279,19 @@ class Domain:
     """A live migration's destination: ``defer`` (the URI comes later, through QMP
     ``migrate-incoming``) or a ``unix:``/``tcp:`` URI to listen on. QEMU starts in the
     ``inmigrate`` state and runs the guest as soon as the migration completes."""
+    start_paused: bool = False
+    """QEMU starts with ``-S``: not one guest instruction runs until QMP ``cont``
+    (KubeVirt's ``startStrategy: Paused``)."""
 
     def __post_init__(self) -> None:
         _require(bool(_NAME.match(self.name)) and len(self.name) <= 253, f"bad name {self.name!r}")
         _require(
             self.incoming is None or bool(_INCOMING.match(self.incoming)),
             f"incoming {self.incoming!r} is not 'defer' nor a unix:/tcp: URI",
+        )
+        _require(
+            not (self.start_paused and self.incoming),
+            "a migration target runs as its source does: it cannot also start paused",
         )
         _require(self.memory_mib >= 16, "memory_mib must be >= 16")
         _require(self.machine.startswith(("q35", "pc-q35-")), f"machine {self.machine!r} not q35")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from vmo.api.kubevirt.core import START_PAUSED
 from vmo.api.quantity import QuantityError, parse_quantity
 from vmo.api.types import JSON
 from vmo.engine.qemu.accel import Accelerator
@@ -510,6 +511,7 @@ def domain_from_vmi(vmi: JSON, *, ctx: NodeContext) -> Domain:
             # as KubeVirt: every VMI may have disks hot-plugged, unless it opts out
             scsi_controller=devices.get("disableHotplug") is not True,
             incoming=ctx.incoming,
+            start_paused=ctx.incoming is None and spec.get("startStrategy") == START_PAUSED,
         )
     except ValueError as exc:
         raise UnsupportedSpec("spec", str(exc)) from exc

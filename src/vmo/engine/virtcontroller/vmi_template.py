@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from vmo.api.annotations import VM_TEMPLATE_HASH
+from vmo.api.kubevirt.core import START_PAUSED
 
 JSON = dict[str, Any]
 
@@ -18,7 +19,6 @@ GENERATION_ANNOTATION = "kubevirt.io/vm-generation"
 # KubeVirt keeps the template a VMI was started from in a ControllerRevision; VMO keeps its hash
 # on the VMI instead, which is all the RestartRequired comparison needs.
 TEMPLATE_HASH_ANNOTATION = VM_TEMPLATE_HASH
-START_PAUSED = "Paused"
 
 # Deprecated v1beta1 spellings of preferredCPUTopology and what they mean now.
 _TOPOLOGY_ALIASES = {
