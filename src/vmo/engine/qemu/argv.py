@@ -364,8 +364,9 @@ def _kernel_boot(domain: Domain) -> list[str]:
     return argv
 
 
-def _incoming(domain: Domain) -> list[str]:
-    # No -S for a destination: it runs the guest by itself once the migration completes.
+def _start_state(domain: Domain) -> list[str]:
+    """How the guest starts: as a migration's destination, which runs it by itself once the
+    migration completes (so never with -S), stopped (``-S``), or running."""
     if domain.incoming is not None:
         return ["-incoming", domain.incoming]
     return ["-S"] if domain.start_paused else []
@@ -399,5 +400,5 @@ def qemu_argv(domain: Domain, *, binary: str = DEFAULT_QEMU) -> list[str]:
         *_consoles(domain),
         *_rng(domain),
         *_kernel_boot(domain),
-        *_incoming(domain),
+        *_start_state(domain),
     ]
