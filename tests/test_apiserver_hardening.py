@@ -196,32 +196,38 @@ def test_unread_watches_are_closed_when_they_fall_behind(
 ) -> None:
     assert server.server is not None
     hub = server.server.hub
-    hub.buffer = 8
+    base = hub.watchers
+    path = f"{CM.format(ns=ns)}?watch=true"
+    events: list[str] = []
+    count = 40
+    # the reader subscribes with the default buffer: it shares the server's process (and GIL),
+    # and must not be closed itself when the test's threads are slow
+    reader = threading.Thread(target=_read_watch, args=(admin, ns, events, count), daemon=True)
+    reader.start()
+    wait_for(lambda: hub.watchers == base + 1)
+    hub.buffer = 8  # for watchers subscribing from here on
     try:
-        base = hub.watchers
-        path = f"{CM.format(ns=ns)}?watch=true"
         slow = [unread_watch(server, path) for _ in range(20)]
-        try:
-            events: list[str] = []
-            reader = threading.Thread(target=_read_watch, args=(admin, ns, events, 30), daemon=True)
-            reader.start()
-            wait_for(lambda: hub.watchers == base + 21)
-            for i in range(30):
-                # big enough to fill the kernel's buffers (up to 4 MiB) and then the watch buffer
-                r = admin.post(CM.format(ns=ns), configmap(f"big-{i}", k="x" * 256 * 1024))
-                assert r.status_code == 201, r.text
-            # the 20 that read nothing are closed; the one that reads sees every event
-            wait_for(lambda: hub.watchers == base + 1)
-            reader.join(30)
-            assert events == [f"big-{i}" for i in range(30)]
-            # reset, so that the server's kernel dropped what they never read
-            wait_for(lambda: all(reset_by_server(sock) for sock in slow))
-        finally:
-            for sock in slow:
-                sock.close()
-        wait_for(lambda: hub.watchers == base)
+        # each request reaches the server after its client sent it: wait for all 20
+        wait_for(lambda: hub.watchers == base + 21)
     finally:
         hub.buffer = WATCH_BUFFER
+    try:
+        for i in range(count):
+            # 10 MiB in all: more than a watcher that reads nothing can hold in the kernel's
+            # buffers (autotuned up to 4 MiB), the transport's and its watch buffer (8 events)
+            r = admin.post(CM.format(ns=ns), configmap(f"big-{i}", k="x" * 256 * 1024))
+            assert r.status_code == 201, r.text
+        # the 20 that read nothing are reset, so that the server's kernel dropped what they never
+        # read, and their watches closed; the one that reads sees every event
+        wait_for(lambda: all(reset_by_server(sock) for sock in slow))
+        wait_for(lambda: hub.watchers <= base + 1)
+        reader.join(30)
+        assert events == [f"big-{i}" for i in range(count)]
+    finally:
+        for sock in slow:
+            sock.close()
+    wait_for(lambda: hub.watchers == base)
 
 
 def _read_watch(api: Api, ns: str, names: list[str], count: int) -> None:

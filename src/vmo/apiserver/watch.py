@@ -123,7 +123,7 @@ class WatchHub:
             sub.queue.put_nowait(change)
 
     def _close_slow(self, sub: Subscription) -> None:
-        log.info("closing a watch on %s: it fell %d events behind", sub.prefix, self.buffer)
+        log.info("closing a watch on %s: it fell %d events behind", sub.prefix, sub.queue.maxsize)
         self._subs.discard(sub)
         sub.overflowed = True
         sub.close()
