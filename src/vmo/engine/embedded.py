@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from vmo.engine.storage import qemu_img
 from vmo.engine.storage.claims import (
     ClaimController,
     Provisioner,
+    claims_importing,
     ensure_storage_classes,
     provision_for_vmi,
 )
@@ -98,6 +100,7 @@ class NodeServices:
             cpus=self.cpus,
             memory_ki=self.memory_ki,
         )
+        self.agent.volumes_waiting = functools.partial(claims_importing, self.client)
         self.provisioner = Provisioner(
             self.client, self.name, self.pool, self.shared_pool, resize_online=self._resize_online
         )
@@ -210,6 +213,16 @@ class NodeServices:
                 node = runtime.disk_nodes[str(volume["name"])]
                 qmp = await runtime.process.qmp()
                 await qmp.execute("block_resize", {"node-name": node, "size": size})
+                return True
+            for rec in runtime.hotplugged.values():
+                if (runtime.namespace, rec.get("claim")) != (namespace, claim):
+                    continue
+                if runtime.process is None:
+                    continue
+                qmp = await runtime.process.qmp()
+                await qmp.execute("block_resize", {"node-name": str(rec["node"]), "size": size})
+                rec["size"] = size
+                runtime.save_volumes()
                 return True
         return False
 

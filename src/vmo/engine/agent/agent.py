@@ -42,6 +42,9 @@ FINAL = ("Succeeded", "Failed")
 
 VolumePreparer = Callable[[JSON, Path], Awaitable[dict[str, LocalVolume]]]
 """(VMI, its workdir) -> the local file behind each volume (raises PrepareError)."""
+VolumeWaiter = Callable[[JSON], Awaitable[str | None]]
+"""VMI -> why it cannot start yet (a claim its volumes name is still being filled), or None."""
+VOLUME_WAIT_SECONDS = 2.0
 
 __all__ = ["NetworkPreparer", "NetworkReleaser", "NodeAgent", "PrepareError"]
 
@@ -171,6 +174,9 @@ class NodeAgent:
     memory_ki: int | None = None
     detach_timeout: float = DETACH_TIMEOUT
     _hotplug: HotplugSync | None = None
+    # as a virt-launcher pod stays Pending until its claims are bound, a VMI stays Scheduled
+    volumes_waiting: VolumeWaiter | None = None
+    _waiting: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @property
     def hotplug(self) -> HotplugSync:
@@ -308,6 +314,8 @@ class NodeAgent:
     async def _launch(self, vmi: JSON) -> None:
         md = vmi["metadata"]
         key = (md["namespace"], md["name"])
+        if await self._volumes_wait(vmi, key):
+            return
         await self._add_finalizer(vmi)
         runtime = VmiRuntime(
             md["namespace"], md["name"], md["uid"], self.workdir(*key), node=self.node
@@ -334,6 +342,21 @@ class NodeAgent:
             return
         await self._report_running(vmi, runtime)
         self._monitor(runtime)
+
+    async def _volumes_wait(self, vmi: JSON, key: tuple[str, str]) -> bool:
+        """Whether the VMI must wait for its claims (then it is looked at again shortly, and the
+        reason is logged once); nothing is prepared for it meanwhile."""
+        if self.volumes_waiting is None:
+            return False
+        reason = await self.volumes_waiting(vmi)
+        if reason is None:
+            self._waiting.pop(key, None)
+            return False
+        if self._waiting.get(key) != reason:
+            log.info("VMI %s/%s waits: %s", *key, reason)
+            self._waiting[key] = reason
+        asyncio.get_running_loop().call_later(VOLUME_WAIT_SECONDS, self.enqueue, key)
+        return True
 
     async def _readopt(self, vmi: JSON) -> None:
         md = vmi["metadata"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmo.api.kubevirt.migratable import Migratability
@@ -219,7 +220,13 @@ class HotplugSync:
         raise QemuError("no SCSI target name left")
 
     async def _detach(self, vmi: JSON, runtime: VmiRuntime, name: str) -> bool:
-        return await self._unplug(vmi, runtime, name, nodes=())
+        overlays = _overlay_nodes(runtime, runtime.hotplugged[name])
+        ok = await self._unplug(vmi, runtime, name, nodes=(*overlays, qh.node_name(name)))
+        if ok:
+            for path in [p for p, node in runtime.layer_nodes.items() if node in overlays]:
+                runtime.layer_nodes.pop(path)
+            runtime.save_volumes()
+        return ok
 
     async def _detach_boot(self, vmi: JSON, runtime: VmiRuntime, name: str) -> bool:
         fmt = runtime.disk_nodes[name]
@@ -267,6 +274,18 @@ class HotplugSync:
             log.info("VMI %s/%s: hot-plugged %s is no longer in QEMU", *runtime.key, name)
             runtime.hotplugged.pop(name)
         runtime.save_volumes()
+
+
+def _overlay_nodes(runtime: VmiRuntime, rec: JSON) -> list[str]:
+    """The nodes of the overlays live snapshots put on a hot-plugged disk, top first: its chain's
+    layers that ``layer_nodes`` knows (the layers it was attached with have no entry there)."""
+    try:
+        layers = qh.layer_chain(Path(str(rec["path"])))
+    except (OSError, QemuError, KeyError):
+        return (
+            [rec["node"]] if rec.get("node") and rec["node"] in runtime.layer_nodes.values() else []
+        )
+    return [runtime.layer_nodes[str(p)] for p in layers if str(p) in runtime.layer_nodes]
 
 
 def _entry(name: str, rec: JSON, phase: str, reason: str, message: str) -> JSON:

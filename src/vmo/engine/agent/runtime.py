@@ -96,6 +96,12 @@ class VmiRuntime:
             if volume.get("name") in self.volumes
         ]
 
+    def open_tops(self) -> list[Path]:
+        """The top layer of every disk the QEMU has open, boot and hot-plugged."""
+        tops = [v.path for v in self.volumes.values()]
+        tops += [Path(str(rec["path"])) for rec in self.hotplugged.values() if rec.get("path")]
+        return tops
+
     @property
     def key(self) -> tuple[str, str]:
         return self.namespace, self.name

@@ -372,6 +372,14 @@ class SnapshotExecutor(Controller):
                 await qmp.execute("stop")
             try:
                 for b, pool in plan:
+                    hotplugged = runtime.hotplugged.get(b.volume)
+                    if hotplugged is not None:
+                        taken_at = await self._take_hotplugged(
+                            qmp, namespace, owner, b, pool, runtime
+                        )
+                        taken.append((b, pool))
+                        times[b.snapshot] = taken_at
+                        continue
                     node = runtime.disk_nodes.get(b.volume)
                     local = runtime.volumes.get(b.volume)
                     if node is None or local is None:
@@ -402,6 +410,33 @@ class SnapshotExecutor(Controller):
                         await asyncio.wait_for(guest_agent.fsfreeze_thaw(), FREEZE_TIMEOUT)
                 await guest_agent.close()
         return indications
+
+    async def _take_hotplugged(
+        self,
+        qmp: QMPClient,
+        namespace: str,
+        owner: str,
+        b: Backup,
+        pool: Pool,
+        runtime: VmiRuntime,
+    ) -> str:
+        """A hot-plugged disk's snapshot (its creation time): its top node moves onto an overlay as a boot disk's
+        does; the hotplug record follows the new top (the overlay's node joins ``layer_nodes``,
+        so that an unplug deletes the whole chain of nodes)."""
+        record = runtime.hotplugged[b.volume]
+        added: list[Overlay] = []
+        taken = await pool.snapshot(
+            namespace,
+            b.claim,
+            b.snapshot,
+            owner_uid=owner,
+            switch=functools.partial(_switch, qmp, b.volume, str(record["node"]), added),
+        )
+        overlay = added[0]
+        record["path"], record["node"] = str(overlay.path), overlay.new_node
+        runtime.layer_nodes[str(overlay.path)] = overlay.new_node
+        runtime.save_volumes()
+        return taken.created
 
     # --- removing -----------------------------------------------------------------------------
 
@@ -437,7 +472,9 @@ class SnapshotExecutor(Controller):
             if live:
                 for runtime in self._running():
                     await self._merge_live(pool, runtime)
-            tops = [v.path for r in self._running() for v in r.volumes.values()]
+            # hot-plugged chains are merged once unplugged (their layers have no node VMO
+            # can name in a live merge), and never offline while QEMU has them open
+            tops = [path for r in self._running() for path in r.open_tops()]
             await pool.merge_offline(tops)
 
     async def _merge_live(self, pool: Pool, runtime: VmiRuntime) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmo.engine.qemu import snapshot
 from vmo.engine.qemu.argv import SCSI_CONTROLLER
 from vmo.engine.qemu.errors import QemuError, QMPError, QMPTimeout
 from vmo.engine.qemu.qmp import EventListener, QMPClient
@@ -175,8 +176,9 @@ async def detach(
     nodes: Sequence[str] = (),
     timeout: float = DETACH_TIMEOUT,
 ) -> None:
-    """Unplugs the volume's device, then deletes its block nodes (``nodes``: those of a disk QEMU
-    started with; by default the hot-plugged node). ``DetachTimeout`` leaves both in place."""
+    """Unplugs the volume's device, then deletes its block nodes, top first (``nodes``: those of
+    a disk QEMU started with, or the overlays snapshots put on a hot-plugged one and that one;
+    by default the hot-plugged node). ``DetachTimeout`` leaves both in place."""
     device = device_id(volume)
     if device in await attached_devices(qmp):
         with qmp.listen("DEVICE_DELETED") as listener:
@@ -193,6 +195,7 @@ async def detach(
         if node in present:
             await qmp.execute("blockdev-del", {"node-name": node})
         await _release_fds(qmp, node)
+        await snapshot.release_fds(qmp, node)  # a live snapshot's overlay
 
 
 async def _wait_deleted(listener: EventListener, device: str, timeout: float) -> None:

@@ -641,6 +641,26 @@ async def provision_for_vmi(prov: Provisioner, vmi: JSON) -> None:
         await prov.provision(pvc, sc)
 
 
+async def claims_importing(client: Client, vmi: JSON) -> str | None:
+    """Why the VMI cannot start yet: a standalone claim it names is filled by an import
+    (``cdi.kubevirt.io/storage.import.endpoint``) that has not finished; None when none is.
+    A DataVolume's claim is the VM controller's to wait for."""
+    namespace = vmi["metadata"]["namespace"]
+    for volume in (vmi.get("spec") or {}).get("volumes") or []:
+        name = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+        if not name:
+            continue
+        pvc = await client.find(PVC, str(name), namespace)
+        if pvc is None or _owner_datavolume(pvc) is not None:
+            continue
+        annotations = pvc["metadata"].get("annotations") or {}
+        if not annotations.get(CDI_IMPORT_ENDPOINT) or annotations.get(CDI_POD_PHASE) == "Failed":
+            continue  # a failed import is not waited for: the start fails, naming the claim
+        if (pvc.get("status") or {}).get("phase") != "Bound":
+            return f"PVC {namespace}/{name} is still being imported"
+    return None
+
+
 async def datavolume_of(client: Client, pvc: JSON) -> JSON | None:
     ref = _owner_datavolume(pvc)
     if ref is None:
