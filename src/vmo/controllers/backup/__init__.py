@@ -1,0 +1,1 @@
+"""VMO's backup application: repositories of deduplicated chunks, backup policies, restores."""

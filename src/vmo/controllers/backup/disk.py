@@ -1,0 +1,301 @@
+"""Backing up one disk into a repository, and restoring it, chunk by chunk.
+
+A disk is cut into the repository's fixed-size chunks. A full backup reads every chunk the
+source does not already know to be zero; an incremental one reads only the chunks that the
+changed ranges (a QEMU dirty bitmap's extents) touch, and copies every other chunk's id from the
+backup before it, so that unchanged data is neither read nor hashed, and each backup's index
+still lists the whole disk. A chunk whose id the repository already has is not sent again,
+whichever disk or VM it came from.
+
+Reading, hashing, compressing and sealing run on a few worker threads (hashlib, zstd and AES
+release the GIL), and uploads overlap them; the index is kept in memory (32 bytes per chunk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from vmo.controllers.backup.repository import ZERO, DiskIndex, Repository, RepositoryError
+
+WORKERS = 4
+Extent = tuple[int, int]  # (offset, length) in bytes
+Progress = Callable[[int], None]  # bytes of the disk done since the last call
+
+
+class Source(Protocol):
+    """What a backup reads a disk from (a file, an NBD export of a running guest's disk)."""
+
+    size: int
+
+    async def read(self, offset: int, length: int) -> bytes: ...
+
+    async def zero_extents(self) -> list[Extent]:
+        """Ranges known to read as zeros (unallocated), which need not be read; may be []."""
+        ...
+
+
+class Target(Protocol):
+    size: int
+
+    async def write(self, offset: int, data: bytes) -> None: ...
+
+    async def write_zeros(self, offset: int, length: int) -> None: ...
+
+
+class FileSource:
+    """A raw disk image file (or block device)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await asyncio.to_thread(os.pread, self.fd, length, offset)
+
+    async def zero_extents(self) -> list[Extent]:
+        """The file's holes (SEEK_HOLE / SEEK_DATA): a sparse image's unwritten ranges."""
+        holes: list[Extent] = []
+        offset = 0
+        with contextlib.suppress(OSError):
+            while offset < self.size:
+                hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+                if hole >= self.size:
+                    break
+                try:
+                    data = os.lseek(self.fd, hole, os.SEEK_DATA)
+                except OSError:  # ENXIO: a hole to the end
+                    data = self.size
+                holes.append((hole, data - hole))
+                offset = data
+        return holes
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class FileTarget:
+    """A raw file restored into: created sparse at the disk's size, or overwritten in place."""
+
+    def __init__(self, path: Path, size: int, *, fresh: bool) -> None:
+        self.path, self.size = path, size
+        flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if fresh else 0)
+        self.fd = os.open(path, flags, 0o600)
+        self.fresh = fresh
+        os.ftruncate(self.fd, size)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        await asyncio.to_thread(os.pwrite, self.fd, data, offset)
+
+    async def write_zeros(self, offset: int, length: int) -> None:
+        if not self.fresh:  # a fresh file reads zeros there already (a hole)
+            await asyncio.to_thread(os.pwrite, self.fd, bytes(length), offset)
+
+    def close(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+
+
+@dataclass
+class DiskStats:
+    size: int = 0
+    chunks: int = 0
+    read: int = 0  # bytes read from the source
+    zero: int = 0  # chunks found (or known) to be zeros
+    reused: int = 0  # chunks copied from the previous index without reading
+    deduplicated: int = 0  # read, but the repository had them already
+    sent: int = 0  # chunks uploaded
+    sent_bytes: int = 0  # their sealed size
+    seconds: float = 0.0
+    reason: str = ""  # why an incremental backup read everything
+
+    def to_json(self) -> dict[str, int | float | str]:
+        return {k: v for k, v in self.__dict__.items() if v or k in ("sent_bytes", "read")}
+
+
+def _covering(extents: Sequence[Extent], chunk: int, count: int, size: int) -> set[int]:
+    """Indexes of the chunks that ``extents`` touch."""
+    touched: set[int] = set()
+    for offset, length in extents:
+        if length <= 0:
+            continue
+        first, last = offset // chunk, min(count - 1, (min(offset + length, size) - 1) // chunk)
+        touched.update(range(first, last + 1))
+    return touched
+
+
+def _inside(extents: Sequence[Extent], chunk: int, count: int, size: int) -> set[int]:
+    """Indexes of the chunks wholly inside ``extents`` (known zeros)."""
+    inside: set[int] = set()
+    for offset, length in extents:
+        first = -(-offset // chunk)
+        end = offset + length
+        for i in range(first, count):
+            if min((i + 1) * chunk, size) > end:
+                break
+            inside.add(i)
+    return inside
+
+
+@dataclass
+class _Run:
+    repo: Repository
+    source: Source
+    digests: list[bytes]
+    stats: DiskStats
+    progress: Progress | None
+    known: set[bytes] = field(default_factory=set)
+
+    def _hash(self, data: bytes) -> bytes:
+        if data == bytes(len(data)):
+            return ZERO
+        return self.repo.codec.chunk_id(data)
+
+    async def chunk(self, index: int) -> None:
+        cs = self.repo.chunk_size
+        length = min(cs, self.source.size - index * cs)
+        data = await self.source.read(index * cs, length)
+        if len(data) != length:
+            raise RepositoryError(f"short read at chunk {index}: {len(data)} of {length} bytes")
+        self.stats.read += length
+        digest = await asyncio.to_thread(self._hash, data)
+        self.digests[index] = digest
+        if digest == ZERO:
+            self.stats.zero += 1
+        elif digest in self.known:
+            self.stats.deduplicated += 1
+        else:
+            self.known.add(digest)
+            if await self.repo.has_chunk(digest):
+                self.stats.deduplicated += 1
+            else:
+                sealed = await asyncio.to_thread(self.repo.seal_chunk, digest, data)
+                if await self.repo.put_chunk(digest, sealed):
+                    self.stats.sent += 1
+                    self.stats.sent_bytes += len(sealed)
+                else:
+                    self.stats.deduplicated += 1  # another writer stored it meanwhile
+        if self.progress is not None:
+            self.progress(length)
+
+
+async def backup_disk(
+    repo: Repository,
+    name: str,
+    source: Source,
+    *,
+    parent: DiskIndex | None = None,
+    changed: Sequence[Extent] | None = None,
+    workers: int = WORKERS,
+    progress: Progress | None = None,
+) -> tuple[DiskIndex, DiskStats]:
+    """The disk's index in ``repo`` and what it took. Incremental when ``parent`` (the previous
+    backup's index of this disk) and ``changed`` (everything written since it) are both given;
+    otherwise full, and ``DiskStats.reason`` says why when a parent was given."""
+    start = time.monotonic()
+    cs, size = repo.chunk_size, source.size
+    count = -(-size // cs)
+    stats = DiskStats(size=size, chunks=count)
+    digests = [ZERO] * count
+    incremental = parent is not None and changed is not None
+    if parent is not None and changed is None:
+        stats.reason = "no changed-block information since the previous backup"
+    elif parent is not None and (parent.size != size or parent.chunk_size != cs):
+        stats.reason = f"the disk changed size ({parent.size} -> {size} bytes)"
+        incremental = False
+    if incremental:
+        assert parent is not None and changed is not None
+        todo = _covering(changed, cs, count, size)
+        for i in range(count):
+            if i not in todo:
+                digests[i] = parent.digests[i]
+        stats.reused = count - len(todo)
+    else:
+        zeros = _inside(await source.zero_extents(), cs, count, size)
+        stats.zero = len(zeros)
+        todo = set(range(count)) - zeros
+        if progress is not None and zeros:
+            progress(sum(min(cs, size - i * cs) for i in zeros))
+    run = _Run(repo, source, digests, stats, progress)
+    if parent is not None:
+        run.known = parent.chunks()
+    queue = sorted(todo, reverse=True)
+
+    async def worker() -> None:
+        while queue:
+            await run.chunk(queue.pop())
+
+    tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, workers))]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    stats.seconds = time.monotonic() - start
+    return DiskIndex(name, size, cs, digests), stats
+
+
+async def restore_disk(
+    repo: Repository,
+    index: DiskIndex,
+    target: Target,
+    *,
+    workers: int = WORKERS,
+    progress: Progress | None = None,
+) -> DiskStats:
+    """Writes every chunk of ``index`` to ``target``; a damaged chunk stops it (DamagedChunk):
+    nothing is ever restored silently wrong."""
+    start = time.monotonic()
+    stats = DiskStats(size=index.size, chunks=len(index.digests))
+    cs = index.chunk_size
+    queue = list(reversed(range(len(index.digests))))
+
+    async def one(i: int) -> None:
+        length = min(cs, index.size - i * cs)
+        digest = index.digests[i]
+        if digest == ZERO:
+            await target.write_zeros(i * cs, length)
+            stats.zero += 1
+        else:
+            data = await repo.get_chunk(digest)
+            if len(data) != length:
+                raise RepositoryError(f"chunk {i} holds {len(data)} bytes, not {length}")
+            await target.write(i * cs, data)
+            stats.read += length
+        if progress is not None:
+            progress(length)
+
+    async def worker() -> None:
+        while queue:
+            await one(queue.pop())
+
+    tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, workers))]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    stats.seconds = time.monotonic() - start
+    return stats
+
+
+__all__ = [
+    "DiskStats",
+    "FileSource",
+    "FileTarget",
+    "Source",
+    "Target",
+    "backup_disk",
+    "restore_disk",
+]
