@@ -1,0 +1,297 @@
+"""Point-in-time backups of a running QEMU's disks, full or incremental by dirty bitmaps, served
+over NBD (QEMU's own export) for a reader to pull.
+
+A checkpoint is a persistent dirty bitmap on a disk's top node, named ``vmo-ckpt-<name>``: QEMU
+records every write after it, and stores it in the qcow2 when it closes the image, so that it
+outlives a restart of the VM (not a crash: an image closed uncleanly marks its bitmaps
+inconsistent, and they are not used).
+
+A backup, in one ``transaction`` on every disk at once (the guest already frozen by the caller):
+- a disabled copy of the previous checkpoint's bitmap (``vmo-bk-<name>``): exactly the writes
+  between the two checkpoints, frozen at this instant;
+- the new checkpoint's bitmap, recording from this instant;
+- a copy-before-write job (``blockdev-backup sync=none``) into a temporary overlay on the disk
+  (the *fleece*): what the guest overwrites from now on is copied there first, so the overlay
+  reads as the disk was at this instant while the guest runs on.
+The fleece is exported read-only over NBD with the frozen bitmap (``qemu:dirty-bitmap:...``)
+and ``base:allocation``. ``finish`` removes all of it; on success the previous checkpoint goes
+(the new one replaces it), on failure the new one goes (the previous stays valid). ``sweep``
+removes what a crash in between left, by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmo.engine.qemu.errors import QemuError, QMPError
+from vmo.engine.qemu.qmp import QMPClient
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+CHECKPOINT_PREFIX = "vmo-ckpt-"
+FROZEN_PREFIX = "vmo-bk-"
+FLEECE_PREFIX = "vmo-fleece-"
+EXPORT_PREFIX = "vmo-backup-"
+_OPAQUE = "vmo-fleece"
+
+
+def checkpoint_bitmap(checkpoint: str) -> str:
+    return CHECKPOINT_PREFIX + checkpoint
+
+
+@dataclass(frozen=True)
+class BackupDisk:
+    """A disk to back up: its volume name (the export's name) and its current top node."""
+
+    volume: str
+    node: str
+
+
+@dataclass
+class DiskExport:
+    volume: str
+    node: str
+    fleece_node: str
+    fleece_path: Path
+    frozen_bitmap: str | None  # None: a full backup of this disk
+    reason: str = ""  # why it is full although a checkpoint was asked for
+    size: int = 0
+
+    @property
+    def incremental(self) -> bool:
+        return self.frozen_bitmap is not None
+
+
+@dataclass
+class BackupExport:
+    """What a started backup exports; ``finish`` undoes it."""
+
+    name: str
+    socket: Path
+    checkpoint: str
+    since: str | None
+    disks: list[DiskExport] = field(default_factory=list)
+
+    @property
+    def incremental(self) -> bool:
+        return bool(self.disks) and all(d.incremental for d in self.disks)
+
+
+async def _nodes(qmp: QMPClient) -> list[JSON]:
+    nodes: list[JSON] = await qmp.execute("query-named-block-nodes", {"flat": True})
+    return nodes
+
+
+def _info(nodes: list[JSON], node: str) -> JSON:
+    for info in nodes:
+        if info.get("node-name") == node:
+            return info
+    raise QemuError(f"QEMU has no block node {node}")
+
+
+async def bitmaps(qmp: QMPClient, node: str) -> dict[str, JSON]:
+    """The dirty bitmaps on ``node``, by name."""
+    info = _info(await _nodes(qmp), node)
+    return {str(b["name"]): b for b in info.get("dirty-bitmaps") or []}
+
+
+def _unusable(bitmap: JSON | None) -> str:
+    """Why a checkpoint bitmap cannot give an incremental backup ('' if it can)."""
+    if bitmap is None:
+        return "missing"
+    if bitmap.get("inconsistent"):
+        return "inconsistent (the image was not closed cleanly)"
+    if not bitmap.get("recording", True):
+        return "not recording"
+    if bitmap.get("busy"):
+        return "in use by another operation"
+    return ""
+
+
+async def _pass_fd(qmp: QMPClient, path: Path, node: str) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        added = await qmp.execute("add-fd", {"opaque": f"{_OPAQUE}:{node}:{path}"}, fds=[fd])
+        return int(added["fdset-id"])
+    finally:
+        os.close(fd)
+
+
+async def _release_fds(qmp: QMPClient, node: str) -> None:
+    for fdset in await qmp.execute("query-fdsets") or []:
+        opaques = [str(fd.get("opaque") or "") for fd in fdset.get("fds") or []]
+        if any(o.startswith(f"{_OPAQUE}:{node}:") for o in opaques):
+            with contextlib.suppress(QemuError):
+                await qmp.execute("remove-fd", {"fdset-id": fdset["fdset-id"]})
+
+
+async def start(
+    qmp: QMPClient,
+    name: str,
+    disks: Sequence[BackupDisk],
+    *,
+    checkpoint: str,
+    since: str | None,
+    workdir: Path,
+    socket: Path,
+    run_as: tuple[int, int] | None = None,
+) -> BackupExport:
+    """Starts the backup ``name`` of ``disks`` (see the module docstring) and exports it on the
+    unix ``socket``. ``since``: the previous checkpoint (None for a full backup); a disk on
+    which it is missing or unusable is backed up in full, and its ``reason`` says why.
+    All or nothing: on failure nothing of it is left in QEMU or on disk."""
+    export = BackupExport(name, socket, checkpoint, since)
+    nodes = await _nodes(qmp)
+    try:
+        for disk in disks:
+            info = _info(nodes, disk.node)
+            size = int((info.get("image") or {}).get("virtual-size") or 0)
+            digest = hashlib.sha256(f"{name}/{disk.volume}".encode()).hexdigest()[:12]
+            fleece_node = FLEECE_PREFIX + digest  # QEMU's node names: at most 31 bytes
+            path = workdir / f".{fleece_node}.qcow2"
+            frozen: str | None = None
+            reason = ""
+            if since is not None:
+                found = {str(b["name"]): b for b in info.get("dirty-bitmaps") or []}
+                why = _unusable(found.get(checkpoint_bitmap(since)))
+                if why:
+                    reason = f"checkpoint {since} is {why} on volume {disk.volume}"
+                else:
+                    frozen = f"{FROZEN_PREFIX}{name}"
+            export.disks.append(
+                DiskExport(disk.volume, disk.node, fleece_node, path, frozen, reason, size)
+            )
+        for d in export.disks:
+            argv = ["qemu-img", "create", "-q", "-f", "qcow2", str(d.fleece_path), str(d.size)]
+            await asyncio.to_thread(subprocess.run, argv, check=True, capture_output=True)
+            if run_as is not None:
+                os.chown(d.fleece_path, *run_as)
+            fdset = await _pass_fd(qmp, d.fleece_path, d.fleece_node)
+            await qmp.execute(
+                "blockdev-add",
+                {
+                    "driver": "qcow2",
+                    "node-name": d.fleece_node,
+                    "file": {"driver": "file", "filename": f"/dev/fdset/{fdset}"},
+                    "backing": d.node,
+                },
+            )
+        actions: list[JSON] = []
+        for d in export.disks:
+            if d.frozen_bitmap is not None:
+                assert since is not None
+                actions += [
+                    {"type": "block-dirty-bitmap-add",
+                     "data": {"node": d.node, "name": d.frozen_bitmap, "disabled": True}},
+                    {"type": "block-dirty-bitmap-merge",
+                     "data": {"node": d.node, "target": d.frozen_bitmap,
+                              "bitmaps": [checkpoint_bitmap(since)]}},
+                ]  # fmt: skip
+            actions += [
+                {"type": "block-dirty-bitmap-add",
+                 "data": {"node": d.node, "name": checkpoint_bitmap(checkpoint), "persistent": True}},
+                {"type": "blockdev-backup",
+                 "data": {"device": d.node, "target": d.fleece_node, "sync": "none",
+                          "job-id": d.fleece_node, "auto-dismiss": True}},
+            ]  # fmt: skip
+        await qmp.execute("transaction", {"actions": actions})
+        await qmp.execute(
+            "nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(socket)}}}
+        )
+        for d in export.disks:
+            args: JSON = {"type": "nbd", "id": f"{EXPORT_PREFIX}{name}-{d.volume}",
+                          "node-name": d.fleece_node, "name": d.volume, "writable": False}  # fmt: skip
+            if d.frozen_bitmap is not None:
+                args["bitmaps"] = [{"node": d.node, "name": d.frozen_bitmap}]
+            await qmp.execute("block-export-add", args)
+    except BaseException:
+        await finish(qmp, export, success=False)
+        raise
+    return export
+
+
+async def finish(qmp: QMPClient, export: BackupExport, *, success: bool) -> None:
+    """Removes the backup's exports, jobs, fleeces and frozen bitmaps; keeps the new checkpoint
+    (and drops the previous one) only on ``success``. Idempotent; every step is tried."""
+    with contextlib.suppress(QemuError):
+        await qmp.execute("nbd-server-stop")
+    for d in export.disks:
+        await _drop_fleece(qmp, d.fleece_node, d.fleece_path)
+        stale = [d.frozen_bitmap] if d.frozen_bitmap else []
+        if success and export.since is not None:
+            stale.append(checkpoint_bitmap(export.since))
+        if not success:
+            stale.append(checkpoint_bitmap(export.checkpoint))
+        for bitmap in stale:
+            with contextlib.suppress(QemuError):
+                await qmp.execute("block-dirty-bitmap-remove", {"node": d.node, "name": bitmap})
+    export.socket.unlink(missing_ok=True)
+
+
+async def _drop_fleece(qmp: QMPClient, node: str, path: Path | None) -> None:
+    with contextlib.suppress(QemuError):
+        await qmp.execute("block-job-cancel", {"device": node, "force": True})
+    for _ in range(50):  # the job lets go of the fleece once it is cancelled
+        jobs = await qmp.execute("query-block-jobs")
+        if not any(j.get("device") == node for j in jobs or []):
+            break
+        await asyncio.sleep(0.05)
+    try:
+        await qmp.execute("blockdev-del", {"node-name": node})
+    except QMPError as exc:
+        if "Failed to find node" not in str(exc) and "Cannot find node" not in str(exc):
+            log.warning("fleece %s not deleted: %s", node, exc)
+    await _release_fds(qmp, node)
+    if path is not None:
+        path.unlink(missing_ok=True)
+
+
+async def sweep(qmp: QMPClient, workdir: Path, *, keep: Sequence[str] = ()) -> list[str]:
+    """After a crash mid-backup: removes every fleece, export and frozen bitmap VMO left in this
+    QEMU (and the fleece files in ``workdir``), and checkpoints other than ``keep`` that have no
+    backup to show for them. What it removed."""
+    removed: list[str] = []
+    with contextlib.suppress(QemuError):
+        await qmp.execute("nbd-server-stop")
+    for info in await _nodes(qmp):
+        node = str(info.get("node-name") or "")
+        if node.startswith(FLEECE_PREFIX):
+            await _drop_fleece(qmp, node, None)
+            removed.append(node)
+    for info in await _nodes(qmp):
+        node = str(info.get("node-name") or "")
+        for b in info.get("dirty-bitmaps") or []:
+            bname = str(b["name"])
+            frozen = bname.startswith(FROZEN_PREFIX)
+            orphan = bname.startswith(CHECKPOINT_PREFIX) and bname not in {
+                checkpoint_bitmap(k) for k in keep
+            }
+            if frozen or orphan:
+                with contextlib.suppress(QemuError):
+                    await qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": bname})
+                    removed.append(f"{node}/{bname}")
+    for path in workdir.glob(f".{FLEECE_PREFIX}*.qcow2"):
+        path.unlink(missing_ok=True)
+    return removed
+
+
+__all__ = [
+    "BackupDisk",
+    "BackupExport",
+    "DiskExport",
+    "bitmaps",
+    "checkpoint_bitmap",
+    "finish",
+    "start",
+    "sweep",
+]
