@@ -28,6 +28,7 @@ bench: install
 	$(BIN)/python bench/vm_start.py
 	$(BIN)/python bench/migration.py --quick
 	$(BIN)/python bench/snapshots.py
+	$(BIN)/python bench/backup.py
 	$(BIN)/python bench/runtime.py
 
 install: system-packages qemu-user $(VENV)/.installed
