@@ -205,11 +205,11 @@ class FailingSource(FileSource):
         super().__init__(path)
         self.budget = budget
 
-    async def read(self, offset: int, length: int) -> bytes:
+    def read_blocking(self, offset: int, length: int) -> bytes:
         self.budget -= 1
         if self.budget < 0:
             raise OSError("the source went away")
-        return await super().read(offset, length)
+        return super().read_blocking(offset, length)
 
 
 def test_an_interrupted_backup_leaves_no_backup_and_its_chunks_are_reused(

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,25 @@ class CodecError(Exception):
 
 class WrongKey(Exception):
     """The key given does not open the repository (or one is needed, or none is)."""
+
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """One compressor per thread and level (they are not thread-safe, and cost to make)."""
+    found: dict[int, zstandard.ZstdCompressor] = getattr(_local, "compressors", None) or {}
+    _local.compressors = found
+    if level not in found:
+        found[level] = zstandard.ZstdCompressor(level=level)
+    return found[level]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    found: zstandard.ZstdDecompressor | None = getattr(_local, "decompressor", None)
+    if found is None:
+        found = _local.decompressor = zstandard.ZstdDecompressor()
+    return found
 
 
 def _b64(data: bytes) -> str:
@@ -131,7 +151,7 @@ class Codec:
     def seal(self, data: bytes | memoryview, *, name: str) -> bytes:
         flags = 0
         payload = bytes(data)
-        packed = zstandard.ZstdCompressor(level=self.level).compress(payload)
+        packed = _compressor(self.level).compress(payload)
         if len(packed) < len(payload):
             payload, flags = packed, flags | COMPRESSED
         if self.keys is not None:
@@ -159,7 +179,7 @@ class Codec:
             raise CodecError(f"{name}: not encrypted in an encrypted repository")
         if flags & COMPRESSED:
             try:
-                payload = zstandard.ZstdDecompressor().decompress(payload)
+                payload = _decompressor().decompress(payload)
             except zstandard.ZstdError as exc:
                 raise CodecError(f"{name}: does not decompress ({exc})") from None
         return payload

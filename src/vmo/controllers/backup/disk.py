@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +62,10 @@ class FileSource:
     async def read(self, offset: int, length: int) -> bytes:
         return await asyncio.to_thread(os.pread, self.fd, length, offset)
 
+    def read_blocking(self, offset: int, length: int) -> bytes:
+        """For a worker thread that hashes what it read without going back to the loop."""
+        return os.pread(self.fd, length, offset)
+
     async def zero_extents(self) -> list[Extent]:
         """The file's holes (SEEK_HOLE / SEEK_DATA): a sparse image's unwritten ranges."""
         holes: list[Extent] = []
@@ -94,6 +100,9 @@ class FileTarget:
     async def write(self, offset: int, data: bytes) -> None:
         await asyncio.to_thread(os.pwrite, self.fd, data, offset)
 
+    def write_blocking(self, offset: int, data: bytes) -> None:
+        os.pwrite(self.fd, data, offset)
+
     async def write_zeros(self, offset: int, length: int) -> None:
         if not self.fresh:  # a fresh file reads zeros there already (a hole)
             await asyncio.to_thread(os.pwrite, self.fd, bytes(length), offset)
@@ -118,6 +127,11 @@ class DiskStats:
 
     def to_json(self) -> dict[str, int | float | str]:
         return {k: v for k, v in self.__dict__.items() if v or k in ("sent_bytes", "read")}
+
+
+@functools.cache
+def _zeros(length: int) -> bytes:
+    return bytes(length)
 
 
 def _covering(extents: Sequence[Extent], chunk: int, count: int, size: int) -> set[int]:
@@ -152,15 +166,47 @@ class _Run:
     stats: DiskStats
     progress: Progress | None
     known: set[bytes] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _hash(self, data: bytes) -> bytes:
-        if data == bytes(len(data)):
+        if data == _zeros(len(data)):
             return ZERO
         return self.repo.codec.chunk_id(data)
+
+    def _whole_chunk(self, offset: int, length: int) -> tuple[bytes, int]:
+        """In a worker thread, for a file source and a local repository: reads, hashes, seals
+        and stores one chunk; (its id, sealed bytes written: 0 when zero, known or there)."""
+        read = getattr(self.source, "read_blocking")  # noqa: B009 - checked by the caller
+        data = read(offset, length)
+        if len(data) != length:
+            raise RepositoryError(f"short read at {offset}: {len(data)} of {length} bytes")
+        digest = self._hash(data)
+        if digest == ZERO:
+            return digest, 0
+        with self.lock:
+            seen = digest in self.known
+            self.known.add(digest)
+        if seen:
+            return digest, -1
+        return digest, self.repo.store_chunk_blocking(digest, data)
 
     async def chunk(self, index: int) -> None:
         cs = self.repo.chunk_size
         length = min(cs, self.source.size - index * cs)
+        if self.repo.local and hasattr(self.source, "read_blocking"):
+            digest, written = await asyncio.to_thread(self._whole_chunk, index * cs, length)
+            self.digests[index] = digest
+            self.stats.read += length
+            if digest == ZERO:
+                self.stats.zero += 1
+            elif written > 0:
+                self.stats.sent += 1
+                self.stats.sent_bytes += written
+            else:
+                self.stats.deduplicated += 1
+            if self.progress is not None:
+                self.progress(length)
+            return
         data = await self.source.read(index * cs, length)
         if len(data) != length:
             raise RepositoryError(f"short read at chunk {index}: {len(data)} of {length} bytes")
@@ -258,6 +304,8 @@ async def restore_disk(
     stats = DiskStats(size=index.size, chunks=len(index.digests))
     cs = index.chunk_size
     queue = list(reversed(range(len(index.digests))))
+    # a local repository and a file: one worker-thread hop per chunk reads, checks and writes it
+    fast = repo.local and hasattr(target, "write_blocking")
 
     async def one(i: int) -> None:
         length = min(cs, index.size - i * cs)
@@ -265,6 +313,9 @@ async def restore_disk(
         if digest == ZERO:
             await target.write_zeros(i * cs, length)
             stats.zero += 1
+        elif fast:
+            await asyncio.to_thread(_restore_blocking, repo, target, digest, i * cs, length)
+            stats.read += length
         else:
             data = await repo.get_chunk(digest)
             if len(data) != length:
@@ -288,6 +339,15 @@ async def restore_disk(
         raise
     stats.seconds = time.monotonic() - start
     return stats
+
+
+def _restore_blocking(
+    repo: Repository, target: Target, digest: bytes, offset: int, length: int
+) -> None:
+    data = repo.load_chunk_blocking(digest)
+    if len(data) != length:
+        raise RepositoryError(f"the chunk at {offset} holds {len(data)} bytes, not {length}")
+    getattr(target, "write_blocking")(offset, data)  # noqa: B009 - checked by the caller
 
 
 __all__ = [

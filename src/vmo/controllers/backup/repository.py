@@ -1,7 +1,7 @@
 """A backup repository: content-addressed chunks and backup manifests in an object store.
 
-The store is a local directory or an S3 bucket, both through ``obstore`` (one API, conditional
-creates on both). Layout, every key under the repository's prefix:
+The store is a local directory or an S3 bucket (``stores``: plain files, or ``obstore``; both
+with create-only writes). Layout, every key under the repository's prefix:
 
 - ``config``: the repository's id, chunk size and, when encrypted, how its keys are derived
   (never a key itself);
@@ -39,11 +39,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import obstore
-from obstore.exceptions import AlreadyExistsError, BaseError
-from obstore.store import LocalStore, S3Store
-
 from vmo.controllers.backup.codec import Codec, CodecError
+from vmo.controllers.backup.stores import (
+    Store,
+    StoreFailed,
+    StoreMissing,
+    local_store,
+    s3_store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +89,15 @@ def _stamp(t: datetime) -> str:
 
 
 def _wrap(exc: Exception, what: str) -> RepositoryError:
-    if isinstance(exc, FileNotFoundError):
+    if isinstance(exc, StoreMissing | FileNotFoundError):
         return NotFound(f"{what}: not found")
+    if isinstance(exc, StoreFailed):
+        return RepositoryError(f"{what}: {exc}")
     text = str(exc).split("\n", 1)[0]
     return RepositoryError(f"{what}: {type(exc).__name__}: {text}")
+
+
+STORE_ERRORS = (StoreMissing, StoreFailed, OSError)
 
 
 # --- what the store holds ---------------------------------------------------------------------
@@ -224,56 +232,14 @@ class GcReport:
 # --- the store ------------------------------------------------------------------------------
 
 
-def local_store(path: str | os.PathLike[str]) -> LocalStore:
-    return LocalStore(os.fspath(path), mkdir=True)
-
-
-def s3_store(
-    bucket: str,
-    *,
-    endpoint: str,
-    access_key: str,
-    secret_key: str,
-    region: str = "us-east-1",
-    prefix: str = "",
-    timeout: str = "30s",
-    retries: int = 3,
-) -> S3Store:
-    """An S3-compatible bucket (path-style, as self-hosted servers serve it). ``retries`` and
-    ``timeout`` bound how long an unreachable store holds a backup before it fails."""
-    return S3Store(
-        bucket,
-        prefix=prefix or None,
-        endpoint=endpoint,
-        access_key_id=access_key,
-        secret_access_key=secret_key,
-        region=region,
-        virtual_hosted_style_request=False,
-        client_options={
-            "allow_http": endpoint.startswith("http://"),
-            "timeout": timeout,
-            "connect_timeout": "5s",
-        },
-        retry_config={
-            "max_retries": retries,
-            "retry_timeout": timedelta(seconds=30),
-            "backoff": {
-                "init_backoff": timedelta(milliseconds=100),
-                "max_backoff": timedelta(seconds=2),
-                "base": 2,
-            },
-        },
-    )
-
-
 class Repository:
     """An opened repository. Every method is safe to call from several tasks at once."""
 
-    def __init__(self, store: Any, codec: Codec, config: JSON, *, name: str = "") -> None:
+    def __init__(self, store: Store, codec: Codec, config: JSON, *, name: str = "") -> None:
         self.store = store
         self.codec = codec
         self.config = config
-        self.name = name or str(config.get("id", ""))
+        self.name = name or store.name
 
     @property
     def chunk_size(self) -> int:
@@ -284,7 +250,7 @@ class Repository:
     @classmethod
     async def init(
         cls,
-        store: Any,
+        store: Store,
         *,
         secret: bytes | None = None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -306,21 +272,23 @@ class Repository:
             "compression": "zstd",
             "encryption": encryption,
         }
+        name = name or store.name
         try:
-            await obstore.put_async(store, "config", json.dumps(config).encode(), mode="create")
-        except AlreadyExistsError:
-            raise RepositoryError(f"repository {name}: a repository is already there") from None
-        except (BaseError, OSError) as exc:
+            created = await store.put("config", json.dumps(config).encode(), create=True)
+        except STORE_ERRORS as exc:
             raise _wrap(exc, f"repository {name}") from None
+        if not created:
+            raise RepositoryError(f"repository {name}: a repository is already there")
         return cls(store, codec, config, name=name)
 
     @classmethod
-    async def open(cls, store: Any, *, secret: bytes | None = None, name: str = "") -> Repository:
+    async def open(cls, store: Store, *, secret: bytes | None = None, name: str = "") -> Repository:
+        name = name or store.name
         try:
-            raw = await (await obstore.get_async(store, "config")).bytes_async()
-        except FileNotFoundError:
+            raw = await store.get("config")
+        except StoreMissing:
             raise NotFound(f"repository {name}: no repository there (no config)") from None
-        except (BaseError, OSError) as exc:
+        except STORE_ERRORS as exc:
             raise _wrap(exc, f"repository {name}") from None
         config = json.loads(bytes(raw))
         if config.get("version") != FORMAT_VERSION:
@@ -329,7 +297,7 @@ class Repository:
         return cls(store, codec, config, name=name)
 
     @classmethod
-    async def open_or_init(cls, store: Any, **kwargs: Any) -> Repository:
+    async def open_or_init(cls, store: Store, **kwargs: Any) -> Repository:
         try:
             return await cls.open(store, secret=kwargs.get("secret"), name=kwargs.get("name", ""))
         except NotFound:
@@ -339,44 +307,53 @@ class Repository:
 
     async def _get(self, key: str) -> bytes:
         try:
-            return bytes(await (await obstore.get_async(self.store, key)).bytes_async())
-        except (BaseError, OSError) as exc:
+            return await self.store.get(key)
+        except STORE_ERRORS as exc:
             raise _wrap(exc, f"repository {self.name}: {key}") from None
 
     async def _put(self, key: str, data: bytes, *, create: bool) -> bool:
         """False when ``create`` and the key is already there."""
         try:
-            await obstore.put_async(self.store, key, data, mode="create" if create else "overwrite")
-        except AlreadyExistsError:
-            return False
-        except (BaseError, OSError) as exc:
+            return await self.store.put(key, data, create=create)
+        except STORE_ERRORS as exc:
             raise _wrap(exc, f"repository {self.name}: writing {key}") from None
-        return True
 
     async def _exists(self, key: str) -> bool:
         try:
-            await obstore.head_async(self.store, key)
-        except FileNotFoundError:
-            return False
-        except (BaseError, OSError) as exc:
+            return await self.store.exists(key)
+        except STORE_ERRORS as exc:
             raise _wrap(exc, f"repository {self.name}: {key}") from None
-        return True
 
     async def _delete(self, key: str) -> None:
         try:
-            await obstore.delete_async(self.store, key)
-        except FileNotFoundError:
-            return
-        except (BaseError, OSError) as exc:
+            await self.store.delete(key)
+        except STORE_ERRORS as exc:
             raise _wrap(exc, f"repository {self.name}: deleting {key}") from None
 
     async def _list(self, prefix: str) -> AsyncIterator[JSON]:
         try:
-            async for batch in obstore.list(self.store, prefix=prefix):
-                for meta in batch:
-                    yield dict(meta)
-        except (BaseError, OSError) as exc:
+            async for meta in self.store.list(prefix):
+                yield meta
+        except STORE_ERRORS as exc:
             raise _wrap(exc, f"repository {self.name}: listing {prefix}") from None
+
+    @property
+    def local(self) -> bool:
+        """Whether the store's calls may be made blocking, from a worker thread."""
+        return bool(getattr(self.store, "blocking", False))
+
+    def store_chunk_blocking(self, digest: bytes, data: bytes) -> int:
+        """From a worker thread of a local repository: seals and stores the chunk unless it is
+        there; the sealed bytes written (0: it was there)."""
+        store: Any = self.store
+        key = self.chunk_key(digest)
+        try:
+            if store.exists_blocking(key):
+                return 0
+            sealed = self.seal_chunk(digest, data)
+            return len(sealed) if store.put_blocking(key, sealed, create=True) else 0
+        except STORE_ERRORS as exc:
+            raise _wrap(exc, f"repository {self.name}: writing {key}") from None
 
     # --- chunks -------------------------------------------------------------------------------
 
@@ -405,6 +382,17 @@ class Repository:
             raise DamagedChunk(digest, "its content no longer has its id")
         return data
 
+    def load_chunk_blocking(self, digest: bytes) -> bytes:
+        """From a worker thread of a local repository: the chunk's plain bytes, checked."""
+        store: Any = self.store
+        try:
+            blob = store.get_blocking(self.chunk_key(digest))
+        except StoreMissing:
+            raise DamagedChunk(digest, "missing from the repository") from None
+        except STORE_ERRORS as exc:
+            raise _wrap(exc, f"repository {self.name}: {self.chunk_key(digest)}") from None
+        return self.open_chunk(digest, blob)
+
     async def get_chunk(self, digest: bytes) -> bytes:
         try:
             blob = await self._get(self.chunk_key(digest))
@@ -418,6 +406,10 @@ class Repository:
         """The backup's last write: once it is in, the backup exists, whole."""
         key = manifest.ref.key
         sealed = self.codec.seal(json.dumps(manifest.to_json()).encode(), name=key)
+        try:
+            await self.store.sync()  # every chunk it names is on the disk before it is
+        except STORE_ERRORS as exc:
+            raise _wrap(exc, f"repository {self.name}: syncing") from None
         if not await self._put(key, sealed, create=True):
             raise RepositoryError(f"repository {self.name}: backup {manifest.ref} already exists")
 
