@@ -60,6 +60,7 @@ from vmo.client import (
     NotFound,
 )
 from vmo.engine.storage import qemu_img
+from vmo.engine.storage.backup_endpoints import BackupVolume, serve_data, serve_map
 from vmo.engine.storage.pool import Pool, volume_stem
 from vmo.runtime import (
     Controller,
@@ -628,6 +629,8 @@ class ServedExport:
     name: str
     token: str
     volumes: dict[str, VolumeFile]
+    # a pull-mode VirtualMachineBackup's volumes: served as data and map endpoints
+    backups: dict[str, BackupVolume] = field(default_factory=dict)
     _flattened: dict[str, Path] = field(default_factory=dict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     requests: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -709,6 +712,9 @@ class ExportServer:
         prefix = volume_path_prefix("{namespace}", "{name}") + "/volumes/{volume}"
         app.router.add_get(prefix + "/disk.img", self._raw)
         app.router.add_get(prefix + "/disk.img.gz", self._gzip)
+        backups = volume_path_prefix("{namespace}", "{name}") + "/exports/{volume}"
+        app.router.add_route("*", backups + "/data", self._backup_data)
+        app.router.add_route("*", backups + "/map", self._backup_map)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(
@@ -728,7 +734,8 @@ class ExportServer:
 
     def register(self, served: ServedExport) -> None:
         old = self.exports.get((served.namespace, served.name))
-        if old is not None and (old.token, old.volumes) == (served.token, served.volumes):
+        same = (old.token, old.volumes, old.backups) if old is not None else None
+        if same == (served.token, served.volumes, served.backups):
             return
         if old is not None:
             old.close()
@@ -754,6 +761,27 @@ class ExportServer:
         if info["volume"] not in served.volumes:
             raise web.HTTPNotFound(text=f"volume {info['volume']} not found in the export\n")
         return served, info["volume"]
+
+    def _admit_backup(self, request: web.Request) -> tuple[ServedExport, BackupVolume]:
+        info = request.match_info
+        served = self.exports.get((info["namespace"], info["name"]))
+        token = request.headers.get(TOKEN_HEADER) or request.query.get(TOKEN_HEADER)
+        if served is None:
+            raise web.HTTPNotFound(text="export not found\n")
+        if not served.authorized(token):
+            raise web.HTTPUnauthorized(text="a valid x-kubevirt-export-token is required\n")
+        volume = served.backups.get(info["volume"])
+        if volume is None:
+            raise web.HTTPNotFound(text=f"volume {info['volume']} not found in the backup\n")
+        return served, volume
+
+    async def _backup_data(self, request: web.Request) -> web.StreamResponse:
+        served, volume = self._admit_backup(request)
+        return await self._tracked(served, serve_data(request, volume))
+
+    async def _backup_map(self, request: web.Request) -> web.StreamResponse:
+        served, volume = self._admit_backup(request)
+        return await self._tracked(served, serve_map(request, volume))
 
     async def _raw(self, request: web.Request) -> web.StreamResponse:
         served, volume = self._admit(request)
