@@ -26,6 +26,9 @@ SNAPSHOT_NODE = "vmo.dev/snapshot-node"
 # VirtualMachineSnapshotContent: the indications (Online, GuestAgent, ...) the node reported.
 SNAPSHOT_INDICATIONS = "vmo.dev/snapshot-indications"
 
+# VirtualMachineBackup: the node whose agent runs it (where the VMI is).
+BACKUP_NODE = "vmo.dev/backup-node"
+
 # VirtualMachineExport: the node serving it.
 EXPORT_NODE = "vmo.dev/export-node"
 

@@ -324,6 +324,11 @@ def _kubevirt_family_rules(verbs: Sequence[str]) -> list[JSON]:
             ["virtualmachinesnapshots", "virtualmachinesnapshotcontents", "virtualmachinerestores"],
         ),
         _rule(verbs, ["export.kubevirt.io"], ["virtualmachineexports"]),
+        _rule(
+            verbs,
+            ["backup.kubevirt.io"],
+            ["virtualmachinebackups", "virtualmachinebackuptrackers"],
+        ),
         _rule(verbs, ["clone.kubevirt.io"], ["virtualmachineclones"]),
         _rule(verbs, ["instancetype.kubevirt.io"], INSTANCETYPES),
         _rule(verbs, ["pool.kubevirt.io"], ["virtualmachinepools"]),

@@ -83,6 +83,15 @@ VMRESTORE = Resource(
 )
 VMCLONE = Resource("clone.kubevirt.io", "v1beta1", "virtualmachineclones", "VirtualMachineClone")
 VMEXPORT = Resource("export.kubevirt.io", "v1", "virtualmachineexports", "VirtualMachineExport")
+VMBACKUP = Resource(
+    "backup.kubevirt.io", "v1alpha1", "virtualmachinebackups", "VirtualMachineBackup"
+)
+VMBACKUPTRACKER = Resource(
+    "backup.kubevirt.io",
+    "v1alpha1",
+    "virtualmachinebackuptrackers",
+    "VirtualMachineBackupTracker",
+)
 DATAVOLUME = Resource("cdi.kubevirt.io", "v1beta1", "datavolumes", "DataVolume")
 NAD = Resource(
     "k8s.cni.cncf.io", "v1", "network-attachment-definitions", "NetworkAttachmentDefinition"

@@ -22,6 +22,7 @@ from vmo.client import DATAVOLUME, ENDPOINTS, NAD, SECRET, SERVICE, ApiStatusErr
 from vmo.engine import cloudinit
 from vmo.engine.agent.agent import NodeAgent, PrepareError
 from vmo.engine.agent.api import AgentApi
+from vmo.engine.agent.backups import BackupExecutor
 from vmo.engine.agent.migration import MigrationRoles
 from vmo.engine.agent.node import now_rfc3339 as nodeobj_now
 from vmo.engine.agent.snapshots import SnapshotExecutor
@@ -128,11 +129,16 @@ class NodeServices:
         )
         await self.api.start(self.agent.socket_path)
         await self.agent.start(stop)
+        backups = BackupExecutor(self.client, self.name, self.agent)
         exports = ExportController(
-            self.client, self.name, [self.pool, self.shared_pool], self.state_dir
+            self.client,
+            self.name,
+            [self.pool, self.shared_pool],
+            self.state_dir,
+            backups=backups.backup_volumes,
         )
         claims = ClaimController(self.provisioner)
-        background = Manager([self.datavolumes, claims, self.snapshots, exports])
+        background = Manager([self.datavolumes, claims, self.snapshots, exports, backups])
         self.tasks.append(
             asyncio.get_running_loop().create_task(background.run(stop), name=f"node-{self.name}")
         )

@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import socket as pysocket
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -205,9 +206,7 @@ async def start(
                           "job-id": d.fleece_node, "auto-dismiss": True}},
             ]  # fmt: skip
         await qmp.execute("transaction", {"actions": actions})
-        await qmp.execute(
-            "nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(socket)}}}
-        )
+        await _listen(qmp, socket, f"{EXPORT_PREFIX}{name}")
         for d in export.disks:
             args: JSON = {"type": "nbd", "id": f"{EXPORT_PREFIX}{name}-{d.volume}",
                           "node-name": d.fleece_node, "name": d.volume, "writable": False}  # fmt: skip
@@ -218,6 +217,21 @@ async def start(
         await finish(qmp, export, success=False)
         raise
     return export
+
+
+async def _listen(qmp: QMPClient, path: Path, fdname: str) -> None:
+    """QEMU's NBD server on a unix socket the agent makes (QEMU runs unprivileged and could
+    not create it here): bound and listening, mode 0600, handed over with ``getfd``."""
+    listener = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+    try:
+        path.unlink(missing_ok=True)
+        listener.bind(str(path))
+        os.chmod(path, 0o600)
+        listener.listen(16)
+        await qmp.execute("getfd", {"fdname": fdname}, fds=[listener.fileno()])
+    finally:
+        listener.close()
+    await qmp.execute("nbd-server-start", {"addr": {"type": "fd", "data": {"str": fdname}}})
 
 
 async def finish(qmp: QMPClient, export: BackupExport, *, success: bool) -> None:

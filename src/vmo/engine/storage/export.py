@@ -33,7 +33,7 @@ import secrets
 import ssl
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,8 @@ from vmo.runtime import (
 log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
+
+BackupLookup = Callable[[str, str], "dict[str, BackupVolume] | None"]
 
 # the names this module has always used for the client's resources
 EXPORT, VM_SNAPSHOT, VM_SNAPSHOT_CONTENT = VMEXPORT, VMSNAPSHOT, VMSNAPSHOTCONTENT
@@ -205,6 +207,7 @@ class SourceState:
     skipped: bool = False
     # the node whose pool holds the volumes (their DataVolumes' vmo.dev/storage-node)
     node: str | None = None
+    backup: bool = False  # a pull-mode backup's volumes: data and map endpoints
 
 
 def source_kind(export: JSON) -> str:
@@ -217,6 +220,8 @@ def source_kind(export: JSON) -> str:
         return "vm"
     if kind == "VirtualMachineSnapshot" and group == "snapshot.kubevirt.io":
         return "snapshot"
+    if kind == "VirtualMachineBackup" and group == "backup.kubevirt.io":
+        return "backup"
     return ""
 
 
@@ -364,6 +369,19 @@ def volume_path_prefix(namespace: str, name: str) -> str:
 def export_links(export: JSON, state: SourceState, serving: Serving) -> JSON:
     md = export["metadata"]
     base = serving.base_url + volume_path_prefix(md["namespace"], md["name"])
+    if state.backup:
+        backups = [
+            {
+                "name": v.name,
+                "endpoints": [
+                    {"endpoint": "data", "url": f"{base}/exports/{v.name}/data"},
+                    {"endpoint": "map", "url": f"{base}/exports/{v.name}/map"},
+                ],
+            }
+            for v in state.volumes
+        ]
+        backup_link = {"cert": serving.cert_pem, "backups": backups}
+        return {"internal": dict(backup_link), "external": dict(backup_link)}
     volumes = [
         {
             "name": v.name,
@@ -941,11 +959,21 @@ class ExportController(Controller):
     ``pools``: the node's own pool first, then the host's shared pool.
     """
 
-    def __init__(self, client: Client, node_name: str, pools: list[Pool], state_dir: Path) -> None:
+    def __init__(
+        self,
+        client: Client,
+        node_name: str,
+        pools: list[Pool],
+        state_dir: Path,
+        *,
+        backups: BackupLookup | None = None,
+    ) -> None:
         super().__init__(client)
         self.name = f"exports-{node_name}"
         self.node_name, self.pools, self.state_dir = node_name, pools, state_dir
         self.server = ExportServer(ExportPki(state_dir / "export-pki"))
+        # the pull-mode backups running on this node (the node's backup executor)
+        self.backups = backups
 
     def watches(self) -> Sequence[Watch]:
         return [
@@ -1025,17 +1053,19 @@ class ExportController(Controller):
         namespace, name = _key(export)
         spec_ref = (export.get("spec") or {}).get("tokenSecretRef")
         token_ref = spec_ref or (export.get("status") or {}).get("tokenSecretRef")
-        files = self._local_files(namespace, state) if state.available else None
+        backups = self.backups(namespace, name) if state.backup and self.backups else None
+        files = self._local_files(namespace, state) if state.available and not backups else None
         serving: Serving | None = None
         not_ready: Condition | None = None
-        if files:
+        if files or backups:
             token_ref = token_ref or default_token_secret(name)
             token = await self._token(export, token_ref, generate=not spec_ref)
             if token is None:
                 message = f"token secret {namespace}/{token_ref} has no key {TOKEN_KEY!r}"
                 not_ready = ready(False, POD_PENDING, message)
             else:
-                self.server.register(ServedExport(namespace, name, token, files))
+                served = ServedExport(namespace, name, token, files or {}, backups or {})
+                self.server.register(served)
                 serving = self.server.serving()
         elif state.available:
             not_ready = ready(False, POD_PENDING, f"volumes are not on node {self.node_name}")
@@ -1114,6 +1144,15 @@ class ExportController(Controller):
             claim = await self._claim_info(namespace, name)
             in_use = claim.populated and await self._claim_in_use(namespace, name)
             return pvc_state(namespace, name, claim, in_use)
+        if kind == "backup":
+            found = self.backups(namespace, name) if self.backups else None
+            if not found:
+                message = "VMBackup has no included volumes"
+                return SourceState(ready=ready(False, INITIALIZING, message))
+            volumes = tuple(ExportVolume(v, "") for v in found)
+            return SourceState(
+                volumes, True, ready(False, INITIALIZING), node=self.node_name, backup=True
+            )
         if kind == "vm":
             vm = await self.client.find(VM, name, namespace)
             claims = {c: await self._claim_info(namespace, c) for c in vm_claims(vm or {})}

@@ -1,0 +1,609 @@
+"""backup.kubevirt.io/v1alpha1 VirtualMachineBackup on one node: the roles upstream splits
+between virt-controller's backup controller and virt-handler/virt-launcher, for the VMIs that
+run here.
+
+A backup whose VM runs on this node is claimed (``vmo.dev/backup-node`` and upstream's finalizer
+``backup.kubevirt.io/vmbackup-protection``, in one resourceVersion-guarded patch), the guest is
+frozen through its agent unless ``skipQuiesce``, the point-in-time backup is started on every
+claim-backed disk (``vmo.engine.qemu.backup``), and the guest is thawed at once. Its checkpoint
+is ``<backup>-<creationTimestamp, 2006-01-02_15-04-05>``; it is incremental when its source is a
+tracker with a ``latestCheckpoint`` and ``forceFullBackup`` is not set, and falls back to full
+when QEMU no longer has that checkpoint (a VM snapshot or a live migration moved the disk onto a
+new image, or the image was closed uncleanly), saying why in its status and an Event.
+
+Pull mode: a VirtualMachineExport of the backup's own name serves each volume's ``data`` and
+``map``; once it is Ready the links and CA go to ``status.includedVolumes`` and ``endpointCert``.
+Deleting the backup (or its ``ttlDuration``, 2h by default, running out) ends it: the exports go,
+the new checkpoint replaces the old one, and the tracker's ``latestCheckpoint`` names it.
+Push mode needs a filesystem inside the target claim, which VMO's volumes (disk images) do not
+have: it fails with a message saying so.
+
+Conditions, reasons and messages are upstream's (Progressing, Complete, Failed, Quiesced).
+A backup this node started whose session a restart of the agent lost fails ("the node agent
+restarted during the backup"), and what it left in QEMU is swept away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from vmo.api.annotations import BACKUP_NODE, EXPORT_NODE
+from vmo.api.duration import parse_duration
+from vmo.api.kubevirt.migratable import claim_name
+from vmo.client import (
+    PVC,
+    VMBACKUP,
+    VMBACKUPTRACKER,
+    VMEXPORT,
+    VMI,
+    Client,
+    Conflict,
+    NotFound,
+)
+from vmo.engine.agent.agent import NodeAgent
+from vmo.engine.agent.runtime import VmiRuntime
+from vmo.engine.qemu import backup as qb
+from vmo.engine.qemu.errors import QemuError
+from vmo.engine.qemu.guest_agent import GuestAgentClient
+from vmo.engine.storage.backup_endpoints import BackupVolume
+from vmo.runtime import Controller, EventRecorder, Result, Watch, merge_conditions, split_key
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+FINALIZER = "backup.kubevirt.io/vmbackup-protection"
+GROUP = "backup.kubevirt.io"
+DEFAULT_TTL = timedelta(hours=2)
+CHECKPOINT_TIME = "%Y-%m-%d_%H-%M-%S"
+FREEZE_TIMEOUT = 30.0
+RETRY_SECONDS = 2.0
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _stamp(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def checkpoint_name(backup: JSON) -> str:
+    created = _parse(str(backup["metadata"]["creationTimestamp"]))
+    return f"{backup['metadata']['name']}-{created.strftime(CHECKPOINT_TIME)}"
+
+
+def condition(ctype: str, status: bool, reason: str, message: str, generation: int) -> JSON:
+    return {"type": ctype, "status": "True" if status else "False", "reason": reason,
+            "message": message, "observedGeneration": generation}  # fmt: skip
+
+
+def is_terminal(backup: JSON) -> bool:
+    return any(
+        c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+        for c in (backup.get("status") or {}).get("conditions") or []
+    )
+
+
+def ttl_of(backup: JSON) -> timedelta:
+    raw = (backup.get("spec") or {}).get("ttlDuration")
+    if not raw:
+        return DEFAULT_TTL
+    try:
+        return parse_duration(str(raw))
+    except ValueError:
+        return DEFAULT_TTL
+
+
+@dataclass
+class Session:
+    """A backup running on this node."""
+
+    export: qb.BackupExport
+    namespace: str
+    vm: str
+    tracker: str | None
+    volumes: list[JSON]  # [{volumeName, diskTarget}]
+    started: str
+    warning: str = ""
+    fallback: str = ""
+    links: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+class BackupExecutor(Controller):
+    """One per node: runs the VirtualMachineBackups of the VMIs on this node."""
+
+    workers = 1
+
+    def __init__(self, client: Client, node: str, agent: NodeAgent) -> None:
+        super().__init__(client)
+        self.node, self.agent = node, agent
+        self.name = f"backup-executor-{node}"
+        self.sessions: dict[tuple[str, str], Session] = {}
+        self.events = EventRecorder(client, component="virt-controller")
+
+    def watches(self) -> Sequence[Watch]:
+        return [
+            Watch(VMBACKUP),
+            Watch(VMEXPORT, _export_backup_keys),
+            Watch(VMI, self._backups_of_vmi),
+        ]
+
+    def _backups_of_vmi(self, _etype: str, vmi: JSON) -> list[str]:
+        namespace = vmi["metadata"].get("namespace", "")
+        return [
+            f"{namespace}/{b['metadata']['name']}" for b in self.informer(VMBACKUP).items(namespace)
+        ]
+
+    def backup_volumes(self, namespace: str, name: str) -> dict[str, BackupVolume] | None:
+        """What the node's export server serves for the backup (None: not running here)."""
+        session = self.sessions.get((namespace, name))
+        if session is None:
+            return None
+        return {
+            d.volume: BackupVolume(session.export.socket, d.volume, d.frozen_bitmap)
+            for d in session.export.disks
+        }
+
+    async def reconcile(self, key: str) -> Result | None:
+        namespace, name = split_key(key)
+        backup = await self.client.find(VMBACKUP, name, namespace)
+        if backup is None:
+            session = self.sessions.pop((namespace, name), None)
+            if session is not None:
+                await self._finish(session, success=False)
+            return None
+        delay = await self.sync(backup)
+        return Result.after(delay) if delay is not None else None
+
+    # --- reconcile ----------------------------------------------------------------------------
+
+    async def sync(self, backup: JSON) -> float | None:
+        md = backup["metadata"]
+        key = (md["namespace"], md["name"])
+        owner = (md.get("annotations") or {}).get(BACKUP_NODE)
+        if owner not in (None, self.node):
+            return None
+        session = self.sessions.get(key)
+        if is_terminal(backup):
+            if md.get("deletionTimestamp"):
+                await self._drop_finalizer(backup)
+            return None
+        if md.get("deletionTimestamp"):
+            if session is not None:
+                # pull mode: deleting the backup is how its reader says it is done
+                await self._complete(backup, session)
+            elif owner == self.node:
+                await self._lost(backup)
+            await self._drop_finalizer(backup)
+            return None
+        if session is not None:
+            return await self._follow(backup, session)
+        if owner == self.node:
+            await self._lost(backup)
+            return None
+        return await self._maybe_start(backup)
+
+    async def _maybe_start(self, backup: JSON) -> float | None:
+        md, spec = backup["metadata"], backup.get("spec") or {}
+        namespace = md["namespace"]
+        vm_name, tracker, waiting = await self._source(backup)
+        if waiting:
+            await self._initializing(backup, waiting)
+            return RETRY_SECONDS
+        vmi = await self.client.find(VMI, vm_name, namespace)
+        vstatus = (vmi or {}).get("status") or {}
+        if vmi is None or vstatus.get("phase") != "Running":
+            await self._initializing(backup, f"vm {vm_name} is not running, cannot do backup")
+            return RETRY_SECONDS
+        if vstatus.get("nodeName") != self.node:
+            return None
+        runtime = self.agent.runtimes.get((namespace, vm_name))
+        if runtime is None or not runtime.alive or runtime.process is None:
+            return RETRY_SECONDS
+        migration = vstatus.get("migrationState") or {}
+        if migration and not migration.get("completed") and not migration.get("failed"):
+            message = (
+                f"vm {vm_name} is currently migrating, waiting for migration to complete "
+                "before starting backup"
+            )
+            await self._initializing(backup, message)
+            return RETRY_SECONDS
+        pvc_name = str(spec.get("pvcName") or "")
+        pvc = await self.client.find(PVC, pvc_name, namespace) if pvc_name else None
+        if pvc is None:
+            await self._initializing(backup, f"PVC {namespace}/{pvc_name} doesnt exist")
+            return RETRY_SECONDS
+        if (pvc.get("spec") or {}).get("volumeMode") == "Block":
+            message = (
+                f"backup target PVC must be a filesystem PVC, provided pvc "
+                f"{namespace}/{pvc_name} is block"
+            )
+            await self._initializing(backup, message)
+            return RETRY_SECONDS
+        disks = backup_disks(runtime)
+        if not disks:
+            await self._initializing(backup, f"vm {vm_name} has no volumes to backup")
+            return None
+        claimed = await self._claim(backup)
+        if claimed is None:
+            return 0.1
+        if (spec.get("mode") or "Push") != "Pull":
+            message = (
+                "Backup has failed: push mode needs a filesystem in the target PVC, and VMO's "
+                "volumes are disk images; use mode: Pull"
+            )
+            await self._fail(claimed, "Failed", message)
+            return None
+        since = None
+        if tracker is not None and not spec.get("forceFullBackup"):
+            since = ((tracker.get("status") or {}).get("latestCheckpoint") or {}).get("name")
+        try:
+            session = await self._start(claimed, runtime, disks, vm_name, tracker, since)
+        except (QemuError, OSError) as exc:
+            log.warning("backup %s/%s failed to start: %s", namespace, md["name"], exc)
+            await self._fail(claimed, "Failed", f"Backup has failed: {exc}")
+            return None
+        self.sessions[(namespace, md["name"])] = session
+        await self._create_export(claimed)
+        return await self._follow(claimed, session)
+
+    async def _source(self, backup: JSON) -> tuple[str, JSON | None, str]:
+        """(VM name, tracker, why it must wait)."""
+        md = backup["metadata"]
+        source = (backup.get("spec") or {}).get("source") or {}
+        name = str(source.get("name") or "")
+        if source.get("kind") == "VirtualMachineBackupTracker":
+            tracker = await self.client.find(VMBACKUPTRACKER, name, md["namespace"])
+            if tracker is None:
+                return "", None, f"BackupTracker {name} does not exist"
+            if (tracker.get("status") or {}).get("checkpointRedefinitionRequired"):
+                return "", None, f"Waiting for checkpoint redefinition on tracker {name}"
+            vm = str(((tracker.get("spec") or {}).get("source") or {}).get("name") or "")
+            return vm, tracker, ""
+        return name, None, ""
+
+    async def _start(
+        self,
+        backup: JSON,
+        runtime: VmiRuntime,
+        disks: list[qb.BackupDisk],
+        vm_name: str,
+        tracker: JSON | None,
+        since: str | None,
+    ) -> Session:
+        md, spec = backup["metadata"], backup.get("spec") or {}
+        assert runtime.process is not None
+        qmp = await runtime.process.qmp()
+        checkpoint = checkpoint_name(backup)
+        short = str(md.get("uid", md["name"])).replace("-", "")[:12]
+        socket = runtime.workdir / "backup.nbd"  # one backup of a VMI at a time
+        agent = None
+        quiesce = ("QuiesceSkipped", "Guest filesystem quiesce was skipped", False)
+        warning = ""
+        if not spec.get("skipQuiesce"):
+            agent, quiesce, warning = await _freeze(runtime)
+        try:
+            export = await qb.start(
+                qmp, short, disks, checkpoint=checkpoint, since=since,
+                workdir=runtime.workdir, socket=socket,
+            )  # fmt: skip
+        finally:
+            if agent is not None:
+                with contextlib.suppress(QemuError, OSError, TimeoutError):
+                    await asyncio.wait_for(agent.fsfreeze_thaw(), FREEZE_TIMEOUT)
+                await agent.close()
+        fallback = "; ".join(d.reason for d in export.disks if d.reason)
+        volumes = [
+            {"volumeName": d.volume, "diskTarget": _target(runtime, d.volume)} for d in export.disks
+        ]
+        session = Session(export, md["namespace"], vm_name,
+                          tracker["metadata"]["name"] if tracker else None,
+                          volumes, _stamp(_now()), warning, fallback)  # fmt: skip
+        kind = "Incremental" if since is not None and export.incremental else "Full"
+        gen = int(md.get("generation") or 1)
+        status = {
+            **(backup.get("status") or {}),
+            "type": kind,
+            "checkpointName": checkpoint,
+            "includedVolumes": volumes,
+        }
+        reason, text, ok = quiesce
+        conditions = [condition("Quiesced", ok, reason, text, gen)]
+        message = "Backup is in progress"
+        if fallback:
+            message += f" (full: {fallback})"
+            await self.events.record(
+                backup, "CheckpointRedefinitionFailed",
+                f"{fallback}: the backup is a full one", type_="Warning",
+            )  # fmt: skip
+        conditions.append(condition("Progressing", True, "Initiated", message, gen))
+        await self._write_status(backup, status, conditions)
+        return session
+
+    async def _create_export(self, backup: JSON) -> None:
+        md, spec = backup["metadata"], backup.get("spec") or {}
+        remaining = ttl_of(backup) - (_now() - _parse(str(md["creationTimestamp"])))
+        body = {
+            "apiVersion": "export.kubevirt.io/v1",
+            "kind": "VirtualMachineExport",
+            "metadata": {
+                "name": md["name"],
+                "namespace": md["namespace"],
+                "annotations": {EXPORT_NODE: self.node},
+                "ownerReferences": [
+                    {"apiVersion": f"{GROUP}/v1alpha1", "kind": "VirtualMachineBackup",
+                     "name": md["name"], "uid": md["uid"], "controller": True,
+                     "blockOwnerDeletion": True}
+                ],
+            },
+            "spec": {
+                "source": {"apiGroup": GROUP, "kind": "VirtualMachineBackup", "name": md["name"]},
+                "tokenSecretRef": spec.get("tokenSecretRef"),
+                "ttlDuration": f"{max(int(remaining.total_seconds()), 1)}s",
+            },
+        }  # fmt: skip
+        with contextlib.suppress(Conflict):
+            await self.client.create(VMEXPORT, body, md["namespace"])
+        gen = int(md.get("generation") or 1)
+        await self._write_status(
+            backup, backup.get("status") or {},
+            [condition("Progressing", True, "PreparingExport", "Backup export is being initialized", gen)],
+        )  # fmt: skip
+
+    async def _follow(self, backup: JSON, session: Session) -> float | None:
+        md = backup["metadata"]
+        vmi = await self.client.find(VMI, session.vm, md["namespace"])
+        if vmi is None:
+            await self._end_failed(backup, session, "SourceLost", "VMI was deleted during backup")
+            return None
+        phase = (vmi.get("status") or {}).get("phase")
+        if phase != "Running":
+            await self._end_failed(
+                backup, session, "SourceUnhealthy", f"VMI is not in a running state: {phase}"
+            )
+            return None
+        remaining = ttl_of(backup) - (_now() - _parse(str(md["creationTimestamp"])))
+        if remaining <= timedelta(0):
+            log.info("backup %s/%s: pull mode backup TTL has expired", md["namespace"], md["name"])
+            await self._complete(backup, session)
+            return None
+        export = await self.client.find(VMEXPORT, md["name"], md["namespace"])
+        estatus = (export or {}).get("status") or {}
+        if estatus.get("phase") != "Ready":
+            return min(1.0, remaining.total_seconds())
+        links = estatus.get("links") or {}
+        chosen = links.get("external") or links.get("internal") or {}
+        endpoints = {
+            b.get("name"): {e.get("endpoint"): e.get("url") for e in b.get("endpoints") or []}
+            for b in chosen.get("backups") or []
+        }
+        volumes = [
+            {**v, "dataEndpoint": endpoints.get(v["volumeName"], {}).get("data", ""),
+             "mapEndpoint": endpoints.get(v["volumeName"], {}).get("map", "")}
+            for v in session.volumes
+        ]  # fmt: skip
+        status = {
+            **(backup.get("status") or {}),
+            "includedVolumes": volumes,
+            "endpointCert": chosen.get("cert", ""),
+            "exportUID": (export or {}).get("metadata", {}).get("uid", ""),
+        }
+        gen = int(md.get("generation") or 1)
+        ready = condition("Progressing", True, "ExportReady", "Backup export is ready to pull", gen)
+        await self._write_status(backup, status, [ready])
+        return remaining.total_seconds()
+
+    # --- ending -------------------------------------------------------------------------------
+
+    async def _finish(self, session: Session, *, success: bool) -> None:
+        runtime = self.agent.runtimes.get((session.namespace, session.vm))
+        if runtime is not None and runtime.process is not None and runtime.alive:
+            with contextlib.suppress(QemuError, OSError):
+                await qb.finish(await runtime.process.qmp(), session.export, success=success)
+            return
+        for d in session.export.disks:  # the QEMU is gone, and its nodes with it
+            d.fleece_path.unlink(missing_ok=True)
+        session.export.socket.unlink(missing_ok=True)
+
+    async def _complete(self, backup: JSON, session: Session) -> None:
+        md = backup["metadata"]
+        self.sessions.pop((md["namespace"], md["name"]), None)
+        await self._finish(session, success=True)
+        with contextlib.suppress(NotFound):
+            await self.client.delete(VMEXPORT, md["name"], md["namespace"])
+        if session.tracker is not None:
+            await self._update_tracker(backup, session)
+        gen = int(md.get("generation") or 1)
+        if session.warning:
+            reason = "CompletedWithWarning"
+            message = f"Completed VirtualMachineBackup, warning: {session.warning}"
+            await self.events.record(
+                backup, "VirtualMachineBackupCompletedWithWarning", message, type_="Warning"
+            )
+        else:
+            reason, message = "Completed", "Successfully completed VirtualMachineBackup"
+            await self.events.record(backup, "VirtualMachineBackupCompletedSuccessfully", message)
+        await self._write_status(
+            backup, backup.get("status") or {},
+            [condition("Complete", True, reason, message, gen),
+             condition("Progressing", False, reason, message, gen)],
+        )  # fmt: skip
+
+    async def _update_tracker(self, backup: JSON, session: Session) -> None:
+        md = backup["metadata"]
+        tracker = await self.client.find(VMBACKUPTRACKER, str(session.tracker), md["namespace"])
+        if tracker is None:
+            return
+        latest = {
+            "name": checkpoint_name(backup),
+            "creationTime": md["creationTimestamp"],
+            "volumes": session.volumes,
+        }
+        status = {**(tracker.get("status") or {}), "latestCheckpoint": latest}
+        status.pop("checkpointRedefinitionRequired", None)
+        with contextlib.suppress(NotFound, Conflict):
+            await self.client.replace(
+                VMBACKUPTRACKER, {**tracker, "status": status}, subresource="status"
+            )
+
+    async def _end_failed(self, backup: JSON, session: Session, reason: str, message: str) -> None:
+        md = backup["metadata"]
+        self.sessions.pop((md["namespace"], md["name"]), None)
+        await self._finish(session, success=False)
+        with contextlib.suppress(NotFound):
+            await self.client.delete(VMEXPORT, md["name"], md["namespace"])
+        await self._fail(backup, reason, f"Backup has failed: {message}")
+
+    async def _lost(self, backup: JSON) -> None:
+        """A backup this node started before its agent restarted: what it left in QEMU goes."""
+        md = backup["metadata"]
+        vm_name, tracker, _ = await self._source(backup)
+        runtime = self.agent.runtimes.get((md["namespace"], vm_name))
+        if runtime is not None and runtime.process is not None and runtime.alive:
+            keep = []
+            latest = ((tracker or {}).get("status") or {}).get("latestCheckpoint") or {}
+            if latest.get("name"):
+                keep.append(str(latest["name"]))
+            with contextlib.suppress(QemuError, OSError):
+                qmp = await runtime.process.qmp()
+                await qb.sweep(qmp, runtime.workdir, keep=keep)
+                (runtime.workdir / "backup.nbd").unlink(missing_ok=True)
+                agent = await GuestAgentClient.connect(
+                    runtime.process.paths.guest_agent, timeout=1.0
+                )
+                try:
+                    await asyncio.wait_for(agent.fsfreeze_thaw(), FREEZE_TIMEOUT)
+                finally:
+                    await agent.close()
+        with contextlib.suppress(NotFound):
+            await self.client.delete(VMEXPORT, md["name"], md["namespace"])
+        if not is_terminal(backup) and not md.get("deletionTimestamp"):
+            await self._fail(
+                backup, "Failed", "Backup has failed: the node agent restarted during the backup"
+            )
+
+    async def _fail(self, backup: JSON, reason: str, message: str) -> None:
+        gen = int(backup["metadata"].get("generation") or 1)
+        await self.events.record(backup, "VirtualMachineBackupFailed", message, type_="Warning")
+        await self._write_status(
+            backup, backup.get("status") or {},
+            [condition("Failed", True, reason, message, gen),
+             condition("Progressing", False, reason, message, gen)],
+        )  # fmt: skip
+
+    async def _initializing(self, backup: JSON, message: str) -> None:
+        gen = int(backup["metadata"].get("generation") or 1)
+        await self._write_status(
+            backup, backup.get("status") or {},
+            [condition("Progressing", True, "Initializing", message, gen)],
+        )  # fmt: skip
+
+    # --- writes -------------------------------------------------------------------------------
+
+    async def _claim(self, backup: JSON) -> JSON | None:
+        md = backup["metadata"]
+        patch = {
+            "metadata": {
+                "resourceVersion": md["resourceVersion"],
+                "annotations": {BACKUP_NODE: self.node},
+                "finalizers": [
+                    *(f for f in md.get("finalizers") or [] if f != FINALIZER),
+                    FINALIZER,
+                ],
+            }
+        }
+        try:
+            claimed: JSON = await self.client.patch(VMBACKUP, md["name"], patch, md["namespace"])
+        except (Conflict, NotFound):
+            return None
+        return claimed
+
+    async def _drop_finalizer(self, backup: JSON) -> None:
+        md = backup["metadata"]
+        if FINALIZER not in (md.get("finalizers") or []):
+            return
+        fresh = await self.client.find(VMBACKUP, md["name"], md["namespace"])
+        if fresh is None:
+            return
+        rest = [f for f in fresh["metadata"].get("finalizers") or [] if f != FINALIZER]
+        patch = {
+            "metadata": {
+                "resourceVersion": fresh["metadata"]["resourceVersion"],
+                "finalizers": rest,
+            }
+        }
+        with contextlib.suppress(NotFound, Conflict):
+            await self.client.patch(VMBACKUP, md["name"], patch, md["namespace"])
+
+    async def _write_status(self, backup: JSON, status: JSON, conditions: list[JSON]) -> None:
+        md = backup["metadata"]
+        fresh = await self.client.find(VMBACKUP, md["name"], md["namespace"])
+        if fresh is None:
+            return
+        now = _stamp(_now())
+        old = (fresh.get("status") or {}).get("conditions")
+        merged = {**status, "conditions": merge_conditions(old, conditions, now, keep_others=True)}
+        if merged == fresh.get("status"):
+            backup.update(fresh)
+            return
+        with contextlib.suppress(NotFound, Conflict):
+            updated = await self.client.replace(
+                VMBACKUP, {**fresh, "status": merged}, subresource="status"
+            )
+            backup.update(updated)
+
+
+def backup_disks(runtime: VmiRuntime) -> list[qb.BackupDisk]:
+    """The VMI's disks a backup covers: those of its claims (PVCs and DataVolumes), by node."""
+    disks = []
+    for volume, _local in runtime.volume_sources():
+        name = str(volume["name"])
+        if claim_name(volume) and name in runtime.disk_nodes:
+            disks.append(qb.BackupDisk(name, runtime.disk_nodes[name]))
+    return disks
+
+
+def _target(runtime: VmiRuntime, volume: str) -> str:
+    names = [str(v["name"]) for v, _ in runtime.volume_sources()]
+    return f"disk{names.index(volume)}" if volume in names else volume
+
+
+async def _freeze(
+    runtime: VmiRuntime,
+) -> tuple[GuestAgentClient | None, tuple[str, str, bool], str]:
+    """(the agent to thaw with, the Quiesced condition's reason/message/status, a warning)."""
+    assert runtime.process is not None
+    failed = ("QuiesceFailed", "Guest filesystem quiesce failed", False)
+    try:
+        agent = await GuestAgentClient.connect(runtime.process.paths.guest_agent, timeout=2.0)
+    except (QemuError, OSError, TimeoutError) as exc:
+        return None, failed, f"the guest agent does not answer: {exc}"
+    try:
+        await asyncio.wait_for(agent.fsfreeze_freeze(), FREEZE_TIMEOUT)
+    except (QemuError, OSError, TimeoutError) as exc:
+        return (
+            agent,
+            failed,
+            f"freezing the guest's filesystems failed: {exc or type(exc).__name__}",
+        )
+    return agent, ("QuiesceSucceeded", "Guest filesystem was successfully quiesced", True), ""
+
+
+def _export_backup_keys(_etype: str, export: JSON) -> list[str]:
+    source = (export.get("spec") or {}).get("source") or {}
+    if source.get("kind") != "VirtualMachineBackup":
+        return []
+    return [f"{export['metadata'].get('namespace', '')}/{source.get('name', '')}"]
+
+
+__all__ = ["FINALIZER", "BackupExecutor", "checkpoint_name"]

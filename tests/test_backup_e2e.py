@@ -1,0 +1,223 @@
+"""KubeVirt's backup API on a real guest, read the way a backup application reads it.
+
+One VM with a root and a data disk (DataVolumes in the node's pool). The guest writes random
+data to its data disk; a pull-mode VirtualMachineBackup from a tracker serves both volumes'
+data and map endpoints; VMO's backup application pulls them into a repository, and the data
+disk restored from it reads, byte for byte, what the guest read. Deleting the backup ends it and
+moves the tracker's checkpoint on; the next backup is incremental, its map lists only what the
+guest wrote since, and the data disk restored from it matches again. The tests run in order and
+share the VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Api, Kubectl
+from tests.test_kubevirt_models import upstream_errors
+from tests.test_snapshot_e2e import READ_SUM, WRITE, blank_dv, data_vm
+from tests.test_vm_e2e import BOOT_TIMEOUT, NS, console, engine_cluster, wait_for, wait_running
+from vmo.controllers.backup.disk import FileTarget, backup_disk, restore_disk
+from vmo.controllers.backup.endpoints import EndpointSource
+from vmo.controllers.backup.repository import DiskIndex, Repository, local_store
+from vmo.testing.apiserver import ThreadedServer
+from vmo.testing.builders import http_datavolume
+
+BK = f"/apis/backup.kubevirt.io/v1alpha1/namespaces/{NS}"
+EXPORTS = f"/apis/export.kubevirt.io/v1/namespaces/{NS}/virtualmachineexports"
+TOKEN = "backup-e2e-token"
+JSON = dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
+    yield from engine_cluster(tmp_path_factory.mktemp("vmo-backup"))
+
+
+@pytest.fixture(scope="module")
+def guest(k: Kubectl, capi: Api, cluster: ThreadedServer, image_server: str) -> dict[str, Any]:
+    """VM ``bk`` running with known data on its data disk; its tracker, token and target PVC."""
+    k.apply(http_datavolume("bk-root", f"{image_server}/disk.qcow2", namespace=NS))
+    k.apply(blank_dv("bk-data"))
+    k.apply(data_vm("bk", "bk-root", "bk-data"))
+    wait_running(capi, "bk")
+    wait_for(lambda: "bk-up" in console(cluster, "bk", "echo bk-up"), BOOT_TIMEOUT, "console")
+    console(cluster, "bk", WRITE)
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "bk-token", "namespace": NS},
+        "data": {"token": base64.b64encode(TOKEN.encode()).decode()},
+    }
+    target = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "bk-target", "namespace": NS},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "64Mi"}}},
+    }
+    tracker = {
+        "apiVersion": "backup.kubevirt.io/v1alpha1",
+        "kind": "VirtualMachineBackupTracker",
+        "metadata": {"name": "bk-tracker", "namespace": NS},
+        "spec": {"source": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "bk"}},
+    }
+    for obj in (secret, target, tracker):
+        k.apply(obj)
+    return {"sums": [guest_sum(cluster)], "indexes": {}}
+
+
+def guest_sum(cluster: ThreadedServer) -> str:
+    return console(cluster, "bk", READ_SUM).split()[0]
+
+
+def backup(name: str, *, source: JSON | None = None, mode: str = "Pull") -> JSON:
+    return {
+        "apiVersion": "backup.kubevirt.io/v1alpha1",
+        "kind": "VirtualMachineBackup",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "source": source
+            or {"apiGroup": "backup.kubevirt.io", "kind": "VirtualMachineBackupTracker",
+                "name": "bk-tracker"},
+            "mode": mode,
+            "pvcName": "bk-target",
+            "tokenSecretRef": "bk-token",
+        },
+    }  # fmt: skip
+
+
+def conditions(obj: JSON) -> dict[str, JSON]:
+    return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
+
+
+def wait_reason(capi: Api, name: str, ctype: str, reason: str, timeout: float = 90) -> JSON:
+    def reached() -> JSON | None:
+        found = capi.get(f"{BK}/virtualmachinebackups/{name}")
+        obj: JSON = found.json() if found.ok else {}
+        cond = conditions(obj).get(ctype) or {}
+        assert conditions(obj).get("Failed", {}).get("status") != "True" or ctype == "Failed", obj
+        return obj if cond.get("reason") == reason else None
+
+    found: JSON = wait_for(reached, timeout, f"backup {name}: {ctype} {reason}")
+    return found
+
+
+def pull(status: JSON, repo: Repository, parents: dict[str, DiskIndex]) -> dict[str, DiskIndex]:
+    """Every included volume into ``repo`` (incrementally from ``parents`` where given)."""
+
+    async def run() -> dict[str, DiskIndex]:
+        out = {}
+        for volume in status["includedVolumes"]:
+            name = volume["volumeName"]
+            parent = parents.get(name)
+            incremental = status["type"] == "Incremental"
+            async with EndpointSource(
+                volume["dataEndpoint"], volume["mapEndpoint"], TOKEN,
+                ca_pem=status["endpointCert"], incremental=incremental,
+            ) as source:  # fmt: skip
+                changed = source.changed() if incremental else None
+                if incremental:
+                    # only what the guest wrote since the first backup, not the disk
+                    assert sum(n for _, n in changed or []) < source.size // 4, changed
+                index, _ = await backup_disk(repo, name, source, parent=parent, changed=changed)
+            out[name] = index
+        return out
+
+    return asyncio.run(run())
+
+
+def restored_sum(repo: Repository, index: DiskIndex, path: Path) -> str:
+    async def run() -> None:
+        target = FileTarget(path, index.size, fresh=True)
+        try:
+            await restore_disk(repo, index, target)
+        finally:
+            target.close()
+
+    asyncio.run(run())
+    return hashlib.md5(path.read_bytes()[: 1 << 20]).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Repository:
+    path = tmp_path_factory.mktemp("bk-repo")
+    found: Repository = asyncio.run(Repository.init(local_store(path), chunk_size=256 << 10))
+    return found
+
+
+def finish(capi: Api, name: str, checkpoint: str) -> None:
+    assert capi.delete(f"{BK}/virtualmachinebackups/{name}").status_code == 200
+    wait_for(
+        lambda: capi.get(f"{BK}/virtualmachinebackups/{name}").status_code == 404,
+        60,
+        f"backup {name} to end",
+    )
+    tracker = capi.get(f"{BK}/virtualmachinebackuptrackers/bk-tracker").json()
+    assert tracker["status"]["latestCheckpoint"]["name"] == checkpoint
+    assert upstream_errors(tracker) == []
+    assert capi.get(f"{EXPORTS}/{name}").status_code == 404
+
+
+def test_a_full_pull_backup_restores_what_the_guest_wrote(
+    cluster: ThreadedServer, capi: Api, k: Kubectl, guest: dict[str, Any], repo: Repository,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    k.apply(backup("bk-1"))
+    ready = wait_reason(capi, "bk-1", "Progressing", "ExportReady")
+    status = ready["status"]
+    assert status["type"] == "Full"
+    assert status["checkpointName"].startswith("bk-1-")
+    assert conditions(ready)["Quiesced"]["reason"] == "QuiesceSucceeded"
+    assert {v["volumeName"] for v in status["includedVolumes"]} == {"root", "data"}
+    assert upstream_errors(ready) == []
+    indexes = pull(status, repo, {})
+    assert restored_sum(repo, indexes["data"], tmp_path / "data.img") == guest["sums"][0]
+    guest["indexes"] = indexes
+    finish(capi, "bk-1", status["checkpointName"])
+
+
+def test_the_next_backup_is_incremental_and_restores_the_new_data(
+    cluster: ThreadedServer, capi: Api, k: Kubectl, guest: dict[str, Any], repo: Repository,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    console(cluster, "bk", WRITE)
+    guest["sums"].append(guest_sum(cluster))
+    assert guest["sums"][1] != guest["sums"][0]
+    k.apply(backup("bk-2"))
+    ready = wait_reason(capi, "bk-2", "Progressing", "ExportReady")
+    status = ready["status"]
+    assert status["type"] == "Incremental", status
+    indexes = pull(status, repo, guest["indexes"])
+    assert restored_sum(repo, indexes["data"], tmp_path / "data.img") == guest["sums"][1]
+    # the first point in time is still there, whole
+    first = guest["indexes"]["data"]
+    assert restored_sum(repo, first, tmp_path / "first.img") == guest["sums"][0]
+    finish(capi, "bk-2", status["checkpointName"])
+    # nothing of either backup is left on the node: no fleece, no export socket
+    assert not list(cluster.home.glob("**/.vmo-fleece-*"))
+    assert not list(cluster.home.glob("**/backup.nbd"))
+
+
+def test_refusals_say_why(capi: Api, k: Kubectl, guest: dict[str, Any]) -> None:
+    k.apply(backup("bk-push", mode="Push"))
+    failed = wait_reason(capi, "bk-push", "Failed", "Failed", 30)
+    assert "push mode" in conditions(failed)["Failed"]["message"]
+    assert capi.delete(f"{BK}/virtualmachinebackups/bk-push").status_code == 200
+    ghost = {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "ghost"}
+    k.apply(backup("bk-ghost", source=ghost))
+    waiting = wait_reason(capi, "bk-ghost", "Progressing", "Initializing", 30)
+    message = conditions(waiting)["Progressing"]["message"]
+    assert message == "vm ghost is not running, cannot do backup"
+    assert capi.delete(f"{BK}/virtualmachinebackups/bk-ghost").status_code == 200
+    wait_for(
+        lambda: capi.get(f"{BK}/virtualmachinebackups/bk-ghost").status_code == 404,
+        30,
+        "bk-ghost to go",
+    )
