@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -221,3 +223,99 @@ def test_refusals_say_why(capi: Api, k: Kubectl, guest: dict[str, Any]) -> None:
         30,
         "bk-ghost to go",
     )
+
+
+# --- VMO's backup application: a BackupPolicy run by `vmo controllers run` ----------------------
+
+
+@pytest.fixture(scope="module")
+def controllers(
+    cluster: ThreadedServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """VMO's controllers as their own process, against the embedded API; their backup root."""
+    root = tmp_path_factory.mktemp("bk-root")
+    argv = [sys.executable, "-m", "vmo.cli.main", "controllers", "run",
+            "--kubeconfig", str(cluster.kubeconfig), "--backup-root", str(root),
+            "--lease-duration", "4"]  # fmt: skip
+    log = (root.parent / "controllers.log").open("wb")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield root
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+POLICIES = f"/apis/vmo.dev/v1alpha1/namespaces/{NS}/backuppolicies"
+
+
+def vm_entry(capi: Api) -> JSON:
+    found = capi.get(f"{POLICIES}/nightly")
+    status = (found.json() if found.ok else {}).get("status") or {}
+    return next((v for v in status.get("virtualMachines") or [] if v["name"] == "bk"), {})
+
+
+def run_policy(capi: Api, k: Kubectl, previous: str) -> JSON:
+    k("annotate", "backuppolicy", "nightly", "-n", NS, "vmo.dev/backup-now=yes", "--overwrite")
+
+    def done() -> JSON | None:
+        entry = vm_entry(capi)
+        assert not entry.get("lastFailureReason"), entry
+        return entry if entry.get("lastBackup", previous) != previous else None
+
+    found: JSON = wait_for(done, 120, "the policy's backup of bk")
+    return found
+
+
+def test_a_backup_policy_stores_full_then_incremental_backups_that_restore(
+    cluster: ThreadedServer, capi: Api, k: Kubectl, guest: dict[str, Any], controllers: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    wait_for(
+        lambda: capi.get("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/"
+                         "backuppolicies.vmo.dev").ok,
+        60, "the backup CRDs",
+    )  # fmt: skip
+    repository = {
+        "apiVersion": "vmo.dev/v1alpha1",
+        "kind": "BackupRepository",
+        "metadata": {"name": "local", "namespace": NS},
+        "spec": {"local": {"path": "e2e"}, "chunkSize": 262144},
+    }
+    policy = {
+        "apiVersion": "vmo.dev/v1alpha1",
+        "kind": "BackupPolicy",
+        "metadata": {"name": "nightly", "namespace": NS},
+        "spec": {"repository": "local", "schedule": "0 3 * * *", "retention": {"keepLast": 5}},
+    }
+    wait_for(lambda: capi.post(f"/apis/vmo.dev/v1alpha1/namespaces/{NS}/backuprepositories",
+                               repository).status_code in (201, 409), 30, "the repository")  # fmt: skip
+    assert capi.post(POLICIES, policy).status_code == 201
+    first = run_policy(capi, k, "")
+    assert first["lastBackupType"] == "Full" and first["recoveryPoint"]
+    repo = asyncio.run(Repository.open(local_store(controllers / NS / "e2e")))
+    manifest = asyncio.run(repo.latest(NS, "bk"))
+    assert manifest is not None and manifest.kind == "Full"
+    assert {o["kind"] for o in manifest.objects} >= {"VirtualMachine", "DataVolume"}
+    data = manifest.disk("data")
+    assert data is not None
+    current = guest_sum(cluster)
+    assert restored_sum(repo, data, tmp_path / "p1.img") == current
+    console(cluster, "bk", WRITE)
+    changed = guest_sum(cluster)
+    second = run_policy(capi, k, first["lastBackup"])
+    assert second["lastBackupType"] == "Incremental", second
+    manifest = asyncio.run(repo.latest(NS, "bk"))
+    assert manifest is not None and manifest.kind == "Incremental"
+    data = manifest.disk("data")
+    assert data is not None
+    assert restored_sum(repo, data, tmp_path / "p2.img") == changed
+    # the policy's VirtualMachineBackups are gone once stored; the repository verifies
+    left = capi.get(f"{BK}/virtualmachinebackups?labelSelector=vmo.dev%2Fbackup-policy").json()
+    assert left["items"] == []
+    assert asyncio.run(repo.verify()).ok

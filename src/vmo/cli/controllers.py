@@ -8,9 +8,11 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from vmo.client import Client, Credentials
+from vmo.controllers.backup.crds import ensure_crds
 from vmo.controllers.manager import LEASE_NAMESPACE, controller_manager, default_identity
 from vmo.runtime import LeaseTiming, ensure_namespace
 
@@ -25,6 +27,12 @@ def add_controllers_commands(sub: Any, creds: Callable[[argparse.Namespace], Cre
     run.add_argument("--lease-namespace", default=LEASE_NAMESPACE)
     run.add_argument(
         "--lease-duration", type=float, default=15.0, help="seconds (client-go's default: 15)"
+    )
+    run.add_argument(
+        "--backup-root",
+        default="",
+        help="where local-directory BackupRepositories live (default: $VMO_BACKUP_ROOT, "
+        "then ~/.vmo/backups)",
     )
     run.set_defaults(func=lambda args: _run(args, creds(args)))
 
@@ -47,11 +55,13 @@ def _run(args: argparse.Namespace, creds: Credentials) -> int:
             loop.add_signal_handler(signum, stop.set)
         async with Client(creds) as client:
             await ensure_namespace(client, args.lease_namespace)
+            await ensure_crds(client)
             manager = controller_manager(
                 client,
                 identity=identity,
                 namespace=args.lease_namespace,
                 timing=_timing(args.lease_duration),
+                backup_root=Path(args.backup_root) if args.backup_root else None,
             )
             print(f"controllers replica {identity} is running", flush=True)
             await manager.run(stop)

@@ -83,6 +83,13 @@ VMRESTORE = Resource(
 )
 VMCLONE = Resource("clone.kubevirt.io", "v1beta1", "virtualmachineclones", "VirtualMachineClone")
 VMEXPORT = Resource("export.kubevirt.io", "v1", "virtualmachineexports", "VirtualMachineExport")
+CRD = Resource(
+    "apiextensions.k8s.io",
+    "v1",
+    "customresourcedefinitions",
+    "CustomResourceDefinition",
+    namespaced=False,
+)
 VMBACKUP = Resource(
     "backup.kubevirt.io", "v1alpha1", "virtualmachinebackups", "VirtualMachineBackup"
 )

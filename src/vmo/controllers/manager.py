@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 from vmo.client import Client
+from vmo.controllers.backup.policy import BackupPolicyController
 from vmo.controllers.example import NodeLabelController
 from vmo.runtime import Controller, LeaderElector, LeaseTiming, Manager
 
@@ -14,9 +16,13 @@ LEASE_NAME = "vmo-controllers"
 LEASE_NAMESPACE = "vmo-system"
 
 
-def vmo_controllers(client: Client) -> list[Controller]:
-    """Every VMO-own controller, each to run against ``client``."""
-    return [NodeLabelController(client)]
+def vmo_controllers(client: Client, *, backup_root: Path | None = None) -> list[Controller]:
+    """Every VMO-own controller, each to run against ``client``. ``backup_root``: where the
+    BackupRepositories on a local directory live (each under its namespace)."""
+    root = backup_root or Path(
+        os.environ.get("VMO_BACKUP_ROOT") or Path.home() / ".vmo" / "backups"
+    )
+    return [NodeLabelController(client), BackupPolicyController(client, root)]
 
 
 def default_identity() -> str:
@@ -30,8 +36,9 @@ def controller_manager(
     identity: str,
     namespace: str = LEASE_NAMESPACE,
     timing: LeaseTiming | None = None,
+    backup_root: Path | None = None,
 ) -> Manager:
     election = LeaderElector(
         client, LEASE_NAME, namespace, identity, timing=timing or LeaseTiming()
     )
-    return Manager(vmo_controllers(client), election=election)
+    return Manager(vmo_controllers(client, backup_root=backup_root), election=election)

@@ -1,0 +1,210 @@
+"""The CustomResourceDefinitions of VMO's backup application (``vmo.dev/v1alpha1``), installable
+on any cluster: BackupRepository (where backups go) and BackupPolicy (which VMs, when, how long
+they are kept). ``ensure_crds`` creates them where they are missing."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from vmo.client import CRD, Client, Conflict
+
+JSON = dict[str, Any]
+GROUP = "vmo.dev"
+VERSION = "v1alpha1"
+
+
+def _str(**extra: Any) -> JSON:
+    return {"type": "string", **extra}
+
+
+def _int(**extra: Any) -> JSON:
+    return {"type": "integer", **extra}
+
+
+def _obj(properties: JSON, **extra: Any) -> JSON:
+    return {"type": "object", "properties": properties, **extra}
+
+
+CONDITIONS: JSON = {
+    "type": "array",
+    "items": _obj(
+        {
+            "type": _str(),
+            "status": _str(enum=["True", "False", "Unknown"]),
+            "reason": _str(),
+            "message": _str(),
+            "lastTransitionTime": _str(format="date-time"),
+            "observedGeneration": _int(),
+        },
+        required=["type", "status"],
+    ),
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["type"],
+}
+
+REPOSITORY_SPEC = _obj(
+    {
+        "local": _obj(
+            {"path": _str(description="a directory under the controllers' backup root")},
+            required=["path"],
+        ),
+        "s3": _obj(
+            {
+                "endpoint": _str(),
+                "bucket": _str(),
+                "prefix": _str(),
+                "region": _str(),
+                "credentialsSecret": _str(
+                    description="a Secret with keys accessKeyId and secretAccessKey"
+                ),
+            },
+            required=["endpoint", "bucket", "credentialsSecret"],
+        ),
+        "encryptionKeySecret": _str(description="a Secret whose key 'key' encrypts the chunks"),
+        "chunkSize": _int(minimum=65536, maximum=67108864),
+    },
+)
+
+POLICY_SPEC = _obj(
+    {
+        "repository": _str(),
+        "schedule": _str(description="cron, as in a CronJob"),
+        "selector": _obj(
+            {
+                "matchLabels": {"type": "object", "additionalProperties": _str()},
+                "matchExpressions": {
+                    "type": "array",
+                    "items": _obj(
+                        {
+                            "key": _str(),
+                            "operator": _str(enum=["In", "NotIn", "Exists", "DoesNotExist"]),
+                            "values": {"type": "array", "items": _str()},
+                        },
+                        required=["key", "operator"],
+                    ),
+                },
+            }
+        ),
+        "retention": _obj(
+            {
+                "keepLast": _int(minimum=0),
+                "hourly": _int(minimum=0),
+                "daily": _int(minimum=0),
+                "weekly": _int(minimum=0),
+                "monthly": _int(minimum=0),
+            }
+        ),
+        "consistency": _str(enum=["Quiesce", "CrashConsistent"], default="Quiesce"),
+        "suspend": {"type": "boolean"},
+    },
+    required=["repository", "schedule"],
+)
+
+VM_STATUS = _obj(
+    {
+        "name": _str(),
+        "lastBackup": _str(),
+        "lastBackupType": _str(),
+        "lastSuccessTime": _str(format="date-time"),
+        "recoveryPoint": _str(format="date-time"),
+        "lastFailureTime": _str(format="date-time"),
+        "lastFailureReason": _str(),
+        "running": {"type": "boolean"},
+        "bytesSent": _int(),
+    },
+    required=["name"],
+)
+
+
+def _crd(kind: str, plural: str, spec: JSON, status: JSON, columns: list[JSON]) -> JSON:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": kind,
+                "plural": plural,
+                "singular": kind.lower(),
+                "listKind": f"{kind}List",
+                "categories": ["vmo"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": columns,
+                    "schema": {
+                        "openAPIV3Schema": _obj(
+                            {
+                                "apiVersion": _str(),
+                                "kind": _str(),
+                                "metadata": {"type": "object"},
+                                "spec": spec,
+                                "status": status,
+                            },
+                            required=["spec"],
+                        )
+                    },
+                }
+            ],
+        },
+    }
+
+
+def backup_crds() -> list[JSON]:
+    repository_status = _obj(
+        {
+            "id": _str(),
+            "chunkSize": _int(),
+            "encrypted": {"type": "boolean"},
+            "backups": _int(),
+            "conditions": CONDITIONS,
+        }
+    )
+    policy_status = _obj(
+        {
+            "lastScheduleTime": _str(format="date-time"),
+            "nextScheduleTime": _str(format="date-time"),
+            "virtualMachines": {"type": "array", "items": VM_STATUS},
+            "conditions": CONDITIONS,
+        }
+    )
+    return [
+        _crd(
+            "BackupRepository",
+            "backuprepositories",
+            REPOSITORY_SPEC,
+            repository_status,
+            [
+                {"name": "Backups", "type": "integer", "jsonPath": ".status.backups"},
+                {"name": "Encrypted", "type": "boolean", "jsonPath": ".status.encrypted"},
+            ],
+        ),
+        _crd(
+            "BackupPolicy",
+            "backuppolicies",
+            POLICY_SPEC,
+            policy_status,
+            [
+                {"name": "Schedule", "type": "string", "jsonPath": ".spec.schedule"},
+                {"name": "Repository", "type": "string", "jsonPath": ".spec.repository"},
+                {"name": "LastSchedule", "type": "date", "jsonPath": ".status.lastScheduleTime"},
+            ],
+        ),
+    ]
+
+
+async def ensure_crds(client: Client) -> None:
+    for crd in backup_crds():
+        if await client.find(CRD, crd["metadata"]["name"]) is None:
+            with contextlib.suppress(Conflict):
+                await client.create(CRD, crd)
+
+
+__all__ = ["GROUP", "VERSION", "backup_crds", "ensure_crds"]
