@@ -319,3 +319,56 @@ def test_a_backup_policy_stores_full_then_incremental_backups_that_restore(
     left = capi.get(f"{BK}/virtualmachinebackups?labelSelector=vmo.dev%2Fbackup-policy").json()
     assert left["items"] == []
     assert asyncio.run(repo.verify()).ok
+
+
+def vmo_backup(cluster: ThreadedServer, root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "vmo.cli.main", "backup", *args, "--repository", "local",
+            "-n", NS, "--kubeconfig", str(cluster.kubeconfig), "--backup-root", str(root)]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+
+def test_the_cli_lists_shows_restores_verifies_and_prunes(
+    cluster: ThreadedServer, guest: dict[str, Any], controllers: Path, tmp_path: Path
+) -> None:
+    listed = vmo_backup(cluster, controllers, "ls")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.count("bk") >= 2 and "Incremental" in listed.stdout
+    repo = asyncio.run(Repository.open(local_store(controllers / NS / "e2e")))
+    refs = asyncio.run(repo.backups(NS, "bk"))
+    latest = refs[-1].id
+    shown = vmo_backup(cluster, controllers, "show", latest[:20])
+    assert (
+        shown.returncode == 0 and "disk data" in shown.stdout and "VirtualMachine" in shown.stdout
+    )
+    out = tmp_path / "data.raw"
+    restored = vmo_backup(
+        cluster, controllers, "restore", latest, "--disk", "data", "--output", str(out)
+    )
+    assert restored.returncode == 0, restored.stderr
+    assert hashlib.md5(out.read_bytes()[: 1 << 20]).hexdigest() == guest_sum(cluster)
+    again = vmo_backup(
+        cluster, controllers, "restore", latest, "--disk", "data", "--output", str(out)
+    )
+    assert again.returncode == 1 and "pass --force" in again.stderr
+    missing = vmo_backup(cluster, controllers, "show", "20200101")
+    assert missing.returncode == 1 and "not found" in missing.stderr
+    assert vmo_backup(cluster, controllers, "verify").returncode == 0
+    pruned = vmo_backup(cluster, controllers, "prune", "--keep-last", "1", "--grace", "0")
+    assert pruned.returncode == 0 and "forgot 1 backups" in pruned.stdout, pruned.stdout
+    assert [r.id for r in asyncio.run(repo.backups(NS, "bk"))] == [latest]
+    # a damaged chunk: verify names it and fails, and a restore of it stops
+    manifest = asyncio.run(repo.read_manifest(refs[-1]))
+    data = manifest.disk("data")
+    assert data is not None
+    victim = sorted(data.chunks())[0]
+    chunk_file = controllers / NS / "e2e" / Repository.chunk_key(victim)
+    blob = bytearray(chunk_file.read_bytes())
+    blob[-1] ^= 0xFF
+    chunk_file.write_bytes(bytes(blob))
+    verified = vmo_backup(cluster, controllers, "verify")
+    assert verified.returncode == 1 and victim.hex() in verified.stdout
+    broken = vmo_backup(
+        cluster, controllers, "restore", latest, "--disk", "data", "--output", str(tmp_path / "x")
+    )
+    assert broken.returncode == 1 and "damaged" in broken.stderr
+    assert not (tmp_path / "x").exists()  # no half-restored disk under its name

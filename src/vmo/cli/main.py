@@ -303,6 +303,9 @@ def parser() -> argparse.ArgumentParser:
     from vmo.cli.export import add_export_commands
 
     add_export_commands(sub, _creds, _namespace)
+    from vmo.cli.backup import add_backup_commands
+
+    add_backup_commands(sub, _creds, _namespace)
     from vmo.cli.controllers import add_controllers_commands
 
     add_controllers_commands(sub, _creds)

@@ -1,0 +1,217 @@
+"""``vmo backup ls|show|verify|prune|restore``: a BackupRepository's backups, as the policy
+controller stores them, read through the repository's own spec and Secrets (so the same
+credentials and encryption key apply). Local-directory repositories are found under the backup
+root the controllers use (``--backup-root``, else ``$VMO_BACKUP_ROOT``, else ``~/.vmo/backups``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from vmo.client import ApiStatusError, Client, Credentials
+from vmo.controllers.backup.codec import WrongKey
+from vmo.controllers.backup.disk import FileTarget, restore_disk
+from vmo.controllers.backup.policy import BackupPolicyController
+from vmo.controllers.backup.repository import BackupRef, Repository, RepositoryError
+from vmo.controllers.backup.retention import Retention, kept
+
+
+def _root(args: argparse.Namespace) -> Path:
+    if args.backup_root:
+        return Path(args.backup_root)
+    return Path(os.environ.get("VMO_BACKUP_ROOT") or Path.home() / ".vmo" / "backups")
+
+
+async def _open(client: Client, args: argparse.Namespace, namespace: str) -> Repository:
+    return await BackupPolicyController(client, _root(args)).open_repository(
+        namespace, args.repository
+    )
+
+
+def _find(refs: list[BackupRef], wanted: str) -> BackupRef:
+    matches = [r for r in refs if r.id == wanted or r.id.startswith(wanted)]
+    if len(matches) != 1:
+        raise RepositoryError(
+            f"backup {wanted!r} {'is ambiguous' if matches else 'not found'} in the repository"
+        )
+    return matches[0]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+async def cmd_ls(repo: Repository, args: argparse.Namespace, namespace: str) -> int:
+    refs = await repo.backups(namespace, args.vm or None)
+    table = Table("VM", "BACKUP", "TYPE", "RECOVERY POINT", "DISKS", "SIZE")
+    for ref in refs:
+        m = await repo.read_manifest(ref)
+        size = sum(d.size for d in m.disks)
+        table.add_row(ref.vm, ref.id, m.kind, m.created, str(len(m.disks)), _human(size))
+    Console().print(table)
+    return 0
+
+
+async def cmd_show(repo: Repository, args: argparse.Namespace, namespace: str) -> int:
+    ref = _find(await repo.backups(namespace), args.backup)
+    m = await repo.read_manifest(ref)
+    console = Console()
+    console.print(f"backup {ref}: {m.kind}, recovery point {m.created}")
+    if m.parent:
+        console.print(f"  parent {m.parent}")
+    if m.stats.get("checkpoint"):
+        console.print(f"  checkpoint {m.stats['checkpoint']}")
+    for d in m.disks:
+        chunks = d.chunks()
+        console.print(
+            f"  disk {d.name}: {_human(d.size)}, {len(d.digests)} chunks of {_human(d.chunk_size)}, "
+            f"{len(d.digests) - sum(1 for x in d.digests if x == bytes(32))} with data, "
+            f"{len(chunks)} distinct"
+        )
+    for obj in m.objects:
+        console.print(f"  object {obj.get('kind')} {obj.get('metadata', {}).get('name')}")
+    return 0
+
+
+async def cmd_verify(repo: Repository, args: argparse.Namespace, namespace: str) -> int:
+    refs = await repo.backups(namespace)
+    if args.backup:
+        refs = [_find(refs, args.backup)]
+    report = await repo.verify(refs)
+    console = Console()
+    console.print(
+        f"verified {report.chunks} chunks ({_human(report.bytes)}) of {len(refs)} backups"
+    )
+    for digest, why in sorted(report.damaged.items()):
+        console.print(f"[red]damaged chunk {digest}: {why}[/red]")
+    for backup, chunks in sorted(report.backups.items()):
+        console.print(f"[red]backup {backup} needs {len(chunks)} damaged chunks[/red]")
+    return 0 if report.ok else 1
+
+
+async def cmd_prune(repo: Repository, args: argparse.Namespace, namespace: str) -> int:
+    retention = Retention(args.keep_last, args.keep_hourly, args.keep_daily, args.keep_weekly,
+                          args.keep_monthly)  # fmt: skip
+    if retention.keeps_all:
+        raise RepositoryError("give at least one --keep-* rule: without one nothing is pruned")
+    refs = await repo.backups(namespace, args.vm or None)
+    forgotten = 0
+    for vm in sorted({r.vm for r in refs}):
+        mine = [r for r in refs if r.vm == vm]
+        keep = kept([(r.id, r.created) for r in mine], retention)
+        for ref in mine:
+            if ref.id not in keep:
+                if not args.dry_run:
+                    await repo.delete_backup(ref)
+                forgotten += 1
+                print(f"{'would forget' if args.dry_run else 'forgot'} {ref}")
+    if args.dry_run:
+        return 0
+    report = await repo.gc(grace=timedelta(seconds=args.grace))
+    print(f"forgot {forgotten} backups; freed {report.removed} chunks ({_human(report.freed)})")
+    return 0
+
+
+async def cmd_restore(repo: Repository, args: argparse.Namespace, namespace: str) -> int:
+    ref = _find(await repo.backups(namespace), args.backup)
+    m = await repo.read_manifest(ref)
+    index = m.disk(args.disk) if args.disk else (m.disks[0] if len(m.disks) == 1 else None)
+    if index is None:
+        names = ", ".join(d.name for d in m.disks)
+        raise RepositoryError(f"--disk is needed (or unknown): the backup has {names}")
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise RepositoryError(f"{out} exists: pass --force to overwrite it")
+    target = FileTarget(out, index.size, fresh=True)
+    columns = (TextColumn(f"{index.name}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    try:
+        with Progress(*columns, transient=not sys.stdout.isatty()) as progress:
+            task = progress.add_task("restore", total=index.size)
+            stats = await restore_disk(
+                repo, index, target, progress=lambda n: progress.advance(task, n)
+            )
+    except BaseException:
+        target.close()
+        out.unlink(missing_ok=True)  # never a half-restored disk under its name
+        raise
+    target.close()
+    print(f"restored {index.name} of {ref} to {out}: {_human(index.size)} in {stats.seconds:.1f}s")
+    return 0
+
+
+COMMANDS = {"ls": cmd_ls, "show": cmd_show, "verify": cmd_verify, "prune": cmd_prune,
+            "restore": cmd_restore}  # fmt: skip
+
+
+def add_backup_commands(
+    sub: Any,
+    creds_of: Callable[[argparse.Namespace], Credentials],
+    namespace_of: Callable[[argparse.Namespace, Credentials], str],
+) -> None:
+    backup = sub.add_parser("backup", help="backups in a BackupRepository")
+    verbs = backup.add_subparsers(dest="backup_command", required=True)
+
+    def common(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument("-n", "--namespace", default="")
+        cmd.add_argument("--kubeconfig", default="")
+        cmd.add_argument("--repository", required=True, help="the BackupRepository's name")
+        cmd.add_argument("--backup-root", default="", help="where local repositories live")
+
+    ls = verbs.add_parser("ls", help="list backups")
+    common(ls)
+    ls.add_argument("vm", nargs="?", default="")
+    show = verbs.add_parser("show", help="one backup: disks, chunks, objects")
+    common(show)
+    show.add_argument("backup", help="the backup's id (or a unique prefix)")
+    verify = verbs.add_parser("verify", help="re-read and re-hash every chunk backups need")
+    common(verify)
+    verify.add_argument("backup", nargs="?", default="")
+    prune = verbs.add_parser("prune", help="forget backups by retention rules, then free chunks")
+    common(prune)
+    prune.add_argument("vm", nargs="?", default="")
+    for rule in ("last", "hourly", "daily", "weekly", "monthly"):
+        prune.add_argument(f"--keep-{rule}", type=int, default=0)
+    prune.add_argument("--dry-run", action="store_true")
+    prune.add_argument("--grace", type=float, default=3600.0,
+                       help="seconds an unreferenced chunk is kept (an upload in flight)")  # fmt: skip
+    restore = verbs.add_parser("restore", help="restore one disk of a backup to a raw image file")
+    common(restore)
+    restore.add_argument("backup")
+    restore.add_argument("--disk", default="")
+    restore.add_argument("--output", required=True)
+    restore.add_argument("--force", action="store_true")
+
+    def command(args: argparse.Namespace) -> int:
+        creds = creds_of(args)
+        namespace = namespace_of(args, creds)
+
+        async def go() -> int:
+            async with Client(creds) as client:
+                repo = await _open(client, args, namespace)
+                return await COMMANDS[args.backup_command](repo, args, namespace)
+
+        try:
+            return asyncio.run(go())
+        except (RepositoryError, WrongKey, ApiStatusError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+
+    backup.set_defaults(func=command)
+
+
+__all__ = ["add_backup_commands"]
