@@ -372,3 +372,57 @@ def test_the_cli_lists_shows_restores_verifies_and_prunes(
     )
     assert broken.returncode == 1 and "damaged" in broken.stderr
     assert not (tmp_path / "x").exists()  # no half-restored disk under its name
+
+
+def test_after_a_restart_of_the_vm_the_next_backup_stays_incremental(
+    cluster: ThreadedServer, capi: Api, k: Kubectl, guest: dict[str, Any], repo: Repository,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    before = capi.get(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances/bk").json()
+    argv = [sys.executable, "-m", "vmo.cli.main", "restart", "bk", "-n", NS,
+            "--kubeconfig", str(cluster.kubeconfig)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+    def restarted() -> bool:
+        vmi = capi.get(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances/bk")
+        body = vmi.json() if vmi.ok else {}
+        uid = body.get("metadata", {}).get("uid")
+        return bool(
+            uid and uid != before["metadata"]["uid"] and body["status"].get("phase") == "Running"
+        )
+
+    wait_for(restarted, BOOT_TIMEOUT, "bk to run again")
+    wait_for(lambda: "bk-up" in console(cluster, "bk", "echo bk-up"), BOOT_TIMEOUT, "console")
+    console(cluster, "bk", WRITE)
+    current = guest_sum(cluster)
+    k.apply(backup("bk-3"))
+    ready = wait_reason(capi, "bk-3", "Progressing", "ExportReady")
+    status = ready["status"]
+    # the checkpoint lives in the image: a clean restart keeps it
+    assert status["type"] == "Incremental", status
+    indexes = pull(status, repo, guest["indexes"])
+    assert restored_sum(repo, indexes["data"], tmp_path / "data.img") == current
+    finish(capi, "bk-3", status["checkpointName"])
+
+
+def test_a_vm_deleted_mid_backup_fails_it_and_leaves_nothing(
+    cluster: ThreadedServer, capi: Api, k: Kubectl, guest: dict[str, Any]
+) -> None:
+    k.apply(backup("bk-4"))
+    wait_reason(capi, "bk-4", "Progressing", "ExportReady")
+    assert (
+        capi.delete(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines/bk").status_code == 200
+    )
+    failed = wait_reason(capi, "bk-4", "Failed", "SourceLost", 120)
+    assert (
+        conditions(failed)["Failed"]["message"]
+        == "Backup has failed: VMI was deleted during backup"
+    )
+    assert upstream_errors(failed) == []
+    assert capi.get(f"{EXPORTS}/bk-4").status_code == 404
+    assert not list(cluster.home.glob("**/.vmo-fleece-*"))
+    assert capi.delete(f"{BK}/virtualmachinebackups/bk-4").status_code == 200
+    wait_for(
+        lambda: capi.get(f"{BK}/virtualmachinebackups/bk-4").status_code == 404, 30, "bk-4 to go"
+    )
