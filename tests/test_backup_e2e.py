@@ -201,6 +201,7 @@ def test_the_next_backup_is_incremental_and_restores_the_new_data(
     # the first point in time is still there, whole
     first = guest["indexes"]["data"]
     assert restored_sum(repo, first, tmp_path / "first.img") == guest["sums"][0]
+    guest["indexes"] = indexes  # the next incremental builds on this one's checkpoint
     finish(capi, "bk-2", status["checkpointName"])
     # nothing of either backup is left on the node: no fleece, no export socket
     assert not list(cluster.home.glob("**/.vmo-fleece-*"))
@@ -403,7 +404,36 @@ def test_after_a_restart_of_the_vm_the_next_backup_stays_incremental(
     assert status["type"] == "Incremental", status
     indexes = pull(status, repo, guest["indexes"])
     assert restored_sum(repo, indexes["data"], tmp_path / "data.img") == current
+    guest["indexes"] = indexes
     finish(capi, "bk-3", status["checkpointName"])
+
+
+def test_an_agent_killed_mid_backup_fails_it_and_the_next_one_is_still_incremental(
+    cluster: ThreadedServer, capi: Api, k: Kubectl, guest: dict[str, Any], repo: Repository,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    k.apply(backup("bk-5"))
+    wait_reason(capi, "bk-5", "Progressing", "ExportReady")
+    cluster.restart_node("node-1")  # the guest keeps running; the new agent adopts it
+    failed = wait_reason(capi, "bk-5", "Failed", "Failed", 120)
+    message = conditions(failed)["Failed"]["message"]
+    assert message == "Backup has failed: the node agent restarted during the backup"
+    assert capi.get(f"{EXPORTS}/bk-5").status_code == 404
+    assert not list(cluster.home.glob("**/.vmo-fleece-*"))
+    assert capi.delete(f"{BK}/virtualmachinebackups/bk-5").status_code == 200
+    wait_for(
+        lambda: capi.get(f"{BK}/virtualmachinebackups/bk-5").status_code == 404, 30, "bk-5 to go"
+    )
+    # what the dead backup left was swept, but the tracker's checkpoint was kept
+    console(cluster, "bk", WRITE)
+    current = guest_sum(cluster)
+    k.apply(backup("bk-6"))
+    ready = wait_reason(capi, "bk-6", "Progressing", "ExportReady")
+    assert ready["status"]["type"] == "Incremental", ready["status"]
+    indexes = pull(ready["status"], repo, guest["indexes"])
+    assert restored_sum(repo, indexes["data"], tmp_path / "data.img") == current
+    guest["indexes"] = indexes
+    finish(capi, "bk-6", ready["status"]["checkpointName"])
 
 
 def test_a_vm_deleted_mid_backup_fails_it_and_leaves_nothing(
