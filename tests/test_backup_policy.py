@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import Api
 from vmo.client import Client, load_kubeconfig
@@ -21,6 +22,8 @@ from vmo.controllers.backup.policy import (
 )
 from vmo.controllers.backup.repository import RepositoryError
 from vmo.testing.apiserver import ThreadedServer
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def t(text: str) -> datetime:
@@ -106,6 +109,12 @@ def test_the_crds_are_accepted_and_their_kinds_served(server: ThreadedServer) ->
     assert refused.status_code == 422 and "spec.consistency" in refused.text
     missing = api.post(policies, {**good, "metadata": {"name": "z"}, "spec": {"schedule": "x"}})
     assert missing.status_code == 422 and "spec.repository" in missing.text
+    # the example applies as it is (in its own namespace here)
+    for doc in yaml.safe_load_all((EXAMPLES / "backup-policy.yaml").read_text()):
+        plural = "backuprepositories" if doc["kind"] == "BackupRepository" else "backuppolicies"
+        doc["metadata"]["namespace"] = ns
+        r = api.post(f"/apis/vmo.dev/v1alpha1/namespaces/{ns}/{plural}", doc)
+        assert r.status_code == 201, r.text
     assert {c["metadata"]["name"] for c in backup_crds()} == {
         "backuprepositories.vmo.dev",
         "backuppolicies.vmo.dev",

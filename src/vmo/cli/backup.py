@@ -1,14 +1,13 @@
 """``vmo backup ls|show|verify|prune|restore``: a BackupRepository's backups, as the policy
 controller stores them, read through the repository's own spec and Secrets (so the same
 credentials and encryption key apply). Local-directory repositories are found under the backup
-root the controllers use (``--backup-root``, else ``$VMO_BACKUP_ROOT``, else ``~/.vmo/backups``).
+root the controllers use (``--backup-root``, else ``$VMO_BACKUP_ROOT``, else VMO's home's ``backups``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Callable
 from datetime import timedelta
@@ -22,21 +21,24 @@ from rich.table import Table
 from vmo.client import ApiStatusError, Client, Credentials
 from vmo.controllers.backup.codec import WrongKey
 from vmo.controllers.backup.disk import FileTarget, restore_disk
-from vmo.controllers.backup.policy import BackupPolicyController
+from vmo.controllers.backup.policy import BackupPolicyController, default_backup_root
 from vmo.controllers.backup.repository import BackupRef, Repository, RepositoryError
 from vmo.controllers.backup.retention import Retention, kept
 
 
 def _root(args: argparse.Namespace) -> Path:
-    if args.backup_root:
-        return Path(args.backup_root)
-    return Path(os.environ.get("VMO_BACKUP_ROOT") or Path.home() / ".vmo" / "backups")
+    return Path(args.backup_root) if args.backup_root else default_backup_root()
 
 
 async def _open(client: Client, args: argparse.Namespace, namespace: str) -> Repository:
     return await BackupPolicyController(client, _root(args)).open_repository(
         namespace, args.repository
     )
+
+
+def _console() -> Console:
+    """Rich's console; wide when not a terminal, so that ids are never cut short in a pipe."""
+    return Console(width=None if sys.stdout.isatty() else 200)
 
 
 def _find(refs: list[BackupRef], wanted: str) -> BackupRef:
@@ -63,14 +65,14 @@ async def cmd_ls(repo: Repository, args: argparse.Namespace, namespace: str) -> 
         m = await repo.read_manifest(ref)
         size = sum(d.size for d in m.disks)
         table.add_row(ref.vm, ref.id, m.kind, m.created, str(len(m.disks)), _human(size))
-    Console().print(table)
+    _console().print(table)
     return 0
 
 
 async def cmd_show(repo: Repository, args: argparse.Namespace, namespace: str) -> int:
     ref = _find(await repo.backups(namespace), args.backup)
     m = await repo.read_manifest(ref)
-    console = Console()
+    console = _console()
     console.print(f"backup {ref}: {m.kind}, recovery point {m.created}")
     if m.parent:
         console.print(f"  parent {m.parent}")
@@ -93,7 +95,7 @@ async def cmd_verify(repo: Repository, args: argparse.Namespace, namespace: str)
     if args.backup:
         refs = [_find(refs, args.backup)]
     report = await repo.verify(refs)
-    console = Console()
+    console = _console()
     console.print(
         f"verified {report.chunks} chunks ({_human(report.bytes)}) of {len(refs)} backups"
     )

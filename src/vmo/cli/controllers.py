@@ -32,7 +32,7 @@ def add_controllers_commands(sub: Any, creds: Callable[[argparse.Namespace], Cre
         "--backup-root",
         default="",
         help="where local-directory BackupRepositories live (default: $VMO_BACKUP_ROOT, "
-        "then ~/.vmo/backups)",
+        "then $VMO_HOME/backups)",
     )
     run.set_defaults(func=lambda args: _run(args, creds(args)))
 

@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 from vmo.client import Client
-from vmo.controllers.backup.policy import BackupPolicyController
+from vmo.controllers.backup.policy import BackupPolicyController, default_backup_root
 from vmo.controllers.example import NodeLabelController
 from vmo.runtime import Controller, LeaderElector, LeaseTiming, Manager
 
@@ -19,9 +19,7 @@ LEASE_NAMESPACE = "vmo-system"
 def vmo_controllers(client: Client, *, backup_root: Path | None = None) -> list[Controller]:
     """Every VMO-own controller, each to run against ``client``. ``backup_root``: where the
     BackupRepositories on a local directory live (each under its namespace)."""
-    root = backup_root or Path(
-        os.environ.get("VMO_BACKUP_ROOT") or Path.home() / ".vmo" / "backups"
-    )
+    root = backup_root or default_backup_root()
     return [NodeLabelController(client), BackupPolicyController(client, root)]
 
 

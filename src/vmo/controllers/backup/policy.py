@@ -27,6 +27,7 @@ import base64
 import contextlib
 import copy
 import logging
+import os
 import secrets
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -71,6 +72,14 @@ POLICY_LABEL = "vmo.dev/backup-policy"
 BACKUP_NOW = "vmo.dev/backup-now"
 TOKEN_SECRET = "vmo-backup-token"
 EXPORT_TIMEOUT = timedelta(minutes=30)
+
+
+def default_backup_root() -> Path:
+    """Where local-directory repositories live: ``$VMO_BACKUP_ROOT``, else ``backups`` in
+    VMO's home (``$VMO_HOME``, else ``~/.vmo``)."""
+    if os.environ.get("VMO_BACKUP_ROOT"):
+        return Path(os.environ["VMO_BACKUP_ROOT"])
+    return Path(os.environ.get("VMO_HOME") or Path.home() / ".vmo") / "backups"
 
 
 def _now() -> datetime:
@@ -430,6 +439,7 @@ __all__ = [
     "BACKUP_POLICY",
     "BACKUP_REPOSITORY",
     "BackupPolicyController",
+    "default_backup_root",
     "portable",
     "schedule_due",
     "selected",
