@@ -299,6 +299,15 @@ def test_a_backup_policy_stores_full_then_incremental_backups_that_restore(
     assert capi.post(POLICIES, policy).status_code == 201
     first = run_policy(capi, k, "")
     assert first["lastBackupType"] == "Full" and first["recoveryPoint"]
+
+    def repository_ready() -> JSON | None:
+        found = capi.get(f"/apis/vmo.dev/v1alpha1/namespaces/{NS}/backuprepositories/local")
+        status: JSON = (found.json() if found.ok else {}).get("status") or {}
+        ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+        return status if ready.get("status") == "True" else None
+
+    repo_status = wait_for(repository_ready, 30, "the repository's Ready condition")
+    assert repo_status["chunkSize"] == 262144 and repo_status["encrypted"] is False
     repo = asyncio.run(Repository.open(local_store(controllers / NS / "e2e")))
     manifest = asyncio.run(repo.latest(NS, "bk"))
     assert manifest is not None and manifest.kind == "Full"

@@ -8,7 +8,11 @@ import socket
 from pathlib import Path
 
 from vmo.client import Client
-from vmo.controllers.backup.policy import BackupPolicyController, default_backup_root
+from vmo.controllers.backup.policy import (
+    BackupPolicyController,
+    BackupRepositoryController,
+    default_backup_root,
+)
 from vmo.controllers.example import NodeLabelController
 from vmo.runtime import Controller, LeaderElector, LeaseTiming, Manager
 
@@ -20,7 +24,11 @@ def vmo_controllers(client: Client, *, backup_root: Path | None = None) -> list[
     """Every VMO-own controller, each to run against ``client``. ``backup_root``: where the
     BackupRepositories on a local directory live (each under its namespace)."""
     root = backup_root or default_backup_root()
-    return [NodeLabelController(client), BackupPolicyController(client, root)]
+    return [
+        NodeLabelController(client),
+        BackupPolicyController(client, root),
+        BackupRepositoryController(client, root),
+    ]
 
 
 def default_identity() -> str:

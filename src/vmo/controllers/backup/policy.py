@@ -434,11 +434,54 @@ class BackupPolicyController(Controller):
             )  # fmt: skip
 
 
+class BackupRepositoryController(Controller):
+    """A BackupRepository's status: whether it opens (the store answers, the key is right),
+    and what it holds. The repository is created in its store on first reconcile."""
+
+    name = "backup-repositories"
+    workers = 1
+    RESYNC = 60.0
+
+    def __init__(self, client: Client, backup_root: Path) -> None:
+        super().__init__(client)
+        self.opener = BackupPolicyController(client, backup_root)
+
+    def watches(self) -> Sequence[Watch]:
+        return [Watch(BACKUP_REPOSITORY)]
+
+    async def reconcile(self, key: str) -> Result | None:
+        namespace, name = split_key(key)
+        found = await self.client.find(BACKUP_REPOSITORY, name, namespace)
+        if found is None:
+            return None
+        gen = int(found["metadata"].get("generation") or 1)
+        status: JSON = {}
+        try:
+            repo = await self.opener.open_repository(namespace, name)
+            refs = await repo.backups()
+            status = {"id": str(repo.config.get("id", "")), "chunkSize": repo.chunk_size,
+                      "encrypted": repo.codec.encrypted, "backups": len(refs)}  # fmt: skip
+            cond = {"type": "Ready", "status": "True", "reason": "Available",
+                    "message": f"{len(refs)} backups", "observedGeneration": gen}  # fmt: skip
+        except (RepositoryError, WrongKey, OSError, KeyError, ValueError) as exc:
+            cond = {"type": "Ready", "status": "False", "reason": "Unavailable",
+                    "message": str(exc), "observedGeneration": gen}  # fmt: skip
+        old = (found.get("status") or {}).get("conditions")
+        status["conditions"] = merge_conditions(old, [cond], _stamp(_now()), keep_others=True)
+        if {**(found.get("status") or {}), **status} != found.get("status"):
+            with contextlib.suppress(NotFound, Conflict):
+                await self.client.patch(
+                    BACKUP_REPOSITORY, name, {"status": status}, namespace, subresource="status"
+                )
+        return Result.after(self.RESYNC)
+
+
 __all__ = [
     "BACKUP_NOW",
     "BACKUP_POLICY",
     "BACKUP_REPOSITORY",
     "BackupPolicyController",
+    "BackupRepositoryController",
     "default_backup_root",
     "portable",
     "schedule_due",
