@@ -19,7 +19,7 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -232,6 +232,24 @@ class _Run:
             self.progress(length)
 
 
+async def _each(queue: list[int], work: Callable[[int], Awaitable[None]], workers: int) -> None:
+    """``work`` on every chunk index of ``queue`` (popped from its end), ``workers`` at a time;
+    the first failure cancels the others and is raised."""
+
+    async def worker() -> None:
+        while queue:
+            await work(queue.pop())
+
+    tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, workers))]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 async def backup_disk(
     repo: Repository,
     name: str,
@@ -274,18 +292,7 @@ async def backup_disk(
         run.known = parent.chunks()
     queue = sorted(todo, reverse=True)
 
-    async def worker() -> None:
-        while queue:
-            await run.chunk(queue.pop())
-
-    tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, workers))]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+    await _each(queue, run.chunk, workers)
     stats.seconds = time.monotonic() - start
     return DiskIndex(name, size, cs, digests), stats
 
@@ -325,18 +332,7 @@ async def restore_disk(
         if progress is not None:
             progress(length)
 
-    async def worker() -> None:
-        while queue:
-            await one(queue.pop())
-
-    tasks = [asyncio.ensure_future(worker()) for _ in range(max(1, workers))]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+    await _each(queue, one, workers)
     stats.seconds = time.monotonic() - start
     return stats
 

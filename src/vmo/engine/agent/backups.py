@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -113,10 +113,7 @@ class Session:
     vm: str
     tracker: str | None
     volumes: list[JSON]  # [{volumeName, diskTarget}]
-    started: str
-    warning: str = ""
-    fallback: str = ""
-    links: dict[str, tuple[str, str]] = field(default_factory=dict)
+    warning: str = ""  # why the backup completes with a warning (the freeze failed)
 
 
 class BackupExecutor(Controller):
@@ -308,7 +305,7 @@ class BackupExecutor(Controller):
         ]
         session = Session(export, md["namespace"], vm_name,
                           tracker["metadata"]["name"] if tracker else None,
-                          volumes, _stamp(_now()), warning, fallback)  # fmt: skip
+                          volumes, warning)  # fmt: skip
         kind = "Incremental" if since is not None and export.incremental else "Full"
         gen = int(md.get("generation") or 1)
         status = {

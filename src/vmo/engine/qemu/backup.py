@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmo.engine.qemu import fdsets
 from vmo.engine.qemu.errors import QemuError, QMPError
 from vmo.engine.qemu.qmp import QMPClient
 
@@ -120,20 +121,11 @@ def _unusable(bitmap: JSON | None) -> str:
 
 
 async def _pass_fd(qmp: QMPClient, path: Path, node: str) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        added = await qmp.execute("add-fd", {"opaque": f"{_OPAQUE}:{node}:{path}"}, fds=[fd])
-        return int(added["fdset-id"])
-    finally:
-        os.close(fd)
+    return await fdsets.pass_fd(qmp, path, f"{_OPAQUE}:{node}:{path}")
 
 
 async def _release_fds(qmp: QMPClient, node: str) -> None:
-    for fdset in await qmp.execute("query-fdsets") or []:
-        opaques = [str(fd.get("opaque") or "") for fd in fdset.get("fds") or []]
-        if any(o.startswith(f"{_OPAQUE}:{node}:") for o in opaques):
-            with contextlib.suppress(QemuError):
-                await qmp.execute("remove-fd", {"fdset-id": fdset["fdset-id"]})
+    await fdsets.release_fds(qmp, f"{_OPAQUE}:{node}:")
 
 
 async def start(
@@ -145,7 +137,6 @@ async def start(
     since: str | None,
     workdir: Path,
     socket: Path,
-    run_as: tuple[int, int] | None = None,
 ) -> BackupExport:
     """Starts the backup ``name`` of ``disks`` (see the module docstring) and exports it on the
     unix ``socket``. ``since``: the previous checkpoint (None for a full backup); a disk on
@@ -175,8 +166,6 @@ async def start(
         for d in export.disks:
             argv = ["qemu-img", "create", "-q", "-f", "qcow2", str(d.fleece_path), str(d.size)]
             await asyncio.to_thread(subprocess.run, argv, check=True, capture_output=True)
-            if run_as is not None:
-                os.chown(d.fleece_path, *run_as)
             fdset = await _pass_fd(qmp, d.fleece_path, d.fleece_node)
             await qmp.execute(
                 "blockdev-add",

@@ -11,7 +11,6 @@ A device QEMU does not report deleted in time stays attached, with its node: nev
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmo.engine.qemu import snapshot
+from vmo.engine.qemu import fdsets, snapshot
 from vmo.engine.qemu.argv import SCSI_CONTROLLER
 from vmo.engine.qemu.errors import QemuError, QMPError, QMPTimeout
 from vmo.engine.qemu.qmp import EventListener, QMPClient
@@ -105,20 +104,11 @@ async def attached_devices(qmp: QMPClient) -> set[str]:
 
 
 async def _pass_fd(qmp: QMPClient, path: Path, node: str, *, writable: bool) -> int:
-    fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-    try:
-        added = await qmp.execute("add-fd", {"opaque": f"{_OPAQUE}:{node}:{path}"}, fds=[fd])
-        return int(added["fdset-id"])
-    finally:
-        os.close(fd)
+    return await fdsets.pass_fd(qmp, path, f"{_OPAQUE}:{node}:{path}", writable=writable)
 
 
 async def _release_fds(qmp: QMPClient, node: str) -> None:
-    for fdset in await qmp.execute("query-fdsets") or []:
-        opaques = [str(fd.get("opaque") or "") for fd in fdset.get("fds") or []]
-        if any(o.startswith(f"{_OPAQUE}:{node}:") for o in opaques):
-            with contextlib.suppress(QemuError):
-                await qmp.execute("remove-fd", {"fdset-id": fdset["fdset-id"]})
+    await fdsets.release_fds(qmp, f"{_OPAQUE}:{node}:")
 
 
 async def _chain(qmp: QMPClient, disk: HotplugDisk) -> JSON:

@@ -767,7 +767,8 @@ class ExportServer:
 
     # --- requests ---------------------------------------------------------------------------
 
-    def _admit(self, request: web.Request) -> tuple[ServedExport, str]:
+    def _authorized(self, request: web.Request) -> ServedExport:
+        """The export the request names, when its token is right (404 / 401 otherwise)."""
         info = request.match_info
         served = self.exports.get((info["namespace"], info["name"]))
         token = request.headers.get(TOKEN_HEADER) or request.query.get(TOKEN_HEADER)
@@ -776,21 +777,19 @@ class ExportServer:
             raise web.HTTPNotFound(text="export not found\n")
         if not served.authorized(token):
             raise web.HTTPUnauthorized(text="a valid x-kubevirt-export-token is required\n")
-        if info["volume"] not in served.volumes:
-            raise web.HTTPNotFound(text=f"volume {info['volume']} not found in the export\n")
-        return served, info["volume"]
+        return served
+
+    def _admit(self, request: web.Request) -> tuple[ServedExport, str]:
+        served, volume = self._authorized(request), request.match_info["volume"]
+        if volume not in served.volumes:
+            raise web.HTTPNotFound(text=f"volume {volume} not found in the export\n")
+        return served, volume
 
     def _admit_backup(self, request: web.Request) -> tuple[ServedExport, BackupVolume]:
-        info = request.match_info
-        served = self.exports.get((info["namespace"], info["name"]))
-        token = request.headers.get(TOKEN_HEADER) or request.query.get(TOKEN_HEADER)
-        if served is None:
-            raise web.HTTPNotFound(text="export not found\n")
-        if not served.authorized(token):
-            raise web.HTTPUnauthorized(text="a valid x-kubevirt-export-token is required\n")
-        volume = served.backups.get(info["volume"])
+        served, name = self._authorized(request), request.match_info["volume"]
+        volume = served.backups.get(name)
         if volume is None:
-            raise web.HTTPNotFound(text=f"volume {info['volume']} not found in the backup\n")
+            raise web.HTTPNotFound(text=f"volume {name} not found in the backup\n")
         return served, volume
 
     async def _backup_data(self, request: web.Request) -> web.StreamResponse:
