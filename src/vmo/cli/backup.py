@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import stat
 import sys
 from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from rich.console import Console
@@ -21,8 +23,17 @@ from rich.table import Table
 from vmo.client import ApiStatusError, Client, Credentials
 from vmo.controllers.backup.codec import WrongKey
 from vmo.controllers.backup.disk import FileTarget, restore_disk
+from vmo.controllers.backup.files import (
+    BackupFiles,
+    Entry,
+    FileRestoreError,
+    Filesystem,
+    Volume,
+    pick,
+    walk,
+)
 from vmo.controllers.backup.policy import BackupPolicyController, default_backup_root
-from vmo.controllers.backup.repository import BackupRef, Repository, RepositoryError
+from vmo.controllers.backup.repository import BackupRef, DiskIndex, Repository, RepositoryError
 from vmo.controllers.backup.retention import Retention, kept
 
 
@@ -131,11 +142,7 @@ async def cmd_prune(repo: Repository, args: argparse.Namespace, namespace: str) 
 
 async def cmd_restore(repo: Repository, args: argparse.Namespace, namespace: str) -> int:
     ref = _find(await repo.backups(namespace), args.backup)
-    m = await repo.read_manifest(ref)
-    index = m.disk(args.disk) if args.disk else (m.disks[0] if len(m.disks) == 1 else None)
-    if index is None:
-        names = ", ".join(d.name for d in m.disks)
-        raise RepositoryError(f"--disk is needed (or unknown): the backup has {names}")
+    index = await _disk_of(repo, args, namespace)
     out = Path(args.output)
     if out.exists() and not args.force:
         raise RepositoryError(f"{out} exists: pass --force to overwrite it")
@@ -156,8 +163,130 @@ async def cmd_restore(repo: Repository, args: argparse.Namespace, namespace: str
     return 0
 
 
+async def _disk_of(repo: Repository, args: argparse.Namespace, namespace: str) -> DiskIndex:
+    ref = _find(await repo.backups(namespace), args.backup)
+    m = await repo.read_manifest(ref)
+    index = m.disk(args.disk) if args.disk else (m.disks[0] if len(m.disks) == 1 else None)
+    if index is None:
+        names = ", ".join(d.name for d in m.disks)
+        raise RepositoryError(f"--disk is needed (or unknown): the backup has {names}")
+    return index
+
+
+def _mode(entry: Entry) -> str:
+    kind = {"dir": "d", "link": "l", "file": "-"}.get(entry.kind, "?")
+    if entry.mode is None:
+        return kind + "?????????"
+    return kind + stat.filemode(entry.mode)[1:]
+
+
+async def cmd_files(repo: Repository, args: argparse.Namespace, namespace: str) -> int:
+    """Without a path, the disk's partitions and filesystems; with one, a directory listing."""
+    index = await _disk_of(repo, args, namespace)
+    files = BackupFiles(repo, index)
+    console = _console()
+    if not args.path:
+        vols = await files.run(lambda vols: vols)
+        table = Table("PARTITION", "OFFSET", "SIZE", "FILESYSTEM", "LABEL")
+        for v in vols:
+            label = v.fs.label if v.fs is not None else ""
+            table.add_row(str(v.number), str(v.offset), _human(v.size), v.fstype, label)
+        console.print(table)
+        return 0
+
+    def listing(vols: list[Volume]) -> list[Entry]:
+        vol = pick(vols, args.path, args.partition)
+        assert vol.fs is not None
+        top = vol.fs.stat(args.path)
+        return vol.fs.listdir(args.path) if top.kind == "dir" else [top]
+
+    entries = await files.run(listing)
+    table = Table("MODE", "SIZE", "MODIFIED", "NAME", box=None)
+    for e in entries:
+        when = e.mtime.strftime("%Y-%m-%d %H:%M") if e.mtime else ""
+        name = f"{e.name} -> {e.target}" if e.target else e.name
+        table.add_row(_mode(e), str(e.size), when, name)
+    console.print(table)
+    return 0
+
+
+def _copy_out(fs: Filesystem, source: str, dest: Path, *, force: bool) -> tuple[int, int]:
+    """Writes ``source`` (a file, or a directory and all under it) to ``dest``; returns files and
+    bytes. Names from the backup never leave ``dest``; a file appears under its name only whole."""
+    files = written = 0
+    base = PurePosixPath(source)
+    for path, entry in walk(fs, source):
+        rel = PurePosixPath(path).relative_to(base)
+        if any(part in ("..", "") for part in rel.parts):
+            continue
+        out = dest.joinpath(*rel.parts) if rel.parts else dest
+        if entry.kind == "dir":
+            out.mkdir(parents=True, exist_ok=True)
+            continue
+        if out.exists() or out.is_symlink():
+            if not force:
+                raise FileRestoreError(f"{out} exists: pass --force to overwrite it")
+            if out.is_dir() and not out.is_symlink():
+                raise FileRestoreError(f"{out} is a directory")
+            out.unlink()
+        if entry.kind == "link":
+            os.symlink(entry.target, out)
+            continue
+        if entry.kind != "file":
+            continue
+        tmp = out.with_name(f".{out.name}.vmo-restore")
+        try:
+            with fs.open(path) as src, tmp.open("xb") as dst:
+                while block := src.read(1 << 20):
+                    dst.write(block)
+                    written += len(block)
+            if entry.mode is not None:
+                tmp.chmod(entry.mode & 0o777)
+            tmp.replace(out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        files += 1
+    return files, written
+
+
+async def cmd_extract(repo: Repository, args: argparse.Namespace, namespace: str) -> int:
+    """Copies files out of a backed-up disk, reading only the chunks they are in."""
+    index = await _disk_of(repo, args, namespace)
+    files = BackupFiles(repo, index)
+    to_stdout = args.output == "-"
+
+    def extract(vols: list[Volume]) -> tuple[int, int]:
+        total_files = total_bytes = 0
+        for path in args.paths:
+            vol = pick(vols, path, args.partition)
+            assert vol.fs is not None
+            if to_stdout:
+                with vol.fs.open(path) as src:
+                    while block := src.read(1 << 20):
+                        sys.stdout.buffer.write(block)
+                        total_bytes += len(block)
+                sys.stdout.buffer.flush()
+                total_files += 1
+                continue
+            dest = Path(args.output)
+            if dest.is_dir():
+                dest = dest / (PurePosixPath(path).name or f"partition-{vol.number}")
+            n, b = _copy_out(vol.fs, path, dest, force=args.force)
+            total_files, total_bytes = total_files + n, total_bytes + b
+        return total_files, total_bytes
+
+    n, b = await files.run(extract)
+    if not to_stdout:
+        fetched = files.file.fetched if files.file else 0
+        print(
+            f"extracted {n} files ({_human(b)}) from disk {index.name}, reading {fetched} of "
+            f"{len(index.digests)} chunks"
+        )
+    return 0
+
+
 COMMANDS = {"ls": cmd_ls, "show": cmd_show, "verify": cmd_verify, "prune": cmd_prune,
-            "restore": cmd_restore}  # fmt: skip
+            "restore": cmd_restore, "files": cmd_files, "extract": cmd_extract}  # fmt: skip
 
 
 def add_backup_commands(
@@ -197,6 +326,22 @@ def add_backup_commands(
     restore.add_argument("--disk", default="")
     restore.add_argument("--output", required=True)
     restore.add_argument("--force", action="store_true")
+    files = verbs.add_parser(
+        "files", help="a backed-up disk's partitions, or a directory in it, read in place"
+    )
+    common(files)
+    files.add_argument("backup")
+    files.add_argument("path", nargs="?", default="", help="a path in the guest's filesystem")
+    files.add_argument("--disk", default="")
+    files.add_argument("--partition", type=int, default=None)
+    extract = verbs.add_parser("extract", help="copy files out of a backup, no disk restored")
+    common(extract)
+    extract.add_argument("backup")
+    extract.add_argument("paths", nargs="+", help="files or directories in the guest")
+    extract.add_argument("--disk", default="")
+    extract.add_argument("--partition", type=int, default=None)
+    extract.add_argument("--output", required=True, help="a directory or file, or - for stdout")
+    extract.add_argument("--force", action="store_true")
 
     def command(args: argparse.Namespace) -> int:
         creds = creds_of(args)
