@@ -24,7 +24,7 @@ import pytest
 
 from tests.conftest import Api, Kubectl
 from tests.test_kubevirt_models import upstream_errors
-from tests.test_snapshot_e2e import READ_SUM, WRITE, blank_dv, data_vm
+from tests.test_snapshot_e2e import FIND_DATA, READ_SUM, WRITE, blank_dv, data_vm
 from tests.test_vm_e2e import BOOT_TIMEOUT, NS, console, engine_cluster, wait_for, wait_running
 from vmo.controllers.backup.disk import FileTarget, backup_disk, restore_disk
 from vmo.controllers.backup.endpoints import EndpointSource
@@ -382,6 +382,9 @@ def test_the_cli_lists_shows_restores_verifies_and_prunes(
     )
     assert broken.returncode == 1 and "damaged" in broken.stderr
     assert not (tmp_path / "x").exists()  # no half-restored disk under its name
+    blob[-1] ^= 0xFF  # mended, for the restores below
+    chunk_file.write_bytes(bytes(blob))
+    assert vmo_backup(cluster, controllers, "verify").returncode == 0
 
 
 def test_after_a_restart_of_the_vm_the_next_backup_stays_incremental(
@@ -443,6 +446,149 @@ def test_an_agent_killed_mid_backup_fails_it_and_the_next_one_is_still_increment
     assert restored_sum(repo, indexes["data"], tmp_path / "data.img") == current
     guest["indexes"] = indexes
     finish(capi, "bk-6", ready["status"]["checkpointName"])
+
+
+# --- restores: files out of a backup, a new VM, an existing VM, a single disk --------------------
+
+MAKE_FS = (
+    "echo 127.0.0.1 localhost bk-$((6*7)) > /etc/hosts; "
+    f"{FIND_DATA}; mke2fs -q $D && mkdir -p /mnt/d && mount -t ext2 $D /mnt/d && mkdir /mnt/d/etc "
+    "&& cp /etc/hosts /mnt/d/etc/hosts && echo restored-$((6*7)) > /mnt/d/marker && umount /mnt/d "
+    "&& sync && echo fs-$((6*7))"
+)
+READ_MARKER = f"{FIND_DATA}; mkdir -p /mnt/d && mount -t ext2 -o ro $D /mnt/d && cat /mnt/d/marker; umount /mnt/d"
+MERGE = "application/merge-patch+json"
+RESTORES = f"/apis/vmo.dev/v1alpha1/namespaces/{NS}/backuprestores"
+
+
+def restore_status(capi: Api, name: str, timeout: float = 180) -> JSON:
+    def ended() -> JSON | None:
+        found = capi.get(f"{RESTORES}/{name}")
+        status: JSON = (found.json() if found.ok else {}).get("status") or {}
+        return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+    found: JSON = wait_for(ended, timeout, f"BackupRestore {name} to end")
+    return found
+
+
+def kv(capi: Api, kind: str, name: str, ns: str = NS) -> JSON | None:
+    group = "cdi.kubevirt.io/v1beta1" if kind == "datavolumes" else "kubevirt.io/v1"
+    found = capi.get(f"/apis/{group}/namespaces/{ns}/{kind}/{name}")
+    return found.json() if found.ok else None
+
+
+def test_files_come_out_of_a_backup_and_it_restores_into_a_new_vm_with_new_macs(
+    cluster: ThreadedServer, capi: Api, k: Kubectl, guest: dict[str, Any], controllers: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    assert "fs-42" in console(cluster, "bk", MAKE_FS)
+    hosts = console(cluster, "bk", "cat /etc/hosts")
+    guest["random_backup"] = vm_entry(capi)["lastBackup"]
+    backup_id = run_policy(capi, k, guest["random_backup"])["lastBackup"]
+    guest["fs_backup"] = backup_id
+    # files, without restoring the disk
+    listed = vmo_backup(cluster, controllers, "files", backup_id, "/", "--disk", "data")
+    assert listed.returncode == 0, listed.stderr
+    assert "marker" in listed.stdout and "etc" in listed.stdout, listed.stdout
+    got = vmo_backup(cluster, controllers, "extract", backup_id, "/etc/hosts", "/marker",
+                     "--disk", "data", "--output", str(tmp_path))  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    assert "extracted 2 files" in got.stdout, got.stdout
+    assert "bk-42" in (tmp_path / "hosts").read_text()
+    assert (tmp_path / "hosts").read_text().strip() in hosts
+    assert (tmp_path / "marker").read_text() == "restored-42\n"
+    # the whole VM, as a new one beside the original, with new MACs
+    done = vmo_backup(cluster, controllers, "restore", backup_id, "--to-vm", "bk-copy",
+                      "--new-macs", "--name", "to-copy")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "into virtual-machines/bk-copy: done" in done.stdout.replace(
+        f"{NS}/", "virtual-machines/"
+    )
+    vm = kv(capi, "virtualmachines", "bk-copy")
+    assert vm is not None and upstream_errors(vm) == []
+    assert vm["spec"]["runStrategy"] == "Halted"
+    volumes = {v["name"]: v for v in vm["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["root"]["dataVolume"]["name"] == "bk-copy-root"
+    assert volumes["data"]["dataVolume"]["name"] == "bk-copy-data"
+    for name in ("bk-copy-root", "bk-copy-data"):
+        dv = kv(capi, "datavolumes", name)
+        assert dv is not None and dv["status"]["phase"] == "Succeeded"
+        assert dv["metadata"]["ownerReferences"][0]["uid"] == vm["metadata"]["uid"]
+        assert upstream_errors(dv) == []
+    mac = vm["spec"]["template"]["spec"]["domain"]["devices"]["interfaces"][0]["macAddress"]
+    original = kv(capi, "virtualmachineinstances", "bk")
+    assert original is not None
+    assert mac != original["status"]["interfaces"][0]["mac"]
+    assert int(mac.split(":")[0], 16) & 0x03 == 0x02  # unicast, locally administered
+    for kind in ("secrets", "configmaps"):  # the restore's credentials and CA are gone
+        assert capi.get(f"/api/v1/namespaces/{NS}/{kind}/to-copy-vmo-restore").status_code == 404
+    # it boots on the restored disks, with its new MAC and the data the backup held
+    capi.patch(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines/bk-copy",
+               {"spec": {"runStrategy": "Always"}}, MERGE)  # fmt: skip
+    wait_running(capi, "bk-copy")
+    wait_for(lambda: "up" in console(cluster, "bk-copy", "echo up"), BOOT_TIMEOUT, "bk-copy")
+    assert mac in console(cluster, "bk-copy", "cat /sys/class/net/e*/address")
+    assert "restored-42" in console(cluster, "bk-copy", READ_MARKER)
+
+
+def test_a_stopped_vm_gets_one_disk_back_and_a_running_one_is_refused(
+    cluster: ThreadedServer, capi: Api, guest: dict[str, Any], controllers: Path, repo: Repository,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    # a running VM is refused, and left alone
+    body = {"apiVersion": "vmo.dev/v1alpha1", "kind": "BackupRestore",
+            "metadata": {"name": "onto-running", "namespace": NS},
+            "spec": {"repository": "local", "virtualMachine": "bk", "target": {"name": "bk-copy"}}}  # fmt: skip
+    assert capi.post(RESTORES, body).status_code == 201
+    refused = restore_status(capi, "onto-running")
+    assert refused["phase"] == "Failed"
+    failed = next(c for c in refused["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "VirtualMachineRunning" and "stop it" in failed["message"]
+    # a disk the backup does not have is named
+    body["metadata"]["name"] = "bad-volume"
+    body["spec"]["volumes"] = ["nope"]
+    assert capi.post(RESTORES, body).status_code == 201
+    bad = restore_status(capi, "bad-volume")
+    message = next(c for c in bad["conditions"] if c["type"] == "Failed")["message"]
+    assert message.startswith("spec.volumes[0]: nope is not a disk of backup"), message
+    # stop bk-copy, and give it back the data disk of the backup before the filesystem
+    capi.patch(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines/bk-copy",
+               {"spec": {"runStrategy": "Halted"}}, MERGE)  # fmt: skip
+    wait_for(lambda: kv(capi, "virtualmachineinstances", "bk-copy") is None, 120, "bk-copy to stop")
+    done = vmo_backup(cluster, controllers, "restore", guest["random_backup"], "--to-vm",
+                      "bk-copy", "--disk", "data", "--name", "data-back")  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "(was bk-copy-data)" in done.stdout, done.stdout
+    vm = kv(capi, "virtualmachines", "bk-copy")
+    assert vm is not None
+    volumes = {v["name"]: v for v in vm["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["data"]["dataVolume"]["name"] == "data-back-data"
+    assert volumes["root"]["dataVolume"]["name"] == "bk-copy-root"  # the other disk untouched
+    wait_for(lambda: kv(capi, "datavolumes", "bk-copy-data") is None, 30, "the old disk to go")
+    # the disk now holds what the earlier backup holds, byte for byte
+    local = asyncio.run(Repository.open(local_store(controllers / NS / "e2e")))
+    refs = [r for r in asyncio.run(local.backups(NS, "bk")) if r.id == guest["random_backup"]]
+    data = asyncio.run(local.read_manifest(refs[0])).disk("data")
+    assert data is not None
+    expected = restored_sum(local, data, tmp_path / "expected.img")
+    capi.patch(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines/bk-copy",
+               {"spec": {"runStrategy": "Always"}}, MERGE)  # fmt: skip
+    wait_running(capi, "bk-copy")
+    wait_for(lambda: "up" in console(cluster, "bk-copy", "echo up"), BOOT_TIMEOUT, "bk-copy")
+    assert console(cluster, "bk-copy", READ_SUM).split()[0] == expected
+    assert capi.delete(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines/bk-copy").ok
+    # a single disk into another namespace, as a DataVolume alone
+    capi.post("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                     "metadata": {"name": "restored"}})  # fmt: skip
+    only = vmo_backup(cluster, controllers, "restore", guest["fs_backup"], "--disk", "data",
+                      "--to-namespace", "restored", "--volumes-only", "--name", "one-disk")  # fmt: skip
+    assert only.returncode == 0, only.stdout + only.stderr
+    dv = kv(capi, "datavolumes", "one-disk-data", "restored")
+    assert dv is not None and dv["status"]["phase"] == "Succeeded"
+    assert "ownerReferences" not in dv["metadata"]
+    assert (
+        capi.get("/apis/kubevirt.io/v1/namespaces/restored/virtualmachines").json()["items"] == []
+    )
 
 
 def test_a_vm_deleted_mid_backup_fails_it_and_leaves_nothing(

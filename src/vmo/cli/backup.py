@@ -34,6 +34,7 @@ from vmo.controllers.backup.files import (
 )
 from vmo.controllers.backup.policy import BackupPolicyController, default_backup_root
 from vmo.controllers.backup.repository import BackupRef, DiskIndex, Repository, RepositoryError
+from vmo.controllers.backup.restore import BACKUP_RESTORE
 from vmo.controllers.backup.retention import Retention, kept
 
 
@@ -140,8 +141,67 @@ async def cmd_prune(repo: Repository, args: argparse.Namespace, namespace: str) 
     return 0
 
 
+def _percent(text: Any) -> float:
+    """CDI's progress ("12.34%", or "N/A" before it knows) as a number."""
+    try:
+        return float(str(text or "0").rstrip("%"))
+    except ValueError:
+        return 0.0
+
+
+async def _restore_to_vm(
+    client: Client, ref: BackupRef, args: argparse.Namespace, namespace: str
+) -> int:
+    """Creates a BackupRestore and follows it to its end, with a bar per disk."""
+    name = args.name or f"{args.to_vm or ref.vm}-{ref.id[:15].lower().replace('t', '')}"[:63]
+    spec: dict[str, Any] = {"repository": args.repository, "backup": ref.id}
+    if args.to_vm or args.to_namespace:
+        spec["target"] = {k: v for k, v in (("name", args.to_vm),
+                                            ("namespace", args.to_namespace)) if v}  # fmt: skip
+    if args.disk:
+        spec["volumes"] = [args.disk]
+    if args.volumes_only:
+        spec["volumesOnly"] = True
+    if args.new_macs:
+        spec["macAddressPolicy"] = "Generate"
+    if args.run_strategy:
+        spec["runStrategy"] = args.run_strategy
+    body = {"metadata": {"name": name, "namespace": namespace}, "spec": spec}
+    await client.create(BACKUP_RESTORE, body, namespace)
+    print(f"backuprestore {namespace}/{name} created")
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[phase]}"))
+    tasks: dict[str, Any] = {}
+    with Progress(*columns, transient=not sys.stdout.isatty()) as progress:
+        while True:
+            found = await client.get(BACKUP_RESTORE, name, namespace)
+            status = found.get("status") or {}
+            for row in status.get("volumes") or []:
+                if row["name"] not in tasks:
+                    tasks[row["name"]] = progress.add_task(row["name"], total=100.0, phase="")
+                done = 100.0 if row.get("phase") == "Succeeded" else _percent(row.get("progress"))
+                progress.update(tasks[row["name"]], completed=done, phase=row.get("phase", ""))
+            if status.get("phase") in ("Succeeded", "Failed"):
+                break
+            await asyncio.sleep(1.0)
+    conds = {c.get("type"): c for c in status.get("conditions") or []}
+    if status["phase"] == "Failed":
+        print(f"error: restore failed: {conds.get('Failed', {}).get('message', '')}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    where = f"{status.get('targetNamespace')}/{status.get('targetName')}"
+    for row in status.get("volumes") or []:
+        was = f" (was {row['replaced']})" if row.get("replaced") else ""
+        print(f"restored {row['name']} into DataVolume {row['dataVolume']}{was}")
+    print(f"restore of {ref} into {where}: done")
+    return 0
+
+
 async def cmd_restore(repo: Repository, args: argparse.Namespace, namespace: str) -> int:
     ref = _find(await repo.backups(namespace), args.backup)
+    if not args.output:
+        if args.client is None:
+            raise RepositoryError("--output FILE, or a VM to restore into (--to-vm)")
+        return await _restore_to_vm(args.client, ref, args, namespace)
     index = await _disk_of(repo, args, namespace)
     out = Path(args.output)
     if out.exists() and not args.force:
@@ -320,12 +380,21 @@ def add_backup_commands(
     prune.add_argument("--dry-run", action="store_true")
     prune.add_argument("--grace", type=float, default=3600.0,
                        help="seconds an unreferenced chunk is kept (an upload in flight)")  # fmt: skip
-    restore = verbs.add_parser("restore", help="restore one disk of a backup to a raw image file")
+    restore = verbs.add_parser(
+        "restore",
+        help="restore a backup into a VM (its own, stopped, or a new one), or a disk to a file",
+    )
     common(restore)
     restore.add_argument("backup")
-    restore.add_argument("--disk", default="")
-    restore.add_argument("--output", required=True)
+    restore.add_argument("--disk", default="", help="only this disk")
+    restore.add_argument("--output", default="", help="write the disk to this raw image file")
     restore.add_argument("--force", action="store_true")
+    restore.add_argument("--to-vm", default="", help="the target VM (default: the backed-up one)")
+    restore.add_argument("--to-namespace", default="", help="the target VM's namespace")
+    restore.add_argument("--name", default="", help="the BackupRestore's name")
+    restore.add_argument("--new-macs", action="store_true", help="new MACs for every interface")
+    restore.add_argument("--volumes-only", action="store_true", help="DataVolumes only, no VM")
+    restore.add_argument("--run-strategy", default="", help="the new VM's (default: Halted)")
     files = verbs.add_parser(
         "files", help="a backed-up disk's partitions, or a directory in it, read in place"
     )
@@ -349,6 +418,7 @@ def add_backup_commands(
 
         async def go() -> int:
             async with Client(creds) as client:
+                args.client = client
                 repo = await _open(client, args, namespace)
                 return await COMMANDS[args.backup_command](repo, args, namespace)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from vmo.client import Client, Credentials
 from vmo.controllers.backup.crds import ensure_crds
+from vmo.controllers.backup.restore_server import RestoreServer
 from vmo.controllers.manager import LEASE_NAMESPACE, controller_manager, default_identity
 from vmo.runtime import LeaseTiming, ensure_namespace
 
@@ -33,6 +34,17 @@ def add_controllers_commands(sub: Any, creds: Callable[[argparse.Namespace], Cre
         default="",
         help="where local-directory BackupRepositories live (default: $VMO_BACKUP_ROOT, "
         "then $VMO_HOME/backups)",
+    )
+    run.add_argument(
+        "--restore-listen",
+        default="127.0.0.1:0",
+        help="HOST:PORT the backup restores' disks are served on (default: a free loopback port)",
+    )
+    run.add_argument(
+        "--restore-url",
+        default="",
+        help="the https URL importers reach that server at (default: the listening address; "
+        "in a cluster, the controllers' Service)",
     )
     run.set_defaults(func=lambda args: _run(args, creds(args)))
 
@@ -62,6 +74,7 @@ def _run(args: argparse.Namespace, creds: Credentials) -> int:
                 namespace=args.lease_namespace,
                 timing=_timing(args.lease_duration),
                 backup_root=Path(args.backup_root) if args.backup_root else None,
+                restore_server=RestoreServer(args.restore_listen, args.restore_url),
             )
             print(f"controllers replica {identity} is running", flush=True)
             await manager.run(stop)

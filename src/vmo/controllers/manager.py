@@ -13,6 +13,8 @@ from vmo.controllers.backup.policy import (
     BackupRepositoryController,
     default_backup_root,
 )
+from vmo.controllers.backup.restore import BackupRestoreController
+from vmo.controllers.backup.restore_server import RestoreServer
 from vmo.controllers.example import NodeLabelController
 from vmo.runtime import Controller, LeaderElector, LeaseTiming, Manager
 
@@ -20,14 +22,19 @@ LEASE_NAME = "vmo-controllers"
 LEASE_NAMESPACE = "vmo-system"
 
 
-def vmo_controllers(client: Client, *, backup_root: Path | None = None) -> list[Controller]:
+def vmo_controllers(
+    client: Client, *, backup_root: Path | None = None, restore_server: RestoreServer | None = None
+) -> list[Controller]:
     """Every VMO-own controller, each to run against ``client``. ``backup_root``: where the
-    BackupRepositories on a local directory live (each under its namespace)."""
+    BackupRepositories on a local directory live (each under its namespace); ``restore_server``:
+    where restored disks are served from (default: an ephemeral port on loopback)."""
     root = backup_root or default_backup_root()
+    policies = BackupPolicyController(client, root)
     return [
         NodeLabelController(client),
-        BackupPolicyController(client, root),
+        policies,
         BackupRepositoryController(client, root),
+        BackupRestoreController(client, policies, restore_server or RestoreServer()),
     ]
 
 
@@ -43,8 +50,12 @@ def controller_manager(
     namespace: str = LEASE_NAMESPACE,
     timing: LeaseTiming | None = None,
     backup_root: Path | None = None,
+    restore_server: RestoreServer | None = None,
 ) -> Manager:
     election = LeaderElector(
         client, LEASE_NAME, namespace, identity, timing=timing or LeaseTiming()
     )
-    return Manager(vmo_controllers(client, backup_root=backup_root), election=election)
+    return Manager(
+        vmo_controllers(client, backup_root=backup_root, restore_server=restore_server),
+        election=election,
+    )

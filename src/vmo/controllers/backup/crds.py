@@ -1,6 +1,6 @@
 """The CustomResourceDefinitions of VMO's backup application (``vmo.dev/v1alpha1``), installable
-on any cluster: BackupRepository (where backups go) and BackupPolicy (which VMs, when, how long
-they are kept). ``ensure_crds`` creates them where they are missing."""
+on any cluster: BackupRepository (where backups go), BackupPolicy (which VMs, when, how long
+they are kept) and BackupRestore (a backup back into a VM, a new one or its own). ``ensure_crds`` creates them where they are missing."""
 
 from __future__ import annotations
 
@@ -101,6 +101,38 @@ POLICY_SPEC = _obj(
     required=["repository", "schedule"],
 )
 
+RESTORE_SPEC = _obj(
+    {
+        "repository": _str(description="a BackupRepository in this namespace"),
+        "backup": _str(description="a backup's id, or a unique prefix of it"),
+        "virtualMachine": _str(description="the backed-up VM; without backup, its latest"),
+        "target": _obj(
+            {
+                "name": _str(description="default: the backed-up VM's name"),
+                "namespace": _str(description="default: this namespace"),
+            }
+        ),
+        "volumes": {"type": "array", "items": _str(), "description": "default: every disk"},
+        "volumesOnly": {"type": "boolean", "description": "restore DataVolumes, touch no VM"},
+        "macAddressPolicy": _str(enum=["Keep", "Generate"], default="Keep"),
+        "newMacAddresses": {"type": "object", "additionalProperties": _str()},
+        "runStrategy": _str(enum=["Always", "Halted", "Manual", "RerunOnFailure", "Once"]),
+    },
+    required=["repository"],
+)
+
+RESTORE_VOLUME = _obj(
+    {
+        "name": _str(),
+        "dataVolume": _str(),
+        "size": _int(),
+        "phase": _str(),
+        "progress": _str(),
+        "replaced": _str(),
+    },
+    required=["name"],
+)
+
 VM_STATUS = _obj(
     {
         "name": _str(),
@@ -175,7 +207,31 @@ def backup_crds() -> list[JSON]:
             "conditions": CONDITIONS,
         }
     )
+    restore_status = _obj(
+        {
+            "phase": _str(),
+            "backup": _str(),
+            "targetName": _str(),
+            "targetNamespace": _str(),
+            "createdVirtualMachine": {"type": "boolean"},
+            "volumes": {"type": "array", "items": RESTORE_VOLUME},
+            "startTime": _str(format="date-time"),
+            "completionTime": _str(format="date-time"),
+            "conditions": CONDITIONS,
+        }
+    )
     return [
+        _crd(
+            "BackupRestore",
+            "backuprestores",
+            RESTORE_SPEC,
+            restore_status,
+            [
+                {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                {"name": "Backup", "type": "string", "jsonPath": ".status.backup"},
+                {"name": "Target", "type": "string", "jsonPath": ".status.targetName"},
+            ],
+        ),
         _crd(
             "BackupRepository",
             "backuprepositories",
