@@ -173,7 +173,9 @@ def test_bad_paths_and_partitions_are_named(image: dict[str, Any]) -> None:
         )
     with pytest.raises(FileRestoreError, match="partition 7 not found: the disk has 1, 2"):
         run(cli.cmd_files(repo, args(image["ref"], path="/", partition=7), NS))
-    with pytest.raises(FileRestoreError, match="/etc/hosts/x: no such file or directory in partitions 1, 2"):
+    with pytest.raises(
+        FileRestoreError, match="/etc/hosts/x: no such file or directory in partitions 1, 2"
+    ):
         run(cli.cmd_files(repo, args(image["ref"], path="/etc/hosts/x"), NS))
     with pytest.raises(FileRestoreError, match="/etc/hosts: not a directory"):
         pick_listdir(image)
