@@ -8,12 +8,15 @@ reboot), keeps its MAC and IP, stays reachable, and that every failure leaves th
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import os
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +26,7 @@ from tests.test_vm_e2e import (
     BOOT_TIMEOUT,
     NS,
     _qemus_under,
+    console,
     engine_cluster,
     tcp_line,
     vm,
@@ -31,6 +35,8 @@ from tests.test_vm_e2e import (
     wait_running,
 )
 from vmo.api.annotations import HOST_FORWARDS
+from vmo.controllers.backup.disk import FileTarget, restore_disk
+from vmo.controllers.backup.repository import Repository, local_store
 from vmo.testing.apiserver import ThreadedServer
 from vmo.testing.builders import http_datavolume
 
@@ -235,6 +241,59 @@ def test_a_second_migration_moves_it_back(capi: Api, moved: dict[str, Any]) -> N
     assert done["status"]["phase"] == "Succeeded", done["status"]
     assert node_of(capi, "mover") != source
     assert guest_counter(moved["port"]) > moved["counter"]
+
+
+def test_a_backup_after_a_live_migration_stays_incremental(
+    cluster: ThreadedServer, k: Kubectl, capi: Api, moved: dict[str, Any], tmp_path: Path
+) -> None:
+    """The tracker's checkpoint is a persistent bitmap on the node-local disk: it travels in the
+    migration stream, so the next backup, on the other node, is incremental."""
+    from tests.test_backup_e2e import TOKEN, backup, finish, pull, wait_reason
+
+    objects = [
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "bk-token", "namespace": NS},
+         "stringData": {"token": TOKEN}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+         "metadata": {"name": "bk-target", "namespace": NS},
+         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "64Mi"}}}},
+        {"apiVersion": "backup.kubevirt.io/v1alpha1", "kind": "VirtualMachineBackupTracker",
+         "metadata": {"name": "bk-tracker", "namespace": NS},
+         "spec": {"source": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "mover"}}},
+    ]  # fmt: skip
+    for obj in objects:
+        k.apply(obj)
+    repo = asyncio.run(Repository.init(local_store(tmp_path / "repo"), chunk_size=256 << 10))
+    k.apply(backup("mig-bk-1"))
+    first = wait_reason(capi, "mig-bk-1", "Progressing", "ExportReady")["status"]
+    assert first["type"] == "Full"
+    indexes = pull(first, repo, {})
+    finish(capi, "mig-bk-1", first["checkpointName"])
+    source = node_of(capi, "mover")
+    mig = migrate(capi, "mover")
+    done = wait_phase(capi, mig["metadata"]["name"], "Succeeded", "Failed")
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    assert node_of(capi, "mover") != source
+    write = "dd if=/dev/urandom of=/dev/vda bs=64k count=8 seek=640 2>/dev/null; sync"
+    read = "dd if=/dev/vda bs=64k count=8 skip=640 2>/dev/null | md5sum"
+    written = console(cluster, "mover", f"{write}; {read}").split()[0]
+    k.apply(backup("mig-bk-2"))
+    second = wait_reason(capi, "mig-bk-2", "Progressing", "ExportReady")["status"]
+    assert second["type"] == "Incremental", second  # not the full backup a lost checkpoint forces
+    indexes = pull(second, repo, indexes)  # asserts the dirty map is a small part of the disk
+    finish(capi, "mig-bk-2", second["checkpointName"])
+
+    async def region() -> bytes:
+        index = indexes["root"]
+        target = FileTarget(tmp_path / "root.img", index.size, fresh=True)
+        try:
+            await restore_disk(repo, index, target)
+        finally:
+            target.close()
+        with (tmp_path / "root.img").open("rb") as f:
+            f.seek(640 * 65536)
+            return f.read(8 * 65536)
+
+    assert hashlib.md5(asyncio.run(region())).hexdigest() == written
 
 
 def _closed_port() -> int:

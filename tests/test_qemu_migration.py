@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -48,6 +49,7 @@ from vmo.engine.qemu.migration import (
     TcpAddress,
     UnixAddress,
     Verdict,
+    bitmap_mapping,
     completion_timeout,
     finish_target,
     migrate,
@@ -81,8 +83,29 @@ def test_source_settings_set_every_capability_and_lift_the_bandwidth_cap() -> No
         "auto-converge": False,
         "postcopy-ram": False,
         "pause-before-switchover": False,
+        "dirty-bitmaps": False,
     }
     assert settings.parameters == {"max-bandwidth": UNLIMITED_BANDWIDTH, "downtime-limit": 250}
+
+
+def test_checkpoint_bitmaps_of_copied_disks_are_mapped_and_nothing_else() -> None:
+    nodes = [
+        {"node-name": "disk0-format", "dirty-bitmaps": [
+            {"name": "vmo-ckpt-c1"}, {"name": "vmo-bk-b1"}, {"name": "other"}]},
+        {"node-name": "disk1-format", "dirty-bitmaps": [{"name": "vmo-ckpt-c9"}]},
+        {"node-name": "disk2-format", "dirty-bitmaps": []},
+    ]  # fmt: skip
+    address = UnixAddress(Path("/run/x.sock"))
+    mirrors = [BlockMirror("disk0-format", address, "disk0-format"),
+               BlockMirror("disk2-format", address, "disk2-format")]  # fmt: skip
+    mapping = bitmap_mapping(nodes, mirrors)
+    # disk1 is not copied (shared storage): its bitmap goes through the image
+    assert mapping == [{"node-name": "disk0-format", "alias": "disk0-format",
+                        "bitmaps": [{"name": "vmo-ckpt-c1", "alias": "vmo-ckpt-c1"}]}]  # fmt: skip
+    settings = source_settings(MigrationTuning(), mirrors=True, bitmaps=mapping)
+    assert settings.capabilities["dirty-bitmaps"] is True
+    assert settings.parameters["block-bitmap-mapping"] == mapping
+    assert target_settings(MigrationTuning(), bitmaps=True).capabilities["dirty-bitmaps"]
 
 
 def test_source_settings_follow_the_tuning() -> None:
@@ -101,6 +124,7 @@ def test_target_settings_enable_post_copy_only_when_allowed() -> None:
     assert target_settings(MigrationTuning()).capabilities == {
         "events": True,
         "postcopy-ram": False,
+        "dirty-bitmaps": False,
     }
     assert target_settings(MigrationTuning(allow_post_copy=True)).capabilities["postcopy-ram"]
 
@@ -335,7 +359,7 @@ class Cluster:
         vm = self._track(Vm(domain, await launch(domain, workdir=workdir)))
         qmp = await vm.qmp()
         assert await qmp.query_status() is VMRunState.INMIGRATE
-        await start_incoming(qmp, uri=memory_uri(vm), tuning=tuning)
+        await start_incoming(qmp, uri=memory_uri(vm), tuning=tuning, bitmaps=True)
         await prepare_target(qmp, nbd_listen=nbd_address(vm), exports=[self.node()])
         return vm
 
@@ -505,6 +529,46 @@ async def test_a_copied_disk_keeps_what_the_guest_wrote(cluster: Cluster) -> Non
         "compare", "-U", "-f", "qcow2", "-F", "qcow2", str(source_disk), str(target.disk.path)
     )
     assert "identical" in compared
+
+
+@on_module_loop
+async def test_a_checkpoint_bitmap_of_a_copied_disk_arrives_persistent_and_recording(
+    cluster: Cluster,
+) -> None:
+    qmp = await cluster.vm.qmp()
+    node = cluster.node()
+    await qmp.execute("block-dirty-bitmap-add",
+                      {"node": node, "name": "vmo-ckpt-mig", "persistent": True})  # fmt: skip
+    await qmp.execute("block-dirty-bitmap-add", {"node": node, "name": "scratch"})
+    await (await cluster.vm.shell()).run(
+        "dd if=/dev/urandom of=/dev/vda bs=1M count=3 seek=2 2>/dev/null; sync"
+    )
+
+    async def bitmaps(vm: Vm) -> dict[str, Any]:
+        nodes = await (await vm.qmp()).execute("query-named-block-nodes", {"flat": True})
+        info = next(n for n in nodes if n["node-name"] == node)
+        return {b["name"]: b for b in info.get("dirty-bitmaps") or []}
+
+    before = (await bitmaps(cluster.vm))["vmo-ckpt-mig"]
+    assert before["count"] >= 3 * MIB
+    tuning = MigrationTuning()
+    target = await cluster.target(tuning)
+    result = await cluster.migrate(target, tuning)
+    assert result.completed, result.failure_reason
+    await cluster.move_to(target)
+    arrived = await bitmaps(target)
+    assert set(arrived) == {"vmo-ckpt-mig"}  # only checkpoints travel
+    bitmap = arrived["vmo-ckpt-mig"]
+    assert bitmap["persistent"] and bitmap["recording"] and not bitmap.get("inconsistent")
+    # the copy wrote the whole disk on the target, and none of it counts as a guest write
+    assert bitmap["count"] == before["count"]
+    await (await target.shell()).run(
+        "dd if=/dev/urandom of=/dev/vda bs=1M count=2 seek=12 2>/dev/null; sync"
+    )
+    assert (await bitmaps(target))["vmo-ckpt-mig"]["count"] >= before["count"] + 2 * MIB
+    await (await target.qmp()).execute(
+        "block-dirty-bitmap-remove", {"node": node, "name": "vmo-ckpt-mig"}
+    )
 
 
 @on_module_loop

@@ -294,7 +294,10 @@ class MigrationRoles:
                 incoming.save()
             tuning = tuning_from(state.get("migrationConfiguration") or {})
             await qm.start_incoming(
-                client, uri=qm.TcpAddress(TARGET_LISTEN, incoming.port).uri(), tuning=tuning
+                client,
+                uri=qm.TcpAddress(TARGET_LISTEN, incoming.port).uri(),
+                tuning=tuning,
+                bitmaps=bool(copies),
             )
         except Exception as exc:
             log.warning("VMI %s/%s: migration target not prepared: %s", *key, exc)

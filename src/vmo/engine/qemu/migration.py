@@ -20,8 +20,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from pathlib import Path
+from typing import Any
 
 from vmo.api.types import JSON
+from vmo.engine.qemu.backup import CHECKPOINT_PREFIX
 from vmo.engine.qemu.errors import ProtocolError, QMPConnectionLost, QMPError
 from vmo.engine.qemu.qmp import EventListener, QMPClient, VMRunState
 
@@ -181,16 +183,25 @@ class MigrationSettings:
     """What ``migrate-set-capabilities`` and ``migrate-set-parameters`` are given."""
 
     capabilities: dict[str, bool]
-    parameters: dict[str, int] = field(default_factory=dict)
+    parameters: dict[str, Any] = field(default_factory=dict)
 
     def capability_list(self) -> list[JSON]:
         return [{"capability": name, "state": on} for name, on in self.capabilities.items()]
 
 
-def source_settings(tuning: MigrationTuning, *, mirrors: bool) -> MigrationSettings:
+def source_settings(
+    tuning: MigrationTuning, *, mirrors: bool, bitmaps: Sequence[JSON] = ()
+) -> MigrationSettings:
     """The source's settings. Every capability is set explicitly, on or off: a QEMU keeps them
-    from an earlier (failed) migration."""
+    from an earlier (failed) migration. ``bitmaps``: the ``block-bitmap-mapping`` of the
+    checkpoint bitmaps on copied disks, which then travel in the migration stream."""
     bandwidth = tuning.bandwidth_bytes_per_s or UNLIMITED_BANDWIDTH
+    parameters: dict[str, Any] = {
+        "max-bandwidth": bandwidth,
+        "downtime-limit": tuning.max_downtime_ms,
+    }
+    if bitmaps:
+        parameters["block-bitmap-mapping"] = list(bitmaps)
     return MigrationSettings(
         capabilities={
             "events": True,
@@ -198,16 +209,41 @@ def source_settings(tuning: MigrationTuning, *, mirrors: bool) -> MigrationSetti
             "postcopy-ram": tuning.allow_post_copy,
             # Disk copies must be complete before the destination takes over.
             "pause-before-switchover": mirrors,
+            "dirty-bitmaps": bool(bitmaps),
         },
-        parameters={"max-bandwidth": bandwidth, "downtime-limit": tuning.max_downtime_ms},
+        parameters=parameters,
     )
 
 
-def target_settings(tuning: MigrationTuning) -> MigrationSettings:
-    """The destination's settings: post-copy must be enabled on both sides."""
+def target_settings(tuning: MigrationTuning, *, bitmaps: bool = False) -> MigrationSettings:
+    """The destination's settings: post-copy must be enabled on both sides, and so must
+    ``dirty-bitmaps`` for a copied disk's checkpoints to arrive."""
     return MigrationSettings(
-        capabilities={"events": True, "postcopy-ram": tuning.allow_post_copy},
+        capabilities={
+            "events": True,
+            "postcopy-ram": tuning.allow_post_copy,
+            "dirty-bitmaps": bitmaps,
+        },
     )
+
+
+def bitmap_mapping(nodes: Sequence[JSON], mirrors: Sequence[BlockMirror]) -> list[JSON]:
+    """QEMU's ``block-bitmap-mapping`` for the checkpoint bitmaps (``vmo-ckpt-*``) on the copied
+    disks: each source node under the target's node name (its export's), each bitmap under its
+    own name. A disk on shared storage is not copied and not listed: its persistent bitmaps
+    reach the destination through the image itself, stored when the source lets go of it."""
+    by_name = {str(n.get("node-name")): n for n in nodes}
+    mapping = []
+    for mirror in mirrors:
+        names = sorted(
+            str(b["name"])
+            for b in (by_name.get(mirror.node) or {}).get("dirty-bitmaps") or []
+            if str(b.get("name", "")).startswith(CHECKPOINT_PREFIX)
+        )
+        if names:
+            mapping.append({"node-name": mirror.node, "alias": mirror.export,
+                            "bitmaps": [{"name": n, "alias": n} for n in names]})  # fmt: skip
+    return mapping
 
 
 def completion_timeout(tuning: MigrationTuning, *, data_bytes: int) -> float:
@@ -417,7 +453,13 @@ class _SourceMigration:
 
     async def run(self) -> MigrationResult:
         self.was_running = await self.qmp.query_status() is VMRunState.RUNNING
-        await _apply(self.qmp, source_settings(self.tuning, mirrors=bool(self.mirrors)))
+        mapping: list[JSON] = []
+        if self.mirrors:
+            nodes = await self.qmp.execute("query-named-block-nodes", {"flat": True})
+            mapping = bitmap_mapping(nodes, [m.spec for m in self.mirrors])
+        await _apply(
+            self.qmp, source_settings(self.tuning, mirrors=bool(self.mirrors), bitmaps=mapping)
+        )
         await self._start_mirrors()
         while True:
             _raise_if_cancelled()
@@ -767,11 +809,14 @@ def _ours(job: object) -> bool:
 # --- target side -------------------------------------------------------------------------------
 
 
-async def start_incoming(qmp: QMPClient, *, uri: str | None, tuning: MigrationTuning) -> None:
+async def start_incoming(
+    qmp: QMPClient, *, uri: str | None, tuning: MigrationTuning, bitmaps: bool = False
+) -> None:
     """Sets the destination's capabilities, then listens on ``uri`` (``migrate-incoming``; pass
-    None when the domain was launched listening already). With ``allow_post_copy`` on a QEMU
-    that cannot use userfaultfd this raises ``QMPError`` ("Postcopy is not supported")."""
-    await _apply(qmp, target_settings(tuning))
+    None when the domain was launched listening already). ``bitmaps``: accept dirty bitmaps
+    in the stream (when disks are copied). With ``allow_post_copy`` on a QEMU that cannot use
+    userfaultfd this raises ``QMPError`` ("Postcopy is not supported")."""
+    await _apply(qmp, target_settings(tuning, bitmaps=bitmaps))
     if uri is not None:
         await qmp.execute("migrate-incoming", {"uri": uri})
 
