@@ -34,7 +34,7 @@ MAGIC = b"VMOB"
 COMPRESSED = 0x01
 ENCRYPTED = 0x02
 NONCE = 12
-ZSTD_LEVEL = 3
+ZSTD_LEVEL = 1
 KEY_CHECK = b"vmo backup repository key check v1"
 # scrypt's interactive-login cost (RFC 7914 recommends N=2^14 and up): a key is derived once per
 # repository opened, not per chunk

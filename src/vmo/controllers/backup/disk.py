@@ -291,8 +291,8 @@ async def backup_disk(
     if parent is not None:
         run.known = parent.chunks()
     queue = sorted(todo, reverse=True)
-
-    await _each(queue, run.chunk, workers)
+    async with repo.writeback():
+        await _each(queue, run.chunk, workers)
     stats.seconds = time.monotonic() - start
     return DiskIndex(name, size, cs, digests), stats
 

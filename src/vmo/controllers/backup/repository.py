@@ -342,6 +342,11 @@ class Repository:
         """Whether the store's calls may be made blocking, from a worker thread."""
         return bool(getattr(self.store, "blocking", False))
 
+    def writeback(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Around many chunk writes: the store's early writeback, where it has one."""
+        found = getattr(self.store, "writeback", None)
+        return found() if found is not None else contextlib.nullcontext()
+
     def store_chunk_blocking(self, digest: bytes, data: bytes) -> int:
         """From a worker thread of a local repository: seals and stores the chunk unless it is
         there; the sealed bytes written (0: it was there)."""
