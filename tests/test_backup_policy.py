@@ -4,9 +4,11 @@ server serves them."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -14,15 +16,27 @@ import yaml
 from tests.conftest import Api
 from vmo.client import Client, load_kubeconfig
 from vmo.controllers.backup.crds import backup_crds, ensure_crds
+from vmo.controllers.backup.disk import FileSource, backup_disk
 from vmo.controllers.backup.policy import (
+    BACKUP_REPOSITORY,
+    VERIFY_NOW,
     BackupPolicyController,
+    BackupRepositoryController,
     portable,
     schedule_due,
     selected,
 )
-from vmo.controllers.backup.repository import RepositoryError
+from vmo.controllers.backup.repository import (
+    BackupRef,
+    Manifest,
+    Repository,
+    RepositoryError,
+    local_store,
+    new_backup_id,
+)
 from vmo.testing.apiserver import ThreadedServer
 
+JSON = dict[str, Any]
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -118,6 +132,7 @@ def test_the_crds_are_accepted_and_their_kinds_served(server: ThreadedServer) ->
     assert {c["metadata"]["name"] for c in backup_crds()} == {
         "backuprepositories.vmo.dev",
         "backuppolicies.vmo.dev",
+        "backuprestores.vmo.dev",
     }
 
 
@@ -157,3 +172,56 @@ def test_a_local_repository_path_stays_under_the_backup_root(
     errors = asyncio.run(open_them())
     assert all("must be a relative path under the backup root" in e for e in errors), errors
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_verification_job_names_damaged_chunks_and_the_backups_needing_them(
+    server: ThreadedServer, tmp_path: Path
+) -> None:
+    api = Api(server.url, server.ca, server.admin_token)
+    ns = "bk-verify"
+    assert api.post("/api/v1/namespaces", {"metadata": {"name": ns}}).status_code == 201
+    image = tmp_path / "disk.raw"
+    image.write_bytes(os.urandom(3 << 20))
+    store = local_store(tmp_path / "root" / ns / "r")
+
+    async def fill() -> tuple[str, bytes]:
+        repo = await Repository.init(store, chunk_size=1 << 20)
+        source = FileSource(image)
+        index, _ = await backup_disk(repo, "root", source)
+        source.close()
+        ref = BackupRef(ns, "vm1", new_backup_id())
+        await repo.write_manifest(Manifest(ref, "x", "Full", [index]))
+        return ref.id, index.digests[1]
+
+    backup_id, victim = asyncio.run(fill())
+    body = {"apiVersion": "vmo.dev/v1alpha1", "kind": "BackupRepository",
+            "metadata": {"name": "r", "annotations": {VERIFY_NOW: "yes"}},
+            "spec": {"local": {"path": "r"}, "verify": {"schedule": "0 4 * * 0"}}}  # fmt: skip
+    repos = f"/apis/vmo.dev/v1alpha1/namespaces/{ns}/backuprepositories"
+
+    async def verify_once() -> JSON:
+        async with Client(load_kubeconfig(server.kubeconfig)) as client:
+            controller = BackupRepositoryController(client, tmp_path / "root")
+            await controller.reconcile(f"{ns}/r")
+            await controller.verifying[(ns, "r")]
+            found: JSON = await client.get(BACKUP_REPOSITORY, "r", ns)
+            return found
+
+    assert api.post(repos, body).status_code == 201
+    first = asyncio.run(verify_once())
+    status = first["status"]
+    verified = next(c for c in status["conditions"] if c["type"] == "Verified")
+    assert verified["status"] == "True" and status["verification"]["chunks"] == 3
+    assert status["nextVerifyTime"].endswith("04:00:00Z") and status["lastVerifyTime"]
+    assert VERIFY_NOW not in (first["metadata"].get("annotations") or {})  # done, so cleared
+    chunk = tmp_path / "root" / ns / "r" / Repository.chunk_key(victim)
+    chunk.chmod(0o644)
+    chunk.write_bytes(chunk.read_bytes()[:-1] + b"!")
+    patch = {"metadata": {"annotations": {VERIFY_NOW: "again"}}}
+    assert api.patch(f"{repos}/r", patch, "application/merge-patch+json").ok
+    second = asyncio.run(verify_once())["status"]
+    verified = next(c for c in second["conditions"] if c["type"] == "Verified")
+    assert verified["status"] == "False" and verified["reason"] == "DamagedChunks"
+    assert verified["message"] == "1 of 3 chunks damaged; 1 backups need them"
+    assert second["verification"]["damagedChunks"][0]["id"] == victim.hex()
+    assert second["verification"]["backupsNeedingDamagedChunks"] == [f"{ns}/vm1/{backup_id}"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -210,3 +211,78 @@ async def test_sweep_removes_what_a_crash_mid_backup_left(qemu: Qemu) -> None:
     assert not list(qemu.home.glob(".vmo-fleece-*"))
     jobs = await qemu.qmp.execute("query-block-jobs")
     assert jobs == []
+
+
+# --- push mode ----------------------------------------------------------------------------------
+
+
+async def push(q: Qemu, name: str, checkpoint: str, since: str | None) -> qb.PushBackup:
+    assert q.qmp is not None
+    backup = await qb.push_start(
+        q.qmp, name, DISKS, checkpoint=checkpoint, since=since, workdir=q.home
+    )
+    for _ in range(200):
+        ended, error, done, total = await qb.push_progress(q.qmp, backup)
+        if ended:
+            assert error == "" and 0 < done == total <= SIZE
+            return backup
+        await asyncio.sleep(0.05)
+    raise AssertionError("the push jobs did not end")
+
+
+def raw_of(path: Path, out: Path) -> bytes:
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(path), str(out)], check=True)
+    return out.read_bytes()
+
+
+@on_loop
+async def test_push_writes_a_sparse_full_then_an_incremental_that_stitches_to_the_disk(
+    qemu: Qemu,
+) -> None:
+    assert qemu.qmp is not None
+    full = await push(qemu, "p1", "c1", None)
+    assert not full.incremental
+    await qemu.write(0, 64 << 10, 9)  # after p1's instant: not in p1
+    await qb.push_release(qemu.qmp, full)
+    full_file = full.targets[0].path.rename(qemu.home / "p1-root.qcow2")
+    assert raw_of(full_file, qemu.home / "p1.raw")[: 4 * MIB] == bytes([1]) * (4 * MIB)
+    await qb.push_finish(qemu.qmp, full, success=True)
+    assert set(await qb.bitmaps(qemu.qmp, "disk0")) == {"vmo-ckpt-c1"}
+    await qemu.write(10 * MIB, 128 << 10, 3)
+    incr = await push(qemu, "p2", "c2", "c1")
+    assert incr.incremental
+    await qb.push_release(qemu.qmp, incr)
+    incr_file = incr.targets[0].path.rename(qemu.home / "p2-root.qcow2")
+    await qb.push_finish(qemu.qmp, incr, success=True)
+    assert set(await qb.bitmaps(qemu.qmp, "disk0")) == {"vmo-ckpt-c2"}
+    # the incremental holds only the dirty clusters: the first 64 KiB and the 128 KiB at 10 MiB
+    info = subprocess.run(["qemu-img", "map", "--output=json", str(incr_file)],
+                          check=True, capture_output=True, text=True).stdout  # fmt: skip
+    data = [e for e in json.loads(info) if e["data"]]
+    assert sum(e["length"] for e in data) == (64 << 10) + (128 << 10), data
+    # upstream's recipe: rebase the incremental onto the full one, and it reads as the disk
+    subprocess.run(["qemu-img", "rebase", "-u", "-b", str(full_file), "-F", "qcow2",
+                    str(incr_file)], check=True)  # fmt: skip
+    await qemu.stop()
+    disk = raw_of(qemu.home / "disk.qcow2", qemu.home / "disk.raw")
+    assert raw_of(incr_file, qemu.home / "p2.raw") == disk
+    nodes_left = list(qemu.home.glob(".vmo-fleece-*"))
+    assert nodes_left == []
+
+
+@on_loop
+async def test_a_failed_push_removes_its_file_and_keeps_the_previous_checkpoint(
+    qemu: Qemu,
+) -> None:
+    assert qemu.qmp is not None
+    first = await push(qemu, "p1", "c1", None)
+    await qb.push_finish(qemu.qmp, first, success=True)
+    second = await qb.push_start(qemu.qmp, "p2", DISKS, checkpoint="c2", since="c1",
+                                 workdir=qemu.home)  # fmt: skip
+    await qb.push_finish(qemu.qmp, second, success=False)
+    assert set(await qb.bitmaps(qemu.qmp, "disk0")) == {"vmo-ckpt-c1"}
+    assert not second.targets[0].path.exists()
+    nodes = await qemu.qmp.execute("query-named-block-nodes", {"flat": True})
+    assert not [n for n in nodes if n["node-name"].startswith("vmo-fleece-")]
+    assert await qemu.qmp.execute("query-jobs") == []
+    first.targets[0].path.unlink()

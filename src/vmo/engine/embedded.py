@@ -129,7 +129,7 @@ class NodeServices:
         )
         await self.api.start(self.agent.socket_path)
         await self.agent.start(stop)
-        backups = BackupExecutor(self.client, self.name, self.agent)
+        backups = BackupExecutor(self.client, self.name, self.agent, [self.pool, self.shared_pool])
         exports = ExportController(
             self.client,
             self.name,

@@ -62,6 +62,7 @@ REPOSITORY_SPEC = _obj(
             required=["endpoint", "bucket", "credentialsSecret"],
         ),
         "encryptionKeySecret": _str(description="a Secret whose key 'key' encrypts the chunks"),
+        "verify": _obj({"schedule": _str(description="cron: when every chunk is re-hashed")}),
         "chunkSize": _int(minimum=65536, maximum=67108864),
     },
 )
@@ -196,6 +197,21 @@ def backup_crds() -> list[JSON]:
             "chunkSize": _int(),
             "encrypted": {"type": "boolean"},
             "backups": _int(),
+            "lastVerifyTime": _str(format="date-time"),
+            "nextVerifyTime": _str(format="date-time"),
+            "verification": _obj(
+                {
+                    "chunks": _int(),
+                    "bytes": _int(),
+                    "seconds": {"type": "number"},
+                    "damagedChunkCount": _int(),
+                    "damagedChunks": {
+                        "type": "array",
+                        "items": _obj({"id": _str(), "reason": _str()}),
+                    },
+                    "backupsNeedingDamagedChunks": {"type": "array", "items": _str()},
+                }
+            ),
             "conditions": CONDITIONS,
         }
     )
@@ -257,10 +273,16 @@ def backup_crds() -> list[JSON]:
 
 
 async def ensure_crds(client: Client) -> None:
+    """Creates the CRDs that are missing, and brings an older version's up to this one's spec
+    (a field its schema lacks would be pruned from every object)."""
     for crd in backup_crds():
-        if await client.find(CRD, crd["metadata"]["name"]) is None:
+        found = await client.find(CRD, crd["metadata"]["name"])
+        if found is None:
             with contextlib.suppress(Conflict):
                 await client.create(CRD, crd)
+        elif found.get("spec") != crd["spec"]:
+            with contextlib.suppress(Conflict):
+                await client.replace(CRD, {**found, "spec": crd["spec"]})
 
 
 __all__ = ["GROUP", "VERSION", "backup_crds", "ensure_crds"]

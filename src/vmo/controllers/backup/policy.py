@@ -70,6 +70,7 @@ BACKUP_REPOSITORY = Resource("vmo.dev", "v1alpha1", "backuprepositories", "Backu
 BACKUP_POLICY = Resource("vmo.dev", "v1alpha1", "backuppolicies", "BackupPolicy")
 POLICY_LABEL = "vmo.dev/backup-policy"
 BACKUP_NOW = "vmo.dev/backup-now"
+VERIFY_NOW = "vmo.dev/verify-now"
 TOKEN_SECRET = "vmo-backup-token"
 EXPORT_TIMEOUT = timedelta(minutes=30)
 
@@ -436,15 +437,22 @@ class BackupPolicyController(Controller):
 
 class BackupRepositoryController(Controller):
     """A BackupRepository's status: whether it opens (the store answers, the key is right),
-    and what it holds. The repository is created in its store on first reconcile."""
+    and what it holds. The repository is created in its store on first reconcile.
+
+    Verification jobs: on ``spec.verify.schedule`` (cron; a missed slot runs once) or at once
+    when annotated ``vmo.dev/verify-now``, every chunk any backup needs is read and re-hashed
+    (``Repository.verify``), in a task of its own; ``status.verification`` and the ``Verified``
+    condition name the damaged chunks and the backups that need them."""
 
     name = "backup-repositories"
     workers = 1
     RESYNC = 60.0
+    LISTED = 100  # damaged chunks and backups named in the status at most (all are counted)
 
     def __init__(self, client: Client, backup_root: Path) -> None:
         super().__init__(client)
         self.opener = BackupPolicyController(client, backup_root)
+        self.verifying: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     def watches(self) -> Sequence[Watch]:
         return [Watch(BACKUP_REPOSITORY)]
@@ -468,18 +476,97 @@ class BackupRepositoryController(Controller):
                     "message": str(exc), "observedGeneration": gen}  # fmt: skip
         old = (found.get("status") or {}).get("conditions")
         status["conditions"] = merge_conditions(old, [cond], _stamp(_now()), keep_others=True)
+        delay = self.RESYNC
+        if cond["status"] == "True":
+            delay = min(delay, await self._maybe_verify(found, status))
         if {**(found.get("status") or {}), **status} != found.get("status"):
             with contextlib.suppress(NotFound, Conflict):
                 await self.client.patch(
                     BACKUP_REPOSITORY, name, {"status": status}, namespace, subresource="status"
                 )
-        return Result.after(self.RESYNC)
+        return Result.after(delay)
+
+    async def _maybe_verify(self, repo_obj: JSON, status: JSON) -> float:
+        """Starts a verification when one is due; the seconds until the next one."""
+        md, spec = repo_obj["metadata"], repo_obj.get("spec") or {}
+        key = (md["namespace"], md["name"])
+        schedule = str((spec.get("verify") or {}).get("schedule") or "")
+        manual = (md.get("annotations") or {}).get(VERIFY_NOW)
+        old = repo_obj.get("status") or {}
+        now = _now()
+        slot, upcoming = None, None
+        if schedule:
+            last = old.get("lastVerifyTime") or md["creationTimestamp"]
+            try:
+                slot, upcoming = schedule_due(schedule, _parse(str(last)), now)
+            except (ValueError, KeyError) as exc:
+                cond = {"type": "Verified", "status": "False", "reason": "InvalidSchedule",
+                        "message": f"spec.verify.schedule: {exc}"}  # fmt: skip
+                status["conditions"] = merge_conditions(
+                    status.get("conditions"), [cond], _stamp(now), keep_others=True
+                )
+                return self.RESYNC
+            status["nextVerifyTime"] = _stamp(upcoming)
+        running = key in self.verifying and not self.verifying[key].done()
+        if (slot is not None or manual) and not running:
+            self.verifying[key] = asyncio.get_running_loop().create_task(
+                self._verify(md["namespace"], md["name"], bool(manual)),
+                name=f"verify-{key[0]}-{key[1]}",
+            )
+        if upcoming is None:
+            return self.RESYNC
+        return max((upcoming - now).total_seconds(), 1.0)
+
+    async def _verify(self, namespace: str, name: str, manual: bool) -> None:
+        started = _now()
+        try:
+            repo = await self.opener.open_repository(namespace, name)
+            report = await repo.verify()
+        except (RepositoryError, WrongKey, OSError, KeyError, ValueError) as exc:
+            cond = {"type": "Verified", "status": "False", "reason": "VerifyFailed",
+                    "message": f"verification could not run: {exc}"}  # fmt: skip
+            result: JSON = {}
+        else:
+            damaged = sorted(report.damaged.items())
+            result = {
+                "chunks": report.chunks,
+                "bytes": report.bytes,
+                "damagedChunkCount": len(damaged),
+                "damagedChunks": [{"id": d, "reason": why} for d, why in damaged[: self.LISTED]],
+                "backupsNeedingDamagedChunks": sorted(report.backups)[: self.LISTED],
+                "seconds": round((_now() - started).total_seconds(), 3),
+            }
+            if report.ok:
+                cond = {"type": "Verified", "status": "True", "reason": "Verified",
+                        "message": f"{report.chunks} chunks re-hashed, none damaged"}  # fmt: skip
+            else:
+                cond = {"type": "Verified", "status": "False", "reason": "DamagedChunks",
+                        "message": f"{len(damaged)} of {report.chunks} chunks damaged; "
+                                   f"{len(report.backups)} backups need them"}  # fmt: skip
+        fresh = await self.client.find(BACKUP_REPOSITORY, name, namespace)
+        if fresh is None:
+            return
+        old = (fresh.get("status") or {}).get("conditions")
+        patch: JSON = {"status": {"lastVerifyTime": _stamp(started),
+                                  "conditions": merge_conditions(old, [cond], _stamp(_now()),
+                                                                 keep_others=True)}}  # fmt: skip
+        if result:
+            patch["status"]["verification"] = result
+        with contextlib.suppress(NotFound, Conflict):
+            await self.client.patch(BACKUP_REPOSITORY, name, patch, namespace,
+                                    subresource="status")  # fmt: skip
+        if manual:
+            clear = {"metadata": {"annotations": {VERIFY_NOW: None}}}
+            with contextlib.suppress(NotFound):
+                await self.client.patch(BACKUP_REPOSITORY, name, clear, namespace)
+        self.enqueue(f"{namespace}/{name}")
 
 
 __all__ = [
     "BACKUP_NOW",
     "BACKUP_POLICY",
     "BACKUP_REPOSITORY",
+    "VERIFY_NOW",
     "BackupPolicyController",
     "BackupRepositoryController",
     "default_backup_root",

@@ -15,8 +15,12 @@ Pull mode: a VirtualMachineExport of the backup's own name serves each volume's 
 ``map``; once it is Ready the links and CA go to ``status.includedVolumes`` and ``endpointCert``.
 Deleting the backup (or its ``ttlDuration``, 2h by default, running out) ends it: the exports go,
 the new checkpoint replaces the old one, and the tracker's ``latestCheckpoint`` names it.
-Push mode needs a filesystem inside the target claim, which VMO's volumes (disk images) do not
-have: it fails with a message saying so.
+Push mode: QEMU itself writes each disk (all of it, or the clusters dirty since the checkpoint)
+into a sparse qcow2 (``vmo.engine.qemu.backup.push_start``); once every job has ended the files
+go into the ext4 filesystem inside the target claim, as ``/<backup>/<volume>.qcow2``
+(``vmo.engine.storage.backup_pvc``), and the backup completes by itself, moving the tracker on.
+The claim must be on this node (or shared) and in use by no VMI; one still waiting for its first
+consumer is provisioned here.
 
 Conditions, reasons and messages are upstream's (Progressing, Complete, Failed, Quiesced).
 A backup this node started whose session a restart of the agent lost fails ("the node agent
@@ -36,6 +40,7 @@ from typing import Any
 from vmo.api.annotations import BACKUP_NODE, EXPORT_NODE
 from vmo.api.duration import parse_duration
 from vmo.api.kubevirt.migratable import claim_name
+from vmo.api.storage import SELECTED_NODE
 from vmo.client import (
     PVC,
     VMBACKUP,
@@ -52,6 +57,9 @@ from vmo.engine.qemu import backup as qb
 from vmo.engine.qemu.errors import QemuError
 from vmo.engine.qemu.guest_agent import GuestAgentClient
 from vmo.engine.storage.backup_endpoints import BackupVolume
+from vmo.engine.storage.backup_pvc import PushTargetError, store_files
+from vmo.engine.storage.claims import claims_of_vmi
+from vmo.engine.storage.pool import Pool, PoolError
 from vmo.runtime import Controller, EventRecorder, Result, Watch, merge_conditions, split_key
 
 log = logging.getLogger(__name__)
@@ -108,12 +116,14 @@ def ttl_of(backup: JSON) -> timedelta:
 class Session:
     """A backup running on this node."""
 
-    export: qb.BackupExport
+    export: qb.BackupExport | None  # pull mode
     namespace: str
     vm: str
     tracker: str | None
     volumes: list[JSON]  # [{volumeName, diskTarget}]
     warning: str = ""  # why the backup completes with a warning (the freeze failed)
+    push: qb.PushBackup | None = None  # push mode: QEMU's jobs, and where their files go
+    target: tuple[Pool, str] | None = None  # the target claim's pool and name
 
 
 class BackupExecutor(Controller):
@@ -121,9 +131,11 @@ class BackupExecutor(Controller):
 
     workers = 1
 
-    def __init__(self, client: Client, node: str, agent: NodeAgent) -> None:
+    def __init__(
+        self, client: Client, node: str, agent: NodeAgent, pools: Sequence[Pool] = ()
+    ) -> None:
         super().__init__(client)
-        self.node, self.agent = node, agent
+        self.node, self.agent, self.pools = node, agent, list(pools)
         self.name = f"backup-executor-{node}"
         self.sessions: dict[tuple[str, str], Session] = {}
         self.events = EventRecorder(client, component="virt-controller")
@@ -144,7 +156,7 @@ class BackupExecutor(Controller):
     def backup_volumes(self, namespace: str, name: str) -> dict[str, BackupVolume] | None:
         """What the node's export server serves for the backup (None: not running here)."""
         session = self.sessions.get((namespace, name))
-        if session is None:
+        if session is None or session.export is None:
             return None
         return {
             d.volume: BackupVolume(session.export.socket, d.volume, d.frozen_bitmap)
@@ -176,7 +188,11 @@ class BackupExecutor(Controller):
                 await self._drop_finalizer(backup)
             return None
         if md.get("deletionTimestamp"):
-            if session is not None:
+            if session is not None and session.push is not None:
+                # push mode ends by itself: deleted before that, it is abandoned
+                self.sessions.pop(key, None)
+                await self._finish(session, success=False)
+            elif session is not None:
                 # pull mode: deleting the backup is how its reader says it is done
                 await self._complete(backup, session)
             elif owner == self.node:
@@ -231,28 +247,61 @@ class BackupExecutor(Controller):
         if not disks:
             await self._initializing(backup, f"vm {vm_name} has no volumes to backup")
             return None
+        push = (spec.get("mode") or "Push") != "Pull"
+        target: tuple[Pool, str] | None = None
+        if push:
+            pool, why, fatal = await self._push_target(pvc)
+            if pool is None:
+                if fatal:
+                    claimed = await self._claim(backup)
+                    if claimed is not None:
+                        await self._fail(claimed, "Failed", f"Backup has failed: {why}")
+                    return None
+                await self._initializing(backup, why)
+                return RETRY_SECONDS
+            target = (pool, pvc_name)
         claimed = await self._claim(backup)
         if claimed is None:
             return 0.1
-        if (spec.get("mode") or "Push") != "Pull":
-            message = (
-                "Backup has failed: push mode needs a filesystem in the target PVC, and VMO's "
-                "volumes are disk images; use mode: Pull"
-            )
-            await self._fail(claimed, "Failed", message)
-            return None
         since = None
         if tracker is not None and not spec.get("forceFullBackup"):
             since = ((tracker.get("status") or {}).get("latestCheckpoint") or {}).get("name")
         try:
-            session = await self._start(claimed, runtime, disks, vm_name, tracker, since)
+            session = await self._start(
+                claimed, runtime, disks, vm_name, tracker, since, target=target
+            )
         except (QemuError, OSError) as exc:
             log.warning("backup %s/%s failed to start: %s", namespace, md["name"], exc)
             await self._fail(claimed, "Failed", f"Backup has failed: {exc}")
             return None
         self.sessions[(namespace, md["name"])] = session
+        if push:
+            return await self._follow(claimed, session)
         await self._create_export(claimed)
         return await self._follow(claimed, session)
+
+    async def _push_target(self, pvc: JSON) -> tuple[Pool | None, str, bool]:
+        """The pool of this node holding the push target's volume; else why not yet (False) or
+        why never (True). A claim still waiting for its first consumer is provisioned here."""
+        md = pvc["metadata"]
+        namespace, name = md["namespace"], md["name"]
+        if (pvc.get("status") or {}).get("phase") != "Bound":
+            if SELECTED_NODE not in (md.get("annotations") or {}):
+                patch = {"metadata": {"annotations": {SELECTED_NODE: self.node}}}
+                with contextlib.suppress(Conflict, NotFound):
+                    await self.client.patch(PVC, name, patch, namespace)
+            return None, f"PVC {namespace}/{name} is not bound yet", False
+        pool = next((p for p in self.pools if p.exists(namespace, name)), None)
+        if pool is None:
+            return None, (
+                f"PVC {namespace}/{name} is a volume of another node; a push backup writes into "
+                f"a claim of the node its VM runs on ({self.node}) or a shared one"
+            ), True  # fmt: skip
+        vmis, _ = await self.client.list(VMI, namespace)
+        users = [v["metadata"]["name"] for v in vmis if name in claims_of_vmi(v)]
+        if users:
+            return None, f"PVC {namespace}/{name} is in use by VMI {users[0]}", True
+        return pool, "", False
 
     async def _source(self, backup: JSON) -> tuple[str, JSON | None, str]:
         """(VM name, tracker, why it must wait)."""
@@ -277,6 +326,8 @@ class BackupExecutor(Controller):
         vm_name: str,
         tracker: JSON | None,
         since: str | None,
+        *,
+        target: tuple[Pool, str] | None = None,
     ) -> Session:
         md, spec = backup["metadata"], backup.get("spec") or {}
         assert runtime.process is not None
@@ -289,24 +340,35 @@ class BackupExecutor(Controller):
         warning = ""
         if not spec.get("skipQuiesce"):
             agent, quiesce, warning = await _freeze(runtime)
+        export: qb.BackupExport | None = None
+        push: qb.PushBackup | None = None
         try:
-            export = await qb.start(
-                qmp, short, disks, checkpoint=checkpoint, since=since,
-                workdir=runtime.workdir, socket=socket,
-            )  # fmt: skip
+            if target is None:
+                export = await qb.start(
+                    qmp, short, disks, checkpoint=checkpoint, since=since,
+                    workdir=runtime.workdir, socket=socket,
+                )  # fmt: skip
+            else:
+                push = await qb.push_start(
+                    qmp, short, disks, checkpoint=checkpoint, since=since, workdir=runtime.workdir
+                )
         finally:
             if agent is not None:
                 with contextlib.suppress(QemuError, OSError, TimeoutError):
                     await asyncio.wait_for(agent.fsfreeze_thaw(), FREEZE_TIMEOUT)
                 await agent.close()
-        fallback = "; ".join(d.reason for d in export.disks if d.reason)
+        started: Sequence[qb.DiskExport | qb.PushTarget] = (
+            export.disks if export is not None else push.targets if push is not None else []
+        )
+        fallback = "; ".join(d.reason for d in started if d.reason)
         volumes = [
-            {"volumeName": d.volume, "diskTarget": _target(runtime, d.volume)} for d in export.disks
+            {"volumeName": d.volume, "diskTarget": _target(runtime, d.volume)} for d in started
         ]
         session = Session(export, md["namespace"], vm_name,
                           tracker["metadata"]["name"] if tracker else None,
-                          volumes, warning)  # fmt: skip
-        kind = "Incremental" if since is not None and export.incremental else "Full"
+                          volumes, warning, push=push, target=target)  # fmt: skip
+        incremental = export.incremental if export is not None else bool(push and push.incremental)
+        kind = "Incremental" if since is not None and incremental else "Full"
         gen = int(md.get("generation") or 1)
         status = {
             **(backup.get("status") or {}),
@@ -369,6 +431,8 @@ class BackupExecutor(Controller):
                 backup, session, "SourceUnhealthy", f"VMI is not in a running state: {phase}"
             )
             return None
+        if session.push is not None:
+            return await self._follow_push(backup, session)
         remaining = ttl_of(backup) - (_now() - _parse(str(md["creationTimestamp"])))
         if remaining <= timedelta(0):
             log.info("backup %s/%s: pull mode backup TTL has expired", md["namespace"], md["name"])
@@ -400,11 +464,58 @@ class BackupExecutor(Controller):
         await self._write_status(backup, status, [ready])
         return remaining.total_seconds()
 
+    async def _follow_push(self, backup: JSON, session: Session) -> float | None:
+        """Until QEMU's jobs end; then the files go into the target claim, and it completes."""
+        md = backup["metadata"]
+        push, target = session.push, session.target
+        assert push is not None and target is not None
+        runtime = self.agent.runtimes.get((session.namespace, session.vm))
+        if runtime is None or runtime.process is None or not runtime.alive:
+            await self._end_failed(backup, session, "SourceLost", "VMI was deleted during backup")
+            return None
+        try:
+            qmp = await runtime.process.qmp()
+            ended, error, _done, _total = await qb.push_progress(qmp, push)
+            if ended and not error:
+                await qb.push_release(qmp, push)  # the files are whole once QEMU closed them
+        except (QemuError, OSError) as exc:
+            ended, error = True, str(exc)
+        if not ended:
+            return 0.5
+        if error:
+            await self._end_failed(backup, session, "Failed", error)
+            return None
+        pool, claim = target
+        files = {f"{t.volume}.qcow2": t.path for t in push.targets}
+        try:
+            volume = pool.top(session.namespace, claim)
+            await asyncio.to_thread(
+                store_files, volume, md["name"], files, scratch=runtime.workdir,
+                claim=f"{session.namespace}/{claim}",
+            )  # fmt: skip
+        except (PushTargetError, PoolError, OSError) as exc:
+            await self._end_failed(backup, session, "Failed", str(exc))
+            return None
+        await self._complete(backup, session)
+        return None
+
     # --- ending -------------------------------------------------------------------------------
 
     async def _finish(self, session: Session, *, success: bool) -> None:
         runtime = self.agent.runtimes.get((session.namespace, session.vm))
-        if runtime is not None and runtime.process is not None and runtime.alive:
+        alive = runtime is not None and runtime.process is not None and runtime.alive
+        if session.push is not None:
+            if alive:
+                assert runtime is not None and runtime.process is not None
+                with contextlib.suppress(QemuError, OSError):
+                    await qb.push_finish(await runtime.process.qmp(), session.push,
+                                         success=success)  # fmt: skip
+            for t in session.push.targets:  # stored in the claim, or not to be kept
+                t.path.unlink(missing_ok=True)
+            return
+        assert session.export is not None
+        if alive:
+            assert runtime is not None and runtime.process is not None
             with contextlib.suppress(QemuError, OSError):
                 await qb.finish(await runtime.process.qmp(), session.export, success=success)
             return
@@ -475,6 +586,8 @@ class BackupExecutor(Controller):
                 qmp = await runtime.process.qmp()
                 await qb.sweep(qmp, runtime.workdir, keep=keep)
                 (runtime.workdir / "backup.nbd").unlink(missing_ok=True)
+                for left in runtime.workdir.glob(".vmo-push-*"):  # a push's filesystem copy
+                    left.unlink(missing_ok=True)
                 agent = await GuestAgentClient.connect(
                     runtime.process.paths.guest_agent, timeout=1.0
                 )

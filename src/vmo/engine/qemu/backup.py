@@ -208,6 +208,146 @@ async def start(
     return export
 
 
+# --- push mode: QEMU writes the backup itself ---------------------------------------------------
+
+
+@dataclass
+class PushTarget:
+    volume: str
+    node: str  # the disk's top node
+    target_node: str
+    path: Path  # the qcow2 QEMU writes: every cluster (full) or the dirty ones (incremental)
+    frozen_bitmap: str | None
+    reason: str = ""
+
+
+@dataclass
+class PushBackup:
+    name: str
+    checkpoint: str
+    since: str | None
+    targets: list[PushTarget] = field(default_factory=list)
+
+    @property
+    def incremental(self) -> bool:
+        return bool(self.targets) and all(t.frozen_bitmap is not None for t in self.targets)
+
+
+async def push_start(
+    qmp: QMPClient,
+    name: str,
+    disks: Sequence[BackupDisk],
+    *,
+    checkpoint: str,
+    since: str | None,
+    workdir: Path,
+) -> PushBackup:
+    """Push mode: in one ``transaction`` at this instant, the new checkpoint and, per disk, a
+    ``blockdev-backup`` job into a new qcow2 file in ``workdir`` (``sync=full``, or
+    ``sync=bitmap`` of the frozen writes since ``since``, the bitmap left as it is). The target
+    is sparse: zeros are not written, and an incremental one holds only the dirty clusters (the
+    previous backup is its backing file, for whoever stitches them). All or nothing."""
+    push = PushBackup(name, checkpoint, since)
+    nodes = await _nodes(qmp)
+    try:
+        for disk in disks:
+            info = _info(nodes, disk.node)
+            size = int((info.get("image") or {}).get("virtual-size") or 0)
+            digest = hashlib.sha256(f"push/{name}/{disk.volume}".encode()).hexdigest()[:12]
+            target_node = FLEECE_PREFIX + digest  # swept like a fleece after a crash
+            frozen, reason = None, ""
+            if since is not None:
+                found = {str(b["name"]): b for b in info.get("dirty-bitmaps") or []}
+                why = _unusable(found.get(checkpoint_bitmap(since)))
+                if why:
+                    reason = f"checkpoint {since} is {why} on volume {disk.volume}"
+                else:
+                    frozen = f"{FROZEN_PREFIX}{name}"
+            path = workdir / f".{target_node}.qcow2"
+            push.targets.append(
+                PushTarget(disk.volume, disk.node, target_node, path, frozen, reason)
+            )
+            argv = ["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)]
+            await asyncio.to_thread(subprocess.run, argv, check=True, capture_output=True)
+            fdset = await _pass_fd(qmp, path, target_node)
+            await qmp.execute(
+                "blockdev-add",
+                {
+                    "driver": "qcow2",
+                    "node-name": target_node,
+                    "discard": "unmap",
+                    "detect-zeroes": "unmap",
+                    "file": {"driver": "file", "filename": f"/dev/fdset/{fdset}"},
+                },
+            )
+        actions: list[JSON] = []
+        for t in push.targets:
+            job: JSON = {"device": t.node, "target": t.target_node, "sync": "full",
+                         "job-id": t.target_node, "auto-dismiss": False}  # fmt: skip
+            if t.frozen_bitmap is not None:
+                assert since is not None
+                actions += [
+                    {"type": "block-dirty-bitmap-add",
+                     "data": {"node": t.node, "name": t.frozen_bitmap, "disabled": True}},
+                    {"type": "block-dirty-bitmap-merge",
+                     "data": {"node": t.node, "target": t.frozen_bitmap,
+                              "bitmaps": [checkpoint_bitmap(since)]}},
+                ]  # fmt: skip
+                job.update({"sync": "bitmap", "bitmap": t.frozen_bitmap, "bitmap-mode": "never"})
+            actions += [
+                {"type": "block-dirty-bitmap-add",
+                 "data": {"node": t.node, "name": checkpoint_bitmap(checkpoint), "persistent": True}},
+                {"type": "blockdev-backup", "data": job},
+            ]  # fmt: skip
+        await qmp.execute("transaction", {"actions": actions})
+    except BaseException:
+        await push_finish(qmp, push, success=False)
+        raise
+    return push
+
+
+async def push_progress(qmp: QMPClient, push: PushBackup) -> tuple[bool, str, int, int]:
+    """(every job has ended, the first error, bytes done, bytes in all)."""
+    jobs = {str(j.get("device")): j for j in await qmp.execute("query-block-jobs") or []}
+    done = total = 0
+    ended, error = True, ""
+    for t in push.targets:
+        job = jobs.get(t.target_node)
+        if job is None:
+            ended, error = True, error or f"the backup job of volume {t.volume} went away"
+            continue
+        done += int(job.get("offset") or 0)
+        total += int(job.get("len") or 0)
+        if job.get("status") != "concluded":
+            ended = False
+        elif job.get("error"):
+            error = error or f"volume {t.volume}: {job['error']}"
+    return ended, error, done, total
+
+
+async def push_release(qmp: QMPClient, push: PushBackup) -> None:
+    """Ends the jobs and closes the target nodes, so that QEMU has written all of each qcow2
+    (its metadata included) before anyone reads the files; the bitmaps stay as they are."""
+    for t in push.targets:
+        await _drop_fleece(qmp, t.target_node, None)
+
+
+async def push_finish(qmp: QMPClient, push: PushBackup, *, success: bool) -> None:
+    """Ends the jobs and removes the target nodes (their files stay for the caller, which must
+    delete them) and the frozen bitmaps; keeps the new checkpoint only on ``success``."""
+    for t in push.targets:
+        await _drop_fleece(qmp, t.target_node, None)
+        stale = [t.frozen_bitmap] if t.frozen_bitmap else []
+        if success and push.since is not None:
+            stale.append(checkpoint_bitmap(push.since))
+        if not success:
+            stale.append(checkpoint_bitmap(push.checkpoint))
+            t.path.unlink(missing_ok=True)
+        for bitmap in stale:
+            with contextlib.suppress(QemuError):
+                await qmp.execute("block-dirty-bitmap-remove", {"node": t.node, "name": bitmap})
+
+
 async def _listen(qmp: QMPClient, path: Path, fdname: str) -> None:
     """QEMU's NBD server on a unix socket the agent makes (QEMU runs unprivileged and could
     not create it here): bound and listening, mode 0600, handed over with ``getfd``."""
@@ -244,10 +384,14 @@ async def finish(qmp: QMPClient, export: BackupExport, *, success: bool) -> None
 async def _drop_fleece(qmp: QMPClient, node: str, path: Path | None) -> None:
     with contextlib.suppress(QemuError):
         await qmp.execute("block-job-cancel", {"device": node, "force": True})
-    for _ in range(50):  # the job lets go of the fleece once it is cancelled
-        jobs = await qmp.execute("query-block-jobs")
-        if not any(j.get("device") == node for j in jobs or []):
+    for _ in range(50):  # the job lets go of the fleece once it is cancelled (and dismissed)
+        jobs = await qmp.execute("query-jobs")
+        job = next((j for j in jobs or [] if j.get("id") == node), None)
+        if job is None:
             break
+        if job.get("status") == "concluded":  # a push job is not dismissed automatically
+            with contextlib.suppress(QemuError):
+                await qmp.execute("job-dismiss", {"id": node})
         await asyncio.sleep(0.05)
     try:
         await qmp.execute("blockdev-del", {"node-name": node})
@@ -292,9 +436,15 @@ __all__ = [
     "BackupDisk",
     "BackupExport",
     "DiskExport",
+    "PushBackup",
+    "PushTarget",
     "bitmaps",
     "checkpoint_bitmap",
     "finish",
+    "push_finish",
+    "push_progress",
+    "push_release",
+    "push_start",
     "start",
     "sweep",
 ]
