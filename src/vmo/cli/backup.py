@@ -17,7 +17,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from vmo.client import ApiStatusError, Client, Credentials
@@ -106,7 +113,12 @@ async def cmd_verify(repo: Repository, args: argparse.Namespace, namespace: str)
     refs = await repo.backups(namespace)
     if args.backup:
         refs = [_find(refs, args.backup)]
-    report = await repo.verify(refs)
+    columns = (TextColumn("verify"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("verify", total=None)
+        report = await repo.verify(
+            refs, progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
     console = _console()
     console.print(
         f"verified {report.chunks} chunks ({_human(report.bytes)}) of {len(refs)} backups"

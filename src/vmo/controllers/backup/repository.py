@@ -34,7 +34,7 @@ import logging
 import os
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -536,9 +536,15 @@ class Repository:
                 needs.setdefault(digest, []).append(str(ref))
         return needs
 
-    async def verify(self, refs: Iterable[BackupRef] | None = None) -> VerifyReport:
+    async def verify(
+        self,
+        refs: Iterable[BackupRef] | None = None,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> VerifyReport:
         """Reads and re-hashes every chunk the backups need (all of them by default); names the
-        damaged chunks and, for each backup, the damaged chunks it needs."""
+        damaged chunks and, for each backup, the damaged chunks it needs. ``progress`` gets
+        (chunks done, chunks in all) after each chunk."""
         chosen = list(refs) if refs is not None else await self.backups()
         needs = await self._needed(chosen)
         report = VerifyReport()
@@ -559,6 +565,8 @@ class Repository:
                 async with lock:
                     report.chunks += 1
                     report.bytes += len(blob)
+                    if progress is not None:
+                        progress(report.chunks, len(needs))
                     if reason:
                         report.damaged[digest.hex()] = reason
                         for backup in needs[digest]:
