@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from vmo.controllers.backup.repository import ZERO, DiskIndex, Repository, RepositoryError
+from vmo.controllers.backup.stores import early_writeback
 
 WORKERS = 4
 Extent = tuple[int, int]  # (offset, length) in bytes
@@ -106,6 +107,10 @@ class FileTarget:
     async def write_zeros(self, offset: int, length: int) -> None:
         if not self.fresh:  # a fresh file reads zeros there already (a hole)
             await asyncio.to_thread(os.pwrite, self.fd, bytes(length), offset)
+
+    def writeback(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """While the restore writes: its data goes to the disk as it comes."""
+        return early_writeback(lambda: os.fdatasync(self.fd))
 
     def close(self) -> None:
         os.fsync(self.fd)
@@ -332,7 +337,9 @@ async def restore_disk(
         if progress is not None:
             progress(length)
 
-    await _each(queue, one, workers)
+    writeback = getattr(target, "writeback", None)
+    async with writeback() if writeback is not None else contextlib.nullcontext():
+        await _each(queue, one, workers)
     stats.seconds = time.monotonic() - start
     return stats
 
