@@ -572,6 +572,45 @@ async def test_a_checkpoint_bitmap_of_a_copied_disk_arrives_persistent_and_recor
 
 
 @on_module_loop
+async def test_a_checkpoint_on_shared_storage_reaches_the_destination_through_the_image(
+    cluster: Cluster,
+) -> None:
+    """No copy: both QEMUs open the one image; the source stores its persistent bitmaps in it
+    when it lets go of the image, and the destination loads them when it takes it over."""
+    qmp = await cluster.vm.qmp()
+    node = cluster.node()
+    await qmp.execute("block-dirty-bitmap-add",
+                      {"node": node, "name": "vmo-ckpt-shared", "persistent": True})  # fmt: skip
+    await (await cluster.vm.shell()).run(
+        "dd if=/dev/urandom of=/dev/vda bs=1M count=2 seek=4 2>/dev/null; sync"
+    )
+
+    async def bitmaps(vm: Vm) -> dict[str, Any]:
+        nodes = await (await vm.qmp()).execute("query-named-block-nodes", {"flat": True})
+        info = next(n for n in nodes if n["node-name"] == node)
+        return {b["name"]: b for b in info.get("dirty-bitmaps") or []}
+
+    before = (await bitmaps(cluster.vm))["vmo-ckpt-shared"]
+    tuning = MigrationTuning()
+    workdir = cluster._workdir()
+    domain = replace(cluster.vm.domain, paths=RuntimePaths.under(workdir), incoming="defer")
+    target = cluster._track(Vm(domain, await launch(domain, workdir=workdir)))
+    await start_incoming(await target.qmp(), uri=memory_uri(target), tuning=tuning)
+    result = await migrate(
+        qmp, uri=memory_uri(target), tuning=tuning, mirrors=[],
+        guest_memory_bytes=GUEST_MEMORY_MIB * MIB, local_disk_bytes=0,
+    )  # fmt: skip
+    assert result.completed, result.failure_reason
+    await cluster.move_to(target)
+    bitmap = (await bitmaps(target))["vmo-ckpt-shared"]
+    assert bitmap["persistent"] and bitmap["recording"] and not bitmap.get("inconsistent")
+    assert bitmap["count"] == before["count"] >= 2 * MIB
+    await (await target.qmp()).execute(
+        "block-dirty-bitmap-remove", {"node": node, "name": "vmo-ckpt-shared"}
+    )
+
+
+@on_module_loop
 async def test_a_killed_destination_fails_the_migration_and_the_source_runs_on(
     cluster: Cluster,
 ) -> None:
