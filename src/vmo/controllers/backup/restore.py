@@ -464,6 +464,16 @@ class BackupRestoreController(Controller):
             if (found["metadata"].get("labels") or {}).get(RESTORE_LABEL) != labels[RESTORE_LABEL]:
                 raise RestoreInvalid("DataVolumeExists", f"DataVolume {target_ns}/{dv_name} exists "
                                      "and is not this restore's")  # fmt: skip
+            md = restore["metadata"]
+            url = ((found.get("spec") or {}).get("source") or {}).get("http", {}).get("url")
+            phase = (found.get("status") or {}).get("phase")
+            if phase != "Succeeded" and url != self.server.volume_url(
+                md["namespace"], md["name"], volume
+            ):
+                # the controllers restarted: their server listens elsewhere now; import again
+                with contextlib.suppress(NotFound):
+                    await self.client.delete(DATAVOLUME, dv_name, target_ns)
+                return {"metadata": found["metadata"], "status": {"phase": "Pending"}}
             return found
         md = restore["metadata"]
         index = manifest.disk(volume)
