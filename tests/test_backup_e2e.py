@@ -660,6 +660,12 @@ def test_a_stopped_vm_gets_one_disk_back_and_a_running_one_is_refused(
     # a single disk into another namespace, as a DataVolume alone
     capi.post("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                      "metadata": {"name": "restored"}})  # fmt: skip
+    refused = vmo_backup(cluster, controllers, "restore", guest["fs_backup"], "--disk", "data",
+                         "--to-namespace", "restored", "--volumes-only", "--name", "no-consent")  # fmt: skip
+    assert refused.returncode == 1
+    assert f"does not accept restores from {NS}" in refused.stderr, refused.stderr
+    consent = {"metadata": {"annotations": {"vmo.dev/accept-restores-from": NS}}}
+    assert capi.patch("/api/v1/namespaces/restored", consent, MERGE).ok
     only = vmo_backup(cluster, controllers, "restore", guest["fs_backup"], "--disk", "data",
                       "--to-namespace", "restored", "--volumes-only", "--name", "one-disk")  # fmt: skip
     assert only.returncode == 0, only.stdout + only.stderr

@@ -155,6 +155,16 @@ def test_a_directory_is_extracted_whole_with_modes_and_links(image: dict[str, An
         run(cli.cmd_extract(repo, a, NS))
     a.force = True
     assert run(cli.cmd_extract(repo, a, NS)) == 0
+    # a link extracted before never carries later files out of the destination
+    outside = image["base"] / "outside"
+    outside.mkdir()
+    (dest / "lib" / "db").rename(dest / "lib" / "db-moved")
+    os.symlink(outside, dest / "lib" / "db")
+    with pytest.raises(FileRestoreError, match="is a symbolic link, not a directory"):
+        run(cli.cmd_extract(repo, a, NS))
+    assert list(outside.iterdir()) == []
+    (dest / "lib" / "db").unlink()
+    (dest / "lib" / "db-moved").rename(dest / "lib" / "db")
     # the FAT partition's file, by partition number
     fat = args(image["ref"], paths=["/syslinux.cfg"], output=str(dest), partition=1)
     assert run(cli.cmd_extract(repo, fat, NS)) == 0

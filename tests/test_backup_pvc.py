@@ -71,6 +71,9 @@ def test_a_claim_too_small_or_holding_other_data_is_refused_and_kept(tmp_path: P
     with pytest.raises(PushTargetError, match="holds data that is not an ext4 filesystem"):
         store_files(other, "b1", {"f": small}, scratch=tmp_path, claim="ns/other")
     assert digest(other) == kept
+    with pytest.raises(PushTargetError, match="already holds /b1: a backup of that name"):
+        store_files(claim, "b1", {"f": small}, scratch=tmp_path, claim="ns/claim")
+    assert digest(claim) == before
     with pytest.raises(PushTargetError, match="not a safe file name"):
         store_files(claim, "../x", {"f": small}, scratch=tmp_path, claim="ns/claim")
     assert not list(tmp_path.glob(".vmo-push-*"))

@@ -98,6 +98,9 @@ def test_checkpoint_bitmaps_of_copied_disks_are_mapped_and_nothing_else() -> Non
     address = UnixAddress(Path("/run/x.sock"))
     mirrors = [BlockMirror("disk0-format", address, "disk0-format"),
                BlockMirror("disk2-format", address, "disk2-format")]  # fmt: skip
+    busy = [{"node-name": "disk2-format",
+             "dirty-bitmaps": [{"name": "vmo-ckpt-c2"}, {"name": "vmo-bk-b2", "busy": True}]}]  # fmt: skip
+    assert bitmap_mapping(busy, mirrors[1:]) == []  # mapped, it would fail the migration
     mapping = bitmap_mapping(nodes, mirrors)
     # disk1 is not copied (shared storage): its bitmap goes through the image
     assert mapping == [{"node-name": "disk0-format", "alias": "disk0-format",

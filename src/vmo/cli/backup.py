@@ -282,9 +282,20 @@ async def cmd_files(repo: Repository, args: argparse.Namespace, namespace: str) 
     return 0
 
 
-def _copy_out(fs: Filesystem, source: str, dest: Path, *, force: bool) -> tuple[int, int]:
+def _inside(path: Path, root: Path) -> None:
+    """Refuses ``path`` when its directory, symbolic links resolved, is not under ``root``: a
+    link already there (or one extracted before) must not carry files elsewhere."""
+    real, top = path.parent.resolve(), root.resolve()
+    if real != top and top not in real.parents:
+        raise FileRestoreError(f"{path}: its directory leads outside {root} through a link")
+
+
+def _copy_out(
+    fs: Filesystem, source: str, dest: Path, *, force: bool, root: Path
+) -> tuple[int, int]:
     """Writes ``source`` (a file, or a directory and all under it) to ``dest``; returns files and
-    bytes. Names from the backup never leave ``dest``; a file appears under its name only whole."""
+    bytes. Nothing is written outside ``root`` (links resolved); a file appears under its name
+    only whole."""
     files = written = 0
     base = PurePosixPath(source)
     for path, entry in walk(fs, source):
@@ -292,7 +303,10 @@ def _copy_out(fs: Filesystem, source: str, dest: Path, *, force: bool) -> tuple[
         if any(part in ("..", "") for part in rel.parts):
             continue
         out = dest.joinpath(*rel.parts) if rel.parts else dest
+        _inside(out, root)
         if entry.kind == "dir":
+            if out.is_symlink():
+                raise FileRestoreError(f"{out} is a symbolic link, not a directory")
             out.mkdir(parents=True, exist_ok=True)
             continue
         if out.exists() or out.is_symlink():
@@ -341,9 +355,10 @@ async def cmd_extract(repo: Repository, args: argparse.Namespace, namespace: str
                 total_files += 1
                 continue
             dest = Path(args.output)
+            root = dest if dest.is_dir() else dest.parent
             if dest.is_dir():
                 dest = dest / (PurePosixPath(path).name or f"partition-{vol.number}")
-            n, b = _copy_out(vol.fs, path, dest, force=args.force)
+            n, b = _copy_out(vol.fs, path, dest, force=args.force, root=root)
             total_files, total_bytes = total_files + n, total_bytes + b
         return total_files, total_bytes
 

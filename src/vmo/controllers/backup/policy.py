@@ -509,15 +509,35 @@ class BackupRepositoryController(Controller):
             status["nextVerifyTime"] = _stamp(upcoming)
         running = key in self.verifying and not self.verifying[key].done()
         if (slot is not None or manual) and not running:
+            if manual:  # taken before the run starts, so that one request runs once
+                clear = {"metadata": {"annotations": {VERIFY_NOW: None}}}
+                with contextlib.suppress(NotFound):
+                    await self.client.patch(BACKUP_REPOSITORY, md["name"], clear, md["namespace"])
             self.verifying[key] = asyncio.get_running_loop().create_task(
-                self._verify(md["namespace"], md["name"], bool(manual)),
-                name=f"verify-{key[0]}-{key[1]}",
+                self._verify(md["namespace"], md["name"]), name=f"verify-{key[0]}-{key[1]}"
             )
         if upcoming is None:
             return self.RESYNC
         return max((upcoming - now).total_seconds(), 1.0)
 
-    async def _verify(self, namespace: str, name: str, manual: bool) -> None:
+    async def stop(self) -> None:
+        """No verification outlives the controller (a replica that lost its Lease)."""
+        for task in self.verifying.values():
+            task.cancel()
+        await asyncio.gather(*self.verifying.values(), return_exceptions=True)
+        self.verifying.clear()
+        await super().stop()
+
+    async def _verify(self, namespace: str, name: str) -> None:
+        try:
+            await self._verify_once(namespace, name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("verification of repository %s/%s failed", namespace, name)
+        self.enqueue(f"{namespace}/{name}")
+
+    async def _verify_once(self, namespace: str, name: str) -> None:
         started = _now()
         try:
             repo = await self.opener.open_repository(namespace, name)
@@ -555,11 +575,6 @@ class BackupRepositoryController(Controller):
         with contextlib.suppress(NotFound, Conflict):
             await self.client.patch(BACKUP_REPOSITORY, name, patch, namespace,
                                     subresource="status")  # fmt: skip
-        if manual:
-            clear = {"metadata": {"annotations": {VERIFY_NOW: None}}}
-            with contextlib.suppress(NotFound):
-                await self.client.patch(BACKUP_REPOSITORY, name, clear, namespace)
-        self.enqueue(f"{namespace}/{name}")
 
 
 __all__ = [

@@ -16,6 +16,10 @@ a VM whose latest backup is meant) and a target:
   The rest of the VM's spec is its own: only disks are restored;
 - ``volumesOnly``: the DataVolumes ``<restore>-<volume>`` alone, for a single disk.
 
+The target may be in another namespace only if that namespace consents: its annotation
+``vmo.dev/accept-restores-from`` names the restore's namespace (or ``*``), since the controller
+acts there with its own rights.
+
 Each DataVolume imports from the controllers' ``RestoreServer`` over HTTPS (its CA in a
 ConfigMap, per-restore basic-auth credentials in a Secret, both ``<restore>-vmo-restore`` in the
 target namespace and deleted at the end). A failure (a damaged chunk, an import that fails, the
@@ -39,6 +43,7 @@ from urllib.parse import urlsplit
 from vmo.client import (
     CONFIGMAP,
     DATAVOLUME,
+    NAMESPACE,
     PVC,
     SECRET,
     STORAGECLASS,
@@ -62,6 +67,7 @@ BACKUP_RESTORE = Resource("vmo.dev", "v1alpha1", "backuprestores", "BackupRestor
 RESTORE_LABEL = "vmo.dev/backup-restore"
 RESTORE_NS_LABEL = "vmo.dev/backup-restore-namespace"
 RESTORED_FROM = "vmo.dev/restored-from"
+ACCEPT_RESTORES = "vmo.dev/accept-restores-from"  # on a namespace: who may restore into it
 FINALIZER = "vmo.dev/backup-restore"
 IMPORT_POLICY_NS = "vmo-system"
 IMPORT_POLICY = "vmo-import-policy"
@@ -250,7 +256,9 @@ class BackupRestoreController(Controller):
         try:
             return await self._progress(restore)
         except RestoreInvalid as exc:
-            await self._fail(restore, exc.reason, exc.message)
+            # what this pass already recorded (a VM it created) must be undone too
+            fresh = await self.client.find(BACKUP_RESTORE, name, namespace) or restore
+            await self._fail(fresh, exc.reason, exc.message)
             return None
         except (RepositoryError, WrongKey) as exc:
             await self._conditions(restore, {"phase": status.get("phase") or "Pending"},
@@ -266,6 +274,7 @@ class BackupRestoreController(Controller):
         target_ns = str((spec.get("target") or {}).get("namespace") or namespace)
         target_name = str((spec.get("target") or {}).get("name") or manifest.ref.vm)
         disks = self._disks(manifest, spec)
+        await self._accepts(target_ns, namespace)
         source_vm = next((o for o in manifest.objects if o.get("kind") == "VirtualMachine"), None)
         vm = None if spec.get("volumesOnly") else await self.client.find(VM, target_name, target_ns)
         created = bool(status.get("createdVirtualMachine"))
@@ -313,6 +322,12 @@ class BackupRestoreController(Controller):
             index = manifest.disk(volume)
             assert index is not None
             self.server.serve(namespace, name, volume, Served(repo, index, *creds))
+        for volume in disks:  # someone else's DataVolume under a name this restore needs
+            found = await self.client.find(DATAVOLUME, dv_names[volume], target_ns)
+            theirs = (found or {}).get("metadata", {}).get("labels", {}) or {}
+            if found is not None and theirs.get(RESTORE_LABEL) != name:
+                raise RestoreInvalid("DataVolumeExists", f"DataVolume {target_ns}/"
+                                     f"{dv_names[volume]} exists and is not this restore's")  # fmt: skip
         if new_vm and vm is None:
             assert source_vm is not None
             body = restored_vm(manifest, source_vm, name=target_name, namespace=target_ns,
@@ -419,6 +434,10 @@ class BackupRestoreController(Controller):
                 secret = await self.client.create(SECRET, body, target_ns)
             except Conflict:
                 secret = await self.client.get(SECRET, side, target_ns)
+        for obj in (secret, await self.client.find(CONFIGMAP, side, target_ns)):
+            if obj is not None and not self._ours(restore, obj):
+                raise RestoreInvalid("SideObjectExists", f"{obj.get('kind', 'object')} "
+                                     f"{target_ns}/{side} exists and is not this restore's")  # fmt: skip
         data = secret.get("data") or {}
         creds = (base64.b64decode(data.get("accessKeyId", "")).decode(),
                  base64.b64decode(data.get("secretKey", "")).decode())  # fmt: skip
@@ -512,7 +531,7 @@ class BackupRestoreController(Controller):
             replaced = {}
             for volume in _volumes(body):
                 vname = str(volume.get("name"))
-                if vname in dv_names:
+                if vname in dv_names and _claim(volume) != dv_names[vname]:  # not switched yet
                     replaced[vname] = _claim(volume)
                     volume.pop("persistentVolumeClaim", None)
                     volume["dataVolume"] = {"name": dv_names[vname]}
@@ -528,8 +547,13 @@ class BackupRestoreController(Controller):
                 break
             except Conflict:
                 continue
+        else:
+            raise RepositoryError(
+                f"VirtualMachine {md['namespace']}/{md['name']} kept changing: its disks were not "
+                "switched (retrying)"
+            )
         uid = md.get("uid")
-        for claim in set(replaced.values()):
+        for claim in set(replaced.values()) - set(dv_names.values()):
             for res in (DATAVOLUME, PVC):
                 obj = await self.client.find(res, claim, md["namespace"])
                 owners = (obj or {}).get("metadata", {}).get("ownerReferences") or []
@@ -548,8 +572,32 @@ class BackupRestoreController(Controller):
             or md["namespace"]
         )
         for res in (SECRET, CONFIGMAP):
-            with contextlib.suppress(NotFound):
-                await self.client.delete(res, self._side_name(restore), str(target_ns))
+            found = await self.client.find(res, self._side_name(restore), str(target_ns))
+            if found is not None and self._ours(restore, found):
+                with contextlib.suppress(NotFound):
+                    await self.client.delete(res, self._side_name(restore), str(target_ns))
+
+    def _ours(self, restore: JSON, obj: JSON) -> bool:
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        return all(labels.get(k) == v for k, v in self._labels(restore).items())
+
+    async def _accepts(self, target_ns: str, source_ns: str) -> None:
+        """A restore into another namespace needs that namespace's consent: the controllers act
+        with their own rights there, so a user of one namespace must not reach into another."""
+        if target_ns == source_ns:
+            return
+        ns = await self.client.find(NAMESPACE, target_ns)
+        if ns is None:
+            raise RestoreInvalid("TargetNamespaceNotFound",
+                                 f"spec.target.namespace: namespace {target_ns} not found")  # fmt: skip
+        raw = ((ns.get("metadata") or {}).get("annotations") or {}).get(ACCEPT_RESTORES, "")
+        allowed = {part.strip() for part in raw.split(",") if part.strip()}
+        if "*" not in allowed and source_ns not in allowed:
+            raise RestoreInvalid(
+                "TargetNamespaceNotAllowed",
+                f"spec.target.namespace: namespace {target_ns} does not accept restores from "
+                f"{source_ns} (its annotation {ACCEPT_RESTORES} must name {source_ns})",
+            )
 
     async def _undo(self, restore: JSON) -> None:
         """What a restore that did not succeed made: its DataVolumes, and a VM it created."""

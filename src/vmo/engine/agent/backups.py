@@ -138,6 +138,7 @@ class BackupExecutor(Controller):
         self.node, self.agent, self.pools = node, agent, list(pools)
         self.name = f"backup-executor-{node}"
         self.sessions: dict[tuple[str, str], Session] = {}
+        self._claim_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.events = EventRecorder(client, component="virt-controller")
 
     def watches(self) -> Sequence[Watch]:
@@ -487,12 +488,20 @@ class BackupExecutor(Controller):
             return None
         pool, claim = target
         files = {f"{t.volume}.qcow2": t.path for t in push.targets}
+        lock = self._claim_locks.setdefault((session.namespace, claim), asyncio.Lock())
         try:
-            volume = pool.top(session.namespace, claim)
-            await asyncio.to_thread(
-                store_files, volume, md["name"], files, scratch=runtime.workdir,
-                claim=f"{session.namespace}/{claim}",
-            )  # fmt: skip
+            async with lock:  # one push at a time edits a claim (on this node)
+                vmis, _ = await self.client.list(VMI, session.namespace)
+                users = [v["metadata"]["name"] for v in vmis if claim in claims_of_vmi(v)]
+                if users:
+                    raise PushTargetError(
+                        f"PVC {session.namespace}/{claim} is in use by VMI {users[0]}"
+                    )
+                volume = pool.top(session.namespace, claim)
+                await asyncio.to_thread(
+                    store_files, volume, md["name"], files, scratch=runtime.workdir,
+                    claim=f"{session.namespace}/{claim}",
+                )  # fmt: skip
         except (PushTargetError, PoolError, OSError) as exc:
             await self._end_failed(backup, session, "Failed", str(exc))
             return None

@@ -245,8 +245,11 @@ async def push_start(
     """Push mode: in one ``transaction`` at this instant, the new checkpoint and, per disk, a
     ``blockdev-backup`` job into a new qcow2 file in ``workdir`` (``sync=full``, or
     ``sync=bitmap`` of the frozen writes since ``since``, the bitmap left as it is). The target
-    is sparse: zeros are not written, and an incremental one holds only the dirty clusters (the
-    previous backup is its backing file, for whoever stitches them). All or nothing."""
+    is sparse: zeros are not written, and an incremental one holds only the dirty clusters
+    (whoever stitches them rebases it onto the previous backup's file; it names no backing
+    file itself). A backup is incremental on every disk or on none: when one disk's checkpoint
+    is unusable, every disk is backed up in full, so that one backup is of one type.
+    All or nothing."""
     push = PushBackup(name, checkpoint, since)
     nodes = await _nodes(qmp)
     try:
@@ -280,6 +283,11 @@ async def push_start(
                     "file": {"driver": "file", "filename": f"/dev/fdset/{fdset}"},
                 },
             )
+        if any(t.frozen_bitmap is None for t in push.targets):
+            for t in push.targets:
+                if t.frozen_bitmap is not None:
+                    t.frozen_bitmap = None
+                    t.reason = f"full, as another disk's checkpoint {since} is not usable"
         actions: list[JSON] = []
         for t in push.targets:
             job: JSON = {"device": t.node, "target": t.target_node, "sync": "full",

@@ -235,10 +235,13 @@ def bitmap_mapping(nodes: Sequence[JSON], mirrors: Sequence[BlockMirror]) -> lis
     by_name = {str(n.get("node-name")): n for n in nodes}
     mapping = []
     for mirror in mirrors:
+        found = (by_name.get(mirror.node) or {}).get("dirty-bitmaps") or []
+        if any(b.get("busy") or b.get("inconsistent") for b in found):
+            # QEMU checks every bitmap of a mapped node and would refuse the whole migration:
+            # this disk's checkpoint stays behind, and its next backup is a full one
+            continue
         names = sorted(
-            str(b["name"])
-            for b in (by_name.get(mirror.node) or {}).get("dirty-bitmaps") or []
-            if str(b.get("name", "")).startswith(CHECKPOINT_PREFIX)
+            str(b["name"]) for b in found if str(b.get("name", "")).startswith(CHECKPOINT_PREFIX)
         )
         if names:
             mapping.append({"node-name": mirror.node, "alias": mirror.export,

@@ -112,6 +112,11 @@ def store_files(
             raise PushTargetError(
                 f"PVC {claim} is too small: the backup needs {needed} bytes, {free} are free"
             )
+        if _size_in(raw, f"/{directory}") is not None:
+            raise PushTargetError(
+                f"PVC {claim} already holds /{directory}: a backup of that name was pushed into "
+                "it before, and is kept"
+            )
         script = scratch / f".vmo-push-{directory}.debugfs"
         lines = [f"mkdir /{directory}"]
         lines += [f"write {src} /{directory}/{name}" for name, src in files.items()]
