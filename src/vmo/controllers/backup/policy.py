@@ -474,20 +474,36 @@ class BackupRepositoryController(Controller):
         except (RepositoryError, WrongKey, OSError, KeyError, ValueError) as exc:
             cond = {"type": "Ready", "status": "False", "reason": "Unavailable",
                     "message": str(exc), "observedGeneration": gen}  # fmt: skip
-        old = (found.get("status") or {}).get("conditions")
-        status["conditions"] = merge_conditions(old, [cond], _stamp(_now()), keep_others=True)
+        ours = [cond]
         delay = self.RESYNC
         if cond["status"] == "True":
-            delay = min(delay, await self._maybe_verify(found, status))
-        if {**(found.get("status") or {}), **status} != found.get("status"):
-            with contextlib.suppress(NotFound, Conflict):
+            wait, extra = await self._maybe_verify(found, status)
+            delay, ours = min(delay, wait), ours + extra
+        # merged into what is there now, guarded by its resourceVersion: a verification that
+        # finished meanwhile keeps its Verified condition
+        fresh = await self.client.find(BACKUP_REPOSITORY, name, namespace)
+        if fresh is None:
+            return None
+        old = fresh.get("status") or {}
+        status["conditions"] = merge_conditions(
+            old.get("conditions"), ours, _stamp(_now()), keep_others=True
+        )
+        if {**old, **status} != old:
+            patch = {"metadata": {"resourceVersion": fresh["metadata"]["resourceVersion"]},
+                     "status": status}  # fmt: skip
+            try:
                 await self.client.patch(
-                    BACKUP_REPOSITORY, name, {"status": status}, namespace, subresource="status"
+                    BACKUP_REPOSITORY, name, patch, namespace, subresource="status"
                 )
+            except Conflict:
+                return Result.after(0.5)
+            except NotFound:
+                return None
         return Result.after(delay)
 
-    async def _maybe_verify(self, repo_obj: JSON, status: JSON) -> float:
-        """Starts a verification when one is due; the seconds until the next one."""
+    async def _maybe_verify(self, repo_obj: JSON, status: JSON) -> tuple[float, list[JSON]]:
+        """Starts a verification when one is due; the seconds until the next one, and the
+        conditions to set (an invalid schedule)."""
         md, spec = repo_obj["metadata"], repo_obj.get("spec") or {}
         key = (md["namespace"], md["name"])
         schedule = str((spec.get("verify") or {}).get("schedule") or "")
@@ -502,10 +518,7 @@ class BackupRepositoryController(Controller):
             except (ValueError, KeyError) as exc:
                 cond = {"type": "Verified", "status": "False", "reason": "InvalidSchedule",
                         "message": f"spec.verify.schedule: {exc}"}  # fmt: skip
-                status["conditions"] = merge_conditions(
-                    status.get("conditions"), [cond], _stamp(now), keep_others=True
-                )
-                return self.RESYNC
+                return self.RESYNC, [cond]
             status["nextVerifyTime"] = _stamp(upcoming)
         running = key in self.verifying and not self.verifying[key].done()
         if (slot is not None or manual) and not running:
@@ -517,8 +530,8 @@ class BackupRepositoryController(Controller):
                 self._verify(md["namespace"], md["name"]), name=f"verify-{key[0]}-{key[1]}"
             )
         if upcoming is None:
-            return self.RESYNC
-        return max((upcoming - now).total_seconds(), 1.0)
+            return self.RESYNC, []
+        return max((upcoming - now).total_seconds(), 1.0), []
 
     async def stop(self) -> None:
         """No verification outlives the controller (a replica that lost its Lease)."""
@@ -563,18 +576,28 @@ class BackupRepositoryController(Controller):
                 cond = {"type": "Verified", "status": "False", "reason": "DamagedChunks",
                         "message": f"{len(damaged)} of {report.chunks} chunks damaged; "
                                    f"{len(report.backups)} backups need them"}  # fmt: skip
-        fresh = await self.client.find(BACKUP_REPOSITORY, name, namespace)
-        if fresh is None:
-            return
-        old = (fresh.get("status") or {}).get("conditions")
-        patch: JSON = {"status": {"lastVerifyTime": _stamp(started),
-                                  "conditions": merge_conditions(old, [cond], _stamp(_now()),
-                                                                 keep_others=True)}}  # fmt: skip
-        if result:
-            patch["status"]["verification"] = result
-        with contextlib.suppress(NotFound, Conflict):
-            await self.client.patch(BACKUP_REPOSITORY, name, patch, namespace,
-                                    subresource="status")  # fmt: skip
+        for _ in range(10):  # the result is written whatever else changes the status meanwhile
+            fresh = await self.client.find(BACKUP_REPOSITORY, name, namespace)
+            if fresh is None:
+                return
+            old = (fresh.get("status") or {}).get("conditions")
+            patch: JSON = {
+                "metadata": {"resourceVersion": fresh["metadata"]["resourceVersion"]},
+                "status": {
+                    "lastVerifyTime": _stamp(started),
+                    "conditions": merge_conditions(old, [cond], _stamp(_now()), keep_others=True),
+                },
+            }
+            if result:
+                patch["status"]["verification"] = result
+            try:
+                await self.client.patch(BACKUP_REPOSITORY, name, patch, namespace,
+                                        subresource="status")  # fmt: skip
+                return
+            except Conflict:
+                await asyncio.sleep(0.2)
+            except NotFound:
+                return
 
 
 __all__ = [
