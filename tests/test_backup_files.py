@@ -140,7 +140,9 @@ def test_a_file_is_read_from_a_few_chunks_and_matches(image: dict[str, Any], cap
     assert "table.dat" in listing and "-rw-------" in listing and "secret" in listing
 
 
-def test_a_directory_is_extracted_whole_with_modes_and_links(image: dict[str, Any]) -> None:
+def test_a_directory_is_extracted_whole_with_modes_and_links(
+    image: dict[str, Any], capsys: Any
+) -> None:
     repo: Repository = image["repo"]
     dest = image["base"] / "restored"
     dest.mkdir()
@@ -169,6 +171,9 @@ def test_a_directory_is_extracted_whole_with_modes_and_links(image: dict[str, An
     fat = args(image["ref"], paths=["/syslinux.cfg"], output=str(dest), partition=1)
     assert run(cli.cmd_extract(repo, fat, NS)) == 0
     assert (dest / "syslinux.cfg").read_text() == "DEFAULT linux\n"
+    # the FAT volume label is the partition's name, not a file in it
+    assert run(cli.cmd_files(repo, args(image["ref"], path="/", partition=1), NS)) == 0
+    assert "VMOBOOT" not in capsys.readouterr().out
 
 
 def test_bad_paths_and_partitions_are_named(image: dict[str, Any]) -> None:

@@ -212,7 +212,8 @@ class _Fat:
         node = self._node(path)
         if not node.is_directory():
             raise FileRestoreError(f"{path}: not a directory")
-        return sorted((self._entry(c.name, c) for c in node.iterdir()), key=lambda e: e.name)
+        children = [c for c in node.iterdir() if not c.is_volume_id()]  # the label is no file
+        return sorted((self._entry(c.name, c) for c in children), key=lambda e: e.name)
 
     def open(self, path: str) -> BinaryIO:
         node = self._node(path)
