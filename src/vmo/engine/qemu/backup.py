@@ -120,6 +120,54 @@ def _unusable(bitmap: JSON | None) -> str:
     return ""
 
 
+def _frozen(info: JSON, name: str, since: str | None, volume: str) -> tuple[str | None, str]:
+    """(the frozen bitmap backup ``name`` makes of checkpoint ``since`` on this node, or None
+    for a full backup; why it is full although ``since`` was asked for)."""
+    if since is None:
+        return None, ""
+    found = {str(b["name"]): b for b in info.get("dirty-bitmaps") or []}
+    why = _unusable(found.get(checkpoint_bitmap(since)))
+    if why:
+        return None, f"checkpoint {since} is {why} on volume {volume}"
+    return f"{FROZEN_PREFIX}{name}", ""
+
+
+def _bitmap_actions(
+    node: str, frozen: str | None, since: str | None, checkpoint: str
+) -> list[JSON]:
+    """A backup's bitmap actions in its transaction: the frozen copy of ``since`` (for an
+    incremental one) and the new checkpoint, recording from this instant."""
+    actions: list[JSON] = []
+    if frozen is not None:
+        assert since is not None
+        actions += [
+            {"type": "block-dirty-bitmap-add",
+             "data": {"node": node, "name": frozen, "disabled": True}},
+            {"type": "block-dirty-bitmap-merge",
+             "data": {"node": node, "target": frozen, "bitmaps": [checkpoint_bitmap(since)]}},
+        ]  # fmt: skip
+    actions.append({"type": "block-dirty-bitmap-add",
+                    "data": {"node": node, "name": checkpoint_bitmap(checkpoint),
+                             "persistent": True}})  # fmt: skip
+    return actions
+
+
+async def _settle(
+    qmp: QMPClient, node: str, frozen: str | None, since: str | None, checkpoint: str, *,
+    success: bool,
+) -> None:  # fmt: skip
+    """The frozen bitmap goes; on success the new checkpoint replaces ``since``, on failure it
+    goes and ``since`` stays valid."""
+    stale = [frozen] if frozen else []
+    if success and since is not None:
+        stale.append(checkpoint_bitmap(since))
+    if not success:
+        stale.append(checkpoint_bitmap(checkpoint))
+    for bitmap in stale:
+        with contextlib.suppress(QemuError):
+            await qmp.execute("block-dirty-bitmap-remove", {"node": node, "name": bitmap})
+
+
 async def _pass_fd(qmp: QMPClient, path: Path, node: str) -> int:
     return await fdsets.pass_fd(qmp, path, f"{_OPAQUE}:{node}:{path}")
 
@@ -151,15 +199,7 @@ async def start(
             digest = hashlib.sha256(f"{name}/{disk.volume}".encode()).hexdigest()[:12]
             fleece_node = FLEECE_PREFIX + digest  # QEMU's node names: at most 31 bytes
             path = workdir / f".{fleece_node}.qcow2"
-            frozen: str | None = None
-            reason = ""
-            if since is not None:
-                found = {str(b["name"]): b for b in info.get("dirty-bitmaps") or []}
-                why = _unusable(found.get(checkpoint_bitmap(since)))
-                if why:
-                    reason = f"checkpoint {since} is {why} on volume {disk.volume}"
-                else:
-                    frozen = f"{FROZEN_PREFIX}{name}"
+            frozen, reason = _frozen(info, name, since, disk.volume)
             export.disks.append(
                 DiskExport(disk.volume, disk.node, fleece_node, path, frozen, reason, size)
             )
@@ -178,18 +218,8 @@ async def start(
             )
         actions: list[JSON] = []
         for d in export.disks:
-            if d.frozen_bitmap is not None:
-                assert since is not None
-                actions += [
-                    {"type": "block-dirty-bitmap-add",
-                     "data": {"node": d.node, "name": d.frozen_bitmap, "disabled": True}},
-                    {"type": "block-dirty-bitmap-merge",
-                     "data": {"node": d.node, "target": d.frozen_bitmap,
-                              "bitmaps": [checkpoint_bitmap(since)]}},
-                ]  # fmt: skip
+            actions += _bitmap_actions(d.node, d.frozen_bitmap, since, checkpoint)
             actions += [
-                {"type": "block-dirty-bitmap-add",
-                 "data": {"node": d.node, "name": checkpoint_bitmap(checkpoint), "persistent": True}},
                 {"type": "blockdev-backup",
                  "data": {"device": d.node, "target": d.fleece_node, "sync": "none",
                           "job-id": d.fleece_node, "auto-dismiss": True}},
@@ -258,14 +288,7 @@ async def push_start(
             size = int((info.get("image") or {}).get("virtual-size") or 0)
             digest = hashlib.sha256(f"push/{name}/{disk.volume}".encode()).hexdigest()[:12]
             target_node = FLEECE_PREFIX + digest  # swept like a fleece after a crash
-            frozen, reason = None, ""
-            if since is not None:
-                found = {str(b["name"]): b for b in info.get("dirty-bitmaps") or []}
-                why = _unusable(found.get(checkpoint_bitmap(since)))
-                if why:
-                    reason = f"checkpoint {since} is {why} on volume {disk.volume}"
-                else:
-                    frozen = f"{FROZEN_PREFIX}{name}"
+            frozen, reason = _frozen(info, name, since, disk.volume)
             path = workdir / f".{target_node}.qcow2"
             push.targets.append(
                 PushTarget(disk.volume, disk.node, target_node, path, frozen, reason)
@@ -293,20 +316,9 @@ async def push_start(
             job: JSON = {"device": t.node, "target": t.target_node, "sync": "full",
                          "job-id": t.target_node, "auto-dismiss": False}  # fmt: skip
             if t.frozen_bitmap is not None:
-                assert since is not None
-                actions += [
-                    {"type": "block-dirty-bitmap-add",
-                     "data": {"node": t.node, "name": t.frozen_bitmap, "disabled": True}},
-                    {"type": "block-dirty-bitmap-merge",
-                     "data": {"node": t.node, "target": t.frozen_bitmap,
-                              "bitmaps": [checkpoint_bitmap(since)]}},
-                ]  # fmt: skip
                 job.update({"sync": "bitmap", "bitmap": t.frozen_bitmap, "bitmap-mode": "never"})
-            actions += [
-                {"type": "block-dirty-bitmap-add",
-                 "data": {"node": t.node, "name": checkpoint_bitmap(checkpoint), "persistent": True}},
-                {"type": "blockdev-backup", "data": job},
-            ]  # fmt: skip
+            actions += _bitmap_actions(t.node, t.frozen_bitmap, since, checkpoint)
+            actions.append({"type": "blockdev-backup", "data": job})
         await qmp.execute("transaction", {"actions": actions})
     except BaseException:
         await push_finish(qmp, push, success=False)
@@ -345,15 +357,9 @@ async def push_finish(qmp: QMPClient, push: PushBackup, *, success: bool) -> Non
     delete them) and the frozen bitmaps; keeps the new checkpoint only on ``success``."""
     for t in push.targets:
         await _drop_fleece(qmp, t.target_node, None)
-        stale = [t.frozen_bitmap] if t.frozen_bitmap else []
-        if success and push.since is not None:
-            stale.append(checkpoint_bitmap(push.since))
         if not success:
-            stale.append(checkpoint_bitmap(push.checkpoint))
             t.path.unlink(missing_ok=True)
-        for bitmap in stale:
-            with contextlib.suppress(QemuError):
-                await qmp.execute("block-dirty-bitmap-remove", {"node": t.node, "name": bitmap})
+        await _settle(qmp, t.node, t.frozen_bitmap, push.since, push.checkpoint, success=success)
 
 
 async def _listen(qmp: QMPClient, path: Path, fdname: str) -> None:
@@ -378,14 +384,8 @@ async def finish(qmp: QMPClient, export: BackupExport, *, success: bool) -> None
         await qmp.execute("nbd-server-stop")
     for d in export.disks:
         await _drop_fleece(qmp, d.fleece_node, d.fleece_path)
-        stale = [d.frozen_bitmap] if d.frozen_bitmap else []
-        if success and export.since is not None:
-            stale.append(checkpoint_bitmap(export.since))
-        if not success:
-            stale.append(checkpoint_bitmap(export.checkpoint))
-        for bitmap in stale:
-            with contextlib.suppress(QemuError):
-                await qmp.execute("block-dirty-bitmap-remove", {"node": d.node, "name": bitmap})
+        await _settle(qmp, d.node, d.frozen_bitmap, export.since, export.checkpoint,
+                      success=success)  # fmt: skip
     export.socket.unlink(missing_ok=True)
 
 
