@@ -182,19 +182,19 @@ class BackupRestoreController(Controller):
         super().__init__(client)
         self.opener = opener
         self.server = server
-        self._started = False
+        # per restore in progress: its repository opened and its backup's manifest read, once
+        # (an encrypted repository costs a key derivation to open)
+        self._opened: dict[tuple[str, str], tuple[Repository, Manifest]] = {}
 
     def watches(self) -> Sequence[Watch]:
         return [Watch(BACKUP_RESTORE), Watch(DATAVOLUME, _dv_keys)]
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.server.start()
-        self._started = True
         try:
             await self._allow_in_import_policy()
             await super().run(stop)
         finally:
-            self._started = False
             await self.server.close()
 
     async def _allow_in_import_policy(self) -> None:
@@ -235,6 +235,7 @@ class BackupRestoreController(Controller):
         restore = await self.client.find(BACKUP_RESTORE, name, namespace)
         if restore is None:
             self.server.forget(namespace, name)
+            self._opened.pop((namespace, name), None)
             return None
         status = restore.get("status") or {}
         md = restore["metadata"]
@@ -246,6 +247,7 @@ class BackupRestoreController(Controller):
             return None
         if status.get("phase") in ("Succeeded", "Failed"):
             self.server.forget(namespace, name)
+            self._opened.pop((namespace, name), None)
             return None
         if FINALIZER not in (md.get("finalizers") or []):
             patch = {"metadata": {"finalizers": [*(md.get("finalizers") or []), FINALIZER],
@@ -269,8 +271,14 @@ class BackupRestoreController(Controller):
         md, spec = restore["metadata"], restore.get("spec") or {}
         namespace, name = md["namespace"], md["name"]
         status = dict(restore.get("status") or {})
-        repo = await self.opener.open_repository(namespace, str(spec.get("repository") or ""))
-        manifest = await self._manifest(repo, namespace, spec)
+        opened = self._opened.get((namespace, name))
+        if opened is None:
+            repo = await self.opener.open_repository(namespace, str(spec.get("repository") or ""))
+            opened = self._opened[(namespace, name)] = (
+                repo,
+                await self._manifest(repo, namespace, spec),
+            )
+        repo, manifest = opened
         target_ns = str((spec.get("target") or {}).get("namespace") or namespace)
         target_name = str((spec.get("target") or {}).get("name") or manifest.ref.vm)
         disks = self._disks(manifest, spec)
@@ -566,6 +574,7 @@ class BackupRestoreController(Controller):
         """The Secret and ConfigMap go, and the server stops serving the restore."""
         md = restore["metadata"]
         self.server.forget(md["namespace"], md["name"])
+        self._opened.pop((md["namespace"], md["name"]), None)
         target_ns = (
             (restore.get("status") or {}).get("targetNamespace")
             or ((restore.get("spec") or {}).get("target") or {}).get("namespace")
