@@ -222,7 +222,7 @@ def test_refusals_say_why(capi: Api, k: Kubectl, guest: dict[str, Any]) -> None:
     k.apply(backup("bk-ghost", source=ghost))
     waiting = wait_reason(capi, "bk-ghost", "Progressing", "Initializing", 30)
     message = conditions(waiting)["Progressing"]["message"]
-    assert message == "vm ghost is not running, cannot do backup"
+    assert message == "vm ghost does not exist, cannot do backup"
     assert capi.delete(f"{BK}/virtualmachinebackups/bk-ghost").status_code == 200
     wait_for(
         lambda: capi.get(f"{BK}/virtualmachinebackups/bk-ghost").status_code == 404,
@@ -675,6 +675,101 @@ def test_a_stopped_vm_gets_one_disk_back_and_a_running_one_is_refused(
     assert (
         capi.get("/apis/kubevirt.io/v1/namespaces/restored/virtualmachines").json()["items"] == []
     )
+
+
+# --- a stopped VM: its disks held open by a guestless QEMU -----------------------------------------
+
+VMS = f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines"
+LOCK = "vmo.dev/backup-in-progress"
+
+
+def storage_qemus() -> list[int]:
+    """The QEMUs holding a stopped VM's disks for a backup (``guest=vmo-backup-...``)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.startswith(b"guest=vmo-backup-") for a in argv):
+            found.append(int(proc.name))
+    return found
+
+
+def vm_lock(capi: Api) -> str | None:
+    vm = capi.get(f"{VMS}/bk").json()
+    lock: str | None = (vm["metadata"].get("annotations") or {}).get(LOCK)
+    return lock
+
+
+def test_a_stopped_vm_is_backed_up_incrementally_and_starts_once_the_backup_ends(
+    cluster: ThreadedServer, capi: Api, k: Kubectl, guest: dict[str, Any], repo: Repository,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    console(cluster, "bk", WRITE)
+    current = guest_sum(cluster)
+    assert capi.patch(f"{VMS}/bk", {"spec": {"runStrategy": "Halted"}}, MERGE).ok
+    wait_for(lambda: kv(capi, "virtualmachineinstances", "bk") is None, 120, "bk to stop")
+    # the node agent killed mid-backup: the backup fails, its QEMU and the VM's lock go
+    k.apply(backup("bk-off-0"))
+    wait_reason(capi, "bk-off-0", "Progressing", "ExportReady")
+    assert vm_lock(capi) == "bk-off-0@node-1" and len(storage_qemus()) == 1
+    cluster.restart_node("node-1")
+    failed = wait_reason(capi, "bk-off-0", "Failed", "Failed", 120)
+    assert conditions(failed)["Failed"]["message"].endswith(
+        "the node agent restarted during the backup"
+    )
+    wait_for(lambda: storage_qemus() == [] and vm_lock(capi) is None, 30, "the backup's QEMU to go")
+    assert capi.delete(f"{BK}/virtualmachinebackups/bk-off-0").status_code == 200
+    # a push backup of the stopped VM: incremental from the push tracker's checkpoint
+    body = backup("bk-off-push", mode="Push",
+                  source={"apiGroup": "backup.kubevirt.io", "kind": "VirtualMachineBackupTracker",
+                          "name": "bk-push-tracker"})  # fmt: skip
+    body["spec"]["pvcName"] = "bk-push"
+    k.apply(body)
+
+    def pushed() -> JSON | None:
+        found = capi.get(f"{BK}/virtualmachinebackups/bk-off-push").json()
+        conds = conditions(found)
+        assert conds.get("Failed", {}).get("status") != "True", found
+        return found if conds.get("Complete", {}).get("status") == "True" else None
+
+    done = wait_for(pushed, 120, "the stopped VM's push backup")
+    assert done["status"]["type"] == "Incremental", done["status"]
+    assert conditions(done)["Quiesced"]["reason"] == "QuiesceSkipped"
+    assert upstream_errors(done) == []
+    wait_for(lambda: storage_qemus() == [] and vm_lock(capi) is None, 30, "the push's QEMU to go")
+    # a pull backup; the VM asked to start meanwhile waits for it
+    k.apply(backup("bk-7"))
+    ready = wait_reason(capi, "bk-7", "Progressing", "ExportReady")
+    status = ready["status"]
+    # the checkpoint of bk-6 was stored in the image when the guest stopped
+    assert status["type"] == "Incremental", status
+    assert {v["volumeName"] for v in status["includedVolumes"]} == {"root", "data"}
+    assert upstream_errors(ready) == []
+    assert vm_lock(capi) == "bk-7@node-1"
+    assert capi.patch(f"{VMS}/bk", {"spec": {"runStrategy": "Always"}}, MERGE).ok
+    indexes = pull(status, repo, guest["indexes"])
+    assert restored_sum(repo, indexes["data"], tmp_path / "data.img") == current
+    assert kv(capi, "virtualmachineinstances", "bk") is None  # held back by the backup
+    guest["indexes"] = indexes
+    finish(capi, "bk-7", status["checkpointName"])
+    wait_running(capi, "bk")
+    assert vm_lock(capi) is None and storage_qemus() == []
+    assert not list(cluster.home.glob("nodes/*/backups/*"))
+    # the checkpoint the stopped VM's backup made is in the image the guest runs on now
+    wait_for(lambda: "bk-up" in console(cluster, "bk", "echo bk-up"), BOOT_TIMEOUT, "console")
+    console(cluster, "bk", WRITE)
+    current = guest_sum(cluster)
+    k.apply(backup("bk-8"))
+    ready = wait_reason(capi, "bk-8", "Progressing", "ExportReady")
+    assert ready["status"]["type"] == "Incremental", ready["status"]
+    indexes = pull(ready["status"], repo, guest["indexes"])
+    assert restored_sum(repo, indexes["data"], tmp_path / "data8.img") == current
+    guest["indexes"] = indexes
+    finish(capi, "bk-8", ready["status"]["checkpointName"])
 
 
 def test_a_vm_deleted_mid_backup_fails_it_and_leaves_nothing(

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from vmo.engine.agent.runtime import qemu_user
 from vmo.engine.qemu import backup as qb
+from vmo.engine.qemu.domain import Disk, DiskCache, DiskFormat
 from vmo.engine.qemu.nbd import (
     BASE_ALLOCATION,
     STATE_DIRTY,
@@ -23,6 +25,7 @@ from vmo.engine.qemu.nbd import (
     NBDError,
     dirty_bitmap_context,
 )
+from vmo.engine.qemu.process import launch_storage
 from vmo.engine.qemu.qmp import QMPClient
 
 MIB = 1 << 20
@@ -286,3 +289,38 @@ async def test_a_failed_push_removes_its_file_and_keeps_the_previous_checkpoint(
     assert not [n for n in nodes if n["node-name"].startswith("vmo-fleece-")]
     assert await qemu.qmp.execute("query-jobs") == []
     first.targets[0].path.unlink()
+
+
+@on_loop
+async def test_a_guestless_storage_qemu_backs_up_a_stopped_vm_s_disk_and_stores_the_checkpoint(
+    home: Path,
+) -> None:
+    """What a backup of a stopped VM runs in: ``launch_storage`` opens the disk as a VM would
+    (node ``disk0-format``), unprivileged where it can be; a full push backup, then an
+    incremental pull from its checkpoint; quitting stores the new checkpoint in the image."""
+    disk = Disk("d0", home / "disk.qcow2", format=DiskFormat.QCOW2, cache=DiskCache.WRITETHROUGH)
+    workdir = home / "storage"
+    process = await launch_storage("vmo-backup-t", [disk], workdir=workdir, run_as=qemu_user())
+    try:
+        qmp = await process.qmp()
+        disks = [qb.BackupDisk("root", "disk0-format")]
+        push = await qb.push_start(qmp, "b1", disks, checkpoint="c1", since=None, workdir=workdir)
+        for _ in range(200):
+            ended, error, done, total = await qb.push_progress(qmp, push)
+            if ended:
+                break
+            await asyncio.sleep(0.05)
+        assert ended and not error and done == total == SIZE
+        await qb.push_release(qmp, push)
+        await qb.push_finish(qmp, push, success=True)
+        export = await qb.start(qmp, "b2", disks, checkpoint="c2", since="c1", workdir=workdir,
+                                socket=workdir / "b2.nbd")  # fmt: skip
+        assert export.incremental, [d.reason for d in export.disks]
+        await qb.finish(qmp, export, success=True)
+    finally:
+        status = await process.quit()
+    assert status.code == 0 and status.shutdown_reason == "host-qmp-quit"
+    info = subprocess.run(["qemu-img", "info", "--output=json", str(disk.path)], check=True,
+                          capture_output=True, text=True).stdout  # fmt: skip
+    stored = json.loads(info)["format-specific"]["data"].get("bitmaps") or []
+    assert [b["name"] for b in stored] == [qb.checkpoint_bitmap("c2")]

@@ -146,6 +146,13 @@ def test_rerun_on_failure_queues_a_start_after_deleting_a_failed_vmi() -> None:
     assert decision.status["stateChangeRequests"] == [{"action": "Start"}]
 
 
+def test_a_backup_of_the_stopped_vm_s_disks_holds_its_start_back_until_it_ends() -> None:
+    held = decide(a_vm("Always"), None, NOW, backup="nightly")
+    assert held.action is VMIAction.NONE and held.vmi is None
+    assert held.requeue_after == 2.0  # a lock whose backup vanished is looked at again
+    assert decide(a_vm("Always"), None, NOW).action is VMIAction.CREATE
+
+
 def test_spec_running_true_means_always() -> None:
     vm = a_vm()
     del vm["spec"]["runStrategy"]

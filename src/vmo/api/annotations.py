@@ -29,6 +29,10 @@ SNAPSHOT_INDICATIONS = "vmo.dev/snapshot-indications"
 # VirtualMachineBackup: the node whose agent runs it (where the VMI is).
 BACKUP_NODE = "vmo.dev/backup-node"
 
+# VirtualMachine: "<backup>@<node>" while that node backs up the stopped VM's disks; the VM does
+# not start until the backup ends (a lock whose backup is gone or ended is stale).
+BACKUP_LOCK = "vmo.dev/backup-in-progress"
+
 # VirtualMachineExport: the node serving it.
 EXPORT_NODE = "vmo.dev/export-node"
 

@@ -22,6 +22,12 @@ go into the ext4 filesystem inside the target claim, as ``/<backup>/<volume>.qco
 The claim must be on this node (or shared) and in use by no VMI; one still waiting for its first
 consumer is provisioned here.
 
+A stopped VM (which upstream's engine does not back up) is backed up by the node whose pools
+hold its claims: the VM is locked (``vmo.dev/backup-in-progress``, so that it does not start
+meanwhile), and a guestless QEMU (``vmo.engine.qemu.process.launch_storage``) opens the claims'
+images as the VM's QEMU would; the same pull or push runs in it, and it quits (storing the
+checkpoint) when the backup ends.
+
 Conditions, reasons and messages are upstream's (Progressing, Complete, Failed, Quiesced).
 A backup this node started whose session a restart of the agent lost fails ("the node agent
 restarted during the backup"), and what it left in QEMU is swept away.
@@ -32,17 +38,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from vmo.api.annotations import BACKUP_NODE, EXPORT_NODE
+from vmo.api.annotations import BACKUP_LOCK, BACKUP_NODE, EXPORT_NODE
 from vmo.api.duration import parse_duration
 from vmo.api.kubevirt.migratable import claim_name
 from vmo.api.storage import SELECTED_NODE
 from vmo.client import (
     PVC,
+    VM,
     VMBACKUP,
     VMBACKUPTRACKER,
     VMEXPORT,
@@ -52,10 +61,14 @@ from vmo.client import (
     NotFound,
 )
 from vmo.engine.agent.agent import NodeAgent
-from vmo.engine.agent.runtime import VmiRuntime
+from vmo.engine.agent.runtime import VmiRuntime, qemu_user, workdir_name
 from vmo.engine.qemu import backup as qb
+from vmo.engine.qemu.argv import format_node_name
+from vmo.engine.qemu.domain import Disk, DiskCache, DiskFormat
 from vmo.engine.qemu.errors import QemuError
 from vmo.engine.qemu.guest_agent import GuestAgentClient
+from vmo.engine.qemu.process import QemuProcess, adopt, launch_storage
+from vmo.engine.qemu.process import find as find_qemu
 from vmo.engine.storage.backup_endpoints import BackupVolume
 from vmo.engine.storage.backup_pvc import PushTargetError, store_files
 from vmo.engine.storage.claims import claims_of_vmi
@@ -124,6 +137,20 @@ class Session:
     warning: str = ""  # why the backup completes with a warning (the freeze failed)
     push: qb.PushBackup | None = None  # push mode: QEMU's jobs, and where their files go
     target: tuple[Pool, str] | None = None  # the target claim's pool and name
+    workdir: Path | None = None  # where the backup's files and sockets are made
+    offline: QemuProcess | None = None  # a stopped VM's disks, held open by a guestless QEMU
+    lock: str = ""  # the stopped VM's BACKUP_LOCK value while it is backed up
+
+
+@dataclass
+class _Source:
+    """What a backup reads: the disks' block nodes in a QEMU, and their targets (vda, ...)."""
+
+    disks: list[qb.BackupDisk]
+    targets: dict[str, str]
+    runtime: VmiRuntime | None = None  # the running VMI's
+    images: list[Disk] = field(default_factory=list)  # a stopped VM's, to open
+    vm: JSON | None = None  # the stopped VM
 
 
 class BackupExecutor(Controller):
@@ -140,6 +167,16 @@ class BackupExecutor(Controller):
         self.sessions: dict[tuple[str, str], Session] = {}
         self._claim_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self.events = EventRecorder(client, component="virt-controller")
+
+    async def stop(self) -> None:
+        """The agent is going away: a stopped VM's backup QEMU keeps running, for the next agent
+        to sweep and quit (failing the backup), but lets go of its monitor now, which takes one
+        client at a time."""
+        for session in self.sessions.values():
+            if session.offline is not None:
+                await session.offline.detach()
+        self.sessions.clear()
+        await super().stop()
 
     def watches(self) -> Sequence[Watch]:
         return [
@@ -215,23 +252,15 @@ class BackupExecutor(Controller):
             await self._initializing(backup, waiting)
             return RETRY_SECONDS
         vmi = await self.client.find(VMI, vm_name, namespace)
-        vstatus = (vmi or {}).get("status") or {}
-        if vmi is None or vstatus.get("phase") != "Running":
-            await self._initializing(backup, f"vm {vm_name} is not running, cannot do backup")
-            return RETRY_SECONDS
-        if vstatus.get("nodeName") != self.node:
+        if vmi is not None:
+            source, delay = await self._running_source(backup, vmi, vm_name)
+        else:
+            source, delay = await self._stopped_source(backup, vm_name)
+        if source is None:
+            return delay
+        if not source.disks:
+            await self._initializing(backup, f"vm {vm_name} has no volumes to backup")
             return None
-        runtime = self.agent.runtimes.get((namespace, vm_name))
-        if runtime is None or not runtime.alive or runtime.process is None:
-            return RETRY_SECONDS
-        migration = vstatus.get("migrationState") or {}
-        if migration and not migration.get("completed") and not migration.get("failed"):
-            message = (
-                f"vm {vm_name} is currently migrating, waiting for migration to complete "
-                "before starting backup"
-            )
-            await self._initializing(backup, message)
-            return RETRY_SECONDS
         pvc_name = str(spec.get("pvcName") or "")
         pvc = await self.client.find(PVC, pvc_name, namespace) if pvc_name else None
         if pvc is None:
@@ -244,10 +273,6 @@ class BackupExecutor(Controller):
             )
             await self._initializing(backup, message)
             return RETRY_SECONDS
-        disks = backup_disks(runtime)
-        if not disks:
-            await self._initializing(backup, f"vm {vm_name} has no volumes to backup")
-            return None
         push = (spec.get("mode") or "Push") != "Pull"
         target: tuple[Pool, str] | None = None
         if push:
@@ -261,25 +286,152 @@ class BackupExecutor(Controller):
                 await self._initializing(backup, why)
                 return RETRY_SECONDS
             target = (pool, pvc_name)
+        lock = ""
+        if source.vm is not None:
+            lock = await self._lock_vm(backup, source.vm)
+            if not lock:
+                return RETRY_SECONDS
         claimed = await self._claim(backup)
         if claimed is None:
+            if lock:
+                await self._unlock_vm(namespace, vm_name, lock)
             return 0.1
         since = None
         if tracker is not None and not spec.get("forceFullBackup"):
             since = ((tracker.get("status") or {}).get("latestCheckpoint") or {}).get("name")
         try:
-            session = await self._start(
-                claimed, runtime, disks, vm_name, tracker, since, target=target
-            )
+            session = await self._start(claimed, source, vm_name, tracker, since, target=target)
         except (QemuError, OSError) as exc:
             log.warning("backup %s/%s failed to start: %s", namespace, md["name"], exc)
+            if lock:
+                await self._unlock_vm(namespace, vm_name, lock)
             await self._fail(claimed, "Failed", f"Backup has failed: {exc}")
             return None
+        session.lock = lock
         self.sessions[(namespace, md["name"])] = session
-        if push:
-            return await self._follow(claimed, session)
-        await self._create_export(claimed)
+        if not push:
+            await self._create_export(claimed)
         return await self._follow(claimed, session)
+
+    async def _running_source(
+        self, backup: JSON, vmi: JSON, vm_name: str
+    ) -> tuple[_Source | None, float | None]:
+        """The running VMI's disks, when it runs here and may be backed up now."""
+        vstatus = vmi.get("status") or {}
+        if vstatus.get("phase") != "Running":
+            await self._initializing(backup, f"vm {vm_name} is not running, cannot do backup")
+            return None, RETRY_SECONDS
+        if vstatus.get("nodeName") != self.node:
+            return None, None
+        runtime = self.agent.runtimes.get((vmi["metadata"]["namespace"], vm_name))
+        if runtime is None or not runtime.alive or runtime.process is None:
+            return None, RETRY_SECONDS
+        migration = vstatus.get("migrationState") or {}
+        if migration and not migration.get("completed") and not migration.get("failed"):
+            message = (
+                f"vm {vm_name} is currently migrating, waiting for migration to complete "
+                "before starting backup"
+            )
+            await self._initializing(backup, message)
+            return None, RETRY_SECONDS
+        disks = backup_disks(runtime)
+        targets = {d.volume: _target(runtime, d.volume) for d in disks}
+        return _Source(disks, targets, runtime=runtime), None
+
+    async def _stopped_source(
+        self, backup: JSON, vm_name: str
+    ) -> tuple[_Source | None, float | None]:
+        """A stopped VM's disks, when every claim of its is a volume of this node's pools (a
+        shared pool's: every node may, and the first to lock the VM does)."""
+        namespace = backup["metadata"]["namespace"]
+        vm = await self.client.find(VM, vm_name, namespace)
+        if vm is None or vm["metadata"].get("deletionTimestamp"):
+            await self._initializing(backup, f"vm {vm_name} does not exist, cannot do backup")
+            return None, RETRY_SECONDS
+        held = (vm["metadata"].get("annotations") or {}).get(BACKUP_LOCK, "")
+        if held.partition("@")[0] == backup["metadata"]["name"] and held != self._lock_value(
+            backup
+        ):
+            return None, None  # another node locked the VM for this backup: it runs it
+        volumes = (((vm.get("spec") or {}).get("template") or {}).get("spec") or {}).get(
+            "volumes"
+        ) or []
+        source = _Source([], {}, vm=vm)
+        for index, volume in enumerate(volumes):
+            claim = claim_name(volume)
+            if not claim:
+                continue
+            pvc = await self.client.find(PVC, claim, namespace)
+            if pvc is None or (pvc.get("status") or {}).get("phase") != "Bound":
+                message = f"PVC {namespace}/{claim} of vm {vm_name} is not bound yet"
+                await self._initializing(backup, message)
+                return None, RETRY_SECONDS
+            pool = next((p for p in self.pools if p.exists(namespace, claim)), None)
+            if pool is None:
+                return None, None  # a volume of another node: that node backs it up
+            try:
+                fmt = DiskFormat(pool.record(namespace, claim).format)
+                top = pool.top(namespace, claim)
+            except (PoolError, ValueError) as exc:
+                await self._initializing(backup, f"PVC {namespace}/{claim}: {exc}")
+                return None, RETRY_SECONDS
+            slot = len(source.images)
+            source.images.append(Disk(f"d{slot}", top, format=fmt, cache=DiskCache.WRITETHROUGH))
+            source.disks.append(qb.BackupDisk(str(volume["name"]), format_node_name(slot)))
+            source.targets[str(volume["name"])] = f"disk{index}"
+        return source, None
+
+    def _lock_value(self, backup: JSON) -> str:
+        return f"{backup['metadata']['name']}@{self.node}"
+
+    async def _lock_vm(self, backup: JSON, vm: JSON) -> str:
+        """Locks the stopped VM for the backup (it does not start until the lock goes); the
+        lock's value, or "" when the VM is locked by another backup or has started."""
+        md, vmd = backup["metadata"], vm["metadata"]
+        value = self._lock_value(backup)
+        held = (vmd.get("annotations") or {}).get(BACKUP_LOCK, "")
+        if held and held != value:
+            other = held.partition("@")[0]
+            found = await self.client.find(VMBACKUP, other, md["namespace"])
+            if found is not None and not is_terminal(found):
+                await self._initializing(
+                    backup, f"vm {vmd['name']} is being backed up by {other}, waiting"
+                )
+                return ""
+        if held != value:
+            patch = {
+                "metadata": {
+                    "resourceVersion": vmd["resourceVersion"],
+                    "annotations": {BACKUP_LOCK: value},
+                }
+            }
+            try:
+                await self.client.patch(VM, vmd["name"], patch, md["namespace"])
+            except (Conflict, NotFound):
+                return ""
+        if await self.client.find(VMI, vmd["name"], md["namespace"]) is not None:
+            await self._unlock_vm(md["namespace"], vmd["name"], value)  # it started first
+            return ""
+        return value
+
+    async def _unlock_vm(self, namespace: str, name: str, value: str) -> None:
+        for _ in range(5):
+            vm = await self.client.find(VM, name, namespace)
+            if vm is None or (vm["metadata"].get("annotations") or {}).get(BACKUP_LOCK) != value:
+                return
+            patch = {
+                "metadata": {
+                    "resourceVersion": vm["metadata"]["resourceVersion"],
+                    "annotations": {BACKUP_LOCK: None},
+                }
+            }
+            try:
+                await self.client.patch(VM, name, patch, namespace)
+                return
+            except NotFound:
+                return
+            except Conflict:
+                continue
 
     async def _push_target(self, pvc: JSON) -> tuple[Pool | None, str, bool]:
         """The pool of this node holding the push target's volume; else why not yet (False) or
@@ -322,24 +474,59 @@ class BackupExecutor(Controller):
     async def _start(
         self,
         backup: JSON,
-        runtime: VmiRuntime,
-        disks: list[qb.BackupDisk],
+        source: _Source,
         vm_name: str,
         tracker: JSON | None,
         since: str | None,
         *,
         target: tuple[Pool, str] | None = None,
     ) -> Session:
-        md, spec = backup["metadata"], backup.get("spec") or {}
-        assert runtime.process is not None
-        qmp = await runtime.process.qmp()
-        checkpoint = checkpoint_name(backup)
+        md = backup["metadata"]
         short = str(md.get("uid", md["name"])).replace("-", "")[:12]
-        socket = runtime.workdir / "backup.nbd"  # one backup of a VMI at a time
+        runtime, offline = source.runtime, None
+        if runtime is not None:
+            assert runtime.process is not None
+            process, workdir = runtime.process, runtime.workdir
+        else:
+            workdir = self._offline_workdir(md["namespace"], md["name"])
+            offline = process = await launch_storage(
+                f"vmo-backup-{short}", source.images, workdir=workdir, run_as=qemu_user()
+            )
+        try:
+            return await self._begin(
+                backup, source, process, workdir, vm_name, tracker, since, target=target,
+                offline=offline, short=short,
+            )  # fmt: skip
+        except BaseException:
+            if offline is not None:
+                await _close_offline(offline, workdir)
+            raise
+
+    async def _begin(
+        self,
+        backup: JSON,
+        source: _Source,
+        process: QemuProcess,
+        workdir: Path,
+        vm_name: str,
+        tracker: JSON | None,
+        since: str | None,
+        *,
+        target: tuple[Pool, str] | None,
+        offline: QemuProcess | None,
+        short: str,
+    ) -> Session:
+        md, spec = backup["metadata"], backup.get("spec") or {}
+        qmp = await process.qmp()
+        checkpoint = checkpoint_name(backup)
+        socket = workdir / "backup.nbd"  # one backup of a VMI at a time
+        disks, runtime = source.disks, source.runtime
         agent = None
         quiesce = ("QuiesceSkipped", "Guest filesystem quiesce was skipped", False)
+        if runtime is None:
+            quiesce = ("QuiesceSkipped", "The VM is stopped: its disks are at rest", False)
         warning = ""
-        if not spec.get("skipQuiesce"):
+        if runtime is not None and not spec.get("skipQuiesce"):
             agent, quiesce, warning = await _freeze(runtime)
         export: qb.BackupExport | None = None
         push: qb.PushBackup | None = None
@@ -347,11 +534,11 @@ class BackupExecutor(Controller):
             if target is None:
                 export = await qb.start(
                     qmp, short, disks, checkpoint=checkpoint, since=since,
-                    workdir=runtime.workdir, socket=socket,
+                    workdir=workdir, socket=socket,
                 )  # fmt: skip
             else:
                 push = await qb.push_start(
-                    qmp, short, disks, checkpoint=checkpoint, since=since, workdir=runtime.workdir
+                    qmp, short, disks, checkpoint=checkpoint, since=since, workdir=workdir
                 )
         finally:
             if agent is not None:
@@ -363,11 +550,13 @@ class BackupExecutor(Controller):
         )
         fallback = "; ".join(d.reason for d in started if d.reason)
         volumes = [
-            {"volumeName": d.volume, "diskTarget": _target(runtime, d.volume)} for d in started
+            {"volumeName": d.volume, "diskTarget": source.targets.get(d.volume, d.volume)}
+            for d in started
         ]
         session = Session(export, md["namespace"], vm_name,
                           tracker["metadata"]["name"] if tracker else None,
-                          volumes, warning, push=push, target=target)  # fmt: skip
+                          volumes, warning, push=push, target=target, workdir=workdir,
+                          offline=offline)  # fmt: skip
         incremental = export.incremental if export is not None else bool(push and push.incremental)
         kind = "Incremental" if since is not None and incremental else "Full"
         gen = int(md.get("generation") or 1)
@@ -422,16 +611,32 @@ class BackupExecutor(Controller):
 
     async def _follow(self, backup: JSON, session: Session) -> float | None:
         md = backup["metadata"]
-        vmi = await self.client.find(VMI, session.vm, md["namespace"])
-        if vmi is None:
-            await self._end_failed(backup, session, "SourceLost", "VMI was deleted during backup")
-            return None
-        phase = (vmi.get("status") or {}).get("phase")
-        if phase != "Running":
-            await self._end_failed(
-                backup, session, "SourceUnhealthy", f"VMI is not in a running state: {phase}"
-            )
-            return None
+        if session.offline is not None:
+            vm = await self.client.find(VM, session.vm, md["namespace"])
+            if vm is None or vm["metadata"].get("deletionTimestamp"):
+                await self._end_failed(
+                    backup, session, "SourceLost", "VM was deleted during backup"
+                )
+                return None
+            exited = session.offline.exit_status
+            if exited is not None:
+                await self._end_failed(
+                    backup, session, "Failed", f"the QEMU holding the VM's disks exited: {exited}"
+                )
+                return None
+        else:
+            vmi = await self.client.find(VMI, session.vm, md["namespace"])
+            if vmi is None:
+                await self._end_failed(
+                    backup, session, "SourceLost", "VMI was deleted during backup"
+                )
+                return None
+            phase = (vmi.get("status") or {}).get("phase")
+            if phase != "Running":
+                await self._end_failed(
+                    backup, session, "SourceUnhealthy", f"VMI is not in a running state: {phase}"
+                )
+                return None
         if session.push is not None:
             return await self._follow_push(backup, session)
         remaining = ttl_of(backup) - (_now() - _parse(str(md["creationTimestamp"])))
@@ -469,13 +674,13 @@ class BackupExecutor(Controller):
         """Until QEMU's jobs end; then the files go into the target claim, and it completes."""
         md = backup["metadata"]
         push, target = session.push, session.target
-        assert push is not None and target is not None
-        runtime = self.agent.runtimes.get((session.namespace, session.vm))
-        if runtime is None or runtime.process is None or not runtime.alive:
+        assert push is not None and target is not None and session.workdir is not None
+        process = self._process(session)
+        if process is None:
             await self._end_failed(backup, session, "SourceLost", "VMI was deleted during backup")
             return None
         try:
-            qmp = await runtime.process.qmp()
+            qmp = await process.qmp()
             ended, error, _done, _total = await qb.push_progress(qmp, push)
             if ended and not error:
                 await qb.push_release(qmp, push)  # the files are whole once QEMU closed them
@@ -499,7 +704,7 @@ class BackupExecutor(Controller):
                     )
                 volume = pool.top(session.namespace, claim)
                 await asyncio.to_thread(
-                    store_files, volume, md["name"], files, scratch=runtime.workdir,
+                    store_files, volume, md["name"], files, scratch=session.workdir,
                     claim=f"{session.namespace}/{claim}",
                 )  # fmt: skip
         except (PushTargetError, PoolError, OSError) as exc:
@@ -510,27 +715,39 @@ class BackupExecutor(Controller):
 
     # --- ending -------------------------------------------------------------------------------
 
-    async def _finish(self, session: Session, *, success: bool) -> None:
+    def _process(self, session: Session) -> QemuProcess | None:
+        """The QEMU the backup runs in, while it runs."""
+        if session.offline is not None:
+            return session.offline if session.offline.exit_status is None else None
         runtime = self.agent.runtimes.get((session.namespace, session.vm))
-        alive = runtime is not None and runtime.process is not None and runtime.alive
+        if runtime is None or runtime.process is None or not runtime.alive:
+            return None
+        return runtime.process
+
+    def _offline_workdir(self, namespace: str, name: str) -> Path:
+        return self.agent.state_dir / "backups" / workdir_name(namespace, name)
+
+    async def _finish(self, session: Session, *, success: bool) -> None:
+        process = self._process(session)
         if session.push is not None:
-            if alive:
-                assert runtime is not None and runtime.process is not None
+            if process is not None:
                 with contextlib.suppress(QemuError, OSError):
-                    await qb.push_finish(await runtime.process.qmp(), session.push,
-                                         success=success)  # fmt: skip
+                    await qb.push_finish(await process.qmp(), session.push, success=success)
             for t in session.push.targets:  # stored in the claim, or not to be kept
                 t.path.unlink(missing_ok=True)
-            return
-        assert session.export is not None
-        if alive:
-            assert runtime is not None and runtime.process is not None
-            with contextlib.suppress(QemuError, OSError):
-                await qb.finish(await runtime.process.qmp(), session.export, success=success)
-            return
-        for d in session.export.disks:  # the QEMU is gone, and its nodes with it
-            d.fleece_path.unlink(missing_ok=True)
-        session.export.socket.unlink(missing_ok=True)
+        else:
+            assert session.export is not None
+            if process is not None:
+                with contextlib.suppress(QemuError, OSError):
+                    await qb.finish(await process.qmp(), session.export, success=success)
+            else:
+                for d in session.export.disks:  # the QEMU is gone, and its nodes with it
+                    d.fleece_path.unlink(missing_ok=True)
+                session.export.socket.unlink(missing_ok=True)
+        if session.offline is not None:
+            assert session.workdir is not None
+            await _close_offline(session.offline, session.workdir)  # the bitmaps are stored
+            await self._unlock_vm(session.namespace, session.vm, session.lock)
 
     async def _complete(self, backup: JSON, session: Session) -> None:
         md = backup["metadata"]
@@ -584,13 +801,24 @@ class BackupExecutor(Controller):
     async def _lost(self, backup: JSON) -> None:
         """A backup this node started before its agent restarted: what it left in QEMU goes."""
         md = backup["metadata"]
-        vm_name, tracker, _ = await self._source(backup)
+        vm_name, _tracker, _ = await self._source(backup)
+        keep = await self._tracked_checkpoints(md["namespace"], vm_name)
+        workdir = self._offline_workdir(md["namespace"], md["name"])
+        if workdir.exists():  # a stopped VM's backup: its QEMU is swept and quits
+            offline: QemuProcess | None = None
+            try:
+                offline = await adopt(workdir)
+            except QemuError:
+                offline = find_qemu(workdir)  # it does not answer: it is killed
+            if offline is not None:
+                with contextlib.suppress(QemuError, OSError):
+                    await qb.sweep(await offline.qmp(), workdir, keep=keep)
+                await _close_offline(offline, workdir)
+            shutil.rmtree(workdir, ignore_errors=True)
+        if vm_name:
+            await self._unlock_vm(md["namespace"], vm_name, self._lock_value(backup))
         runtime = self.agent.runtimes.get((md["namespace"], vm_name))
         if runtime is not None and runtime.process is not None and runtime.alive:
-            keep = []
-            latest = ((tracker or {}).get("status") or {}).get("latestCheckpoint") or {}
-            if latest.get("name"):
-                keep.append(str(latest["name"]))
             with contextlib.suppress(QemuError, OSError):
                 qmp = await runtime.process.qmp()
                 await qb.sweep(qmp, runtime.workdir, keep=keep)
@@ -610,6 +838,17 @@ class BackupExecutor(Controller):
             await self._fail(
                 backup, "Failed", "Backup has failed: the node agent restarted during the backup"
             )
+
+    async def _tracked_checkpoints(self, namespace: str, vm_name: str) -> list[str]:
+        """The latest checkpoint of every tracker of the VM: what a sweep must keep."""
+        trackers, _ = await self.client.list(VMBACKUPTRACKER, namespace)
+        names = []
+        for tracker in trackers:
+            source = (tracker.get("spec") or {}).get("source") or {}
+            latest = (tracker.get("status") or {}).get("latestCheckpoint") or {}
+            if source.get("name") == vm_name and latest.get("name"):
+                names.append(str(latest["name"]))
+        return names
 
     async def _fail(self, backup: JSON, reason: str, message: str) -> None:
         gen = int(backup["metadata"].get("generation") or 1)
@@ -716,6 +955,13 @@ async def _freeze(
             f"freezing the guest's filesystems failed: {exc or type(exc).__name__}",
         )
     return agent, ("QuiesceSucceeded", "Guest filesystem was successfully quiesced", True), ""
+
+
+async def _close_offline(process: QemuProcess, workdir: Path) -> None:
+    """Quits a stopped VM's backup QEMU (closing its images stores their bitmaps), and removes
+    its working directory."""
+    await process.quit()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _export_backup_keys(_etype: str, export: JSON) -> list[str]:

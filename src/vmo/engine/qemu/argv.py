@@ -8,7 +8,7 @@ The output is pinned by golden tests (tests/golden/qemu).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from vmo.engine.qemu.accel import Accelerator
@@ -20,6 +20,7 @@ from vmo.engine.qemu.domain import (
     Domain,
     EfiFirmware,
     Nic,
+    RuntimePaths,
     TapBackend,
     UserBackend,
 )
@@ -30,7 +31,9 @@ __all__ = [
     "SCSI_CONTROLLER",
     "cpu_model",
     "disk_node_names",
+    "format_node_name",
     "qemu_argv",
+    "storage_argv",
 ]
 
 DEFAULT_QEMU = "qemu-system-x86_64"
@@ -174,7 +177,10 @@ def _cpu_and_memory(domain: Domain) -> list[str]:
 
 
 def _host_runtime(domain: Domain) -> list[str]:
-    paths = domain.paths
+    return _host_runtime_of(domain.paths, domain.run_as, domain.sandbox)
+
+
+def _host_runtime_of(paths: RuntimePaths, run_as: str | None, sandbox: bool) -> list[str]:
     argv = [
         "-pidfile",
         str(paths.pidfile),
@@ -189,10 +195,10 @@ def _host_runtime(domain: Domain) -> list[str]:
         "-mon",
         "chardev=charmonitor,id=monitor,mode=control",
     ]
-    if domain.run_as is not None:
-        argv += ["-runas", domain.run_as]
-    if domain.sandbox:
-        argv += ["-sandbox", _sandbox(domain.run_as)]
+    if run_as is not None:
+        argv += ["-runas", run_as]
+    if sandbox:
+        argv += ["-sandbox", _sandbox(run_as)]
     return argv
 
 
@@ -377,8 +383,12 @@ def disk_node_names(domain: Domain) -> dict[str, str]:
     return {disk.id: _format_node(index) for index, disk in enumerate(domain.disks)}
 
 
-def _format_node(index: int) -> str:
+def format_node_name(index: int) -> str:
+    """The node name of the format layer of a VM's (or a storage QEMU's) disk ``index``."""
     return f"disk{index}-format"
+
+
+_format_node = format_node_name
 
 
 def qemu_argv(domain: Domain, *, binary: str = DEFAULT_QEMU) -> list[str]:
@@ -402,3 +412,36 @@ def qemu_argv(domain: Domain, *, binary: str = DEFAULT_QEMU) -> list[str]:
         *_kernel_boot(domain),
         *_start_state(domain),
     ]
+
+
+def storage_argv(
+    name: str,
+    disks: Sequence[Disk],
+    paths: RuntimePaths,
+    *,
+    run_as: str | None,
+    sandbox: bool = True,
+    binary: str = DEFAULT_QEMU,
+) -> list[str]:
+    """A QEMU that runs no guest (``-machine none``: no CPU, no memory, no device) and only opens
+    ``disks`` as block nodes, named as a VM's are (``disk{i}-format``): what a backup of a
+    stopped VM runs its block jobs, bitmaps and NBD export in. The images are opened on the
+    command line, before ``-runas`` drops privileges, as a VM's are; quitting through QMP
+    stores their persistent bitmaps."""
+    argv = [
+        binary,
+        "-name",
+        _opts(f"guest={name}", ("debug-threads", True)),
+        "-msg",
+        "timestamp=on",
+        "-no-user-config",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-machine",
+        "none",
+        *_host_runtime_of(paths, run_as, sandbox),
+    ]
+    for index, disk in enumerate(disks):
+        argv += _disk_backend(index, disk)
+    return argv

@@ -20,12 +20,13 @@ import re
 import select
 import shutil
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from vmo.engine.qemu.argv import DEFAULT_QEMU, qemu_argv
-from vmo.engine.qemu.domain import Domain, RuntimePaths
+from vmo.engine.qemu.argv import DEFAULT_QEMU, qemu_argv, storage_argv
+from vmo.engine.qemu.domain import Disk, Domain, RuntimePaths
 from vmo.engine.qemu.errors import (
     LaunchError,
     ProcessError,
@@ -45,6 +46,7 @@ __all__ = [
     "adopt",
     "find",
     "launch",
+    "launch_storage",
 ]
 
 log = logging.getLogger("vmo.engine.qemu.process")
@@ -335,6 +337,22 @@ class QemuProcess:
                 self.send_signal(next_signal)
         return await self.wait_exit()
 
+    async def quit(self, timeout: float = 10.0) -> ExitStatus:
+        """QMP ``quit``: QEMU closes its images cleanly (storing persistent bitmaps) and exits;
+        SIGKILL if it does not answer or has not exited after ``timeout`` seconds."""
+        self._exit_future()
+        if self._status is None:
+            try:
+                await asyncio.wait_for((await self.qmp()).execute("quit"), timeout)
+            except (ProtocolError, TimeoutError) as exc:
+                # the monitor closing as QEMU exits may interrupt the answer
+                log.info("QEMU %d: quit: %s", self.pid, exc)
+        try:
+            return await self.wait_exit(timeout)
+        except TimeoutError:
+            log.warning("QEMU %d did not quit within %g s; killing it", self.pid, timeout)
+            return await self.kill()
+
     def _log_tail(self) -> bytes:
         path = self.workdir / LOG_NAME
         try:
@@ -460,8 +478,34 @@ async def launch(
     workdir = workdir.resolve()
     _prepare_workdir(domain, workdir)
     argv = qemu_argv(domain, binary=binary)
+    return await _launch_argv(argv, domain.paths, domain.name, workdir, startup_timeout)
+
+
+async def launch_storage(
+    name: str,
+    disks: Sequence[Disk],
+    *,
+    workdir: Path,
+    run_as: str | None,
+    binary: str = DEFAULT_QEMU,
+    startup_timeout: float = 10.0,
+) -> QemuProcess:
+    """Starts a guestless QEMU holding ``disks`` open (``argv.storage_argv``), recorded and
+    adoptable as a VM's QEMU is; returns once QMP answers."""
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = RuntimePaths.under(workdir)
+    _check_not_running(workdir)
+    _unlink_runtime_files(paths)
+    argv = storage_argv(name, disks, paths, run_as=run_as, binary=binary)
+    return await _launch_argv(argv, paths, name, workdir, startup_timeout)
+
+
+async def _launch_argv(
+    argv: list[str], paths: RuntimePaths, name: str, workdir: Path, startup_timeout: float
+) -> QemuProcess:
     logfile = workdir / LOG_NAME
-    manifest = _Manifest(argv, domain.paths, _log_header(logfile))
+    manifest = _Manifest(argv, paths, _log_header(logfile))
     manifest.write(workdir)
     pid = _spawn(argv, logfile)
     pidfd = os.pidfd_open(pid)
@@ -477,7 +521,7 @@ async def launch(
             os.waitpid(pid, 0)
         raise
     process = QemuProcess(pid=pid, pidfd=pidfd, workdir=workdir, manifest=manifest)
-    log.info("launched QEMU %d for %s in %s", pid, domain.name, workdir)
+    log.info("launched QEMU %d for %s in %s", pid, name, workdir)
     await _wait_for_qmp(process, startup_timeout)
     return process
 

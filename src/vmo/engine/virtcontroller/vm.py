@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from vmo.api.annotations import BACKUP_LOCK
 from vmo.client import (
     CLUSTER_INSTANCETYPE,
     CLUSTER_PREFERENCE,
@@ -24,6 +25,7 @@ from vmo.client import (
     INSTANCETYPE,
     PREFERENCE,
     VM,
+    VMBACKUP,
     VMI,
     ApiStatusError,
     Client,
@@ -136,6 +138,9 @@ def _start(plan: _Plan, ctx: _Inputs) -> None:
         return
     if plan.status.get("restoreInProgress") or plan.status.get("snapshotInProgress"):
         return  # started once its volumes are whole again
+    if ctx.backup:
+        plan.requeue_after = 2.0  # started once the backup ends and lets go of its disks
+        return
     if ctx.missing_ref:
         plan.failure = ("FailedCreate", ctx.missing_ref)
         plan.events.append(
@@ -443,6 +448,7 @@ class _Inputs:
     instancetype: JSON | None
     preference: JSON | None
     missing_ref: str
+    backup: str = ""  # the backup of the stopped VM's disks that holds its start back
 
 
 def _missing_ref(vm: JSON, instancetype: JSON | None, preference: JSON | None) -> str:
@@ -464,12 +470,14 @@ def decide(
     instancetype: JSON | None = None,
     preference: JSON | None = None,
     jitter: float = 0.0,
+    backup: str = "",
 ) -> VMDecision:
     """What the VM controller does for ``vm`` now, and the VM status that results.
 
     ``data_volumes`` maps DataVolume names in the VM's namespace to their objects;
     ``instancetype``/``preference`` are the objects the VM references (None when absent);
-    ``jitter`` in [0, 1) randomises the crash-loop backoff as KubeVirt does.
+    ``jitter`` in [0, 1) randomises the crash-loop backoff as KubeVirt does; ``backup`` names
+    a VirtualMachineBackup reading the stopped VM's disks, which holds its start back.
     """
     dvs = data_volumes or {}
     strategy = run_strategy(vm)
@@ -481,6 +489,7 @@ def decide(
         instancetype=instancetype,
         preference=preference,
         missing_ref=_missing_ref(vm, instancetype, preference),
+        backup=backup,
     )
     sync_start_failure(status, vmi, strategy, now, jitter)
     if deleting(vm):
@@ -609,10 +618,25 @@ class VMController(Controller):
             instancetype=await self._reference(vm, "instancetype"),
             preference=await self._reference(vm, "preference"),
             jitter=random.random(),
+            backup=await self._backup_lock(vm) if vmi is None else "",
         )
         status = await self._apply(vm, decision)
         await self._write_status(vm, status)
         return Result(decision.requeue_after)
+
+    async def _backup_lock(self, vm: JSON) -> str:
+        """The backup that locked the stopped VM (``BACKUP_LOCK``), while it has not ended."""
+        held = (vm["metadata"].get("annotations") or {}).get(BACKUP_LOCK, "")
+        name = held.partition("@")[0]
+        if not name:
+            return ""
+        backup = await self.client.find(VMBACKUP, name, vm["metadata"].get("namespace", ""))
+        conditions = ((backup or {}).get("status") or {}).get("conditions") or []
+        ended = any(
+            c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+            for c in conditions
+        )
+        return "" if backup is None or ended else name
 
     async def _data_volumes(self, vm: JSON) -> dict[str, JSON]:
         namespace = vm["metadata"].get("namespace", "")
