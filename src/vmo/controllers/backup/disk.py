@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import mmap
 import os
 import threading
 import time
@@ -28,6 +29,9 @@ from vmo.controllers.backup.repository import ZERO, DiskIndex, Repository, Repos
 from vmo.controllers.backup.stores import early_writeback
 
 WORKERS = 4
+# a local restore's threads mostly wait for the disk: more of them keep it busier
+RESTORE_WORKERS = 8
+DIRECT_ALIGN = 4096  # O_DIRECT's offset and length alignment (the logical block size at most)
 Extent = tuple[int, int]  # (offset, length) in bytes
 Progress = Callable[[int], None]  # bytes of the disk done since the last call
 
@@ -89,32 +93,74 @@ class FileSource:
 
 
 class FileTarget:
-    """A raw file restored into: created sparse at the disk's size, or overwritten in place."""
+    """A raw file restored into: created sparse at the disk's size, or overwritten in place.
+
+    Whole aligned chunks are written with ``O_DIRECT`` where the filesystem allows it (copied
+    first into a page-aligned buffer of the target's own): the data goes to the disk without
+    passing through the page cache, which on this machine costs a third of a restore's CPU and
+    leaves the final fsync nothing to wait for. A chunk that is not aligned (the last one of an
+    odd-sized disk) and every write on a filesystem without ``O_DIRECT`` (tmpfs) go through the
+    page cache, written out as they come (``early_writeback``)."""
 
     def __init__(self, path: Path, size: int, *, fresh: bool) -> None:
         self.path, self.size = path, size
         flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if fresh else 0)
         self.fd = os.open(path, flags, 0o600)
         self.fresh = fresh
-        os.ftruncate(self.fd, size)
+        self.direct: int | None = None
+        try:
+            os.ftruncate(self.fd, size)
+            with contextlib.suppress(OSError):  # EINVAL: the filesystem has no O_DIRECT
+                self.direct = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._buffers: list[mmap.mmap] = []
+        self._lock = threading.Lock()
 
     async def write(self, offset: int, data: bytes) -> None:
-        await asyncio.to_thread(os.pwrite, self.fd, data, offset)
+        await asyncio.to_thread(self.write_blocking, offset, data)
 
     def write_blocking(self, offset: int, data: bytes) -> None:
-        os.pwrite(self.fd, data, offset)
+        length = len(data)
+        if self.direct is None or offset % DIRECT_ALIGN or length % DIRECT_ALIGN:
+            os.pwrite(self.fd, data, offset)
+            return
+        with self._lock:
+            buffer = self._buffers.pop() if self._buffers else None
+        if buffer is None or len(buffer) < length:
+            if buffer is not None:
+                buffer.close()
+            buffer = mmap.mmap(-1, length)  # anonymous: page-aligned, as O_DIRECT needs
+        try:
+            buffer[:length] = data
+            with memoryview(buffer) as view:
+                os.pwrite(self.direct, view[:length], offset)
+        finally:
+            with self._lock:
+                self._buffers.append(buffer)
 
     async def write_zeros(self, offset: int, length: int) -> None:
         if not self.fresh:  # a fresh file reads zeros there already (a hole)
             await asyncio.to_thread(os.pwrite, self.fd, bytes(length), offset)
 
     def writeback(self) -> contextlib.AbstractAsyncContextManager[None]:
-        """While the restore writes: its data goes to the disk as it comes."""
+        """While the restore writes: what goes through the page cache goes to the disk as it
+        comes (with O_DIRECT, only an unaligned tail does: the final fsync takes it)."""
+        if self.direct is not None:
+            return contextlib.nullcontext()
         return early_writeback(lambda: os.fdatasync(self.fd))
 
     def close(self) -> None:
-        os.fsync(self.fd)
-        os.close(self.fd)
+        try:
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+            if self.direct is not None:
+                os.close(self.direct)
+            for buffer in self._buffers:
+                buffer.close()
+            self._buffers.clear()
 
 
 @dataclass
@@ -307,7 +353,7 @@ async def restore_disk(
     index: DiskIndex,
     target: Target,
     *,
-    workers: int = WORKERS,
+    workers: int | None = None,
     progress: Progress | None = None,
 ) -> DiskStats:
     """Writes every chunk of ``index`` to ``target``; a damaged chunk stops it (DamagedChunk):
@@ -318,6 +364,8 @@ async def restore_disk(
     queue = list(reversed(range(len(index.digests))))
     # a local repository and a file: one worker-thread hop per chunk reads, checks and writes it
     fast = repo.local and hasattr(target, "write_blocking")
+    if workers is None:
+        workers = RESTORE_WORKERS if fast else WORKERS
 
     async def one(i: int) -> None:
         length = min(cs, index.size - i * cs)
