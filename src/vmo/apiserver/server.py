@@ -33,6 +33,7 @@ from vmo.apiserver.lifecycle import Lifecycle
 from vmo.apiserver.migrations import MigrationAdmission
 from vmo.apiserver.registry import Registry
 from vmo.apiserver.storage_admission import StorageAdmission
+from vmo.apiserver.vm_access import VMAccessAdmission
 from vmo.apiserver.watch import WatchHub
 from vmo.home import StateDir, write_private
 
@@ -100,12 +101,19 @@ class ApiServer:
         self.sa_tokens = ServiceAccountTokens(state.sa_key)
         self.authz = RbacAuthorization(self.service, self.registry)
         self.service.admission.append(self.authz.admit_rbac_change)
+        # who may name which VM is decided before anything about the VM is looked at
+        self.service.admission.append(
+            VMAccessAdmission(self.service, self.registry, self.authz).admit
+        )
         mac_pool = MacPool(self.service, self.registry)
         self.hub.listen(mac_pool.observe)
         self.service.admission.append(mac_pool.admit)
         self.service.admission.append(ServiceAllocator(self.service, self.registry).admit)
         self.service.admission.append(MigrationAdmission(self.service, self.registry).admit)
         self.service.admission.append(StorageAdmission(self.service, self.registry).admit)
+        self.service.admission.append(
+            VMAccessAdmission(self.service, self.registry, self.authz).admit
+        )
         self.lifecycle = Lifecycle(
             self.service,
             self.registry,

@@ -12,9 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from vmo.client import Client, Credentials
-from vmo.controllers.backup.crds import ensure_crds
 from vmo.controllers.backup.restore_server import RestoreServer
-from vmo.controllers.manager import LEASE_NAMESPACE, controller_manager, default_identity
+from vmo.controllers.manager import (
+    LEASE_NAMESPACE,
+    controller_manager,
+    default_identity,
+    ensure_crds,
+)
 from vmo.runtime import LeaseTiming, ensure_namespace
 
 

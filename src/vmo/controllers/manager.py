@@ -8,6 +8,9 @@ import socket
 from pathlib import Path
 
 from vmo.client import Client
+from vmo.controllers.access.crds import access_crds
+from vmo.controllers.access.policy import VMAccessPolicyController
+from vmo.controllers.backup.crds import backup_crds
 from vmo.controllers.backup.policy import (
     BackupPolicyController,
     BackupRepositoryController,
@@ -15,6 +18,7 @@ from vmo.controllers.backup.policy import (
 )
 from vmo.controllers.backup.restore import BackupRestoreController
 from vmo.controllers.backup.restore_server import RestoreServer
+from vmo.controllers.crds import install
 from vmo.controllers.example import NodeLabelController
 from vmo.runtime import Controller, LeaderElector, LeaseTiming, Manager
 
@@ -32,10 +36,16 @@ def vmo_controllers(
     policies = BackupPolicyController(client, root)
     return [
         NodeLabelController(client),
+        VMAccessPolicyController(client),
         policies,
         BackupRepositoryController(client, root),
         BackupRestoreController(client, policies, restore_server or RestoreServer()),
     ]
+
+
+async def ensure_crds(client: Client) -> None:
+    """Every VMO CRD, created where missing and brought up to date."""
+    await install(client, [*backup_crds(), *access_crds()])
 
 
 def default_identity() -> str:

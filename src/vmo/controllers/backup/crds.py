@@ -4,44 +4,16 @@ they are kept) and BackupRestore (a backup back into a VM, a new one or its own)
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
-from vmo.client import CRD, Client, Conflict
+from vmo.client import Client
+from vmo.controllers.crds import CONDITIONS, GROUP, LABEL_SELECTOR, VERSION, crd, install
+from vmo.controllers.crds import integer as _int
+from vmo.controllers.crds import obj as _obj
+from vmo.controllers.crds import string as _str
 
 JSON = dict[str, Any]
-GROUP = "vmo.dev"
-VERSION = "v1alpha1"
 
-
-def _str(**extra: Any) -> JSON:
-    return {"type": "string", **extra}
-
-
-def _int(**extra: Any) -> JSON:
-    return {"type": "integer", **extra}
-
-
-def _obj(properties: JSON, **extra: Any) -> JSON:
-    return {"type": "object", "properties": properties, **extra}
-
-
-CONDITIONS: JSON = {
-    "type": "array",
-    "items": _obj(
-        {
-            "type": _str(),
-            "status": _str(enum=["True", "False", "Unknown"]),
-            "reason": _str(),
-            "message": _str(),
-            "lastTransitionTime": _str(format="date-time"),
-            "observedGeneration": _int(),
-        },
-        required=["type", "status"],
-    ),
-    "x-kubernetes-list-type": "map",
-    "x-kubernetes-list-map-keys": ["type"],
-}
 
 REPOSITORY_SPEC = _obj(
     {
@@ -71,22 +43,7 @@ POLICY_SPEC = _obj(
     {
         "repository": _str(),
         "schedule": _str(description="cron, as in a CronJob"),
-        "selector": _obj(
-            {
-                "matchLabels": {"type": "object", "additionalProperties": _str()},
-                "matchExpressions": {
-                    "type": "array",
-                    "items": _obj(
-                        {
-                            "key": _str(),
-                            "operator": _str(enum=["In", "NotIn", "Exists", "DoesNotExist"]),
-                            "values": {"type": "array", "items": _str()},
-                        },
-                        required=["key", "operator"],
-                    ),
-                },
-            }
-        ),
+        "selector": LABEL_SELECTOR,
         "retention": _obj(
             {
                 "keepLast": _int(minimum=0),
@@ -150,46 +107,6 @@ VM_STATUS = _obj(
 )
 
 
-def _crd(kind: str, plural: str, spec: JSON, status: JSON, columns: list[JSON]) -> JSON:
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.{GROUP}"},
-        "spec": {
-            "group": GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": kind,
-                "plural": plural,
-                "singular": kind.lower(),
-                "listKind": f"{kind}List",
-                "categories": ["vmo"],
-            },
-            "versions": [
-                {
-                    "name": VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": columns,
-                    "schema": {
-                        "openAPIV3Schema": _obj(
-                            {
-                                "apiVersion": _str(),
-                                "kind": _str(),
-                                "metadata": {"type": "object"},
-                                "spec": spec,
-                                "status": status,
-                            },
-                            required=["spec"],
-                        )
-                    },
-                }
-            ],
-        },
-    }
-
-
 def backup_crds() -> list[JSON]:
     repository_status = _obj(
         {
@@ -237,7 +154,7 @@ def backup_crds() -> list[JSON]:
         }
     )
     return [
-        _crd(
+        crd(
             "BackupRestore",
             "backuprestores",
             RESTORE_SPEC,
@@ -248,7 +165,7 @@ def backup_crds() -> list[JSON]:
                 {"name": "Target", "type": "string", "jsonPath": ".status.targetName"},
             ],
         ),
-        _crd(
+        crd(
             "BackupRepository",
             "backuprepositories",
             REPOSITORY_SPEC,
@@ -258,7 +175,7 @@ def backup_crds() -> list[JSON]:
                 {"name": "Encrypted", "type": "boolean", "jsonPath": ".status.encrypted"},
             ],
         ),
-        _crd(
+        crd(
             "BackupPolicy",
             "backuppolicies",
             POLICY_SPEC,
@@ -273,16 +190,8 @@ def backup_crds() -> list[JSON]:
 
 
 async def ensure_crds(client: Client) -> None:
-    """Creates the CRDs that are missing, and brings an older version's up to this one's spec
-    (a field its schema lacks would be pruned from every object)."""
-    for crd in backup_crds():
-        found = await client.find(CRD, crd["metadata"]["name"])
-        if found is None:
-            with contextlib.suppress(Conflict):
-                await client.create(CRD, crd)
-        elif found.get("spec") != crd["spec"]:
-            with contextlib.suppress(Conflict):
-                await client.replace(CRD, {**found, "spec": crd["spec"]})
+    """Creates the backup CRDs that are missing, and brings older ones up to date."""
+    await install(client, backup_crds())
 
 
 __all__ = ["GROUP", "VERSION", "backup_crds", "ensure_crds"]

@@ -36,6 +36,7 @@ from typing import Any
 
 from croniter import croniter
 
+from vmo.api.selectors import labels_of, selector_matches
 from vmo.client import (
     DATAVOLUME,
     PVC,
@@ -107,23 +108,8 @@ def schedule_due(schedule: str, last: datetime, now: datetime) -> tuple[datetime
 
 
 def selected(vm: JSON, selector: JSON | None) -> bool:
-    labels = (vm.get("metadata") or {}).get("labels") or {}
-    selector = selector or {}
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expr in selector.get("matchExpressions") or []:
-        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
-        present = key in labels
-        if op == "In" and (not present or labels[key] not in values):
-            return False
-        if op == "NotIn" and present and labels[key] in values:
-            return False
-        if op == "Exists" and not present:
-            return False
-        if op == "DoesNotExist" and present:
-            return False
-    return True
+    """A policy without a selector backs up every VM of its namespace."""
+    return selector_matches(labels_of(vm), selector or {})
 
 
 def portable(obj: JSON) -> JSON:

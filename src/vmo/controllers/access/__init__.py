@@ -1,0 +1,1 @@
+"""Per-VM access: VMAccessPolicy compiled into plain Kubernetes RBAC."""
