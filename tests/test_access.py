@@ -8,11 +8,15 @@ VM role must and must not allow, on the VM the policy reaches and on one it does
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.conftest import Api, make_user
 from vmo.api import access
@@ -404,3 +408,60 @@ def test_status_names_conflicts_and_bad_policies_are_refused_naming_the_field(
     assert bad.status_code == 422 and "spec.virtualMachines.folder" in bad.text, bad.text
     for name in ("wide", "narrow"):
         assert admin.delete(f"{POLICIES}/{name}").status_code == 200
+
+
+def vmo(kubeconfig: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "vmo.cli.main", *args, "-n", NS, "--kubeconfig", str(kubeconfig)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def test_the_cli_lists_what_each_user_may_see_moves_folders_and_explains_grants(
+    apiserver: ThreadedServer, controller: Api
+) -> None:
+    admin = controller
+    assert admin.post(POLICIES, policy("cli-view", "view", "cli-u", names=["a"])).ok
+    assert admin.post(POLICIES, policy("cli-console", "console", "cli-c", folder="prod")).ok
+    reached(admin, "cli-view", ["a"])
+    reached(admin, "cli-console", ["a"])
+    _, viewer = make_user(apiserver, "cli-u")
+    listed = vmo(viewer, "vm", "ls")
+    assert listed.returncode == 0, listed.stderr
+    names = [line.split()[0] for line in listed.stdout.splitlines()[1:] if line.strip()]
+    assert names == ["a"], listed.stdout  # not b: the user may not get it
+    assert "/prod/db" in listed.stdout
+    root = apiserver.kubeconfig
+    moved = vmo(root, "folder", "mv", "b", "prod/web")
+    assert moved.returncode == 0 and "moved to /prod/web" in moved.stdout, moved.stderr
+    tree = vmo(root, "folder", "ls", "prod")
+    assert tree.returncode == 0, tree.stderr
+    assert "db/" in tree.stdout and "web/" in tree.stdout and "b" in tree.stdout, tree.stdout
+    bad = vmo(root, "folder", "mv", "b", "prod/we b")
+    assert bad.returncode == 2 and "letters, digits" in bad.stderr
+    reached(admin, "cli-console", ["a", "b"])
+    who = vmo(root, "access", "who-can", "console", "b")
+    assert who.returncode == 0, who.stderr
+    assert "cli-c" in who.stdout and "cli-u" not in who.stdout, who.stdout
+    explained = vmo(root, "access", "explain", "cli-c", "b")
+    assert explained.returncode == 0, explained.stderr
+    assert ("VMAccessPolicy cli-console (role console, reaches b in folder prod) -> "
+            "Role vmo-access-cli-console") in explained.stdout, explained.stdout  # fmt: skip
+    assert "RoleBinding vmo-access-cli-console (User cli-c)" in explained.stdout
+    assert vmo(root, "access", "explain", "cli-u", "b").returncode == 1
+    reviewed = vmo(root, "access", "review")
+    assert reviewed.returncode == 0, reviewed.stderr
+    assert "console: User cli-c (cli-console)" in reviewed.stdout
+    assert "view: User cli-u (cli-view)" in reviewed.stdout
+    assert vmo(root, "folder", "mv", "b", "dev").returncode == 0
+    for name in ("cli-view", "cli-console"):
+        assert admin.delete(f"{POLICIES}/{name}").status_code == 200
+
+
+def test_the_example_policies_are_accepted_and_compile(controller: Api) -> None:
+    examples = Path(__file__).resolve().parent.parent / "examples" / "access-policy.yaml"
+    for doc in yaml.safe_load_all(examples.read_text()):
+        doc["metadata"]["namespace"] = NS
+        doc["spec"]["virtualMachines"] = {**doc["spec"]["virtualMachines"], "names": ["a"]}
+        created = controller.post(POLICIES, doc)
+        assert created.status_code == 201, created.text
+        reached(controller, doc["metadata"]["name"], ["a"])
+        assert controller.delete(f"{POLICIES}/{doc['metadata']['name']}").status_code == 200

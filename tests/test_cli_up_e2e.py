@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,3 +66,25 @@ def test_nodes_write_nothing_others_can_read(started: Started) -> None:
     assert started.up.returncode == 0, started.up.stderr
     assert list(started.home.glob("nodes/*/accelerator.json"))  # the nodes' files are checked
     assert loose_modes(started.home) == {}
+
+
+def test_up_runs_vmo_s_own_controllers_which_install_their_crds(started: Started) -> None:
+    assert started.up.returncode == 0, started.up.stderr
+    kubeconfig = str(started.home / "admin.kubeconfig")
+    waited = subprocess.run(
+        ["kubectl", "--kubeconfig", kubeconfig, "wait", "--for=create", "--timeout=60s",
+         "crd/vmaccesspolicies.vmo.dev", "crd/backuppolicies.vmo.dev"],
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert waited.returncode == 0, waited.stderr
+    deadline = time.monotonic() + 60
+    holder = ""
+    while not holder and time.monotonic() < deadline:
+        lease = subprocess.run(
+            ["kubectl", "--kubeconfig", kubeconfig, "get", "lease", "-n", "vmo-system",
+             "vmo-controllers", "-o", "jsonpath={.spec.holderIdentity}"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        holder = lease.stdout if lease.returncode == 0 else ""
+        time.sleep(0.5)
+    assert holder, "no replica of VMO's controllers holds their Lease"

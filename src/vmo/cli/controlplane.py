@@ -25,11 +25,20 @@ import yaml
 from vmo.apiserver.server import ApiServer
 from vmo.cli._common import state_dir
 from vmo.client import NODE, TRANSIENT_ERRORS, ApiStatusError, Client, Credentials
+from vmo.controllers.manager import (
+    LEASE_NAMESPACE,
+    controller_manager,
+    default_identity,
+    ensure_crds,
+)
 from vmo.engine.embedded import Engine
 from vmo.home import PRIVATE_UMASK, AlreadyRunning, StateDir
+from vmo.runtime import ensure_namespace
 
 JSON = dict[str, Any]
+log = logging.getLogger(__name__)
 
+_CONTROLLER_ERRORS: tuple[type[Exception], ...] = (ApiStatusError, *TRANSIENT_ERRORS)
 UP_TIMEOUT = 120.0  # the API server, then each node's accelerator probe and registration
 STOP_TIMEOUT = 15.0
 _POLL = 0.1
@@ -118,22 +127,46 @@ async def _serve(args: argparse.Namespace, state: StateDir) -> None:
     server = ApiServer(state, host=args.host, port=args.port)
     url = await server.start()
     engine = None
+    controllers: asyncio.Task[None] | None = None
     try:
         if not args.no_engine:
             engine = Engine(state, nodes=args.nodes)
             await engine.start(stop)
+            if not args.no_controllers:
+                controllers = loop.create_task(_controllers(state, stop), name="vmo-controllers")
         print(f"VMO API server ready at {url}", flush=True)
         print(f"kubectl --kubeconfig {state.kubeconfig} get namespaces", flush=True)
         await stop.wait()
     finally:
+        if controllers is not None:
+            await asyncio.gather(controllers, return_exceptions=True)
         if engine is not None:
             await engine.close()
         await server.stop()
 
 
+async def _controllers(state: StateDir, stop: asyncio.Event) -> None:
+    """VMO's own controllers (backup, access, ...), as ``vmo controllers run`` runs them: over
+    HTTPS with the admin's credentials, under the controllers' Lease. A failure is logged and
+    leaves the API server and the nodes running."""
+    creds = admin_credentials(state)
+    if creds is None:
+        log.error("VMO's controllers did not start: no admin credentials in %s", state.root)
+        return
+    try:
+        async with Client(creds) as client:
+            await ensure_namespace(client, LEASE_NAMESPACE)
+            await ensure_crds(client)
+            await controller_manager(client, identity=default_identity()).run(stop)
+    except _CONTROLLER_ERRORS as exc:
+        log.error("VMO's controllers stopped: %s", exc)
+
+
 def _server_argv(args: argparse.Namespace, state: StateDir) -> list[str]:
     argv = [sys.executable, "-m", "vmo.cli.main", "--home", str(state.root), "up"]
     argv += ["--host", args.host, "--port", str(args.port), "--nodes", str(args.nodes)]
+    if args.no_controllers:
+        argv.append("--no-controllers")
     return [*argv, "--no-engine"] if args.no_engine else argv
 
 
@@ -351,6 +384,11 @@ def register(sub: Any) -> None:
     up.add_argument("--nodes", type=int, default=1, help="node agents to run on this host")
     up.add_argument(
         "--no-engine", action="store_true", help="API server only: no controllers, no node"
+    )
+    up.add_argument(
+        "--no-controllers",
+        action="store_true",
+        help="without VMO's own controllers (backup, access): run them with `vmo controllers run`",
     )
     up.add_argument(
         "--timeout",

@@ -306,6 +306,9 @@ def parser() -> argparse.ArgumentParser:
     from vmo.cli.backup import add_backup_commands
 
     add_backup_commands(sub, _creds, _namespace)
+    from vmo.cli.access import add_access_commands
+
+    add_access_commands(sub, _creds, _namespace)
     from vmo.cli.controllers import add_controllers_commands
 
     add_controllers_commands(sub, _creds)
