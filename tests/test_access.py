@@ -19,10 +19,11 @@ import pytest
 import yaml
 
 from tests.conftest import Api, make_user
-from vmo.api import access
+from vmo.api import access, quota
 from vmo.client import Client, load_kubeconfig
 from vmo.controllers.access.crds import access_crds
 from vmo.controllers.access.policy import VMAccessPolicyController, compile_policy, reaches
+from vmo.controllers.access.quota import VMQuotaController
 from vmo.controllers.crds import install
 from vmo.runtime import Manager
 from vmo.testing.apiserver import ThreadedServer
@@ -178,7 +179,7 @@ def controller(apiserver: ThreadedServer) -> Iterator[Api]:
         await client.__aenter__()
         await install(client, access_crds())
         stop = asyncio.Event()
-        manager = Manager([VMAccessPolicyController(client)])
+        manager = Manager([VMAccessPolicyController(client), VMQuotaController(client)])
         state.update(client=client, stop=stop,
                      task=asyncio.get_running_loop().create_task(manager.run(stop)))  # fmt: skip
 
@@ -465,3 +466,143 @@ def test_the_example_policies_are_accepted_and_compile(controller: Api) -> None:
         assert created.status_code == 201, created.text
         reached(controller, doc["metadata"]["name"], ["a"])
         assert controller.delete(f"{POLICIES}/{doc['metadata']['name']}").status_code == 200
+
+
+def test_a_policy_author_cannot_grant_what_they_do_not_hold(
+    apiserver: ThreadedServer, controller: Api
+) -> None:
+    admin = controller
+    assert admin.post(POLICIES, policy("delegator-admin", "admin", "delegator", names=["a"])).ok
+    reached(admin, "delegator-admin", ["a"])
+    rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}"
+    may_write = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                 "metadata": {"name": "policy-writer", "namespace": NS},
+                 "rules": [{"apiGroups": ["vmo.dev"], "resources": ["vmaccesspolicies"],
+                            "verbs": ["create", "get", "update", "delete"]}]}  # fmt: skip
+    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "policy-writer", "namespace": NS},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                           "name": "policy-writer"},
+               "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                             "name": "delegator"}]}  # fmt: skip
+    assert admin.post(f"{rbac}/roles", may_write).status_code == 201
+    assert admin.post(f"{rbac}/rolebindings", binding).status_code == 201
+    delegator = Api(apiserver.url, apiserver.ca, make_user(apiserver, "delegator")[0])
+    # what it holds, it may hand on: view on a, or admin on a folder that holds only a
+    assert delegator.post(POLICIES, policy("friend-view", "view", "friend", names=["a"])).ok
+    assert delegator.post(POLICIES, policy("friend-prod", "admin", "friend", folder="prod/db")).ok
+    # what it does not: the console of b
+    refused = delegator.post(POLICIES, policy("friend-b", "console", "friend", names=["b"]))
+    assert refused.status_code == 403, refused.text
+    message = refused.json()["message"]
+    assert "a policy may grant only what its author holds" in message
+    assert 'Resources:["virtualmachineinstances/console"], ResourceNames:["b"]' in message, message
+    assert admin.get(f"{POLICIES}/friend-b").status_code == 404
+    reached(admin, "friend-view", ["a"])
+    for name in ("friend-view", "friend-prod", "delegator-admin"):
+        assert admin.delete(f"{POLICIES}/{name}").status_code == 200
+
+
+# --- VMQuota ---------------------------------------------------------------------------------------
+
+QUOTAS = f"/apis/vmo.dev/v1alpha1/namespaces/{NS}/vmquotas"
+
+
+def test_a_vm_counts_what_it_declares_instancetype_included() -> None:
+    sized = vm("s", None)
+    sized["spec"]["template"]["spec"]["domain"]["cpu"] = {"sockets": 2, "cores": 2}
+    usage = quota.vm_usage(sized)
+    assert usage == quota.Usage(vms=1, vcpus=4, memory=64 << 20, storage=16 << 20)
+    typed = {"spec": {"instancetype": {"name": "big"}, "template": {"spec": {"domain": {}}}}}
+    big = {"spec": {"cpu": {"guest": 8}, "memory": {"guest": "2Gi"}}}
+    assert quota.vm_usage(typed, big) == quota.Usage(vms=1, vcpus=8, memory=2 << 30)
+    assert quota.instancetype_ref(typed) == ("VirtualMachineClusterInstancetype", "big")
+    q = {"metadata": {"name": "q"}, "spec": {"hard": {"vcpus": 6, "memory": "1Gi"}}}
+    assert quota.exceeded(q, quota.Usage(vcpus=6), quota.Usage(vcpus=1, memory=1)) == (
+        "exceeded quota: q, requested: vcpus=1, used: vcpus=6, limited: vcpus=6"
+    )
+    assert quota.exceeded(q, quota.Usage(vcpus=9), quota.Usage(memory=1)) is None  # adds no CPU
+
+
+def test_vms_over_quota_are_refused_with_the_numbers_and_migrations_never_count(
+    controller: Api,
+) -> None:
+    admin = controller
+    body = {"apiVersion": "vmo.dev/v1alpha1", "kind": "VMQuota",
+            "metadata": {"name": "ns-quota", "namespace": NS},
+            "spec": {"hard": {"virtualMachines": 5, "vcpus": 6, "memory": "1Gi"}}}  # fmt: skip
+    assert admin.post(QUOTAS, body).status_code == 201
+
+    def used(name: str, want: JSON) -> JSON:
+        def done() -> JSON | None:
+            found = admin.get(f"{QUOTAS}/{name}").json()
+            return found if (found.get("status") or {}).get("used") == want else None
+
+        found: JSON = wait(done, 10, f"quota {name} to count {want}")
+        return found
+
+    used("ns-quota", {"virtualMachines": 2, "vcpus": 2, "memory": "128Mi", "storage": "32Mi"})
+    wide = vm("wide", "dev")
+    wide["spec"]["template"]["spec"]["domain"]["cpu"] = {"cores": 4}
+    assert admin.post(VMS, wide).status_code == 201  # 6 vCPUs: at the limit, not past it
+    refused = admin.post(VMS, vm("one-more", "dev"))
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["message"] == (
+        'virtualmachines.kubevirt.io "one-more" is forbidden: exceeded quota: ns-quota, '
+        "requested: vcpus=1, used: vcpus=6, limited: vcpus=6"
+    )
+    assert admin.get(f"{VMS}/one-more").status_code == 404
+    # an instancetype counts as the VM declares it
+    big = {"apiVersion": "instancetype.kubevirt.io/v1beta1", "kind": "VirtualMachineInstancetype",
+           "metadata": {"name": "big", "namespace": NS},
+           "spec": {"cpu": {"guest": 1}, "memory": {"guest": "2Gi"}}}  # fmt: skip
+    assert admin.post(f"/apis/instancetype.kubevirt.io/v1beta1/namespaces/{NS}/"
+                      "virtualmachineinstancetypes", big).status_code == 201  # fmt: skip
+    typed = vm("typed", "dev")
+    typed["spec"]["instancetype"] = {"kind": "VirtualMachineInstancetype", "name": "big"}
+    del typed["spec"]["template"]["spec"]["domain"]["resources"]
+    refused = admin.post(VMS, typed)
+    assert refused.status_code == 403, refused.text
+    assert "requested: vcpus=1,memory=2Gi, used: vcpus=6,memory=192Mi" in refused.json()["message"]
+    # growing a VM is judged by what it adds; a change that adds nothing passes
+    grow = {"spec": {"template": {"spec": {"domain": {"cpu": {"cores": 5}}}}}}
+    assert admin.patch(f"{VMS}/wide", grow, MERGE).status_code == 403
+    assert admin.patch(f"{VMS}/wide", {"metadata": {"labels": {"x": "y"}}}, MERGE).ok
+    # a migration is no VM: with the quota full, it is not refused, and nothing more is counted
+    migrations = f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstancemigrations"
+    mig = {"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstanceMigration",
+           "metadata": {"name": "quota-mig", "namespace": NS}, "spec": {"vmiName": "wide"}}  # fmt: skip
+    created = admin.post(migrations, mig)
+    assert "exceeded quota" not in created.text
+    used("ns-quota", {"virtualMachines": 3, "vcpus": 6, "memory": "192Mi", "storage": "48Mi"})
+    # a lowered limit: Exceeded, and nothing running is touched
+    assert admin.patch(f"{QUOTAS}/ns-quota", {"spec": {"hard": {"vcpus": 4}}}, MERGE).ok
+
+    def exceeded() -> JSON | None:
+        found = admin.get(f"{QUOTAS}/ns-quota").json()
+        conds = {c["type"]: c for c in (found.get("status") or {}).get("conditions") or []}
+        return found if conds.get("Exceeded", {}).get("status") == "True" else None
+
+    assert "vcpus 6 > 4" in wait(exceeded, 10, "Exceeded")["status"]["conditions"][0]["message"]
+    assert admin.delete(f"{QUOTAS}/ns-quota").status_code == 200
+    assert admin.post(VMS, vm("one-more", "dev")).status_code == 201  # no quota: no limit
+    for name in ("wide", "one-more"):
+        assert admin.delete(f"{VMS}/{name}").status_code == 200
+    admin.delete(migrations + "/quota-mig")
+
+
+def test_a_folder_quota_counts_the_folder_and_refuses_a_move_into_it(controller: Api) -> None:
+    admin = controller
+    body = {"apiVersion": "vmo.dev/v1alpha1", "kind": "VMQuota",
+            "metadata": {"name": "prod-quota", "namespace": NS},
+            "spec": {"folder": "prod", "hard": {"virtualMachines": 1}}}  # fmt: skip
+    assert admin.post(QUOTAS, body).status_code == 201
+    refused = admin.patch(f"{VMS}/b", {"metadata": {"labels": {access.FOLDER_LABEL: "prod.web"}}},
+                          MERGE)  # fmt: skip
+    assert refused.status_code == 403, refused.text
+    assert "exceeded quota: prod-quota, requested: virtualMachines=1, used: virtualMachines=1, " \
+           "limited: virtualMachines=1" in refused.json()["message"]  # fmt: skip
+    assert admin.get(f"{VMS}/b").json()["metadata"]["labels"][access.FOLDER_LABEL] == "dev"
+    assert admin.post(VMS, vm("elsewhere", "dev")).status_code == 201  # outside the folder
+    assert admin.delete(f"{VMS}/elsewhere").status_code == 200
+    assert admin.delete(f"{QUOTAS}/prod-quota").status_code == 200

@@ -35,6 +35,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vmo.api.selectors import labels_of, selector_matches
+
 JSON = dict[str, Any]
 
 GROUP = "vmo.dev"
@@ -227,6 +229,25 @@ def vm_claims(vm: Mapping[str, Any]) -> set[str]:
     return names
 
 
+def reaches(policy: Mapping[str, Any], vm: Mapping[str, Any]) -> bool:
+    """Whether a VMAccessPolicy reaches ``vm``: listed by name, or matching its selector and
+    inside its folder (each where given; a policy that gives neither reaches only its names)."""
+    pick = (policy.get("spec") or {}).get("virtualMachines") or {}
+    if (vm.get("metadata") or {}).get("name") in (pick.get("names") or []):
+        return True
+    selector, folder = pick.get("selector"), pick.get("folder")
+    if selector is None and not folder:
+        return False
+    if selector is not None and not selector_matches(labels_of(vm), selector):
+        return False
+    if folder:
+        try:
+            return in_folder(vm, str(folder))
+        except FolderError:
+            return False
+    return True
+
+
 # --- what an object names: its VM ----------------------------------------------------------------
 
 
@@ -358,6 +379,7 @@ __all__ = [
     "in_folder",
     "includes",
     "named_vm",
+    "reaches",
     "related_vm",
     "required_vm_verb",
     "rules_for",

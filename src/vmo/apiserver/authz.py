@@ -82,6 +82,11 @@ class RbacAuthorization:
         if not decision.allowed:
             raise rbac.forbidden(attrs)
 
+    def loaded(self) -> rbac.RBACAuthorizer:
+        """The authorizer, with every Role and binding of the store in it."""
+        self._ensure_loaded()
+        return self.authorizer
+
     def allowed(self, attrs: rbac.RequestAttributes) -> rbac.Decision:
         self._ensure_loaded()
         return self.authorizer.authorize(attrs)

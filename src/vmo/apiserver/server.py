@@ -34,6 +34,7 @@ from vmo.apiserver.migrations import MigrationAdmission
 from vmo.apiserver.registry import Registry
 from vmo.apiserver.storage_admission import StorageAdmission
 from vmo.apiserver.vm_access import VMAccessAdmission
+from vmo.apiserver.vm_quota import VMQuotaAdmission
 from vmo.apiserver.watch import WatchHub
 from vmo.home import StateDir, write_private
 
@@ -102,18 +103,16 @@ class ApiServer:
         self.authz = RbacAuthorization(self.service, self.registry)
         self.service.admission.append(self.authz.admit_rbac_change)
         # who may name which VM is decided before anything about the VM is looked at
-        self.service.admission.append(
-            VMAccessAdmission(self.service, self.registry, self.authz).admit
-        )
+        vm_access = VMAccessAdmission(self.service, self.registry, self.authz)
+        self.service.admission.append(vm_access.admit)
+        self.service.admission.append(vm_access.admit_policy)
+        self.service.admission.append(VMQuotaAdmission(self.service, self.registry).admit)
         mac_pool = MacPool(self.service, self.registry)
         self.hub.listen(mac_pool.observe)
         self.service.admission.append(mac_pool.admit)
         self.service.admission.append(ServiceAllocator(self.service, self.registry).admit)
         self.service.admission.append(MigrationAdmission(self.service, self.registry).admit)
         self.service.admission.append(StorageAdmission(self.service, self.registry).admit)
-        self.service.admission.append(
-            VMAccessAdmission(self.service, self.registry, self.authz).admit
-        )
         self.lifecycle = Lifecycle(
             self.service,
             self.registry,

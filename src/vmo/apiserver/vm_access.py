@@ -70,6 +70,51 @@ class VMAccessAdmission:
             group=rt.group,
         )
 
+    def admit_policy(
+        self, rt: ResourceType, obj: JSON, old: JSON | None, caller: ob.Caller
+    ) -> None:
+        """No escalation: whoever writes a VMAccessPolicy must hold what it grants now (its
+        role's rules on the VMs it reaches and their disks), as RBAC's escalate check asks of a
+        Role's author."""
+        if (rt.group, rt.kind) != (access.GROUP, "VMAccessPolicy"):
+            return
+        md = obj.get("metadata") or {}
+        if md.get("deletionTimestamp") or (old is not None and old.get("spec") == obj.get("spec")):
+            return  # a status write, a finalizer going: nothing new is granted
+        role = str((obj.get("spec") or {}).get("role") or "")
+        if role not in access.ROLE_GRANTS:
+            return  # the schema refuses it
+        namespace = str(md.get("namespace") or "")
+        vm_rt = self.registry.lookup(access.KUBEVIRT, "v1", "virtualmachines")
+        assert vm_rt is not None
+        vms = [row.obj() for row in self.service.scan(vm_rt, namespace)]
+        reached = [vm for vm in vms if access.reaches(obj, vm)]
+        claims: set[str] = set()
+        for vm in reached:
+            claims |= access.vm_claims(vm)
+        reach = access.Reach(
+            tuple(sorted(v["metadata"]["name"] for v in reached)), tuple(sorted(claims))
+        )
+        rules = rbac.rules_from_json(access.rules_for(role, reach))
+        user = user_info(caller.name, caller.groups)
+        if rbac.MASTERS_GROUP in user.groups:
+            return
+        authorizer = self.authz.loaded()
+        causes = rbac.escalation_causes(user, authorizer, namespace, rules)
+        if not causes:
+            return
+        _owned, errors = authorizer.policy_rules(user, namespace)
+        name = str(md.get("name") or "")
+        raise ApiError(
+            403,
+            "Forbidden",
+            f'vmaccesspolicies.vmo.dev "{name}" is forbidden: a policy may grant only what its '
+            f"author holds: {rbac.escalation_message(user, causes, errors)}",
+            kind="vmaccesspolicies",
+            group=access.GROUP,
+            name=name,
+        )
+
     def _vm(self, namespace: str, named: tuple[str, str] | None) -> str:
         """The VM's name, following a tracker, snapshot or backup the object names."""
         for _ in range(3):

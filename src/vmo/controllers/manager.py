@@ -10,6 +10,7 @@ from pathlib import Path
 from vmo.client import Client
 from vmo.controllers.access.crds import access_crds
 from vmo.controllers.access.policy import VMAccessPolicyController
+from vmo.controllers.access.quota import VMQuotaController
 from vmo.controllers.backup.crds import backup_crds
 from vmo.controllers.backup.policy import (
     BackupPolicyController,
@@ -37,6 +38,7 @@ def vmo_controllers(
     return [
         NodeLabelController(client),
         VMAccessPolicyController(client),
+        VMQuotaController(client),
         policies,
         BackupRepositoryController(client, root),
         BackupRestoreController(client, policies, restore_server or RestoreServer()),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from vmo.api.access import ROLES
+from vmo.api.quantity import QUANTITY_PATTERN
 from vmo.client import Client, Resource
 from vmo.controllers.crds import CONDITIONS, GROUP, LABEL_SELECTOR, VERSION, crd, install, obj
 from vmo.controllers.crds import string as _str
@@ -13,6 +14,7 @@ from vmo.controllers.crds import string as _str
 JSON = dict[str, Any]
 
 VMACCESSPOLICY = Resource(GROUP, VERSION, "vmaccesspolicies", "VMAccessPolicy")
+VMQUOTA = Resource(GROUP, VERSION, "vmquotas", "VMQuota")
 
 # a folder path: names of letters, digits, '-' and '_' between slashes (vmo.api.access)
 FOLDER_PATTERN = r"^/?([A-Za-z0-9]([A-Za-z0-9_-]*[A-Za-z0-9])?/?)*$"
@@ -63,8 +65,58 @@ POLICY_STATUS = obj(
 )
 
 
+QUANTITY = {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN}  # fmt: skip
+
+QUOTA_SPEC = obj(
+    {
+        "folder": _str(pattern=FOLDER_PATTERN, maxLength=64,
+                       description="count only the VMs in this folder and below it"),
+        "hard": obj(
+            {
+                "virtualMachines": {"type": "integer", "minimum": 0},
+                "vcpus": {"type": "integer", "minimum": 0},
+                "memory": QUANTITY,
+                "storage": QUANTITY,
+            },
+        ),
+    },
+    required=["hard"],
+)  # fmt: skip
+
+USAGE = obj(
+    {
+        "virtualMachines": {"type": "integer"},
+        "vcpus": {"type": "integer"},
+        "memory": _str(),
+        "storage": _str(),
+    }
+)
+
+QUOTA_STATUS = obj(
+    {
+        "hard": USAGE,
+        "used": USAGE,
+        "observedGeneration": {"type": "integer"},
+        "conditions": CONDITIONS,
+    }
+)
+
+
 def access_crds() -> list[JSON]:
     return [
+        crd(
+            "VMQuota",
+            "vmquotas",
+            QUOTA_SPEC,
+            QUOTA_STATUS,
+            [
+                {"name": "Folder", "type": "string", "jsonPath": ".spec.folder"},
+                {"name": "VMs", "type": "integer", "jsonPath": ".status.used.virtualMachines"},
+                {"name": "vCPUs", "type": "integer", "jsonPath": ".status.used.vcpus"},
+                {"name": "Memory", "type": "string", "jsonPath": ".status.used.memory"},
+            ],
+        ),
         crd(
             "VMAccessPolicy",
             "vmaccesspolicies",
@@ -75,7 +127,7 @@ def access_crds() -> list[JSON]:
                 {"name": "Folder", "type": "string", "jsonPath": ".spec.virtualMachines.folder"},
                 {"name": "VMs", "type": "integer", "jsonPath": ".status.reached"},
             ],
-        )
+        ),
     ]
 
 
@@ -83,4 +135,4 @@ async def ensure_crds(client: Client) -> None:
     await install(client, access_crds())
 
 
-__all__ = ["VMACCESSPOLICY", "access_crds", "ensure_crds"]
+__all__ = ["VMACCESSPOLICY", "VMQUOTA", "access_crds", "ensure_crds"]

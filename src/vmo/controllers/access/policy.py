@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmo.api import access
-from vmo.api.selectors import labels_of, selector_matches
+from vmo.api.access import reaches
 from vmo.client import (
     ROLE,
     ROLEBINDING,
@@ -78,25 +78,6 @@ class Compiled:
     role: JSON
     binding: JSON
     conflicts: tuple[str, ...]
-
-
-def reaches(policy: JSON, vm: JSON) -> bool:
-    """Whether the policy reaches ``vm``: listed by name, or matching its selector and inside
-    its folder (each where given; a policy that gives neither reaches only its names)."""
-    pick = (policy.get("spec") or {}).get("virtualMachines") or {}
-    if vm["metadata"]["name"] in (pick.get("names") or []):
-        return True
-    selector, folder = pick.get("selector"), pick.get("folder")
-    if selector is None and not folder:
-        return False
-    if selector is not None and not selector_matches(labels_of(vm), selector):
-        return False
-    if folder:
-        try:
-            return access.in_folder(vm, str(folder))
-        except access.FolderError:
-            return False
-    return True
 
 
 def subjects_of(policy: JSON) -> list[JSON]:
