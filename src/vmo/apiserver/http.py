@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import logging
@@ -17,16 +18,20 @@ import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from vmo.api.types import JSON, ResourceType
-from vmo.apiserver import discovery, errors, heap, openapi, table
+from vmo.apiserver import discovery, errors, heap, openapi, rbac, table
 from vmo.apiserver import objects as ob
 from vmo.apiserver import patch as patching
 from vmo.apiserver import protobuf as pb
 from vmo.apiserver import store as st
+from vmo.apiserver.audit import AuditLog
+from vmo.apiserver.audit import RequestInfo as AuditRequest
+from vmo.apiserver.audit import event as audit_event
 from vmo.apiserver.auth import Authenticator, Identity
 from vmo.apiserver.errors import ApiError
 from vmo.apiserver.registry import Registry
@@ -111,6 +116,36 @@ def _success(details: JSON | None = None) -> JSON:
     return body
 
 
+_AUDITED_BODY = 3 << 20  # request bodies up to this size go into Request-level events
+
+
+async def _json_body(request: web.Request) -> Any:
+    """The request's JSON body, for the audit log (read once; aiohttp keeps it for the handler)."""
+    if request.method not in ("POST", "PUT", "PATCH") or "json" not in request.content_type:
+        return None
+    if (request.content_length or 0) > _AUDITED_BODY:
+        return None
+    with contextlib.suppress(ValueError, web.HTTPException):
+        return json.loads(await request.read())
+    return None
+
+
+def _audit_info(request: web.Request, user: Identity | None) -> AuditRequest:
+    name = user.name if user is not None else ""
+    groups = tuple(user.groups) if user is not None else ()
+    try:
+        attrs = rbac.request_attributes(
+            request.method, request.path, dict(request.query), rbac.UserInfo(name, groups)
+        )
+    except rbac.RequestInfoError:
+        return AuditRequest(name, groups, request.method.lower(), request.path, False)
+    return AuditRequest(
+        name, groups, attrs.verb, request.path, attrs.resource_request, attrs.api_group,
+        attrs.api_version, attrs.resource, attrs.subresource, attrs.namespace, attrs.name,
+        user.uid if user is not None else "",
+    )  # fmt: skip
+
+
 @dataclass
 class ApiHandlers:
     registry: Registry
@@ -125,13 +160,14 @@ class ApiHandlers:
     # subresources.kubevirt.io): group -> (version, APIResourceList, handler)
     extra_groups: dict[str, ExtraGroup] = field(default_factory=dict)
     ready: bool = True
+    audit: AuditLog | None = None
 
     # --- app -----------------------------------------------------------------------------------
 
     def app(self) -> web.Application:
         app = web.Application(
             client_max_size=MAX_BODY,
-            middlewares=[self._errors, self._authenticate],
+            middlewares=[self._audit, self._errors, self._authenticate],
             # a client that hangs up cancels its handler, as a Go server cancels the request's
             # context: an idle watch would otherwise live on until its timeout
             handler_args={"handler_cancellation": True},
@@ -189,6 +225,57 @@ class ApiHandlers:
                     "Internal error occurred: the server failed to serve the request",
                 )
             )
+
+    @web.middleware
+    async def _audit(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Every request into the audit log, once it is answered (a stream: once it ends)."""
+        if self.audit is None:
+            return await handler(request)
+        received = datetime.now(UTC)
+        body = await _json_body(request)
+        response: web.StreamResponse | None = None
+        try:
+            response = await handler(request)
+            return response
+        finally:
+            self._record(request, response, body, received)
+
+    def _record(
+        self,
+        request: web.Request,
+        response: web.StreamResponse | None,
+        body: Any,
+        received: datetime,
+    ) -> None:
+        assert self.audit is not None
+        user = request.get(_IDENTITY_KEY)
+        info = _audit_info(request, user)
+        level = self.audit.policy.level(info)
+        if level == "None":
+            return
+        code = response.status if response is not None else 200  # a client that hung up
+        answer: Any = None
+        if isinstance(response, web.Response) and response.body is not None:
+            with contextlib.suppress(ValueError, TypeError):
+                answer = json.loads(bytes(response.body))  # type: ignore[arg-type]
+        status = answer if isinstance(answer, dict) and answer.get("kind") == "Status" else None
+        self.audit.write(
+            audit_event(
+                info,
+                level=level,
+                uri=str(request.rel_url),
+                source_ips=[request.remote or ""],
+                user_agent=request.headers.get("User-Agent", ""),
+                code=code,
+                received=received,
+                completed=datetime.now(UTC),
+                status=status,
+                request_object=body,
+                response_object=answer,
+            )
+        )
 
     @web.middleware
     async def _authenticate(

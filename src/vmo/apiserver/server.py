@@ -23,6 +23,7 @@ from vmo.apiserver import bootstrap_roles, kubevirt_api, pki, rbac
 from vmo.apiserver import objects as ob
 from vmo.apiserver import store as st
 from vmo.apiserver.allocators import MacPool, ServiceAllocator
+from vmo.apiserver.audit import AuditLog
 from vmo.apiserver.auth import Authenticator, ServiceAccountTokens, TokenFile
 from vmo.apiserver.authn_reviews import authentication_reviews
 from vmo.apiserver.authz import RbacAuthorization, access_reviews, token_request_handler
@@ -87,11 +88,21 @@ def kubeconfig(
 class ApiServer:
     """One embedded API server bound to a state directory."""
 
-    def __init__(self, state: StateDir, *, host: str = "127.0.0.1", port: int = 6443) -> None:
+    def __init__(
+        self,
+        state: StateDir,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 6443,
+        audit: AuditLog | None = None,
+    ) -> None:
+        """``audit``: where and how requests are audited (default: every request at Metadata
+        level into the home's ``audit`` directory)."""
         self.state = state
         self.host = host
         self.port = port
         state.prepare()
+        self.audit = audit if audit is not None else AuditLog(state.root / "audit")
         self.ca = pki.ensure_ca(state.pki)
         self.serving = pki.ensure_serving(self.ca, state.pki)
         self.store = st.Store(state.db)
@@ -124,6 +135,7 @@ class ApiServer:
             self.service,
             Authenticator(self.tokens, self.sa_tokens, self._service_account_uid),
             self.authz,
+            audit=self.audit,
         )
         self.handlers.virtual.update(access_reviews(self.authz))
         self.handlers.virtual.update(authentication_reviews(self.handlers.authenticator))
@@ -192,6 +204,7 @@ class ApiServer:
     async def start(self) -> str:
         """Binds, starts controllers and returns the server URL."""
         self.lifecycle.prime()
+        self.audit.open()
         admin_token = self.bootstrap()
         self.lifecycle.start()
         self._runner = web.AppRunner(self.handlers.app(), access_log=None, shutdown_timeout=1.0)
@@ -247,6 +260,7 @@ class ApiServer:
         await self.lifecycle.stop()
         if self._runner is not None:
             await self._runner.cleanup()
+        self.audit.close()
         self.store.close()
 
 

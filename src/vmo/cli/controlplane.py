@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from vmo.apiserver.audit import DEFAULT_POLICY, AuditLog, AuditPolicyError, load_policy
 from vmo.apiserver.server import ApiServer
 from vmo.cli._common import state_dir
 from vmo.client import NODE, TRANSIENT_ERRORS, ApiStatusError, Client, Credentials
@@ -91,6 +92,15 @@ def _parse_time(stamp: str | None) -> datetime:
 # --- up -----------------------------------------------------------------------------------------
 
 
+def audit_log(args: argparse.Namespace, state: StateDir) -> AuditLog:
+    """The audit log ``vmo up``'s flags ask for (kube-apiserver's ``--audit-*`` where it has
+    them); AuditPolicyError when the policy file is not one."""
+    policy = load_policy(Path(args.audit_policy_file)) if args.audit_policy_file else DEFAULT_POLICY
+    directory = Path(args.audit_log_dir) if args.audit_log_dir else state.root / "audit"
+    return AuditLog(directory, policy, max_bytes=args.audit_log_maxsize << 20,
+                    backups=args.audit_log_maxbackup)  # fmt: skip
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     # before the home exists: every file and directory the control plane makes is its owner's
     os.umask(PRIVATE_UMASK)
@@ -100,6 +110,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     if pid is not None:
         print(f"VMO is already running (pid {pid}) at {probe(state) or 'an unknown address'}")
         return 0
+    try:
+        audit_log(args, state)  # a bad policy file is refused before anything starts
+    except AuditPolicyError as exc:
+        print(f"vmo up: --audit-policy-file: {exc}", file=sys.stderr)
+        return 2
     if args.detach:
         return _up_detached(args, state)
     return _up_foreground(args, state)
@@ -124,7 +139,7 @@ async def _serve(args: argparse.Namespace, state: StateDir) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    server = ApiServer(state, host=args.host, port=args.port)
+    server = ApiServer(state, host=args.host, port=args.port, audit=audit_log(args, state))
     url = await server.start()
     engine = None
     controllers: asyncio.Task[None] | None = None
@@ -167,6 +182,12 @@ def _server_argv(args: argparse.Namespace, state: StateDir) -> list[str]:
     argv += ["--host", args.host, "--port", str(args.port), "--nodes", str(args.nodes)]
     if args.no_controllers:
         argv.append("--no-controllers")
+    if args.audit_policy_file:
+        argv += ["--audit-policy-file", str(Path(args.audit_policy_file).resolve())]
+    if args.audit_log_dir:
+        argv += ["--audit-log-dir", str(Path(args.audit_log_dir).resolve())]
+    argv += ["--audit-log-maxsize", str(args.audit_log_maxsize),
+             "--audit-log-maxbackup", str(args.audit_log_maxbackup)]  # fmt: skip
     return [*argv, "--no-engine"] if args.no_engine else argv
 
 
@@ -390,6 +411,20 @@ def register(sub: Any) -> None:
         action="store_true",
         help="without VMO's own controllers (backup, access): run them with `vmo controllers run`",
     )
+    up.add_argument(
+        "--audit-policy-file",
+        default="",
+        help="an audit.k8s.io/v1 Policy (default: every request at Metadata level)",
+    )
+    up.add_argument("--audit-log-dir", default="", help="default: the home's audit/")
+    up.add_argument(
+        "--audit-log-maxsize",
+        type=int,
+        default=100,
+        metavar="MB",
+        help="rotate the log at this size",
+    )
+    up.add_argument("--audit-log-maxbackup", type=int, default=10, help="rotated files to keep")
     up.add_argument(
         "--timeout",
         type=float,

@@ -306,6 +306,9 @@ def parser() -> argparse.ArgumentParser:
     from vmo.cli.backup import add_backup_commands
 
     add_backup_commands(sub, _creds, _namespace)
+    from vmo.cli.audit import add_audit_commands
+
+    add_audit_commands(sub, state_dir)
     from vmo.cli.access import add_access_commands
 
     add_access_commands(sub, _creds, _namespace)

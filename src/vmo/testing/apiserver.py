@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from vmo.apiserver.audit import AuditLog
 from vmo.apiserver.server import ApiServer
 from vmo.engine.embedded import Engine
 from vmo.home import StateDir
@@ -30,6 +31,7 @@ class ThreadedServer:
     nodes: int = 1
     server: ApiServer | None = None
     running_engine: Engine | None = None
+    audit: AuditLog | None = None  # default: the home's audit/, every request at Metadata
     url: str = ""
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     _thread: threading.Thread | None = None
@@ -91,7 +93,7 @@ class ThreadedServer:
         self.url = self.call(self.server.start())
 
     async def _make(self) -> ApiServer:
-        return ApiServer(StateDir(self.home), port=self.port)
+        return ApiServer(StateDir(self.home), port=self.port, audit=self.audit)
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
         """Runs a coroutine on the server's loop and waits for its result."""
