@@ -198,3 +198,19 @@ def test_vmo_audit_filters_by_vm_user_verb_and_time_and_verifies_the_chain(
     current.write_text(current.read_text().replace('"verb":"get"', '"verb":"list"', 1))
     broken = vmo("verify", "--dir", str(copy))
     assert broken.returncode == 1 and "BROKEN" in broken.stderr
+
+
+def test_a_body_too_deep_to_parse_is_refused_and_audited_without_its_body(
+    audited: tuple[ThreadedServer, Path],
+) -> None:
+    server, directory = audited
+    admin = Api(server.url, server.ca, server.admin_token)
+    deep = '{"a":' * 10000 + "1" + "}" * 10000
+    answer = admin.request("POST", f"/api/v1/namespaces/{NS}/configmaps", data=deep,
+                           headers={"Content-Type": "application/json"})  # fmt: skip
+    assert answer.status_code == 400, answer.text
+    event = [
+        e for e in events(directory) if e.get("objectRef", {}).get("resource") == "configmaps"
+    ][-1]
+    assert event["level"] == "Request" and "requestObject" not in event
+    assert event["responseStatus"]["code"] == 400

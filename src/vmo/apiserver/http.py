@@ -119,14 +119,25 @@ def _success(details: JSON | None = None) -> JSON:
 _AUDITED_BODY = 3 << 20  # request bodies up to this size go into Request-level events
 
 
-async def _json_body(request: web.Request) -> Any:
-    """The request's JSON body, for the audit log (read once; aiohttp keeps it for the handler)."""
+async def _json_body(request: web.Request) -> bytes | None:
+    """The request's JSON body, for the audit log: read before the handler (aiohttp keeps it for
+    the handler), parsed only if the event's level wants it."""
     if request.method not in ("POST", "PUT", "PATCH") or "json" not in request.content_type:
         return None
     if (request.content_length or 0) > _AUDITED_BODY:
         return None
-    with contextlib.suppress(ValueError, web.HTTPException):
-        return json.loads(await request.read())
+    with contextlib.suppress(web.HTTPException):
+        return await request.read()
+    return None
+
+
+def _parsed(raw: bytes | None) -> Any:
+    """The body as JSON; None for what the handler refused anyway (not JSON, nested past
+    Python's recursion limit)."""
+    if raw is None:
+        return None
+    with contextlib.suppress(ValueError, TypeError, RecursionError):
+        return json.loads(raw)
     return None
 
 
@@ -246,7 +257,7 @@ class ApiHandlers:
         self,
         request: web.Request,
         response: web.StreamResponse | None,
-        body: Any,
+        body: bytes | None,
         received: datetime,
     ) -> None:
         assert self.audit is not None
@@ -257,9 +268,9 @@ class ApiHandlers:
             return
         code = response.status if response is not None else 200  # a client that hung up
         answer: Any = None
-        if isinstance(response, web.Response) and response.body is not None:
-            with contextlib.suppress(ValueError, TypeError):
-                answer = json.loads(bytes(response.body))  # type: ignore[arg-type]
+        wanted = level == "RequestResponse" or code >= 400  # a refusal's Status goes in
+        if wanted and isinstance(response, web.Response) and response.body is not None:
+            answer = _parsed(bytes(response.body))  # type: ignore[arg-type]
         status = answer if isinstance(answer, dict) and answer.get("kind") == "Status" else None
         self.audit.write(
             audit_event(
@@ -272,8 +283,8 @@ class ApiHandlers:
                 received=received,
                 completed=datetime.now(UTC),
                 status=status,
-                request_object=body,
-                response_object=answer,
+                request_object=_parsed(body) if level in ("Request", "RequestResponse") else None,
+                response_object=answer if level == "RequestResponse" else None,
             )
         )
 
