@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 AUTHENTICATED = "system:authenticated"
 UNAUTHENTICATED = "system:unauthenticated"
@@ -148,6 +148,14 @@ ServiceAccountLookup = Callable[[str, str], str | None]
 """(namespace, name) -> uid of the ServiceAccount, or None when it does not exist."""
 
 
+class IssuerTokens(Protocol):
+    """Tokens of an outside issuer (OpenID Connect, ``vmo.apiserver.oidc``)."""
+
+    def looks_like_mine(self, token: str) -> bool: ...
+
+    def authenticate(self, token: str) -> Identity | None: ...
+
+
 class Authenticator:
     def __init__(
         self,
@@ -156,11 +164,13 @@ class Authenticator:
         sa_lookup: ServiceAccountLookup,
         *,
         anonymous_paths: frozenset[str] = PUBLIC_INFO_PATHS,
+        issuer: IssuerTokens | None = None,
     ) -> None:
         self.tokens = tokens
         self.sa_tokens = sa_tokens
         self._sa_lookup = sa_lookup
         self.anonymous_paths = anonymous_paths
+        self.issuer = issuer
 
     def authenticate(
         self, headers: Mapping[str, str], peercert: dict[str, Any] | None, path: str = ""
@@ -179,6 +189,8 @@ class Authenticator:
         user = self.tokens.lookup(token)
         if user is not None:
             return _with_authenticated(user)
+        if self.issuer is not None and self.issuer.looks_like_mine(token):
+            return self.issuer.authenticate(token)
         claims = self.sa_tokens.verify(token)
         if claims is None:
             return None

@@ -32,6 +32,7 @@ from vmo.apiserver.kubevirt_api import KubeVirtApi
 from vmo.apiserver.launcher_pods import LOG_DISCOVERY, LauncherPods
 from vmo.apiserver.lifecycle import Lifecycle
 from vmo.apiserver.migrations import MigrationAdmission
+from vmo.apiserver.oidc import OIDCAuthenticator, OIDCConfig
 from vmo.apiserver.registry import Registry
 from vmo.apiserver.storage_admission import StorageAdmission
 from vmo.apiserver.vm_access import VMAccessAdmission
@@ -95,14 +96,17 @@ class ApiServer:
         host: str = "127.0.0.1",
         port: int = 6443,
         audit: AuditLog | None = None,
+        oidc: OIDCConfig | None = None,
     ) -> None:
         """``audit``: where and how requests are audited (default: every request at Metadata
-        level into the home's ``audit`` directory)."""
+        level into the home's ``audit`` directory); ``oidc``: an OpenID Connect issuer whose ID
+        tokens are accepted (kube-apiserver's ``--oidc-*``)."""
         self.state = state
         self.host = host
         self.port = port
         state.prepare()
         self.audit = audit if audit is not None else AuditLog(state.root / "audit")
+        self.oidc = OIDCAuthenticator(oidc) if oidc is not None else None
         self.ca = pki.ensure_ca(state.pki)
         self.serving = pki.ensure_serving(self.ca, state.pki)
         self.store = st.Store(state.db)
@@ -133,7 +137,7 @@ class ApiServer:
         self.handlers = ApiHandlers(
             self.registry,
             self.service,
-            Authenticator(self.tokens, self.sa_tokens, self._service_account_uid),
+            Authenticator(self.tokens, self.sa_tokens, self._service_account_uid, issuer=self.oidc),
             self.authz,
             audit=self.audit,
         )
@@ -205,6 +209,8 @@ class ApiServer:
         """Binds, starts controllers and returns the server URL."""
         self.lifecycle.prime()
         self.audit.open()
+        if self.oidc is not None:
+            await self.oidc.start()
         admin_token = self.bootstrap()
         self.lifecycle.start()
         self._runner = web.AppRunner(self.handlers.app(), access_log=None, shutdown_timeout=1.0)
@@ -261,6 +267,8 @@ class ApiServer:
         if self._runner is not None:
             await self._runner.cleanup()
         self.audit.close()
+        if self.oidc is not None:
+            await self.oidc.stop()
         self.store.close()
 
 

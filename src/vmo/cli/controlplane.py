@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from vmo.apiserver.audit import DEFAULT_POLICY, AuditLog, AuditPolicyError, load_policy
+from vmo.apiserver.oidc import OIDCConfig, OIDCConfigError
 from vmo.apiserver.server import ApiServer
 from vmo.cli._common import state_dir
 from vmo.client import NODE, TRANSIENT_ERRORS, ApiStatusError, Client, Credentials
@@ -101,6 +102,22 @@ def audit_log(args: argparse.Namespace, state: StateDir) -> AuditLog:
                     backups=args.audit_log_maxbackup)  # fmt: skip
 
 
+def oidc_config(args: argparse.Namespace) -> OIDCConfig | None:
+    """kube-apiserver's ``--oidc-*`` flags; OIDCConfigError naming the flag when they are wrong."""
+    if not args.oidc_issuer_url:
+        return None
+    return OIDCConfig(
+        issuer_url=args.oidc_issuer_url,
+        client_id=args.oidc_client_id,
+        username_claim=args.oidc_username_claim,
+        username_prefix=args.oidc_username_prefix,
+        groups_claim=args.oidc_groups_claim,
+        groups_prefix=args.oidc_groups_prefix,
+        ca_file=args.oidc_ca_file,
+        signing_algs=tuple(a for a in args.oidc_signing_algs.split(",") if a),
+    )
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     # before the home exists: every file and directory the control plane makes is its owner's
     os.umask(PRIVATE_UMASK)
@@ -114,6 +131,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         audit_log(args, state)  # a bad policy file is refused before anything starts
     except AuditPolicyError as exc:
         print(f"vmo up: --audit-policy-file: {exc}", file=sys.stderr)
+        return 2
+    try:
+        oidc_config(args)
+    except OIDCConfigError as exc:
+        print(f"vmo up: {exc}", file=sys.stderr)
         return 2
     if args.detach:
         return _up_detached(args, state)
@@ -139,7 +161,9 @@ async def _serve(args: argparse.Namespace, state: StateDir) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    server = ApiServer(state, host=args.host, port=args.port, audit=audit_log(args, state))
+    server = ApiServer(
+        state, host=args.host, port=args.port, audit=audit_log(args, state), oidc=oidc_config(args)
+    )
     url = await server.start()
     engine = None
     controllers: asyncio.Task[None] | None = None
@@ -186,6 +210,13 @@ def _server_argv(args: argparse.Namespace, state: StateDir) -> list[str]:
         argv += ["--audit-policy-file", str(Path(args.audit_policy_file).resolve())]
     if args.audit_log_dir:
         argv += ["--audit-log-dir", str(Path(args.audit_log_dir).resolve())]
+    for flag in ("issuer_url", "client_id", "username_claim", "groups_claim", "groups_prefix",
+                 "ca_file", "signing_algs"):  # fmt: skip
+        value = getattr(args, f"oidc_{flag}")
+        if value:
+            argv += [f"--oidc-{flag.replace('_', '-')}", str(value)]
+    if args.oidc_username_prefix is not None:
+        argv += ["--oidc-username-prefix", args.oidc_username_prefix]
     argv += ["--audit-log-maxsize", str(args.audit_log_maxsize),
              "--audit-log-maxbackup", str(args.audit_log_maxbackup)]  # fmt: skip
     return [*argv, "--no-engine"] if args.no_engine else argv
@@ -425,6 +456,20 @@ def register(sub: Any) -> None:
         help="rotate the log at this size",
     )
     up.add_argument("--audit-log-maxbackup", type=int, default=10, help="rotated files to keep")
+    up.add_argument(
+        "--oidc-issuer-url", default="", help="accept this OpenID Connect issuer's ID tokens"
+    )
+    up.add_argument("--oidc-client-id", default="", help="the audience the tokens must hold")
+    up.add_argument("--oidc-username-claim", default="sub")
+    up.add_argument(
+        "--oidc-username-prefix",
+        default=None,
+        help="default: the issuer URL and '#' (none for email); '-' for none",
+    )
+    up.add_argument("--oidc-groups-claim", default="")
+    up.add_argument("--oidc-groups-prefix", default="")
+    up.add_argument("--oidc-ca-file", default="", help="the CA of the issuer's certificate")
+    up.add_argument("--oidc-signing-algs", default="RS256")
     up.add_argument(
         "--timeout",
         type=float,

@@ -306,6 +306,9 @@ def parser() -> argparse.ArgumentParser:
     from vmo.cli.backup import add_backup_commands
 
     add_backup_commands(sub, _creds, _namespace)
+    from vmo.cli.login import add_login_commands
+
+    add_login_commands(sub, state_dir)
     from vmo.cli.audit import add_audit_commands
 
     add_audit_commands(sub, state_dir)

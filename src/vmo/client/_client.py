@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import ssl
+import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -191,14 +193,44 @@ def load_kubeconfig(path: Path | str | None = None, *, context: str = "") -> Cre
     if user.get("client-certificate-data"):
         cert_file = _materialise(base64.b64decode(user["client-certificate-data"]), ".crt")
         key_file = _materialise(base64.b64decode(user["client-key-data"]), ".key")
+    token = user.get("token", "")
+    if user.get("exec"):
+        token = exec_credential(user["exec"])
     return Credentials(
         server=cluster["server"].rstrip("/"),
-        token=user.get("token", ""),
+        token=token,
         ca_file=ca_file,
         cert_file=cert_file,
         key_file=key_file,
         namespace=ctx.get("namespace", "default"),
     )
+
+
+class ExecCredentialError(Exception):
+    """A kubeconfig's exec credential plugin failed; the message says how."""
+
+
+def exec_credential(spec: dict[str, Any]) -> str:
+    """The token a kubeconfig's ``exec`` plugin prints (``client.authentication.k8s.io/v1``
+    ExecCredential on stdout), as kubectl runs it: argv from ``command`` and ``args``, ``env``
+    added, stdin and stderr the user's (a login prompt reaches them)."""
+    argv = [str(spec["command"]), *(str(a) for a in spec.get("args") or [])]
+    env = {**os.environ, **{str(e["name"]): str(e["value"]) for e in spec.get("env") or []}}
+    env["KUBERNETES_EXEC_INFO"] = json.dumps(
+        {"apiVersion": spec.get("apiVersion", "client.authentication.k8s.io/v1"),
+         "kind": "ExecCredential", "spec": {"interactive": sys.stdin.isatty()}}
+    )  # fmt: skip
+    try:
+        done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, timeout=300, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ExecCredentialError(f"exec plugin {argv[0]}: {exc}") from exc
+    if done.returncode != 0:
+        raise ExecCredentialError(f"exec plugin {argv[0]} exited with {done.returncode}")
+    try:
+        token = json.loads(done.stdout)["status"]["token"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ExecCredentialError(f"exec plugin {argv[0]} printed no ExecCredential token") from exc
+    return str(token)
 
 
 def _materialise(data: bytes, suffix: str) -> str:

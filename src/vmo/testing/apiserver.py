@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import yaml
 
 from vmo.apiserver.audit import AuditLog
+from vmo.apiserver.oidc import OIDCConfig
 from vmo.apiserver.server import ApiServer
 from vmo.engine.embedded import Engine
 from vmo.home import StateDir
@@ -32,6 +33,7 @@ class ThreadedServer:
     server: ApiServer | None = None
     running_engine: Engine | None = None
     audit: AuditLog | None = None  # default: the home's audit/, every request at Metadata
+    oidc: OIDCConfig | None = None  # an OpenID Connect issuer whose ID tokens are accepted
     url: str = ""
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     _thread: threading.Thread | None = None
@@ -93,7 +95,7 @@ class ThreadedServer:
         self.url = self.call(self.server.start())
 
     async def _make(self) -> ApiServer:
-        return ApiServer(StateDir(self.home), port=self.port, audit=self.audit)
+        return ApiServer(StateDir(self.home), port=self.port, audit=self.audit, oidc=self.oidc)
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
         """Runs a coroutine on the server's loop and waits for its result."""
