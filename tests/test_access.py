@@ -453,7 +453,20 @@ def test_the_cli_lists_what_each_user_may_see_moves_folders_and_explains_grants(
     assert "console: User cli-c (cli-console)" in reviewed.stdout
     assert "view: User cli-u (cli-view)" in reviewed.stdout
     assert vmo(root, "folder", "mv", "b", "dev").returncode == 0
-    for name in ("cli-view", "cli-console"):
+    # tags are labels: shown in the list, and a policy selects them as any label
+    tagged = vmo(root, "tag", "add", "a", "pci", "gold")
+    assert tagged.returncode == 0 and "tags: gold, pci" in tagged.stdout, tagged.stderr
+    by_tag = policy("cli-pci", "view", "cli-t",
+                    selector={"matchExpressions": [{"key": "tags.vmo.dev/pci",
+                                                    "operator": "Exists"}]})  # fmt: skip
+    assert admin.post(POLICIES, by_tag).ok
+    reached(admin, "cli-pci", ["a"])
+    assert "gold,pci" in vmo(root, "vm", "ls").stdout
+    assert vmo(root, "tag", "rm", "a", "pci").returncode == 0
+    reached(admin, "cli-pci", [])
+    assert vmo(root, "tag", "add", "a", "no/slash").returncode == 2
+    assert vmo(root, "tag", "rm", "a", "gold").returncode == 0
+    for name in ("cli-view", "cli-console", "cli-pci"):
         assert admin.delete(f"{POLICIES}/{name}").status_code == 200
 
 

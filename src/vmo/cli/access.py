@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -148,6 +149,30 @@ async def _folder_mv(client: Client, namespace: str, vm: str, path: str) -> int:
     return 0
 
 
+# --- tags ----------------------------------------------------------------------------------------
+
+_TAG = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
+
+
+async def _tag(client: Client, namespace: str, vm: str, tags: list[str], *, remove: bool) -> int:
+    bad = [t for t in tags if not _TAG.match(t)]
+    if bad:
+        print(f"vmo tag: {', '.join(bad)}: a tag is a label name (letters, digits, '-', '_', '.', "
+              "at most 63)", file=sys.stderr)  # fmt: skip
+        return 2
+    labels = {f"{access.TAG_PREFIX}{t}": None if remove else "" for t in tags}
+    try:
+        await client.patch(VM, vm, {"metadata": {"labels": labels}}, namespace)
+    except ApiStatusError as exc:
+        print(f"vmo tag: {exc.status.get('message') or exc}", file=sys.stderr)
+        return 1
+    found = await client.get(VM, vm, namespace)
+    now = sorted(k.removeprefix(access.TAG_PREFIX) for k in found["metadata"].get("labels") or {}
+                 if k.startswith(access.TAG_PREFIX))  # fmt: skip
+    print(f"virtualmachine/{vm} tags: {', '.join(now) or '(none)'}")
+    return 0
+
+
 # --- who can, explain, review ---------------------------------------------------------------------
 
 
@@ -279,6 +304,15 @@ def add_access_commands(
     mv.add_argument("path")
     mv.set_defaults(func=lambda a: _run(a, creds_of, namespace_of,
                                         lambda c, ns: _folder_mv(c, ns, a.vm, a.path)))  # fmt: skip
+    tag = sub.add_parser("tag", help="VM tags (labels under tags.vmo.dev/)")
+    tverbs = tag.add_subparsers(dest="tag_command", required=True)
+    for verb, remove in (("add", False), ("rm", True)):
+        cmd = tverbs.add_parser(verb, help=f"{verb} tags of a VM")
+        common(cmd)
+        cmd.add_argument("vm")
+        cmd.add_argument("tags", nargs="+")
+        cmd.set_defaults(func=lambda a, remove=remove: _run(
+            a, creds_of, namespace_of, lambda c, ns: _tag(c, ns, a.vm, a.tags, remove=remove)))  # fmt: skip
     acc = sub.add_parser("access", help="who may do what to which VM")
     averbs = acc.add_subparsers(dest="access_command", required=True)
     who = averbs.add_parser("who-can", help="the subjects RBAC lets do VERB to VM")
