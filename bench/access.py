@@ -22,6 +22,8 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -154,17 +156,25 @@ def role_vms(role: JSON) -> set[str]:
     return set()
 
 
+MISMATCH: list[str] = []
+
+
 def converged(http: Http, want: dict[str, set[str]]) -> bool:
     r = http.call("GET", f"{ROLES}?labelSelector=vmo.dev%2Faccess-policy")
     roles = {x["metadata"]["labels"]["vmo.dev/access-policy"]: x for x in r.json()["items"]}
-    return all(role_vms(roles.get(name, {})) == names for name, names in want.items())
+    MISMATCH[:] = [
+        f"{name}: {len(role_vms(roles.get(name, {})))} VMs, expected {len(names)}"
+        for name, names in want.items()
+        if role_vms(roles.get(name, {})) != names
+    ]
+    return not MISMATCH
 
 
 def wait(check: Callable[[], bool], timeout: float) -> float:
     start = time.perf_counter()
     while not check():
         if time.perf_counter() - start > timeout:
-            raise RuntimeError(f"no convergence within {timeout} s")
+            raise RuntimeError(f"no convergence within {timeout} s: {'; '.join(MISMATCH[:8])}")
         time.sleep(0.05)
     return time.perf_counter() - start
 
@@ -213,6 +223,11 @@ def main() -> None:
     parser.add_argument("--vms", type=int, default=5000)
     parser.add_argument("--policies", type=int, default=200)
     parser.add_argument("--moved", type=int, default=1000)
+    parser.add_argument(
+        "--same-process",
+        action="store_true",
+        help="the controller on the API server's own event loop",
+    )
     args = parser.parse_args()
     global PROBE_VM
     PROBE_VM = f"vm-{args.vms - 179:04d}"  # outside the VMs the relabel moves
@@ -232,18 +247,26 @@ def run(server: ThreadedServer, args: argparse.Namespace) -> None:
         client = Client(load_kubeconfig(server.kubeconfig))
         await client.__aenter__()
         await install(client, access_crds())
-        stop = asyncio.Event()
-        task = asyncio.get_running_loop().create_task(
-            Manager([VMAccessPolicyController(client)]).run(stop)
-        )
-        state.update(client=client, stop=stop, task=task)
+        state["client"] = client
+        if args.same_process:
+            stop = asyncio.Event()
+            task = asyncio.get_running_loop().create_task(
+                Manager([VMAccessPolicyController(client)]).run(stop)
+            )
+            state.update(stop=stop, task=task)
 
     async def end() -> None:
-        state["stop"].set()
-        await state["task"]
+        if "task" in state:
+            state["stop"].set()
+            await state["task"]
         await state["client"].__aexit__(None, None, None)
 
     server.call(start())
+    if not args.same_process:  # as `vmo controllers run` runs them: a process of their own
+        state["proc"] = subprocess.Popen(
+            [sys.executable, "-c", CONTROLLER, str(server.kubeconfig)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
     while http.call("GET", POLICIES).status_code != 200:
         time.sleep(0.1)
     started = time.perf_counter()
@@ -312,6 +335,9 @@ def run(server: ThreadedServer, args: argparse.Namespace) -> None:
         60,
     )
     server.call(end())
+    if "proc" in state:
+        state["proc"].terminate()
+        state["proc"].wait(30)
     binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                "metadata": {"name": "probe-view", "namespace": NS},
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
@@ -336,6 +362,20 @@ def run(server: ThreadedServer, args: argparse.Namespace) -> None:
     server.server.handlers.audit = audit
     row("create p99, audit on", ms(p99(on)), "audit off", ms(p99(off)),
         f"- (added {ms(p99(on) - p99(off))})")  # fmt: skip
+
+
+CONTROLLER = """
+import asyncio, sys
+from vmo.client import Client, load_kubeconfig
+from vmo.controllers.access.policy import VMAccessPolicyController
+from vmo.runtime import Manager
+
+async def main():
+    async with Client(load_kubeconfig(sys.argv[1])) as client:
+        await Manager([VMAccessPolicyController(client)]).run(asyncio.Event())
+
+asyncio.run(main())
+"""
 
 
 def creates(http: Http, prefix: str, n: int) -> list[float]:

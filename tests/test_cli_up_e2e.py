@@ -71,12 +71,17 @@ def test_nodes_write_nothing_others_can_read(started: Started) -> None:
 def test_up_runs_vmo_s_own_controllers_which_install_their_crds(started: Started) -> None:
     assert started.up.returncode == 0, started.up.stderr
     kubeconfig = str(started.home / "admin.kubeconfig")
-    waited = subprocess.run(
-        ["kubectl", "--kubeconfig", kubeconfig, "wait", "--for=create", "--timeout=60s",
-         "crd/vmaccesspolicies.vmo.dev", "crd/backuppolicies.vmo.dev"],
-        capture_output=True, text=True, timeout=90,
-    )  # fmt: skip
-    assert waited.returncode == 0, waited.stderr
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        crds = subprocess.run(
+            ["kubectl", "--kubeconfig", kubeconfig, "get", "crd", "vmaccesspolicies.vmo.dev",
+             "backuppolicies.vmo.dev", "vmquotas.vmo.dev"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        if crds.returncode == 0:
+            break
+        time.sleep(0.5)
+    assert crds.returncode == 0, crds.stderr
     deadline = time.monotonic() + 60
     holder = ""
     while not holder and time.monotonic() < deadline:

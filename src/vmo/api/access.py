@@ -31,11 +31,11 @@ under ``tags.vmo.dev/``, selected as any label is.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vmo.api.selectors import labels_of, selector_matches
+from vmo.api.selectors import selector_matches
 
 JSON = dict[str, Any]
 
@@ -229,23 +229,38 @@ def vm_claims(vm: Mapping[str, Any]) -> set[str]:
     return names
 
 
+def reach_matcher(policy: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], bool]:
+    """``reaches`` for one policy, its names, selector and folder parsed once (what a compile
+    over thousands of VMs, or an event tested against every policy, calls)."""
+    pick = (policy.get("spec") or {}).get("virtualMachines") or {}
+    names = set(pick.get("names") or [])
+    selector, folder = pick.get("selector"), pick.get("folder")
+    try:
+        prefix = folder_label(str(folder)) if folder else None
+    except FolderError:
+        return lambda vm: (vm.get("metadata") or {}).get("name") in names
+    if selector is None and not folder:
+        return lambda vm: (vm.get("metadata") or {}).get("name") in names
+
+    def matches(vm: Mapping[str, Any]) -> bool:
+        md = vm.get("metadata") or {}
+        if md.get("name") in names:
+            return True
+        labels = md.get("labels") or {}
+        if selector is not None and not selector_matches(labels, selector):
+            return False
+        if prefix is not None:
+            value = str(labels.get(FOLDER_LABEL) or "")
+            return value == prefix or value.startswith(prefix + ".")
+        return True
+
+    return matches
+
+
 def reaches(policy: Mapping[str, Any], vm: Mapping[str, Any]) -> bool:
     """Whether a VMAccessPolicy reaches ``vm``: listed by name, or matching its selector and
     inside its folder (each where given; a policy that gives neither reaches only its names)."""
-    pick = (policy.get("spec") or {}).get("virtualMachines") or {}
-    if (vm.get("metadata") or {}).get("name") in (pick.get("names") or []):
-        return True
-    selector, folder = pick.get("selector"), pick.get("folder")
-    if selector is None and not folder:
-        return False
-    if selector is not None and not selector_matches(labels_of(vm), selector):
-        return False
-    if folder:
-        try:
-            return in_folder(vm, str(folder))
-        except FolderError:
-            return False
-    return True
+    return reach_matcher(policy)(vm)
 
 
 # --- what an object names: its VM ----------------------------------------------------------------
@@ -379,6 +394,7 @@ __all__ = [
     "in_folder",
     "includes",
     "named_vm",
+    "reach_matcher",
     "reaches",
     "related_vm",
     "required_vm_verb",

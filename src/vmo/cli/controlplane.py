@@ -27,20 +27,12 @@ from vmo.apiserver.oidc import OIDCConfig, OIDCConfigError
 from vmo.apiserver.server import ApiServer
 from vmo.cli._common import state_dir
 from vmo.client import NODE, TRANSIENT_ERRORS, ApiStatusError, Client, Credentials
-from vmo.controllers.manager import (
-    LEASE_NAMESPACE,
-    controller_manager,
-    default_identity,
-    ensure_crds,
-)
 from vmo.engine.embedded import Engine
 from vmo.home import PRIVATE_UMASK, AlreadyRunning, StateDir
-from vmo.runtime import ensure_namespace
 
 JSON = dict[str, Any]
 log = logging.getLogger(__name__)
 
-_CONTROLLER_ERRORS: tuple[type[Exception], ...] = (ApiStatusError, *TRANSIENT_ERRORS)
 UP_TIMEOUT = 120.0  # the API server, then each node's accelerator probe and registration
 STOP_TIMEOUT = 15.0
 _POLL = 0.1
@@ -178,6 +170,7 @@ async def _serve(args: argparse.Namespace, state: StateDir) -> None:
         await stop.wait()
     finally:
         if controllers is not None:
+            stop.set()  # the controllers' process goes with the control plane
             await asyncio.gather(controllers, return_exceptions=True)
         if engine is not None:
             await engine.close()
@@ -185,20 +178,33 @@ async def _serve(args: argparse.Namespace, state: StateDir) -> None:
 
 
 async def _controllers(state: StateDir, stop: asyncio.Event) -> None:
-    """VMO's own controllers (backup, access, ...), as ``vmo controllers run`` runs them: over
-    HTTPS with the admin's credentials, under the controllers' Lease. A failure is logged and
-    leaves the API server and the nodes running."""
-    creds = admin_credentials(state)
-    if creds is None:
-        log.error("VMO's controllers did not start: no admin credentials in %s", state.root)
-        return
-    try:
-        async with Client(creds) as client:
-            await ensure_namespace(client, LEASE_NAMESPACE)
-            await ensure_crds(client)
-            await controller_manager(client, identity=default_identity()).run(stop)
-    except _CONTROLLER_ERRORS as exc:
-        log.error("VMO's controllers stopped: %s", exc)
+    """VMO's own controllers (backup, access, quotas), as ``vmo controllers run`` runs them: a
+    process of their own (sharing the API server's event loop, a bulk change would slow every
+    request), over HTTPS with the admin's credentials, under the controllers' Lease, logging to
+    ``controllers.log``. It is stopped with the control plane; if it dies, it is started again."""
+    argv = [sys.executable, "-m", "vmo.cli.main", "--home", str(state.root), "controllers", "run",
+            "--kubeconfig", str(state.kubeconfig),
+            "--backup-root", str(state.root / "backups")]  # fmt: skip
+    while not stop.is_set():
+        with (state.root / "controllers.log").open("ab") as logfile:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile
+            )
+        waiter = asyncio.ensure_future(proc.wait())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([waiter, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(waiter, STOP_TIMEOUT)
+            except TimeoutError:
+                proc.kill()
+                await waiter
+            return
+        stopped.cancel()
+        log.error("VMO's controllers exited with %s; starting them again", proc.returncode)
+        await asyncio.sleep(2.0)
 
 
 def _server_argv(args: argparse.Namespace, state: StateDir) -> list[str]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,19 +35,29 @@ from vmo.client import (
     VMIM,
     VMRESTORE,
     VMSNAPSHOT,
+    Client,
     Conflict,
     NotFound,
     Resource,
 )
 from vmo.controllers.access.crds import VMACCESSPOLICY
 from vmo.controllers.crds import GROUP, VERSION
-from vmo.runtime import Controller, Result, Watch, merge_conditions, split_key, timestamp
+from vmo.runtime import (
+    DELETED,
+    Controller,
+    Result,
+    Watch,
+    merge_conditions,
+    split_key,
+    timestamp,
+)
 
 log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
 RBAC_GROUP = "rbac.authorization.k8s.io"
 PREFIX = "vmo-access-"
+COALESCE = 1.0  # seconds a VM's or snapshot's event waits for the others of its burst
 BACKUP_RESTORE = Resource(GROUP, VERSION, "backuprestores", "BackupRestore")
 
 # the informer of each related resource (vmo.api.access.RELATED_RESOURCES)
@@ -124,7 +134,8 @@ def compile_policy(
     snapshots, backups) and the namespace's other policies."""
     spec = policy.get("spec") or {}
     role = str(spec.get("role") or "")
-    reached = sorted(vm["metadata"]["name"] for vm in vms if reaches(policy, vm))
+    matcher = access.reach_matcher(policy)
+    reached = sorted(vm["metadata"]["name"] for vm in vms if matcher(vm))
     names = set(reached)
     claims: set[str] = set()
     for vm in vms:
@@ -210,31 +221,115 @@ def _conflicts(
 
 
 class VMAccessPolicyController(Controller):
-    """Keeps every policy's Role and RoleBinding exact."""
+    """Keeps every policy's Role and RoleBinding exact.
+
+    An event queues only the policies it can change: a VM's, those that reached it at their
+    last compile or reach it now; a snapshot's or backup's, those that reach the VM it names.
+    The controller's own writes (a Role, a binding, a policy's status) do not queue the policy
+    again, only the namespace's other policies sharing a subject (their conflicts may change)."""
 
     name = "vm-access"
-    workers = 2
+    workers = 4
+
+    def __init__(self, client: Client) -> None:
+        super().__init__(client)
+        self._reach: dict[str, set[str]] = {}  # policy key -> the VMs its last compile reached
+        self._written: dict[tuple[str, str], str] = {}  # (kind, key) -> resourceVersion we wrote
+        self._matchers: dict[str, tuple[str, Callable[[JSON], bool]]] = {}  # by policy generation
 
     def watches(self) -> Sequence[Watch]:
         return [
-            Watch(VMACCESSPOLICY),
-            Watch(VM, self._policies_of_namespace),
-            *(Watch(res, self._policies_of_namespace) for res in RELATED.values()),
-            Watch(ROLE, _policy_of_rbac),
-            Watch(ROLEBINDING, _policy_of_rbac),
+            Watch(VMACCESSPOLICY, self._policy_changed),
+            Watch(VM, self._coalesced(self._policies_of_vm)),
+            *(
+                Watch(res, self._coalesced(self._policies_of_related(key)))
+                for key, res in RELATED.items()
+            ),
+            Watch(ROLE, self._policy_of_rbac("Role")),
+            Watch(ROLEBINDING, self._policy_of_rbac("RoleBinding")),
         ]
 
-    def _policies_of_namespace(self, _etype: str, obj: JSON) -> list[str]:
-        namespace = obj["metadata"].get("namespace", "")
-        return [
+    def _coalesced(
+        self, keys_of: Callable[[str, JSON], list[str]]
+    ) -> Callable[[str, JSON], list[str]]:
+        """The keys queued ``COALESCE`` seconds later, once for a burst: a bulk relabel of many
+        VMs recompiles each policy it touches a few times, not once per VM."""
+
+        def keys(etype: str, obj: JSON) -> list[str]:
+            for key in keys_of(etype, obj):
+                self.queue.add_after(key, COALESCE)
+            return []
+
+        return keys
+
+    def _ours(self, kind: str, obj: JSON) -> bool:
+        md = obj["metadata"]
+        key = f"{md.get('namespace', '')}/{md['name']}"
+        return bool(self._written.get((kind, key)) == md.get("resourceVersion"))
+
+    def _policy_changed(self, etype: str, obj: JSON) -> list[str]:
+        """The policy itself (unless the event is its status as this controller wrote it), and
+        the namespace's policies sharing a subject with it (their conflicts may change)."""
+        md = obj["metadata"]
+        namespace = md.get("namespace", "")
+        keys = [] if etype != DELETED and self._ours("VMAccessPolicy", obj) else [
+            f"{namespace}/{md['name']}"
+        ]  # fmt: skip
+        mine = _subject_keys(obj)
+        keys += [
             f"{namespace}/{p['metadata']['name']}"
             for p in self.informer(VMACCESSPOLICY).items(namespace)
+            if p["metadata"]["name"] != md["name"] and mine & _subject_keys(p)
         ]
+        return keys
+
+    def _matcher(self, policy: JSON) -> Callable[[JSON], bool]:
+        md = policy["metadata"]
+        key = f"{md.get('namespace', '')}/{md['name']}"
+        rv = str(md.get("generation") or md.get("resourceVersion") or "")
+        cached = self._matchers.get(key)
+        if cached is None or cached[0] != rv:
+            cached = self._matchers[key] = (rv, access.reach_matcher(policy))
+        return cached[1]
+
+    def _policies_of_vm(self, etype: str, vm: JSON) -> list[str]:
+        namespace, name = vm["metadata"].get("namespace", ""), vm["metadata"]["name"]
+        keys = []
+        for p in self.informer(VMACCESSPOLICY).items(namespace):
+            key = f"{namespace}/{p['metadata']['name']}"
+            if name in self._reach.get(key, ()) or (etype != DELETED and self._matcher(p)(vm)):
+                keys.append(key)
+        return keys
+
+    def _policies_of_related(self, resource: tuple[str, str]) -> Callable[[str, JSON], list[str]]:
+        def keys(_etype: str, obj: JSON) -> list[str]:
+            namespace = obj["metadata"].get("namespace", "")
+            named = access.related_vm(resource[0], resource[1], obj)
+            policies = self.informer(VMACCESSPOLICY).items(namespace)
+            if named is not None and named[0] == "vm":
+                vm = self.informer(VM).get(named[1], namespace)
+                policies = [
+                    p for p in policies
+                    if named[1] in self._reach.get(f"{namespace}/{p['metadata']['name']}", ())
+                    or (vm is not None and self._matcher(p)(vm))
+                ]  # fmt: skip
+            return [f"{namespace}/{p['metadata']['name']}" for p in policies]
+
+        return keys
+
+    def _policy_of_rbac(self, kind: str) -> Callable[[str, JSON], list[str]]:
+        def keys(etype: str, obj: JSON) -> list[str]:
+            if etype != DELETED and self._ours(kind, obj):
+                return []
+            return _policy_of_rbac(etype, obj)
+
+        return keys
 
     async def reconcile(self, key: str) -> Result | None:
         namespace, name = split_key(key)
-        policy = await self.client.find(VMACCESSPOLICY, name, namespace)
+        policy = self.informer(VMACCESSPOLICY).get(name, namespace)
         if policy is None or policy["metadata"].get("deletionTimestamp"):
+            self._reach.pop(key, None)
             await self._revoke(namespace, name)
             return None
         vms = self.informer(VM).items(namespace)
@@ -246,38 +341,55 @@ class VMAccessPolicyController(Controller):
         }
         others = self.informer(VMACCESSPOLICY).items(namespace)
         compiled = compile_policy(policy, vms, related, lookup, others)
-        await self._apply(ROLE, compiled.role, namespace)
-        await self._apply(ROLEBINDING, compiled.binding, namespace)
-        await self._write_status(policy, compiled)
-        return None
+        self._reach[key] = set(compiled.vms)
+        written = await self._apply(ROLE, compiled.role, namespace)
+        written = await self._apply(ROLEBINDING, compiled.binding, namespace) and written
+        written = await self._write_status(policy, compiled) and written
+        # a write refused as stale (this controller's cache behind its own last write, whose
+        # event it does not queue): again, once the cache has caught up
+        return None if written else Result.after(0.1)
 
-    async def _apply(self, res: Resource, want: JSON, namespace: str) -> None:
+    def _wrote(self, kind: str, obj: JSON) -> None:
+        md = obj["metadata"]
+        self._written[(kind, f"{md.get('namespace', '')}/{md['name']}")] = md["resourceVersion"]
+
+    async def _apply(self, res: Resource, want: JSON, namespace: str) -> bool:
+        """Makes the object say ``want``; False when a write was refused as stale."""
         name = want["metadata"]["name"]
-        found = await self.client.find(res, name, namespace)
+        found = await self.client.find(res, name, namespace)  # fresh: the cache lags our writes
         if found is None:
-            with contextlib.suppress(Conflict):
-                await self.client.create(res, want, namespace)
-            return
+            try:
+                self._wrote(res.kind, await self.client.create(res, want, namespace))
+            except Conflict:
+                return False
+            return True
         keys = ("rules",) if res is ROLE else ("roleRef", "subjects")
         md = found["metadata"]
         same_meta = (md.get("labels") or {}).get(access.POLICY_LABEL) == want["metadata"]["labels"][
             access.POLICY_LABEL
         ] and md.get("ownerReferences") == want["metadata"]["ownerReferences"]
         if same_meta and all(found.get(k) == want.get(k) for k in keys):
-            return
+            return True
         if res is ROLEBINDING and found.get("roleRef") != want.get("roleRef"):
             # a binding's roleRef cannot change: it is made again
             with contextlib.suppress(NotFound):
                 await self.client.delete(res, name, namespace)
-            with contextlib.suppress(Conflict):
-                await self.client.create(res, want, namespace)
-            return
+            try:
+                self._wrote(res.kind, await self.client.create(res, want, namespace))
+            except Conflict:
+                return False
+            return True
         body = {**found, **{k: want.get(k) for k in keys}}
         body["metadata"] = {**md, "labels": {**(md.get("labels") or {}),
                                              **want["metadata"]["labels"]},
                             "ownerReferences": want["metadata"]["ownerReferences"]}  # fmt: skip
-        with contextlib.suppress(Conflict, NotFound):  # changed meanwhile: reconciled again
-            await self.client.replace(res, body)
+        try:
+            self._wrote(res.kind, await self.client.replace(res, body))
+        except NotFound:
+            return False
+        except Conflict:
+            return False  # changed meanwhile (or our cache is behind): again
+        return True
 
     async def _revoke(self, namespace: str, policy: str) -> None:
         for res in (ROLEBINDING, ROLE):
@@ -289,7 +401,7 @@ class VMAccessPolicyController(Controller):
             with contextlib.suppress(NotFound):
                 await self.client.delete(res, role_name(policy), namespace)
 
-    async def _write_status(self, policy: JSON, compiled: Compiled) -> None:
+    async def _write_status(self, policy: JSON, compiled: Compiled) -> bool:
         md = policy["metadata"]
         old = policy.get("status") or {}
         rules = len(compiled.role.get("rules") or [])
@@ -315,10 +427,16 @@ class VMAccessPolicyController(Controller):
             "conditions": merge_conditions(old.get("conditions"), [ready], timestamp()),
         }
         if status == old:
-            return
+            return True
         body = {**policy, "status": status}
-        with contextlib.suppress(Conflict, NotFound):
-            await self.client.replace(VMACCESSPOLICY, body, subresource="status")
+        try:
+            written = await self.client.replace(VMACCESSPOLICY, body, subresource="status")
+        except NotFound:
+            return True  # deleted: its own event revokes
+        except Conflict:
+            return False
+        self._wrote("VMAccessPolicy", written)
+        return True
 
 
 def _policy_of_rbac(_etype: str, obj: JSON) -> list[str]:
