@@ -214,3 +214,16 @@ def test_a_body_too_deep_to_parse_is_refused_and_audited_without_its_body(
     ][-1]
     assert event["level"] == "Request" and "requestObject" not in event
     assert event["responseStatus"]["code"] == 400
+
+
+def test_a_full_disk_loses_events_but_never_the_request(tmp_path: Path) -> None:
+    directory = tmp_path / "audit"
+    directory.mkdir()
+    (directory / "audit.log").symlink_to("/dev/full")  # every write: ENOSPC
+    log = AuditLog(directory)
+    log.open()
+    try:
+        log.write({"kind": "Event", "apiVersion": "audit.k8s.io/v1", "verb": "get"})  # no raise
+        assert log._failing
+    finally:
+        log.close()

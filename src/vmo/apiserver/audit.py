@@ -281,6 +281,7 @@ class AuditLog:
     _size: int = field(default=0, init=False)
     _last: str = field(default=GENESIS, init=False)
     _head: int = field(default=-1, init=False)
+    _failing: bool = field(default=False, init=False)
 
     def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -301,7 +302,21 @@ class AuditLog:
         self._fd = self._head = -1
 
     def write(self, body: JSON) -> None:
-        """Appends one event, chained to the one before it."""
+        """Appends one event, chained to the one before it. A write the disk refuses (full, gone)
+        is logged, not raised: the request it records has been answered already, and the chain
+        goes on from the last event written."""
+        try:
+            self._write(body)
+        except OSError as exc:
+            if not self._failing:
+                log.error("audit log %s: events are not being written: %s", self.directory, exc)
+            self._failing = True
+        else:
+            if self._failing:
+                log.warning("audit log %s: writing again", self.directory)
+            self._failing = False
+
+    def _write(self, body: JSON) -> None:
         if self._fd < 0:
             return
         annotations = dict(body.get("annotations") or {})
