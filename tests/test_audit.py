@@ -4,6 +4,7 @@ read back by ``vmo audit`` and checked by ``vmo audit verify``, on a server of i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -217,11 +218,11 @@ def test_a_body_too_deep_to_parse_is_refused_and_audited_without_its_body(
 
 
 def test_a_full_disk_loses_events_but_never_the_request(tmp_path: Path) -> None:
-    directory = tmp_path / "audit"
-    directory.mkdir()
-    (directory / "audit.log").symlink_to("/dev/full")  # every write: ENOSPC
-    log = AuditLog(directory)
+    log = AuditLog(tmp_path / "audit")
     log.open()
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, log._fd)  # the log's file is now a disk that is always full: ENOSPC
+    os.close(full)
     try:
         log.write({"kind": "Event", "apiVersion": "audit.k8s.io/v1", "verb": "get"})  # no raise
         assert log._failing
