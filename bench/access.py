@@ -233,13 +233,21 @@ def main() -> None:
     PROBE_VM = f"vm-{args.vms - 179:04d}"  # outside the VMs the relabel moves
     with tempfile.TemporaryDirectory(dir="/var/tmp", prefix="vmo-bench-access-") as name:
         server = ThreadedServer(Path(name)).start()
+        children: list[subprocess.Popen[bytes]] = []
         try:
-            run(server, args)
+            run(server, args, children)
         finally:
+            for child in children:  # a failed run leaves no controller behind
+                if child.poll() is None:
+                    child.terminate()
+                    child.wait(30)
             server.stop()
 
 
-def run(server: ThreadedServer, args: argparse.Namespace) -> None:
+def run(
+    server: ThreadedServer, args: argparse.Namespace, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """``children``: the processes it starts, for the caller to stop whatever happens."""
     http = Http(server, server.admin_token)
     state: dict[str, Any] = {}
 
@@ -267,6 +275,7 @@ def run(server: ThreadedServer, args: argparse.Namespace) -> None:
             [sys.executable, "-c", CONTROLLER, str(server.kubeconfig)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
+        children.append(state["proc"])
     while http.call("GET", POLICIES).status_code != 200:
         time.sleep(0.1)
     started = time.perf_counter()
