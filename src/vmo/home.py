@@ -195,6 +195,25 @@ class StateDir:
     def url_file(self) -> Path:
         return self.root / "apiserver.url"
 
+    @property
+    def monitoring(self) -> Path:
+        """Prometheus's configuration, data and scrape targets (``vmo up`` starts it)."""
+        return self.root / "monitoring"
+
+    @property
+    def metrics_targets(self) -> Path:
+        """File-SD target files: each metrics endpoint of this host writes its own."""
+        return self.monitoring / "targets"
+
+    @property
+    def metrics_cert(self) -> Path:
+        """The serving certificate of node agents' and controllers' /metrics (VMO's CA)."""
+        return self.pki / "metrics.crt"
+
+    @property
+    def metrics_key(self) -> Path:
+        return self.pki / "metrics.key"
+
     def prepare(self) -> None:
         """Creates the home, or tightens an existing one, to its owner alone (0700).
 

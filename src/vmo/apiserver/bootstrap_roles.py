@@ -28,6 +28,8 @@ AGGREGATE_TO_VIEW = "rbac.authorization.k8s.io/aggregate-to-view"
 _BOOTSTRAP_LABELS = {"kubernetes.io/bootstrapping": "rbac-defaults"}
 _AUTOUPDATE = {"rbac.authorization.kubernetes.io/autoupdate": "true"}
 _KUBEVIRT_LABELS = {"kubevirt.io": ""}
+# the group whose members may scrape /metrics (kube-apiserver binds system:monitoring to it)
+MONITORING_GROUP = "system:monitoring"
 
 READ = ("get", "list", "watch")
 WRITE = ("create", "delete", "deletecollection", "patch", "update")
@@ -140,6 +142,25 @@ def _kubernetes_cluster_roles() -> list[JSON]:
                     ["selfsubjectaccessreviews", "selfsubjectrulesreviews"],
                 ),
                 _rule(["create"], ["authentication.k8s.io"], ["selfsubjectreviews"]),
+            ],
+        ),
+        # what Prometheus needs of every VMO process: its /metrics and health endpoints
+        _kubernetes_role(
+            "system:monitoring",
+            [
+                _url_rule(
+                    ["get"],
+                    [
+                        "/healthz",
+                        "/healthz/*",
+                        "/livez",
+                        "/livez/*",
+                        "/metrics",
+                        "/metrics/slis",
+                        "/readyz",
+                        "/readyz/*",
+                    ],
+                )
             ],
         ),
         _kubernetes_role(
@@ -461,6 +482,19 @@ def _volume_snapshot_cluster_roles() -> list[JSON]:
     ]
 
 
+def _metrics_cluster_roles() -> list[JSON]:
+    """metrics-server's reader role: namespace viewers, editors and admins read
+    ``metrics.k8s.io`` (``kubectl top``), which VMO's API server serves from Prometheus."""
+    return [
+        _cluster_role(
+            "system:aggregated-metrics-reader",
+            [_rule(READ, ["metrics.k8s.io"], ["pods", "nodes"])],
+            labels={"k8s-app": "metrics-server", AGGREGATE_TO_ADMIN: "true",
+                    AGGREGATE_TO_EDIT: "true", AGGREGATE_TO_VIEW: "true"},
+        ),
+    ]  # fmt: skip
+
+
 # --------------------------------------------------------------------------- public
 
 
@@ -468,6 +502,7 @@ def bootstrap_cluster_roles() -> list[JSON]:
     """Every bootstrap ClusterRole, aggregated roles already holding their aggregated rules."""
     roles = _kubernetes_cluster_roles() + _kubevirt_cluster_roles() + _cdi_cluster_roles()
     roles += _volume_snapshot_cluster_roles()
+    roles += _metrics_cluster_roles()
     aggregated = aggregate_cluster_roles(roles)
     for role in roles:
         name = role["metadata"]["name"]
@@ -490,6 +525,9 @@ def bootstrap_cluster_role_bindings() -> list[JSON]:
             "system:basic-user",
             [AUTHENTICATED_GROUP],
             labels=_BOOTSTRAP_LABELS,
+        ),
+        _cluster_role_binding(
+            "system:monitoring", "system:monitoring", [MONITORING_GROUP], labels=_BOOTSTRAP_LABELS
         ),
         _cluster_role_binding(
             "system:public-info-viewer",

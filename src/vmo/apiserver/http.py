@@ -34,6 +34,7 @@ from vmo.apiserver.audit import RequestInfo as AuditRequest
 from vmo.apiserver.audit import event as audit_event
 from vmo.apiserver.auth import Authenticator, Identity
 from vmo.apiserver.errors import ApiError
+from vmo.apiserver.metrics import ApiMetrics
 from vmo.apiserver.registry import Registry
 from vmo.apiserver.requests import (
     ResourcePath,
@@ -172,13 +173,17 @@ class ApiHandlers:
     extra_groups: dict[str, ExtraGroup] = field(default_factory=dict)
     ready: bool = True
     audit: AuditLog | None = None
+    metrics: ApiMetrics | None = None
 
     # --- app -----------------------------------------------------------------------------------
 
     def app(self) -> web.Application:
+        middlewares = [self._audit, self._errors, self._authenticate]
+        if self.metrics is not None:
+            middlewares.insert(0, self.metrics.middleware)
         app = web.Application(
             client_max_size=MAX_BODY,
-            middlewares=[self._audit, self._errors, self._authenticate],
+            middlewares=middlewares,
             # a client that hangs up cancels its handler, as a Go server cancels the request's
             # context: an idle watch would otherwise live on until its timeout
             handler_args={"handler_cancellation": True},
@@ -188,6 +193,7 @@ class ApiHandlers:
         app.router.add_get("/version/", self._version)
         for probe in ("/healthz", "/readyz", "/livez"):
             app.router.add_get(probe, self._health)
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/api", self._api)
         app.router.add_get("/api/", self._api)
         app.router.add_get("/apis", self._apis)
@@ -307,6 +313,11 @@ class ApiHandlers:
     async def _version(self, request: web.Request) -> web.Response:
         return json_response(VERSION)
 
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if self.metrics is None:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        return self.metrics.render()
+
     async def _health(self, request: web.Request) -> web.Response:
         if not self.ready:
             return web.Response(text="not ready", status=503)
@@ -330,6 +341,10 @@ class ApiHandlers:
 
     def _discovery_v2(self, *, core: bool) -> web.Response:
         body = discovery.aggregated(self.registry, core=core, extra=self.extra_discovery)
+        if not core:  # metrics.k8s.io must be listed here too: `kubectl top` looks for it here
+            for name, group in self.extra_groups.items():
+                entry = discovery.aggregated_extra_group(name, group.version, group.resources)
+                body["items"] += [entry] if entry is not None else []
         return web.Response(
             body=_dumps(body),
             headers={

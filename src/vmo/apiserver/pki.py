@@ -136,3 +136,12 @@ def ensure_serving(ca: CertPair, directory: Path) -> CertPair:
         return pair
     names = ("localhost", "127.0.0.1", "::1", socket.gethostname())
     return issue(ca, pair, common_name="vmo-apiserver", server_names=names)
+
+
+def ensure_metrics_serving(ca: CertPair, directory: Path) -> CertPair:
+    """The certificate node agents and the controllers serve ``/metrics`` with, on this host."""
+    pair = CertPair(directory / "metrics.crt", directory / "metrics.key")
+    if pair.cert.exists() and pair.key.exists():
+        return pair
+    names = ("localhost", "127.0.0.1", "::1", socket.gethostname())
+    return issue(ca, pair, common_name="vmo-metrics", server_names=names)

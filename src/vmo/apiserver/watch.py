@@ -97,6 +97,10 @@ class WatchHub:
         """Live watch subscriptions: the per-watcher bookkeeping the hub holds."""
         return len(self._subs)
 
+    def prefixes(self) -> list[str]:
+        """The key prefix of every live subscription (what each watch streams)."""
+        return [sub.prefix for sub in self._subs]
+
     def subscribe(self, prefix: str) -> Subscription:
         sub = Subscription(prefix, asyncio.Queue(maxsize=self.buffer))
         self._subs.add(sub)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vmo.cli._common import state_dir
 from vmo.client import Client, Credentials
 from vmo.controllers.backup.restore_server import RestoreServer
 from vmo.controllers.manager import (
@@ -20,6 +21,7 @@ from vmo.controllers.manager import (
     ensure_crds,
 )
 from vmo.runtime import LeaseTiming, ensure_namespace
+from vmo.runtime.metrics_http import MetricsEndpoint
 
 
 def add_controllers_commands(sub: Any, creds: Callable[[argparse.Namespace], Credentials]) -> None:
@@ -50,7 +52,46 @@ def add_controllers_commands(sub: Any, creds: Callable[[argparse.Namespace], Cre
         help="the https URL importers reach that server at (default: the listening address; "
         "in a cluster, the controllers' Service)",
     )
+    run.add_argument(
+        "--metrics-listen",
+        default="127.0.0.1:0",
+        help="HOST:PORT of the HTTPS /metrics endpoint (default: the port it had last time, "
+        "else a free loopback port); 'off' serves none",
+    )
+    run.add_argument("--metrics-cert", default="", help="default: the home's pki/metrics.crt")
+    run.add_argument("--metrics-key", default="", help="default: the home's pki/metrics.key")
+    run.add_argument(
+        "--metrics-announce",
+        action="store_true",
+        help="write a file-SD target for the home's Prometheus (vmo up's controllers do)",
+    )
     run.set_defaults(func=lambda args: _run(args, creds(args)))
+
+
+def _metrics_endpoint(args: argparse.Namespace, client: Client) -> MetricsEndpoint | None:
+    """The process's /metrics (the process-wide registry: runtime and state metrics); embedded,
+    it also announces itself to the home's Prometheus through a file-SD target file."""
+    if args.metrics_listen == "off":
+        return None
+    home = state_dir(args)
+    cert = Path(args.metrics_cert) if args.metrics_cert else home.metrics_cert
+    key = Path(args.metrics_key) if args.metrics_key else home.metrics_key
+    if not cert.exists():
+        logging.getLogger(__name__).warning("no %s: the controllers serve no /metrics", cert)
+        return None
+    host, _, port = args.metrics_listen.rpartition(":")
+    embedded = bool(args.metrics_announce)
+    return MetricsEndpoint(
+        client,
+        cert,
+        key,
+        job="vmo-controllers",
+        instance_name="controllers",
+        host=host or "127.0.0.1",
+        port=int(port or 0),
+        port_file=home.monitoring / "controllers.port" if embedded else None,
+        targets_dir=home.metrics_targets if embedded else None,
+    )
 
 
 def _timing(duration: float) -> LeaseTiming:
@@ -80,8 +121,15 @@ def _run(args: argparse.Namespace, creds: Credentials) -> int:
                 backup_root=Path(args.backup_root) if args.backup_root else None,
                 restore_server=RestoreServer(args.restore_listen, args.restore_url),
             )
+            endpoint = _metrics_endpoint(args, client)
+            if endpoint is not None:
+                await endpoint.start()
             print(f"controllers replica {identity} is running", flush=True)
-            await manager.run(stop)
+            try:
+                await manager.run(stop)
+            finally:
+                if endpoint is not None:
+                    await endpoint.stop()
 
     asyncio.run(run())
     return 0

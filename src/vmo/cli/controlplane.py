@@ -25,6 +25,7 @@ import yaml
 from vmo.apiserver.audit import DEFAULT_POLICY, AuditLog, AuditPolicyError, load_policy
 from vmo.apiserver.oidc import OIDCConfig, OIDCConfigError
 from vmo.apiserver.server import ApiServer
+from vmo.cli import monitoring
 from vmo.cli._common import state_dir
 from vmo.client import NODE, TRANSIENT_ERRORS, ApiStatusError, Client, Credentials
 from vmo.engine.embedded import Engine
@@ -159,6 +160,13 @@ async def _serve(args: argparse.Namespace, state: StateDir) -> None:
     url = await server.start()
     engine = None
     controllers: asyncio.Task[None] | None = None
+    prometheus: asyncio.Task[None] | None = None
+    if not args.no_monitoring:
+        settings = monitoring.Settings.from_args(args)
+        address = url.removeprefix("https://")
+        prometheus = loop.create_task(
+            monitoring.supervise(state, address, settings, stop), name="vmo-prometheus"
+        )
     try:
         if not args.no_engine:
             engine = Engine(state, nodes=args.nodes)
@@ -169,9 +177,11 @@ async def _serve(args: argparse.Namespace, state: StateDir) -> None:
         print(f"kubectl --kubeconfig {state.kubeconfig} get namespaces", flush=True)
         await stop.wait()
     finally:
-        if controllers is not None:
-            stop.set()  # the controllers' process goes with the control plane
-            await asyncio.gather(controllers, return_exceptions=True)
+        if controllers is not None or prometheus is not None:
+            stop.set()  # the controllers' process and Prometheus go with the control plane
+            await asyncio.gather(
+                *(t for t in (controllers, prometheus) if t is not None), return_exceptions=True
+            )
         if engine is not None:
             await engine.close()
         await server.stop()
@@ -184,7 +194,7 @@ async def _controllers(state: StateDir, stop: asyncio.Event) -> None:
     ``controllers.log``. It is stopped with the control plane; if it dies, it is started again."""
     argv = [sys.executable, "-m", "vmo.cli.main", "--home", str(state.root), "controllers", "run",
             "--kubeconfig", str(state.kubeconfig),
-            "--backup-root", str(state.root / "backups")]  # fmt: skip
+            "--backup-root", str(state.root / "backups"), "--metrics-announce"]  # fmt: skip
     while not stop.is_set():
         with (state.root / "controllers.log").open("ab") as logfile:
             proc = await asyncio.create_subprocess_exec(
@@ -225,6 +235,7 @@ def _server_argv(args: argparse.Namespace, state: StateDir) -> list[str]:
         argv += ["--oidc-username-prefix", args.oidc_username_prefix]
     argv += ["--audit-log-maxsize", str(args.audit_log_maxsize),
              "--audit-log-maxbackup", str(args.audit_log_maxbackup)]  # fmt: skip
+    argv += monitoring.up_flags_argv(args)
     return [*argv, "--no-engine"] if args.no_engine else argv
 
 
@@ -483,6 +494,7 @@ def register(sub: Any) -> None:
         metavar="S",
         help="with -d: how long to wait for the API server and the nodes to be Ready",
     )
+    monitoring.add_up_flags(up)
     up.set_defaults(func=cmd_up)
     down = sub.add_parser("down", help="stop the embedded control plane (guests keep running)")
     down.add_argument("--stop-vms", action="store_true", help="also stop every guest VMO started")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client import CollectorRegistry
 
 from vmo.api.annotations import AGENT_SOCKET, STORAGE_NODE
 from vmo.api.kubevirt.migratable import claim_name
@@ -23,6 +24,7 @@ from vmo.engine import cloudinit
 from vmo.engine.agent.agent import NodeAgent, PrepareError
 from vmo.engine.agent.api import AgentApi
 from vmo.engine.agent.backups import BackupExecutor
+from vmo.engine.agent.metrics import NodeMetrics
 from vmo.engine.agent.migration import MigrationRoles
 from vmo.engine.agent.node import now_rfc3339 as nodeobj_now
 from vmo.engine.agent.snapshots import SnapshotExecutor
@@ -45,6 +47,7 @@ from vmo.engine.storage.volumes import VolumeError, resolve_volumes, virtual_siz
 from vmo.engine.storage.volumesnapshots import ensure_snapshot_classes
 from vmo.home import StateDir
 from vmo.runtime import Controller, Manager, Result, Runnable, Watch
+from vmo.runtime.metrics_http import MetricsEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,9 @@ class NodeServices:
     provisioner: Provisioner = field(init=False)
     snapshots: SnapshotExecutor = field(init=False)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    # virt-handler's /metrics (HTTPS, delegated auth); off when the home has no metrics cert
+    metrics: bool = True
+    metrics_endpoint: MetricsEndpoint | None = None
 
     @property
     def pool_dir(self) -> Path:
@@ -142,6 +148,31 @@ class NodeServices:
         self.tasks.append(
             asyncio.get_running_loop().create_task(background.run(stop), name=f"node-{self.name}")
         )
+        await self._start_metrics()
+
+    async def _start_metrics(self) -> None:
+        home = StateDir(self.state_dir.parent.parent)
+        if not self.metrics or not home.metrics_cert.exists():
+            return
+        assert self.agent is not None
+        collector = NodeMetrics(
+            self.agent, {"local": self.pool.root, "shared": self.shared_pool.root}
+        )
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(collector)
+        self.metrics_endpoint = MetricsEndpoint(
+            self.client,
+            home.metrics_cert,
+            home.metrics_key,
+            job="vmo-node-agent",
+            instance_name=self.name,
+            registry=registry,
+            refresh=collector.refresh,
+            port_file=self.state_dir / "metrics.port",
+            targets_dir=home.metrics_targets,
+            labels={"node": self.name},
+        )
+        await self.metrics_endpoint.start()
 
     @property
     def image_dir(self) -> Path:
@@ -154,6 +185,9 @@ class NodeServices:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.metrics_endpoint is not None:
+            # the target stays: a node whose agent is gone is a target that is down
+            await self.metrics_endpoint.stop(forget=False)
         if self.agent is not None:
             await self.agent.close()
         if self.api is not None:
