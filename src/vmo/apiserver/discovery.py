@@ -153,3 +153,44 @@ def _aggregated_resource(rt: ResourceType, extra: ExtraSubresources) -> JSON:
     if subs:
         entry["subresources"] = subs
     return entry
+
+
+def aggregated_extra_group(name: str, version: str, resources: JSON) -> JSON | None:
+    """The aggregated-discovery entry of a group served outside the registry, converted from
+    its APIResourceList as kube-apiserver converts an aggregated APIService's legacy discovery.
+
+    Subresources whose parent the group does not serve (``subresources.kubevirt.io``'s
+    ``virtualmachines/start``) are left out, and so is a group left with no resource: clients
+    reach those by path, and a parent without a kind would shadow the real one in kubectl's
+    resource mapping. None when nothing remains.
+    """
+    entries: dict[str, JSON] = {}
+    listed = resources.get("resources") or []
+    for res in listed:
+        if "/" in res["name"]:
+            continue
+        entries[res["name"]] = {
+            "resource": res["name"],
+            "responseKind": {"group": name, "version": version, "kind": res["kind"]},
+            "scope": "Namespaced" if res.get("namespaced") else "Cluster",
+            "singularResource": res.get("singularName") or "",
+            "verbs": list(res.get("verbs") or []),
+        }
+    for res in listed:
+        parent, _, sub = str(res["name"]).partition("/")
+        if sub and parent in entries:
+            entries[parent].setdefault("subresources", []).append(
+                {
+                    "subresource": sub,
+                    "responseKind": {"group": name, "version": version, "kind": res["kind"]},
+                    "verbs": list(res.get("verbs") or []),
+                }
+            )
+    if not entries:
+        return None
+    return {
+        "metadata": {"name": name, "creationTimestamp": None},
+        "versions": [
+            {"version": version, "resources": list(entries.values()), "freshness": "Current"}
+        ],
+    }
