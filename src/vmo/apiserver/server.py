@@ -19,7 +19,7 @@ from vmo.api.pods import pod
 from vmo.api.storage import storage_types
 from vmo.api.types import JSON, ResourceType
 from vmo.api.volumesnapshot import volume_snapshot_types
-from vmo.apiserver import bootstrap_roles, kubevirt_api, pki, rbac
+from vmo.apiserver import bootstrap_roles, kubevirt_api, pki, rbac, resource_metrics
 from vmo.apiserver import objects as ob
 from vmo.apiserver import store as st
 from vmo.apiserver.allocators import MacPool, ServiceAllocator
@@ -34,6 +34,7 @@ from vmo.apiserver.lifecycle import Lifecycle
 from vmo.apiserver.migrations import MigrationAdmission
 from vmo.apiserver.oidc import OIDCAuthenticator, OIDCConfig
 from vmo.apiserver.registry import Registry
+from vmo.apiserver.resource_metrics import ResourceMetrics
 from vmo.apiserver.storage_admission import StorageAdmission
 from vmo.apiserver.vm_access import VMAccessAdmission
 from vmo.apiserver.vm_quota import VMQuotaAdmission
@@ -155,6 +156,11 @@ class ApiServer:
         virt_api = KubeVirtApi(self.service, self.registry)
         self.handlers.extra_groups[kubevirt_api.GROUP] = ExtraGroup(
             kubevirt_api.VERSION, kubevirt_api.resource_list(), virt_api.handle
+        )
+        # metrics.k8s.io (kubectl top) from the Prometheus `vmo up` started, as metrics-server
+        self.resource_metrics = ResourceMetrics(self.service, self.registry, state)
+        self.handlers.extra_groups[resource_metrics.GROUP] = ExtraGroup(
+            resource_metrics.VERSION, resource_metrics.resource_list(), self.resource_metrics.handle
         )
         self._runner: web.AppRunner | None = None
         self._compactor: asyncio.Task[None] | None = None

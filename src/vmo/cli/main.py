@@ -315,6 +315,11 @@ def parser() -> argparse.ArgumentParser:
     from vmo.cli.access import add_access_commands
 
     add_access_commands(sub, _creds, _namespace)
+    from vmo.cli.events import add_events_commands
+    from vmo.cli.top import add_top_commands
+
+    add_events_commands(sub, _creds, _namespace)
+    add_top_commands(sub, state_dir)
     from vmo.cli.controllers import add_controllers_commands
 
     add_controllers_commands(sub, _creds)

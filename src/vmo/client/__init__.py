@@ -1,4 +1,5 @@
-"""VMO's Kubernetes client: the only way controllers, the node agent and the CLI reach the API."""
+"""VMO's Kubernetes client: the only way controllers, the node agent and the CLI reach the API;
+and its Prometheus client (``vmo.client.prometheus``), for what reads VMO's metrics."""
 
 from vmo.client._client import (
     CLUSTER_INSTANCETYPE,
@@ -44,6 +45,16 @@ from vmo.client._client import (
     WSMsgType,
     load_kubeconfig,
 )
+from vmo.client.prometheus import (
+    PrometheusClient,
+    PrometheusConfig,
+    PrometheusError,
+    PrometheusNotConfigured,
+    PrometheusQueryError,
+    PrometheusUnavailable,
+    Sample,
+    Series,
+)
 
 __all__ = [
     "CLUSTER_INSTANCETYPE",
@@ -84,7 +95,15 @@ __all__ = [
     "Credentials",
     "Gone",
     "NotFound",
+    "PrometheusClient",
+    "PrometheusConfig",
+    "PrometheusError",
+    "PrometheusNotConfigured",
+    "PrometheusQueryError",
+    "PrometheusUnavailable",
     "Resource",
+    "Sample",
+    "Series",
     "WSMsgType",
     "WebSocket",
     "load_kubeconfig",

@@ -48,7 +48,9 @@ METRICS_PATH = "/metrics"
 def _status(code: int, reason: str, message: str) -> web.Response:
     body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
             "reason": reason, "message": message, "code": code}  # fmt: skip
-    return web.Response(body=json.dumps(body).encode(), status=code, content_type="application/json")
+    return web.Response(
+        body=json.dumps(body).encode(), status=code, content_type="application/json"
+    )
 
 
 @dataclass
@@ -222,4 +224,3 @@ class MetricsEndpoint:
                 log.warning("%s: metrics refresh took over %gs", self.job, self.refresh_timeout)
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
