@@ -8,6 +8,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from vmo.controllers.manager import (
     default_identity,
     ensure_crds,
 )
+from vmo.controllers.monitoring import StateMetrics
 from vmo.runtime import LeaseTiming, ensure_namespace
 from vmo.runtime.metrics_http import MetricsEndpoint
 
@@ -64,6 +66,15 @@ def add_controllers_commands(sub: Any, creds: Callable[[argparse.Namespace], Cre
         "--metrics-announce",
         action="store_true",
         help="write a file-SD target for the home's Prometheus (vmo up's controllers do)",
+    )
+    run.add_argument(
+        "--no-state-metrics", action="store_true", help="without the cluster-state collector"
+    )
+    run.add_argument(
+        "--no-kubevirt-state-metrics",
+        action="store_true",
+        help="the collector leaves out the kubevirt_* families (a cluster's virt-controller "
+        "exports them)",
     )
     run.set_defaults(func=lambda args: _run(args, creds(args)))
 
@@ -121,6 +132,9 @@ def _run(args: argparse.Namespace, creds: Credentials) -> int:
                 backup_root=Path(args.backup_root) if args.backup_root else None,
                 restore_server=RestoreServer(args.restore_listen, args.restore_url),
             )
+            if not args.no_state_metrics:
+                state = StateMetrics(client, kubevirt_families=not args.no_kubevirt_state_metrics)
+                manager = replace(manager, runnables=[*manager.runnables, state])
             endpoint = _metrics_endpoint(args, client)
             if endpoint is not None:
                 await endpoint.start()

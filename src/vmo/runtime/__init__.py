@@ -1,7 +1,7 @@
 """VMO's controller runtime: informers, a rate-limited work queue, the reconcile loop, status
-helpers, Events and leader election. It imports only ``vmo.client`` and ``vmo.api``, so the
-engine's KubeVirt-role controllers and VMO's own controllers share it, in the embedded mode and
-against a real cluster alike."""
+helpers, Events, leader election and the controllers' metrics. It imports only ``vmo.client``
+and ``vmo.api``, so the engine's KubeVirt-role controllers and VMO's own controllers share it,
+in the embedded mode and against a real cluster alike."""
 
 from vmo.runtime._clock import SYSTEM_CLOCK, Clock, FakeClock, SystemClock, Timer
 from vmo.runtime._controller import (
@@ -25,6 +25,7 @@ from vmo.runtime._informer import (
 )
 from vmo.runtime._leader import LeaderElector, LeaseTiming, ensure_namespace
 from vmo.runtime._manager import Manager, Runnable
+from vmo.runtime._metrics import QUEUE_DEPTHS, QueueDepths, ReconcileMetrics
 from vmo.runtime._queue import Backoff, RateLimitedQueue
 from vmo.runtime._result import DONE, PermanentError, ReconcileError, Result, TemporaryError
 from vmo.runtime._status import (
@@ -43,6 +44,7 @@ __all__ = [
     "DELETED",
     "DONE",
     "MODIFIED",
+    "QUEUE_DEPTHS",
     "SHUTDOWN_GRACE_SECONDS",
     "SYSTEM_CLOCK",
     "Backoff",
@@ -57,8 +59,10 @@ __all__ = [
     "LeaseTiming",
     "Manager",
     "PermanentError",
+    "QueueDepths",
     "RateLimitedQueue",
     "ReconcileError",
+    "ReconcileMetrics",
     "Result",
     "Runnable",
     "Selector",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 from vmo.client import TRANSIENT_ERRORS, ApiStatusError, Client, Resource
 from vmo.runtime._clock import Clock
 from vmo.runtime._informer import Informer, Informers, Selector, object_key
+from vmo.runtime._metrics import ERROR, QUEUE_DEPTHS, REQUEUE, SUCCESS, ReconcileMetrics
 from vmo.runtime._queue import Backoff, RateLimitedQueue
 from vmo.runtime._result import PermanentError, Result, TemporaryError
 
@@ -73,6 +75,7 @@ class Controller(ABC):
     name = "controller"
     workers = 2
     resync_seconds: float | None = None
+    _metrics: ReconcileMetrics | None = None  # bound on first use: subclasses set name late
 
     def __init__(
         self,
@@ -144,8 +147,10 @@ class Controller(ABC):
             informer = self.informer(watch.full_selector)
             handle = informer.add_handler(self._queue_keys(watch.keys))
             self._subscriptions.append((informer, handle))
+        QUEUE_DEPTHS.add(self)
 
     async def stop(self) -> None:
+        QUEUE_DEPTHS.discard(self)
         for informer, handle in self._subscriptions:
             await informer.remove_handler(handle)
         self._subscriptions.clear()
@@ -179,11 +184,13 @@ class Controller(ABC):
     async def process(self, key: str) -> None:
         """Reconciles ``key`` once and decides, from how that went, when it comes back."""
         self.stats.reconciles += 1
+        started = time.perf_counter()
         try:
             result = await self.reconcile(key)
         except asyncio.CancelledError:
             raise
         except TemporaryError as exc:
+            self._observe(REQUEUE, started)
             self._note_failure(key, exc)
             log.info("%s: %s not done yet: %s", self.name, key, exc)
             if exc.delay is None:
@@ -192,12 +199,14 @@ class Controller(ABC):
                 self.queue.add_after(key, exc.delay)
             return
         except PermanentError as exc:
+            self._observe(ERROR, started)
             self.stats.permanent_failures += 1
             self.stats.last_errors[key] = str(exc)
             log.warning("%s: %s failed for good (until it changes): %s", self.name, key, exc)
             self.queue.forget(key)
             return
         except Exception as exc:  # an outage or a bug: level-based reconcile is safe to retry
+            self._observe(ERROR, started)
             self._note_failure(key, exc)
             delay = self.queue.add_rate_limited(key)
             log.warning(
@@ -210,10 +219,18 @@ class Controller(ABC):
                 exc_info=not isinstance(exc, _EXPECTED),
             )
             return
+        requeue = result is not None and result.requeue_after is not None
+        self._observe(REQUEUE if requeue else SUCCESS, started)
         self.queue.forget(key)
         self.stats.last_errors.pop(key, None)
         if result is not None and result.requeue_after is not None:
             self.queue.add_after(key, result.requeue_after)
+
+    def _observe(self, result: str, started: float) -> None:
+        metrics = self._metrics
+        if metrics is None or metrics.controller != self.name:
+            metrics = self._metrics = ReconcileMetrics.of(self.name)
+        metrics.observe(result, time.perf_counter() - started)
 
     def _note_failure(self, key: str, exc: BaseException) -> None:
         self.stats.failures += 1
