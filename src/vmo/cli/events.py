@@ -93,7 +93,8 @@ def _row(event: JSON, now: datetime) -> list[str]:
     ]
 
 
-HEADER = ("LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE")
+# (column, minimum width): fixed, so rows printed one at a time by --watch line up
+COLUMNS = (("LAST SEEN", 9), ("TYPE", 7), ("REASON", 22), ("OBJECT", 44), ("MESSAGE", 0))
 
 
 def _console() -> Console:
@@ -102,10 +103,13 @@ def _console() -> Console:
 
 def _print(events: Iterable[JSON], *, header: bool = True) -> None:
     now = datetime.now(UTC)
-    table = Table(*HEADER, box=None, pad_edge=False, show_header=header)
+    table = Table(box=None, pad_edge=False, show_header=header)
+    for name, width in COLUMNS:
+        table.add_column(name, min_width=width or None, no_wrap=bool(width))
     for event in events:
         table.add_row(*_row(event, now))
     _console().print(table)
+    sys.stdout.flush()  # --watch: each Event as it comes, even into a pipe
 
 
 async def vm_events(client: Client, namespace: str, name: str) -> tuple[list[JSON], str]:
