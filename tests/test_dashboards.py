@@ -166,5 +166,11 @@ def test_every_query_parses_on_a_real_prometheus(
     assert not refused, "\n".join(refused)
 
 
+def test_queries_can_be_taken_from_some_dashboards_only() -> None:
+    queries = dashboard_queries(only={"node"}, templating=False)
+    assert queries and {q.dashboard for q in queries} == {BOARDS["node.json"]["title"]}
+    assert not any(q.panel.startswith("variable ") for q in queries)
+
+
 def test_the_dashboards_directory_is_the_repositorys() -> None:
     assert DASHBOARDS.name == "dashboards" and (DASHBOARDS.parent / "pyproject.toml").exists()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -106,11 +106,15 @@ def dashboard_queries(
     *,
     directory: Path = DASHBOARDS,
     templating: bool = True,
+    only: Collection[str] = (),
 ) -> list[DashboardQuery]:
     """Every panel target's expr (and, with ``templating``, every query variable's query) of
-    every dashboard, with variables substituted (see ``substitute``)."""
+    every dashboard (``only`` those named, by file stem: ``node``, ``vm``), with variables
+    substituted (see ``substitute``)."""
     out = []
-    for board in load_dashboards(directory).values():
+    for file_name, board in load_dashboards(directory).items():
+        if only and file_name.removesuffix(".json") not in only:
+            continue
         title = str(board.get("title", ""))
         for panel in panels(board):
             for target in panel.get("targets") or []:
