@@ -50,7 +50,7 @@ Timestamp = float | datetime
 
 def prometheus_file(state: StateDir) -> Path:
     """Where ``vmo up`` records how to reach the Prometheus it started."""
-    return state.root / "monitoring" / PROMETHEUS_FILE
+    return state.monitoring / PROMETHEUS_FILE
 
 
 # --- errors ------------------------------------------------------------------------------------
