@@ -1,13 +1,13 @@
 """``metrics.k8s.io/v1beta1``, metrics-server's resource metrics API, served from Prometheus.
 
-``kubectl top node`` reads NodeMetrics (a node's QEMU processes: ``vmo_node_cpu_usage_seconds_total``
-as a rate, ``vmo_node_memory_resident_bytes``), ``kubectl top pod`` PodMetrics of the
-virt-launcher Pods (their VMI's ``kubevirt_vmi_cpu_usage_seconds_total`` and
-``kubevirt_vmi_memory_resident_bytes``, as one ``compute`` container). Prometheus is the one
+``kubectl top node`` reads NodeMetrics: the node's QEMU processes, as the rate of
+``vmo_node_cpu_usage_seconds_total`` and ``vmo_node_memory_resident_bytes``. ``kubectl top pod``
+reads the PodMetrics of virt-launcher Pods: their VMI's ``kubevirt_vmi_cpu_usage_seconds_total``
+and ``kubevirt_vmi_memory_resident_bytes``, as one ``compute`` container. Prometheus is the one
 ``vmo up`` started, named in the home's ``monitoring/prometheus.json``, read per request (it may
-be started after the API server). Without it the group answers 503 ServiceUnavailable, as
-kube-apiserver does while metrics-server is away; authorization is the server's own (RBAC on
-``metrics.k8s.io`` ``nodes``/``pods``, granted by ``system:aggregated-metrics-reader``).
+start after the API server). Without it the group answers 503 ServiceUnavailable, as
+kube-apiserver does while metrics-server is away. Authorization is the server's own: RBAC on
+``metrics.k8s.io`` ``nodes`` and ``pods``, granted by ``system:aggregated-metrics-reader``.
 """
 
 from __future__ import annotations
@@ -115,14 +115,11 @@ class ResourceMetrics:
     async def handle(self, request: web.Request, rp: ResourcePath) -> web.StreamResponse:
         if rp.resource not in ("nodes", "pods") or rp.subresource:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        if (
-            request.method != "GET"
-            or rp.watch_prefix
-            or request.query.get("watch") in ("true", "1")
-        ):
+        watch = rp.watch_prefix or request.query.get("watch") in ("true", "1")
+        if request.method != "GET" or watch:
             raise errors.method_not_allowed(
-                f"{request.method} is not supported on {rp.resource}.{GROUP}: "
-                "the resource metrics API serves get and list"
+                f"{'watch' if watch else request.method} is not supported on "
+                f"{rp.resource}.{GROUP}: the resource metrics API serves get and list"
             )
         labels, fields = (
             request.query.get("labelSelector", ""),

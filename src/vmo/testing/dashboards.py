@@ -118,8 +118,8 @@ def dashboard_queries(
         title = str(board.get("title", ""))
         for panel in panels(board):
             for target in panel.get("targets") or []:
-                out.append(DashboardQuery(title, str(panel.get("title", "")),
-                                          substitute(str(target.get("expr", "")), values)))  # fmt: skip
+                expr = substitute(str(target.get("expr", "")), values)
+                out.append(DashboardQuery(title, str(panel.get("title", "")), expr))
         for variable in (board.get("templating") or {}).get("list") or []:
             if not templating or variable.get("type") != "query":
                 continue
