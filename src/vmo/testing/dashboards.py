@@ -123,10 +123,10 @@ def dashboard_queries(
         for variable in (board.get("templating") or {}).get("list") or []:
             if not templating or variable.get("type") != "query":
                 continue
-            expr = templating_expr(_variable_query(variable))
-            if expr is not None:
-                out.append(DashboardQuery(title, f"variable {variable['name']}",
-                                          substitute(expr, values)))  # fmt: skip
+            query = templating_expr(_variable_query(variable))
+            if query is not None:
+                name = f"variable {variable['name']}"
+                out.append(DashboardQuery(title, name, substitute(query, values)))
     return out
 
 
