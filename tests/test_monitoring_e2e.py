@@ -61,6 +61,7 @@ class Prom:
         self.session = requests.Session()
         self.session.auth = (access["username"], access["password"])
         self.session.verify = access["ca_file"]
+        self.session.trust_env = False  # REQUESTS_CA_BUNDLE would override verify
 
     def query(self, expr: str) -> list[JSON]:
         r = self.session.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
@@ -278,8 +279,8 @@ def _firing(prom: Prom, alertname: str, node: str) -> bool:
 def _node_run(cluster: ThreadedServer, name: str) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "vmo.cli.main", "--home", str(cluster.home), "node", "run",
             "--name", name]  # fmt: skip
-    log = (cluster.home / f"{name}.log").open("ab")
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    with (cluster.home / f"{name}.log").open("ab") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
 
 
 def test_a_killed_node_agent_fires_its_alert_and_a_restart_resolves_it(

@@ -31,6 +31,7 @@ from vmo.apiserver.http import ApiHandlers, ExtraGroup
 from vmo.apiserver.kubevirt_api import KubeVirtApi
 from vmo.apiserver.launcher_pods import LOG_DISCOVERY, LauncherPods
 from vmo.apiserver.lifecycle import Lifecycle
+from vmo.apiserver.metrics import ApiMetrics
 from vmo.apiserver.migrations import MigrationAdmission
 from vmo.apiserver.oidc import OIDCAuthenticator, OIDCConfig
 from vmo.apiserver.registry import Registry
@@ -98,6 +99,7 @@ class ApiServer:
         port: int = 6443,
         audit: AuditLog | None = None,
         oidc: OIDCConfig | None = None,
+        metrics: bool = True,
     ) -> None:
         """``audit``: where and how requests are audited (default: every request at Metadata
         level into the home's ``audit`` directory); ``oidc``: an OpenID Connect issuer whose ID
@@ -110,6 +112,7 @@ class ApiServer:
         self.oidc = OIDCAuthenticator(oidc) if oidc is not None else None
         self.ca = pki.ensure_ca(state.pki)
         self.serving = pki.ensure_serving(self.ca, state.pki)
+        pki.ensure_metrics_serving(self.ca, state.pki)
         self.store = st.Store(state.db)
         self.hub = WatchHub()
         self.registry = Registry(builtin_types())
@@ -141,6 +144,9 @@ class ApiServer:
             Authenticator(self.tokens, self.sa_tokens, self._service_account_uid, issuer=self.oidc),
             self.authz,
             audit=self.audit,
+            metrics=ApiMetrics(self.store, self.hub, self.registry, str(state.db))
+            if metrics
+            else None,
         )
         self.handlers.virtual.update(access_reviews(self.authz))
         self.handlers.virtual.update(authentication_reviews(self.handlers.authenticator))

@@ -320,6 +320,9 @@ def parser() -> argparse.ArgumentParser:
 
     add_events_commands(sub, _creds, _namespace)
     add_top_commands(sub, state_dir)
+    from vmo.cli.monitoring import add_monitoring_commands
+
+    add_monitoring_commands(sub, state_dir)
     from vmo.cli.controllers import add_controllers_commands
 
     add_controllers_commands(sub, _creds)
