@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,6 +40,7 @@ from vmo.testing.apiserver import ThreadedServer
 from vmo.testing.builders import http_datavolume
 
 SCRAPE = 2.0
+KILLED_NODE = "node-mon"
 NODE_AGENT_DOWN_FOR = 60.0
 POLICIES = "/apis/migrations.kubevirt.io/v1alpha1/migrationpolicies"
 MIB = 1024 * 1024
@@ -78,6 +80,16 @@ class Prom:
         r = self.session.get(f"{self.url}/api/v1/targets", timeout=10)
         active: list[JSON] = r.json()["data"]["activeTargets"]
         return active
+
+    def range(self, expr: str, seconds: float) -> list[JSON]:
+        """The series ``expr`` had over the last ``seconds``, as a dashboard panel draws it."""
+        now = time.time()
+        params = {"query": expr, "start": now - seconds, "end": now, "step": SCRAPE}
+        r = self.session.get(f"{self.url}/api/v1/query_range", params=params, timeout=30)
+        body = r.json()
+        assert body.get("status") == "success", (expr, body)
+        result: list[JSON] = body["data"]["result"]
+        return result
 
     def alerts(self) -> list[JSON]:
         r = self.session.get(f"{self.url}/api/v1/alerts", timeout=10)
@@ -263,8 +275,10 @@ def test_a_migration_shows_in_the_migration_metrics(
         lambda: prom.value(f'kubevirt_vmi_migration_succeeded{{vmi="{guest}"}}'), 30, "outcome"
     )
     assert succeeded >= 1
-    # the guest's series now come from the target node
-    assert _node(prom, guest) == node_of(capi, guest)
+    # the guest's series now come from the target node alone (the source's go stale)
+    target = node_of(capi, guest)
+    expr = f'kubevirt_vmi_memory_resident_bytes{{name="{guest}"}}'
+    wait_for(lambda: {s["metric"]["node"] for s in prom.query(expr)} == {target}, 30, target)
 
 
 def _firing(prom: Prom, alertname: str, node: str) -> bool:
@@ -286,7 +300,7 @@ def _node_run(cluster: ThreadedServer, name: str) -> subprocess.Popen[bytes]:
 def test_a_killed_node_agent_fires_its_alert_and_a_restart_resolves_it(
     cluster: ThreadedServer, prom: Prom
 ) -> None:
-    name = "node-mon"
+    name = KILLED_NODE
     proc = _node_run(cluster, name)
     try:
         up = f'up{{job="vmo-node-agent",node="{name}"}}'
@@ -305,24 +319,93 @@ def test_a_killed_node_agent_fires_its_alert_and_a_restart_resolves_it(
         _stop(proc)
 
 
+SNAP = f"/apis/snapshot.kubevirt.io/v1beta1/namespaces/{NS}/virtualmachinesnapshots"
+CLONE = f"/apis/clone.kubevirt.io/v1beta1/namespaces/{NS}/virtualmachineclones"
+BACKUP_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "backup-policy.yaml"
+
+
+def _phase(capi: Api, path: str) -> str:
+    return str((capi.get(path).json().get("status") or {}).get("phase", ""))
+
+
+def test_snapshots_clones_and_backups_show_in_their_metrics(
+    capi: Api, k: Kubectl, prom: Prom, guest: str
+) -> None:
+    k.apply(
+        {
+            "apiVersion": "snapshot.kubevirt.io/v1beta1",
+            "kind": "VirtualMachineSnapshot",
+            "metadata": {"name": "mon-snap", "namespace": NS},
+            "spec": {
+                "source": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": guest}
+            },
+        }
+    )
+    wait_for(lambda: _phase(capi, f"{SNAP}/mon-snap") == "Succeeded", 120, "the snapshot")
+    k.apply(
+        {
+            "apiVersion": "clone.kubevirt.io/v1beta1",
+            "kind": "VirtualMachineClone",
+            "metadata": {"name": "mon-clone", "namespace": NS},
+            "spec": {
+                "source": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": guest},
+                "target": {"apiGroup": "kubevirt.io", "kind": "VirtualMachine", "name": "mon-copy"},
+            },
+        }
+    )
+    wait_for(lambda: _phase(capi, f"{CLONE}/mon-clone") == "Succeeded", 180, "the clone")
+    k("delete", "vm", "mon-copy", "-n", NS, "--wait=false")
+    k("apply", "-f", str(BACKUP_EXAMPLE))
+    k("annotate", "backuppolicy", "nightly", "-n", NS, "vmo.dev/backup-now=yes", "--overwrite")
+    policy = f"/apis/vmo.dev/v1alpha1/namespaces/{NS}/backuppolicies/nightly"
+
+    def backed_up() -> bool:
+        vms = (capi.get(policy).json().get("status") or {}).get("virtualMachines") or []
+        return any(v.get("name") == guest and v.get("recoveryPoint") for v in vms)
+
+    wait_for(backed_up, 240, "the policy's backup of the guest")
+    snapshots = wait_for(
+        lambda: prom.value(f'vmo_snapshots{{namespace="{NS}",phase="Succeeded"}}'), 30, "snapshots"
+    )
+    assert snapshots >= 1
+    timed = prom.value(
+        f'sum(vmo_snapshot_duration_seconds_count{{namespace="{NS}",result="succeeded"}})'
+    )
+    assert timed is not None and timed >= 1
+    clones = prom.value(f'sum(vmo_clone_duration_seconds_count{{namespace="{NS}"}})')
+    assert clones is not None and clones >= 1
+    point = wait_for(
+        lambda: prom.value(
+            f'vmo_backup_recovery_point_timestamp_seconds{{namespace="{NS}",vm="{guest}"}}'
+        ),
+        30,
+        "the recovery point",
+    )
+    assert abs(time.time() - point) < 600
+    objective = prom.value('vmo_backup_recovery_point_objective_seconds{policy="nightly"}')
+    assert objective == 2 * 86400  # twice the daily schedule's interval
+
+
 def test_every_dashboard_query_parses_and_returns_series(prom: Prom, guest: str) -> None:
+    """Every panel of every dashboard draws something over the module's run (the migration's
+    and the backup's panels included: the tests before made them happen)."""
     from vmo.testing.dashboards import dashboard_queries
 
-    values = {"node": ".+", "namespace": NS, "vm": guest, "vmi": guest}
+    values = {"node": ".+", "namespace": NS, "vm": guest, "vmi": guest, "policy": ".+"}
     empty = []
     for dashboard, title, expr in dashboard_queries(values):
-        if not prom.query(expr):
+        if not prom.range(expr, 20 * 60):
             empty.append(f"{dashboard} / {title}: {expr}")
     assert not empty, "queries without series:\n" + "\n".join(empty)
 
 
-def _endpoints(cluster: ThreadedServer) -> list[str]:
-    state = StateDir(cluster.home)
-    urls = [f"{cluster.url}/metrics"]
-    for target in sorted(state.metrics_targets.glob("*.json")):
-        for group in json.loads(target.read_text()):
-            urls += [f"https://{address}/metrics" for address in group["targets"]]
-    return urls
+def _endpoints(prom: Prom) -> list[str]:
+    """Every endpoint Prometheus scrapes successfully (a stopped agent's target stays, down)."""
+    return sorted(
+        t["scrapeUrl"]
+        for t in prom.targets()
+        if t["health"] == "up" and t["labels"].get("node") != KILLED_NODE
+    )
 
 
 def test_metrics_endpoints_refuse_anonymous_and_unauthorized_scrapes(
@@ -330,7 +413,7 @@ def test_metrics_endpoints_refuse_anonymous_and_unauthorized_scrapes(
 ) -> None:
     token, _ = make_user(cluster, "mon-nobody")
     ca = str(cluster.ca)
-    urls = _endpoints(cluster)
+    urls = _endpoints(prom)
     assert len(urls) >= 4, urls  # the API server, two node agents, the controllers
     allowed = (StateDir(cluster.home).monitoring / "token").read_text().strip()
     for url in urls:

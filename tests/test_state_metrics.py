@@ -630,3 +630,28 @@ def test_the_set_of_observed_uids_is_bounded() -> None:
     assert all(seen.add(uid) for uid in "abcd")
     assert len(seen) == 3
     assert not seen.add("d") and seen.add("a")  # the oldest went first
+
+
+def test_a_policy_run_is_timed_once_from_its_recovery_point_to_its_success() -> None:
+    """Pull-mode backups end by deletion: the policy's status is what says a run finished."""
+    from vmo.controllers.monitoring.state import Durations
+
+    durations = Durations(lambda: 0.0)
+
+    def policy(backup: str, point: str, done: str) -> dict[str, Any]:
+        entry = {"name": "vm1", "lastBackup": backup, "lastBackupType": "Incremental",
+                 "recoveryPoint": point, "lastSuccessTime": done}  # fmt: skip
+        return {"metadata": {"uid": "p-1", "namespace": "ns", "name": "nightly"},
+                "status": {"virtualMachines": [entry]}}  # fmt: skip
+
+    durations.on_policy(policy("b0", "2026-01-01T00:00:00Z", "2026-01-01T00:00:05Z"), initial=True)
+    first = policy("b1", "2026-01-01T01:00:00Z", "2026-01-01T01:00:30Z")
+    durations.on_policy(first, initial=False)
+    durations.on_policy(first, initial=False)  # the same run seen again: not counted twice
+    samples = {
+        (s.name, s.labels.get("type"), s.labels.get("result")): s.value
+        for metric in durations.backups.collect()
+        for s in metric.samples
+    }
+    assert samples[("vmo_backup_duration_seconds_count", "Incremental", "succeeded")] == 1
+    assert samples[("vmo_backup_duration_seconds_sum", "Incremental", "succeeded")] == 30

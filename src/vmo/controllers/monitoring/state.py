@@ -39,7 +39,7 @@ from vmo.client import (
     NotFound,
     Resource,
 )
-from vmo.controllers.backup.policy import BACKUP_POLICY
+from vmo.controllers.backup.policy import BACKUP_POLICY, POLICY_LABEL
 from vmo.controllers.monitoring import facts
 from vmo.runtime import DELETED, Informer, Informers, object_key
 
@@ -257,6 +257,32 @@ class Durations:
         if etype == DELETED:
             self.seen.forget(uid)  # it cannot come back: its uid need not be remembered
 
+    def on_policy(self, policy: JSON, *, initial: bool) -> None:
+        """VMO's backup application ends a pull-mode VirtualMachineBackup by deleting it, so its
+        own record tells how a run went: a VM's new ``lastBackup`` took from its recovery point
+        (the backup's start) to ``lastSuccessTime``; a new ``lastFailureTime`` is a failure."""
+        uid = str(facts.metadata(policy).get("uid") or "")
+        namespace, _ = _ns_name(policy)
+        for entry in (policy.get("status") or {}).get("virtualMachines") or []:
+            vm = str(entry.get("name") or "")
+            done = facts.seconds(entry.get("lastSuccessTime"))
+            start = facts.seconds(entry.get("recoveryPoint"))
+            backup = str(entry.get("lastBackup") or "")
+            kind = "Incremental" if entry.get("lastBackupType") == "Incremental" else "Full"
+            if (
+                backup
+                and done is not None
+                and start is not None
+                and self.seen.add(f"{uid}/{vm}/{backup}")
+                and not initial
+            ):
+                self.backups.labels(namespace, kind, facts.SUCCEEDED).observe(
+                    max(done - start, 0.0)
+                )
+            failed = str(entry.get("lastFailureTime") or "")
+            if failed and self.seen.add(f"{uid}/{vm}/failed/{failed}") and not initial:
+                self.backups.labels(namespace, kind, facts.FAILED).observe(0.0)
+
     def _outcome(self, resource: Resource, obj: JSON) -> tuple[str, float] | None:
         now = self.clock()
         if resource == VMBACKUP:
@@ -266,6 +292,8 @@ class Durations:
     def _observe(self, resource: Resource, obj: JSON, result: str, seconds: float) -> None:
         namespace, _ = _ns_name(obj)
         if resource == VMBACKUP:
+            if POLICY_LABEL in (facts.metadata(obj).get("labels") or {}):
+                return  # the policy's own record counts it (on_policy), deleted or not
             self.backups.labels(namespace, facts.backup_type(obj), result).observe(seconds)
         elif resource == VMCLONE:
             self.clones.labels(namespace, result).observe(seconds)
@@ -337,7 +365,7 @@ class ClusterStateCollector(Collector):
             await informer.wait_synced()
 
     def _handler(self, resource: Resource, informer: Informer) -> Handler:
-        if resource not in (VM, VMSNAPSHOT, VMCLONE, VMBACKUP):
+        if resource not in (VM, VMSNAPSHOT, VMCLONE, VMBACKUP, BACKUP_POLICY):
             return _ignore
 
         def on_event(etype: str, obj: JSON) -> None:
@@ -345,6 +373,8 @@ class ClusterStateCollector(Collector):
             initial = self._priming or not informer.synced.is_set()
             if resource == VM:
                 self._on_vm(etype, obj, initial=initial)
+            elif resource == BACKUP_POLICY:
+                self.durations.on_policy(obj, initial=initial)
             else:
                 self.durations.on_event(resource, etype, obj, initial=initial)
 
