@@ -384,6 +384,20 @@ def test_snapshots_clones_and_backups_show_in_their_metrics(
     assert abs(time.time() - point) < 600
     objective = prom.value('vmo_backup_recovery_point_objective_seconds{policy="nightly"}')
     assert objective == 2 * 86400  # twice the daily schedule's interval
+    # the run, timed from the policy's record; a rate needs two scrapes of it
+    runs = wait_for(
+        lambda: prom.value(
+            f'sum(vmo_backup_duration_seconds_count{{namespace="{NS}",result="succeeded"}})'
+        ),
+        60,
+        "the backup's duration",
+    )
+    assert runs >= 1
+    wait_for(
+        lambda: prom.range(f'rate(vmo_backup_duration_seconds_count{{namespace="{NS}"}}[1m])', 60),
+        60,
+        "a rate of backups",
+    )
 
 
 def test_every_dashboard_query_parses_and_returns_series(prom: Prom, guest: str) -> None:

@@ -486,6 +486,25 @@ async def test_a_policys_recovery_points_and_objective(client: Client, start: St
     ]
     assert scrape.value("vmo_backup_recovery_point_timestamp_seconds", vm="web") == STAMP_SECONDS
     assert scrape.value("vmo_backup_recovery_point_objective_seconds", policy="hourly") == 7200
+    # its backups are deleted once stored: the namespace keeps every phase, at 0
+    assert {s["phase"]: scrape.value("vmo_backups", **s) for s in scrape.series("vmo_backups")} == {
+        "Pending": 0, "Progressing": 0, "Succeeded": 0, "Failed": 0
+    }
+
+
+async def test_a_policy_run_the_collector_sees_is_observed_as_a_backup(
+    client: Client, start: Start
+) -> None:
+    body = {"metadata": {"name": "nightly", "namespace": NS},
+            "spec": {"repository": "repo", "schedule": "0 1 * * *"}}  # fmt: skip
+    await client.create(BACKUP_POLICY, body, NS)
+    collector = await start()
+    entry = {"name": "web", "lastBackup": "b-1", "lastBackupType": "Full",
+             "recoveryPoint": STAMP, "lastSuccessTime": "2026-01-02T03:05:05Z"}  # fmt: skip
+    await client.patch_status(BACKUP_POLICY, "nightly", {"virtualMachines": [entry]}, NS)
+    count = "vmo_backup_duration_seconds_count"
+    await eventually(lambda: Scrape(collector).value(count, type="Full", result="succeeded") == 1)
+    assert Scrape(collector).value("vmo_backup_duration_seconds_sum", type="Full") == 60
 
 
 # --- label hygiene and modes --------------------------------------------------------------------

@@ -166,6 +166,7 @@ class MetricsEndpoint:
         sockname: Any = self._runner.addresses[0]
         self.address = f"{self.host}:{sockname[1]}"
         if self.port_file is not None:
+            self.port_file.parent.mkdir(parents=True, exist_ok=True)
             self.port_file.write_text(f"{sockname[1]}\n")
         self._write_target()
         log.info("%s metrics at https://%s%s", self.job, self.address, METRICS_PATH)

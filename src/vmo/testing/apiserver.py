@@ -34,6 +34,7 @@ class ThreadedServer:
     running_engine: Engine | None = None
     audit: AuditLog | None = None  # default: the home's audit/, every request at Metadata
     oidc: OIDCConfig | None = None  # an OpenID Connect issuer whose ID tokens are accepted
+    metrics: bool = True  # the API server's request instrumentation and /metrics
     url: str = ""
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     _thread: threading.Thread | None = None
@@ -95,7 +96,13 @@ class ThreadedServer:
         self.url = self.call(self.server.start())
 
     async def _make(self) -> ApiServer:
-        return ApiServer(StateDir(self.home), port=self.port, audit=self.audit, oidc=self.oidc)
+        return ApiServer(
+            StateDir(self.home),
+            port=self.port,
+            audit=self.audit,
+            oidc=self.oidc,
+            metrics=self.metrics,
+        )
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
         """Runs a coroutine on the server's loop and waits for its result."""
