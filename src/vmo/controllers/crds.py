@@ -62,22 +62,35 @@ LABEL_SELECTOR: JSON = obj(
 )
 
 
-def crd(kind: str, plural: str, spec: JSON, status: JSON, columns: list[JSON]) -> JSON:
-    """A namespaced ``vmo.dev/v1alpha1`` kind with a status subresource."""
+def crd(
+    kind: str,
+    plural: str,
+    spec: JSON,
+    status: JSON,
+    columns: list[JSON],
+    *,
+    scope: str = "Namespaced",
+    short_names: Sequence[str] = (),
+) -> JSON:
+    """A ``vmo.dev/v1alpha1`` kind (namespaced unless ``scope="Cluster"``) with a status
+    subresource."""
+    names: JSON = {
+        "kind": kind,
+        "plural": plural,
+        "singular": kind.lower(),
+        "listKind": f"{kind}List",
+        "categories": ["vmo"],
+    }
+    if short_names:
+        names["shortNames"] = list(short_names)
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {"name": f"{plural}.{GROUP}"},
         "spec": {
             "group": GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": kind,
-                "plural": plural,
-                "singular": kind.lower(),
-                "listKind": f"{kind}List",
-                "categories": ["vmo"],
-            },
+            "scope": scope,
+            "names": names,
             "versions": [
                 {
                     "name": VERSION,
