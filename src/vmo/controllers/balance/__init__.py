@@ -1,0 +1,1 @@
+"""VMO's balancer: an explainable DRS that recommends live migrations across nodes."""
