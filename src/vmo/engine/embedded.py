@@ -428,8 +428,9 @@ def cluster_controllers(client: Client) -> list[Runnable]:
     (kube-proxy's role on this host)."""
     from vmo.engine.network.endpoints import EndpointsController
     from vmo.engine.virtcontroller.controllers import virt_controllers
+    from vmo.engine.virtcontroller.nodelifecycle import NodeLifecycleController
 
-    return [*virt_controllers(client), EndpointsController(client)]
+    return [*virt_controllers(client), EndpointsController(client), NodeLifecycleController(client)]
 
 
 @dataclass
