@@ -34,7 +34,7 @@ from vmo.apiserver.audit import RequestInfo as AuditRequest
 from vmo.apiserver.audit import event as audit_event
 from vmo.apiserver.auth import Authenticator, Identity
 from vmo.apiserver.errors import ApiError
-from vmo.apiserver.metrics import ApiMetrics
+from vmo.apiserver.metrics import REQUEST_INFO_KEY, ApiMetrics
 from vmo.apiserver.registry import Registry
 from vmo.apiserver.requests import (
     ResourcePath,
@@ -151,6 +151,8 @@ def _audit_info(request: web.Request, user: Identity | None) -> AuditRequest:
         )
     except rbac.RequestInfoError:
         return AuditRequest(name, groups, request.method.lower(), request.path, False)
+    # the API server's metrics label the request with what this parse found (no second parse)
+    request[REQUEST_INFO_KEY] = attrs
     return AuditRequest(
         name, groups, attrs.verb, request.path, attrs.resource_request, attrs.api_group,
         attrs.api_version, attrs.resource, attrs.subresource, attrs.namespace, attrs.name,

@@ -14,6 +14,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -36,6 +37,8 @@ LABELS = ("verb", "group", "resource", "subresource", "code")
 # kube-apiserver's request-duration buckets, cut to what an embedded server answers in
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _NOBODY = rbac.UserInfo(name="", groups=())
+# what the audit middleware parsed of a request, kept on it for the metrics middleware
+REQUEST_INFO_KEY = web.RequestKey("request_attributes", rbac.RequestAttributes)
 
 
 class ApiMetrics(Collector):
@@ -58,12 +61,17 @@ class ApiMetrics(Collector):
             "vmo_apiserver_requests_total", "API requests answered.", LABELS, registry=self.registry
         )
         self.registry.register(self)
+        self._children: dict[tuple[str, ...], tuple[Any, Any]] = {}
 
     def labels(self, request: web.Request, code: int) -> tuple[str, ...]:
-        try:
-            attrs = rbac.request_attributes(request.method, request.path, request.query, _NOBODY)
-        except rbac.RequestInfoError:
-            return ("other", "", "other", "", str(code))
+        attrs = request.get(REQUEST_INFO_KEY)  # what the audit middleware parsed already
+        if attrs is None:
+            try:
+                attrs = rbac.request_attributes(
+                    request.method, request.path, request.query, _NOBODY
+                )
+            except rbac.RequestInfoError:
+                return ("other", "", "other", "", str(code))
         if not attrs.resource_request:
             return (attrs.verb, "", "", "", str(code))
         served = self.types.lookup(attrs.api_group, attrs.api_version, attrs.resource)
@@ -73,9 +81,15 @@ class ApiMetrics(Collector):
 
     def observe(self, request: web.Request, code: int, seconds: float) -> None:
         labels = self.labels(request, code)
-        self.requests.labels(*labels).inc()
+        children = self._children.get(labels)
+        if children is None:  # the label sets are bounded (served kinds x verbs x codes)
+            children = self._children[labels] = (
+                self.requests.labels(*labels),
+                self.duration.labels(*labels),
+            )
+        children[0].inc()
         if labels[0] != "watch":
-            self.duration.labels(*labels).observe(seconds)
+            children[1].observe(seconds)
 
     @web.middleware
     async def middleware(
