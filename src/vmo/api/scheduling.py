@@ -277,12 +277,12 @@ def _check_resources(vmi: JSON, node: JSON, ctx: _Context) -> list[str]:
     return reasons
 
 
-def _required_terms(vmi: JSON, kind: str) -> list[JSON]:
+def required_terms(vmi: JSON, kind: str) -> list[JSON]:
     affinity = (vmi.get("spec", {}).get("affinity") or {}).get(kind) or {}
     return list(affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or [])
 
 
-def _term_selects(term: JSON, owner: JSON, other: JSON) -> bool:
+def term_selects(term: JSON, owner: JSON, other: JSON) -> bool:
     """Whether a pod-affinity term of ``owner`` selects the VMI ``other`` (namespace and labels)."""
     namespaces = term.get("namespaces") or []
     other_ns = other.get("metadata", {}).get("namespace", "")
@@ -304,26 +304,26 @@ def _same_topology(ctx: _Context, node: JSON, other_node: str, key: str) -> bool
 def _check_pod_affinity(vmi: JSON, node: JSON, ctx: _Context) -> list[str]:
     reasons: list[str] = []
     for existing in ctx.placed:
-        for term in _required_terms(existing, "podAntiAffinity"):
+        for term in required_terms(existing, "podAntiAffinity"):
             key = term.get("topologyKey") or HOSTNAME_LABEL
-            if _term_selects(term, existing, vmi) and _same_topology(
+            if term_selects(term, existing, vmi) and _same_topology(
                 ctx, node, existing["status"]["nodeName"], key
             ):
                 return [REASON_EXISTING_ANTI_AFFINITY]
-    for term in _required_terms(vmi, "podAffinity"):
+    for term in required_terms(vmi, "podAffinity"):
         key = term.get("topologyKey") or HOSTNAME_LABEL
-        matching = [e for e in ctx.placed if _term_selects(term, vmi, e)]
-        if not matching and _term_selects(term, vmi, vmi):
+        matching = [e for e in ctx.placed if term_selects(term, vmi, e)]
+        if not matching and term_selects(term, vmi, vmi):
             continue  # the first of a group may go anywhere
         if not any(_same_topology(ctx, node, e["status"]["nodeName"], key) for e in matching):
             reasons = [REASON_AFFINITY]
             break
     if reasons:
         return reasons
-    for term in _required_terms(vmi, "podAntiAffinity"):
+    for term in required_terms(vmi, "podAntiAffinity"):
         key = term.get("topologyKey") or HOSTNAME_LABEL
         if any(
-            _term_selects(term, vmi, e) and _same_topology(ctx, node, e["status"]["nodeName"], key)
+            term_selects(term, vmi, e) and _same_topology(ctx, node, e["status"]["nodeName"], key)
             for e in ctx.placed
         ):
             return [REASON_ANTI_AFFINITY]
@@ -380,7 +380,7 @@ def _preferred_weight(vmi: JSON, node: JSON, ctx: _Context) -> int:
             term = pref.get("podAffinityTerm") or {}
             key = term.get("topologyKey") or HOSTNAME_LABEL
             if any(
-                _term_selects(term, vmi, e)
+                term_selects(term, vmi, e)
                 and _same_topology(ctx, node, e["status"]["nodeName"], key)
                 for e in ctx.placed
             ):

@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 from vmo.client import Client
+from vmo.client.prometheus import PrometheusConfig
 from vmo.controllers.access.crds import access_crds
 from vmo.controllers.access.policy import VMAccessPolicyController
 from vmo.controllers.access.quota import VMQuotaController
@@ -19,8 +20,11 @@ from vmo.controllers.backup.policy import (
 )
 from vmo.controllers.backup.restore import BackupRestoreController
 from vmo.controllers.backup.restore_server import RestoreServer
+from vmo.controllers.balance.controller import BalanceController, PrometheusSource
+from vmo.controllers.balance.crds import balance_crds
 from vmo.controllers.crds import install
 from vmo.controllers.example import NodeLabelController
+from vmo.home import StateDir
 from vmo.runtime import Controller, LeaderElector, LeaseTiming, Manager
 
 LEASE_NAME = "vmo-controllers"
@@ -28,11 +32,17 @@ LEASE_NAMESPACE = "vmo-system"
 
 
 def vmo_controllers(
-    client: Client, *, backup_root: Path | None = None, restore_server: RestoreServer | None = None
+    client: Client,
+    *,
+    backup_root: Path | None = None,
+    restore_server: RestoreServer | None = None,
+    prometheus: PrometheusSource | None = None,
 ) -> list[Controller]:
     """Every VMO-own controller, each to run against ``client``. ``backup_root``: where the
     BackupRepositories on a local directory live (each under its namespace); ``restore_server``:
-    where restored disks are served from (default: an ephemeral port on loopback)."""
+    where restored disks are served from (default: an ephemeral port on loopback);
+    ``prometheus``: how the balancer reaches Prometheus (default: the home's, as ``vmo up``
+    records it)."""
     root = backup_root or default_backup_root()
     policies = BackupPolicyController(client, root)
     return [
@@ -42,12 +52,17 @@ def vmo_controllers(
         policies,
         BackupRepositoryController(client, root),
         BackupRestoreController(client, policies, restore_server or RestoreServer()),
+        BalanceController(client, prometheus or _home_prometheus),
     ]
+
+
+def _home_prometheus() -> PrometheusConfig:
+    return PrometheusConfig.from_home(StateDir.default())
 
 
 async def ensure_crds(client: Client) -> None:
     """Every VMO CRD, created where missing and brought up to date."""
-    await install(client, [*backup_crds(), *access_crds()])
+    await install(client, [*backup_crds(), *access_crds(), *balance_crds()])
 
 
 def default_identity() -> str:
@@ -63,11 +78,14 @@ def controller_manager(
     timing: LeaseTiming | None = None,
     backup_root: Path | None = None,
     restore_server: RestoreServer | None = None,
+    prometheus: PrometheusSource | None = None,
 ) -> Manager:
     election = LeaderElector(
         client, LEASE_NAME, namespace, identity, timing=timing or LeaseTiming()
     )
     return Manager(
-        vmo_controllers(client, backup_root=backup_root, restore_server=restore_server),
+        vmo_controllers(
+            client, backup_root=backup_root, restore_server=restore_server, prometheus=prometheus
+        ),
         election=election,
     )

@@ -105,10 +105,13 @@ class _Cooling:
 
 
 class Cooldowns:
-    """Per-VM migration cooldowns; a plain dict round-trips through ``to_dict``/``from_dict``."""
+    """Per-VM migration cooldowns; a plain dict round-trips through ``to_dict``/``from_dict``.
+    ``minimum`` and ``maximum`` are a BalancePolicy's (15 min and 6 h by default)."""
 
-    def __init__(self) -> None:
+    def __init__(self, minimum: float = COOLDOWN_MIN, maximum: float = COOLDOWN_MAX) -> None:
         self._by_vm: dict[str, _Cooling] = {}
+        self.minimum = minimum
+        self.maximum = max(maximum, minimum)
 
     def allows(self, vm: str, now: float) -> bool:
         """Whether ``vm`` may make a load-balancing move at ``now``."""
@@ -125,9 +128,9 @@ class Cooldowns:
     def moved(self, vm: str, now: float, source: str = "") -> float:
         """Record that ``vm`` left ``source`` at ``now``; returns its new cooldown in seconds."""
         previous = self._by_vm.get(vm)
-        seconds = COOLDOWN_MIN
+        seconds = self.minimum
         if previous is not None and now - previous.at < 2 * previous.seconds:
-            seconds = min(2 * previous.seconds, COOLDOWN_MAX)
+            seconds = min(2 * previous.seconds, self.maximum)
         self._by_vm[vm] = _Cooling(now, seconds, source)
         return seconds
 
@@ -142,8 +145,13 @@ class Cooldowns:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, dict[str, float | str]]) -> Cooldowns:
-        cooldowns = cls()
+    def from_dict(
+        cls,
+        data: dict[str, dict[str, float | str]],
+        minimum: float = COOLDOWN_MIN,
+        maximum: float = COOLDOWN_MAX,
+    ) -> Cooldowns:
+        cooldowns = cls(minimum, maximum)
         for vm, entry in data.items():
             cooldowns._by_vm[vm] = _Cooling(
                 float(entry["at"]), float(entry["seconds"]), str(entry.get("source", ""))

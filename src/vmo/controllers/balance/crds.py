@@ -123,7 +123,8 @@ POLICY_STATUS = _obj(
                 {
                     "vm": _str(),
                     "lastMove": _str(format="date-time"),
-                    "moves": _int(),
+                    "seconds": NUMBER,
+                    "source": _str(),
                     "until": _str(format="date-time"),
                 },
                 required=["vm"],
