@@ -144,6 +144,13 @@ def cmd_node_run(args: argparse.Namespace) -> int:
     )
     state = state_dir(args)
     kubeconfig = args.kubeconfig or str(state.engine_kubeconfig)
+    from vmo.engine.bmc import NodePowerError, claim_node
+
+    try:
+        claim_node(state.nodes / args.name)  # the BMC finds this agent by its lock
+    except NodePowerError as exc:
+        print(f"vmo node run: {exc}", file=sys.stderr)
+        return 1
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -16,6 +16,7 @@ import yaml
 from vmo.apiserver.audit import AuditLog
 from vmo.apiserver.oidc import OIDCConfig
 from vmo.apiserver.server import ApiServer
+from vmo.engine.bmc import Bmc
 from vmo.engine.embedded import Engine
 from vmo.home import StateDir
 
@@ -35,6 +36,8 @@ class ThreadedServer:
     audit: AuditLog | None = None  # default: the home's audit/, every request at Metadata
     oidc: OIDCConfig | None = None  # an OpenID Connect issuer whose ID tokens are accepted
     metrics: bool = True  # the API server's request instrumentation and /metrics
+    bmc: bool = False  # with engine: the embedded nodes' Redfish BMC (vmo.engine.bmc), its Secret
+    running_bmc: Bmc | None = None
     url: str = ""
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     _thread: threading.Thread | None = None
@@ -54,6 +57,11 @@ class ThreadedServer:
         self._stop = asyncio.Event()
         self.running_engine = Engine(StateDir(self.home), nodes=self.nodes)
         await self.running_engine.start(self._stop)
+        if self.bmc:
+            self.running_bmc = Bmc(StateDir(self.home))
+            await self.running_bmc.start()
+            assert self.running_engine.client is not None
+            await self.running_bmc.publish(self.running_engine.client)
 
     def restart_node(self, name: str, *, between: Callable[[], None] | None = None) -> None:
         """Stops one node's agent (its QEMUs keep running) and starts a fresh one on the same
@@ -110,6 +118,9 @@ class ThreadedServer:
         return future.result(timeout)
 
     def stop(self) -> None:
+        if self.running_bmc is not None:
+            self.call(self.running_bmc.stop())
+            self.running_bmc = None
         if self.running_engine is not None:
             self.call(self.running_engine.close(), timeout=120)
             self.running_engine = None
