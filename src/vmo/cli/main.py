@@ -330,6 +330,9 @@ def parser() -> argparse.ArgumentParser:
     from vmo.cli.monitoring import add_monitoring_commands
 
     add_monitoring_commands(sub, state_dir)
+    from vmo.cli.balance import add_balance_commands
+
+    add_balance_commands(sub, _creds, _namespace)
     from vmo.cli.controllers import add_controllers_commands
 
     add_controllers_commands(sub, _creds)
