@@ -468,9 +468,12 @@ def place(
     nodes: Sequence[JSON],
     vmis: Sequence[JSON],
     volume_nodes: Mapping[tuple[str, str], str] | None = None,
+    extra_scores: Mapping[str, float] | None = None,
 ) -> Placement:
     """The node ``vmi`` should run on, or why there is none. ``volume_nodes`` maps the
-    node-local volumes (namespace, claim) to the node holding each."""
+    node-local volumes (namespace, claim) to the node holding each; ``extra_scores`` (by node)
+    are added to each feasible node's score, as kube-scheduler adds its extenders' weighted
+    priorities."""
     ctx = _context(vmi, nodes, vmis, volume_nodes)
     reasons: Counter[str] = Counter()
     feasible: list[JSON] = []
@@ -481,7 +484,14 @@ def place(
             feasible.append(node)
     if not feasible:
         return Unschedulable(unschedulable_message(len(nodes), reasons))
-    best = max(feasible, key=lambda n: (score(vmi, n, ctx), _reverse_name(n)))
+    extra = extra_scores or {}
+    best = max(
+        feasible,
+        key=lambda n: (
+            score(vmi, n, ctx) + extra.get(n["metadata"]["name"], 0.0),
+            _reverse_name(n),
+        ),
+    )
     return Scheduled(best["metadata"]["name"])
 
 

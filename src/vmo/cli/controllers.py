@@ -7,14 +7,17 @@ import argparse
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from vmo.cli._common import state_dir
 from vmo.client import Client, Credentials
+from vmo.client.prometheus import PrometheusConfig, prometheus_file
 from vmo.controllers.backup.restore_server import RestoreServer
+from vmo.controllers.balance.controller import BalanceController
+from vmo.controllers.balance.extender import PlacementExtender
 from vmo.controllers.manager import (
     LEASE_NAMESPACE,
     controller_manager,
@@ -68,6 +71,19 @@ def add_controllers_commands(sub: Any, creds: Callable[[argparse.Namespace], Cre
         help="write a file-SD target for the home's Prometheus (vmo up's controllers do)",
     )
     run.add_argument(
+        "--placement-listen",
+        default="127.0.0.1:0",
+        help="HOST:PORT of the balancer's scheduler extender (initial placement; default: a "
+        "free loopback port, with the metrics certificate); 'off' serves none",
+    )
+    run.add_argument(
+        "--prometheus",
+        default="",
+        help="a prometheus.json ({url, ca_file, username, password} or bearer_token) the "
+        "balancer reads usage through (default: the home's monitoring/prometheus.json, which "
+        "vmo up writes)",
+    )
+    run.add_argument(
         "--no-state-metrics", action="store_true", help="without the cluster-state collector"
     )
     run.add_argument(
@@ -105,6 +121,31 @@ def _metrics_endpoint(args: argparse.Namespace, client: Client) -> MetricsEndpoi
     )
 
 
+def _placement_extender(
+    args: argparse.Namespace, client: Client, runnables: Sequence[object]
+) -> PlacementExtender | None:
+    if args.placement_listen == "off":
+        return None
+    home = state_dir(args)
+    cert = Path(args.metrics_cert) if args.metrics_cert else home.metrics_cert
+    key = Path(args.metrics_key) if args.metrics_key else home.metrics_key
+    ca = home.pki / "ca.crt"
+    balancer = next((r for r in runnables if isinstance(r, BalanceController)), None)
+    if balancer is None or not cert.exists() or not ca.exists():
+        logging.getLogger(__name__).warning("no %s or %s: no placement extender", cert, ca)
+        return None
+    host, _, port = args.placement_listen.rpartition(":")
+    return PlacementExtender(
+        client, balancer, cert=cert, key=key, ca=ca, host=host or "127.0.0.1", port=int(port or 0)
+    )
+
+
+def _prometheus_source(args: argparse.Namespace) -> Callable[[], PrometheusConfig]:
+    """Read again each time: ``vmo up`` starts Prometheus after the controllers."""
+    path = Path(args.prometheus) if args.prometheus else prometheus_file(state_dir(args))
+    return lambda: PrometheusConfig.from_file(path)
+
+
 def _timing(duration: float) -> LeaseTiming:
     # client-go's ratios: renew deadline 2/3 of the lease, retry every 2/15 of it
     return LeaseTiming(duration, duration * 2 / 3, duration * 2 / 15)
@@ -131,7 +172,11 @@ def _run(args: argparse.Namespace, creds: Credentials) -> int:
                 timing=_timing(args.lease_duration),
                 backup_root=Path(args.backup_root) if args.backup_root else None,
                 restore_server=RestoreServer(args.restore_listen, args.restore_url),
+                prometheus=_prometheus_source(args),
             )
+            extender = _placement_extender(args, client, manager.runnables)
+            if extender is not None:
+                manager = replace(manager, runnables=[*manager.runnables, extender])
             if not args.no_state_metrics:
                 state = StateMetrics(client, kubevirt_families=not args.no_kubevirt_state_metrics)
                 manager = replace(manager, runnables=[*manager.runnables, state])

@@ -55,10 +55,11 @@ def _status(code: int, reason: str, message: str) -> web.Response:
 
 @dataclass
 class DelegatedAuth:
-    """Token → user (TokenReview) → may ``get`` ``path`` (SubjectAccessReview), cached."""
+    """Token → user (TokenReview) → may ``verb`` ``path`` (SubjectAccessReview), cached."""
 
     client: Client
     path: str = METRICS_PATH
+    verb: str = "get"
     _cache: dict[str, tuple[float, int, str]] = field(default_factory=dict)
 
     async def check(self, token: str) -> tuple[int, str]:
@@ -92,7 +93,7 @@ class DelegatedAuth:
         spec: dict[str, Any] = {
             "user": name,
             "groups": list(user.get("groups") or []),
-            "nonResourceAttributes": {"path": self.path, "verb": "get"},
+            "nonResourceAttributes": {"path": self.path, "verb": self.verb},
         }
         if user.get("uid"):
             spec["uid"] = user["uid"]
@@ -108,7 +109,24 @@ class DelegatedAuth:
             return 503, f"access could not be reviewed: {exc}"
         if (answer.get("status") or {}).get("allowed"):
             return 200, name
-        return 403, f'forbidden: User "{name}" cannot get path "{self.path}"'
+        return 403, f'forbidden: User "{name}" cannot {self.verb} path "{self.path}"'
+
+
+async def refusal(request: web.Request, auth: DelegatedAuth) -> web.Response | None:
+    """The Status answer for a request whose bearer token ``auth`` does not allow; None when
+    it does."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return _status(401, "Unauthorized", "Unauthorized")
+    code, why = await auth.check(token.strip())
+    if code == 401:
+        return _status(401, "Unauthorized", "Unauthorized")
+    if code == 403:
+        return _status(403, "Forbidden", why)
+    if code != 200:
+        return _status(503, "ServiceUnavailable", why)
+    return None
 
 
 @dataclass
@@ -206,18 +224,10 @@ class MetricsEndpoint:
             self._runner = None
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return _status(401, "Unauthorized", "Unauthorized")
         assert self._auth is not None
-        code, why = await self._auth.check(token.strip())
-        if code == 401:
-            return _status(401, "Unauthorized", "Unauthorized")
-        if code == 403:
-            return _status(403, "Forbidden", why)
-        if code != 200:
-            return _status(503, "ServiceUnavailable", why)
+        refused = await refusal(request, self._auth)
+        if refused is not None:
+            return refused
         if self.refresh is not None:
             try:
                 await asyncio.wait_for(self.refresh(), self.refresh_timeout)

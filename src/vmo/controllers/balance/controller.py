@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from vmo.api.scheduling import InvalidRequest, vmi_request
 from vmo.client import KUBEVIRT, NAMESPACE, NODE, VM, VMI, VMIM, Client, Conflict, NotFound
 from vmo.client.prometheus import (
     PrometheusClient,
@@ -40,7 +41,7 @@ from vmo.controllers.balance import algorithm
 from vmo.controllers.balance.cluster import Model, build, vmi_key
 from vmo.controllers.balance.crds import BALANCE_POLICY, BALANCE_RECOMMENDATION
 from vmo.controllers.balance.measure import MeasurementError, Measurements, measure
-from vmo.controllers.balance.model import Plan, Recommendation
+from vmo.controllers.balance.model import Plan, Recommendation, Vm
 from vmo.controllers.balance.policy import InvalidPolicy, PolicySpec, overlaps, parse_policy
 from vmo.runtime import (
     Controller,
@@ -109,6 +110,8 @@ class BalanceController(Controller):
         super().__init__(client)
         self.prometheus = prometheus
         self.events = EventRecorder(client, component="vmo-balancer", clock=self.clock)
+        # each policy's last measurements: initial placement weighs what the cycle measured
+        self.measured: dict[str, Measurements] = {}
 
     def watches(self) -> Sequence[Watch]:
         return [
@@ -169,6 +172,7 @@ class BalanceController(Controller):
             except MeasurementError as exc:
                 await self._unmeasured(policy, "PrometheusUnavailable", str(exc))
                 return Result.after(min(spec.interval, RETRY_UNAVAILABLE))
+        self.measured[name] = measured
         spec = spec.with_migration_limits(*self._cluster_limits())
         model, contested = self._model(spec, measured)
         cooldowns = algorithm.Cooldowns.from_dict(
@@ -239,6 +243,50 @@ class BalanceController(Controller):
         }
         model = build(spec, nodes, vmis, vms, namespaces, measured, contested=contested)
         return model, contested
+
+    # --- initial placement (the scheduler extender asks) ---------------------------------------
+
+    def placement_scores(self, pod: JSON, node_names: Sequence[str]) -> dict[str, int]:
+        """0..10 per node for the VMI of virt-launcher Pod ``pod``: 10 where the one Partial or
+        Full policy that selects it would see the least imbalance, down to 0 where the most;
+        no score (a neutral answer) when no such policy selects it."""
+        md = pod.get("metadata") or {}
+        namespace = str(md.get("namespace") or "")
+        name = str((md.get("labels") or {}).get("vm.kubevirt.io/name") or "")
+        vmi = self.informer(VMI).cache.get(f"{namespace}/{name}")
+        if vmi is None:
+            return {}
+        vms = {vmi_key(vm): vm for vm in self.informer(VM).items()}
+        namespaces = {n["metadata"]["name"]: n for n in self.informer(NAMESPACE).items()}
+        labels = {**((vms.get(vmi_key(vmi)) or {}).get("metadata") or {}).get("labels", {}),
+                  **(vmi["metadata"].get("labels") or {})}  # fmt: skip
+        ns_labels = ((namespaces.get(namespace) or {}).get("metadata") or {}).get("labels") or {}
+        specs = []
+        for policy in self.informer(BALANCE_POLICY).items():
+            try:
+                spec = parse_policy(policy)
+            except InvalidPolicy:
+                continue
+            if spec.selects(labels, ns_labels):
+                specs.append(spec)
+        if len(specs) != 1 or not specs[0].places or specs[0].suspend:
+            return {}  # none, Manual, or two policies: the scheduler decides alone
+        spec = specs[0]
+        measured = self.measured.get(spec.name) or Measurements({}, None)
+        nodes = [n for n in self.informer(NODE).items() if n["metadata"]["name"] in node_names]
+        model = build(spec, nodes, self.informer(VMI).items(), vms, namespaces, measured)
+        newcomer = placement_vm(vmi, measured)
+        if newcomer is None:
+            return {}
+        ranked = algorithm.rank_placement(newcomer, model.nodes, model.vms, spec.settings)
+        if not ranked:
+            return {}
+        best, worst = ranked[0][1], ranked[-1][1]
+        spread = worst - best
+        return {
+            node: 10 if spread <= 0 else round(10 * (worst - after) / spread)
+            for node, after in ranked
+        }
 
     # --- recommendations ------------------------------------------------------------------------
 
@@ -503,6 +551,28 @@ class BalanceController(Controller):
             message=message,
             cooldowns=_cooldowns_out(cooldowns),
         )  # fmt: skip
+
+
+def placement_vm(vmi: JSON, measured: Measurements) -> Vm | None:
+    """The VMI to place, as the model sees it: its usage when it ran recently (a VM restarted
+    keeps its name), else its requests."""
+    try:
+        request = vmi_request(vmi)
+    except InvalidRequest:
+        return None
+    md = vmi["metadata"]
+    usage = measured.usage.get((md.get("namespace", ""), md["name"]))
+    cpu, memory = request.cpu_millis / 1000, float(request.memory_bytes)
+    return Vm(
+        key=vmi_key(vmi),
+        node="",
+        cpu=usage.cpu if usage is not None else cpu,
+        memory=usage.memory if usage is not None else memory,
+        cpu_request=cpu,
+        memory_request=memory,
+        memory_to_copy=memory,
+        network=usage.network if usage is not None else None,
+    )
 
 
 def _cooldowns_in(status: JSON) -> dict[str, dict[str, float | str]]:

@@ -20,11 +20,13 @@ from vmo.api.scheduling import (
     ResourceRequest,
     Scheduled,
     Unschedulable,
+    feasible_nodes,
     place,
     vmi_request,
 )
 from vmo.api.storage import SELECTED_NODE
 from vmo.client import (
+    CONFIGMAP,
     DATAVOLUME,
     NODE,
     PVC,
@@ -36,6 +38,14 @@ from vmo.client import (
     NotFound,
 )
 from vmo.engine.storage.importer import is_shared
+from vmo.engine.virtcontroller.extenders import (
+    CONFIGMAP_NAME,
+    CONFIGMAP_NAMESPACE,
+    Extender,
+    ExtenderError,
+    parse_extenders,
+    prioritize,
+)
 from vmo.runtime import Controller, EventRecorder, Result, Watch
 
 __all__ = [
@@ -154,6 +164,7 @@ class SchedulerController(Controller):
     def __init__(self, client: Client) -> None:
         super().__init__(client)
         self.events = EventRecorder(client, component="virt-controller", clock=self.clock)
+        self._extenders: list[Extender] = []
 
     def watches(self) -> Sequence[Watch]:
         return [Watch(NODE, _pass_key), Watch(VMI, _pass_key)]
@@ -173,6 +184,9 @@ class SchedulerController(Controller):
         if not waiting:
             return 0
         volumes = await local_volume_nodes(self.client)
+        self._extenders = parse_extenders(
+            await self.client.find(CONFIGMAP, CONFIGMAP_NAME, CONFIGMAP_NAMESPACE)
+        )
         placed = 0
         for vmi in waiting:
             fresh = await self._schedule_one(vmi, nodes, vmis, volumes)
@@ -193,7 +207,7 @@ class SchedulerController(Controller):
             return await self.schedule(vmi, nodes, vmis, volumes)
         except _API_FAILURES:
             raise  # the API, not this VMI: the whole pass is retried
-        except InvalidRequest as exc:
+        except (InvalidRequest, ExtenderError) as exc:
             return await self._fail_alone(vmi, exc)
         except Exception as exc:  # malformed data, or a bug: it still fails this VMI alone
             log.exception("placing VMI %s failed", _vmi_key(vmi))
@@ -217,8 +231,15 @@ class SchedulerController(Controller):
         vmis: list[JSON],
         volume_nodes: Mapping[tuple[str, str], str] | None = None,
     ) -> JSON | None:
-        """Places one VMI and writes the result; returns the VMI as stored (None if not written)."""
-        placement = place(vmi, nodes, vmis, volume_nodes)
+        """Places one VMI and writes the result; returns the VMI as stored (None if not written).
+        The configured extenders weigh in on the nodes that pass the filters."""
+        extra: dict[str, float] = {}
+        if self._extenders:
+            fits = [
+                n for n, why in feasible_nodes(vmi, nodes, vmis, volume_nodes).items() if not why
+            ]
+            extra = await prioritize(self._extenders, vmi, fits, self.client.creds.token)
+        placement = place(vmi, nodes, vmis, volume_nodes, extra)
         stamp = _now()
         if isinstance(placement, Unschedulable):
             updated = unschedulable_vmi(vmi, placement.message, stamp)
