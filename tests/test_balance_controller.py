@@ -367,3 +367,20 @@ async def test_a_balanced_cluster_gets_no_recommendation_and_the_reason(
     assert ready["status"] == "True" and ready["reason"] == "NoRecommendation"
     assert "balanced" in ready["message"], ready
     assert status["recommendations"] == 0 and not await recs(client)
+
+
+async def test_the_example_policy_is_accepted_and_parses(client: Client) -> None:
+    import yaml
+
+    from vmo.controllers.balance.policy import parse_policy
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "balance-policy.yaml"
+    body = yaml.safe_load(example.read_text())
+    stored = await client.create(BALANCE_POLICY, body)
+    spec = parse_policy(stored)
+    assert (spec.automation, spec.settings.threshold) == ("Manual", 3)
+    assert (spec.cooldown_minimum, spec.cooldown_maximum) == (900, 6 * 3600)
+    assert spec.selects({}, {"kubernetes.io/metadata.name": "virtual-machines"})
+    assert not spec.selects(
+        {"vmo.dev/balance": "off"}, {"kubernetes.io/metadata.name": "virtual-machines"}
+    )
