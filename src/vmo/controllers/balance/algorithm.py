@@ -44,8 +44,8 @@ measured migration bandwidth). The greedy search picks, each round, the (VM, tar
 the largest imbalance reduction per cost, ``gain / (1 + memory_to_copy / COST_BYTES)``, so of
 two moves that buy the same balance the one with less memory to copy wins.
 
-Limits and safety. At most ``max_per_node`` migrations per node per cycle (a node counts both
-the migrations leaving and entering it) and ``max_total`` in all. A target must be schedulable,
+Limits and safety. At most ``max_per_node`` migrations leave a node per cycle (KubeVirt's
+``parallelOutboundMigrationsPerNode`` counts outbound migrations) and ``max_total`` in all. A target must be schedulable,
 allowed for the VM, free of its anti-affinity groups, have room for its requests within
 allocatable, and stay under ``headroom`` of its capacity by usage for every resource weighed.
 
@@ -351,7 +351,7 @@ class _Search:
         cluster.move(vm, source, target)
         after = cluster.imbalance()
         self.per_node[source] += 1
-        self.per_node[target] += 1
+        # KubeVirt limits outbound migrations per node (parallelOutboundMigrationsPerNode)
         self.moved.add(vm.key)
         seconds = vm.memory_to_copy / self.bandwidth if self.bandwidth > 0 else math.inf
         self.recommendations.append(
