@@ -488,7 +488,10 @@ async def test_a_policys_recovery_points_and_objective(client: Client, start: St
     assert scrape.value("vmo_backup_recovery_point_objective_seconds", policy="hourly") == 7200
     # its backups are deleted once stored: the namespace keeps every phase, at 0
     assert {s["phase"]: scrape.value("vmo_backups", **s) for s in scrape.series("vmo_backups")} == {
-        "Pending": 0, "Progressing": 0, "Succeeded": 0, "Failed": 0
+        "Pending": 0,
+        "Progressing": 0,
+        "Succeeded": 0,
+        "Failed": 0,
     }
 
 
