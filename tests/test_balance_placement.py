@@ -123,10 +123,12 @@ async def test_a_partial_policy_places_a_new_vmi_where_its_score_is_best(
     stop = asyncio.Event()
     serving = asyncio.get_running_loop().create_task(extender.run(stop))
     try:
+        await eventually(lambda: extender.url)
+        await asyncio.sleep(3)
+        assert await client.find(CONFIGMAP, CONFIGMAP_NAME, EXT_NS) is None, "no policy places"
+        await client.create(BALANCE_POLICY, policy("placement", automationLevel="Partial"))
         announced = await eventually(lambda: client.find(CONFIGMAP, CONFIGMAP_NAME, EXT_NS))
         assert extender.url in announced["data"]["extenders.yaml"]
-        await client.create(BALANCE_POLICY, policy("placement", automationLevel="Partial"))
-        await eventually(lambda: controller.informer(BALANCE_POLICY).items())
         await controller.cycle("placement", force=True)  # measures: placement weighs usage
         await client.create(VMI, new_vmi("steered"), NS)
         await eventually(lambda: controller.informer(VMI).cache.get(f"{NS}/steered"))
@@ -139,6 +141,11 @@ async def test_a_partial_policy_places_a_new_vmi_where_its_score_is_best(
                 "automationLevel"
             ] == "Manual"
         )  # fmt: skip
+
+        async def withdrawn() -> bool:
+            return await client.find(CONFIGMAP, CONFIGMAP_NAME, EXT_NS) is None
+
+        await eventually(withdrawn)
         await client.create(VMI, new_vmi("manual"), NS)
         assert await placed_on(client, "manual") == "node-big"
     finally:

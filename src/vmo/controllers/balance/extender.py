@@ -2,8 +2,9 @@
 
 The embedded engine's scheduler asks the extenders that the ConfigMap
 ``vmo-system/vmo-scheduler-extenders`` lists (vmo.engine.virtcontroller.extenders); this
-runnable serves one over HTTPS and publishes that ConfigMap while it runs (and withdraws it when
-it stops: ``ignorable: true`` covers the moments between). For a VMI a Partial or Full
+runnable serves one over HTTPS and publishes that ConfigMap while a Partial or Full policy
+exists (and withdraws it without one, or when it stops: ``ignorable: true`` covers the moments
+between). For a VMI a Partial or Full
 BalancePolicy selects, the answer ranks the nodes by the imbalance the VMI would leave
 (``BalanceController.placement_scores``); for any other VMI it is neutral. Callers authenticate
 with a bearer token that may ``post`` the non-resource URL ``/prioritize`` (TokenReview and
@@ -27,8 +28,9 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from vmo.client import CONFIGMAP, Client, Conflict, NotFound
+from vmo.client import CONFIGMAP, TRANSIENT_ERRORS, ApiStatusError, Client, Conflict, NotFound
 from vmo.controllers.balance.controller import BalanceController
+from vmo.controllers.balance.crds import BALANCE_POLICY
 from vmo.runtime.metrics_http import DelegatedAuth, refusal
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ PATH = f"/{VERB}"
 # lets the policy's ranking (up to 300) lead
 WEIGHT = 3
 TIMEOUT = "2s"
+RECHECK_SECONDS = 2.0
+_API_ERRORS: tuple[type[Exception], ...] = (ApiStatusError, *TRANSIENT_ERRORS)
 
 
 class PlacementExtender:
@@ -127,17 +131,40 @@ class PlacementExtender:
             await site.start()
             address: Any = runner.addresses[0]
             self.url = f"https://{self.host}:{address[1]}"
-            await self._publish()
             log.info("placement extender at %s%s", self.url, PATH)
-            await stop.wait()
+            published = False
+            while not stop.is_set():
+                wanted = self._wanted()
+                try:
+                    if wanted and not published:
+                        await self._publish()
+                    elif published and not wanted:
+                        await self._withdraw()
+                    published = wanted
+                except _API_ERRORS as exc:
+                    log.warning("placement extender not (un)announced: %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), RECHECK_SECONDS)
         finally:
             with contextlib.suppress(Exception):
-                found = await self.client.find(CONFIGMAP, CONFIGMAP_NAME, NAMESPACE)
-                urls = json.dumps((found or {}).get("data") or {})
-                if found is not None and self.url and self.url in urls:
-                    with contextlib.suppress(NotFound):
-                        await self.client.delete(CONFIGMAP, CONFIGMAP_NAME, NAMESPACE)
+                await self._withdraw()
             await runner.cleanup()
+
+    def _wanted(self) -> bool:
+        """Announced only while a Partial or Full policy exists: without one, the scheduler
+        need not ask anyone."""
+        for policy in self.balancer.informer(BALANCE_POLICY).items():
+            spec = policy.get("spec") or {}
+            if spec.get("automationLevel") in ("Partial", "Full") and not spec.get("suspend"):
+                return True
+        return False
+
+    async def _withdraw(self) -> None:
+        found = await self.client.find(CONFIGMAP, CONFIGMAP_NAME, NAMESPACE)
+        urls = json.dumps((found or {}).get("data") or {})
+        if found is not None and self.url and self.url in urls:
+            with contextlib.suppress(NotFound):
+                await self.client.delete(CONFIGMAP, CONFIGMAP_NAME, NAMESPACE)
 
 
 __all__ = ["CONFIGMAP_NAME", "NAMESPACE", "PlacementExtender"]
