@@ -28,7 +28,9 @@ from vmo.apiserver.server import ApiServer
 from vmo.cli import monitoring
 from vmo.cli._common import state_dir
 from vmo.client import NODE, TRANSIENT_ERRORS, ApiStatusError, Client, Credentials
+from vmo.engine.bmc import Bmc
 from vmo.engine.embedded import Engine
+from vmo.engine.virtcontroller.nodelifecycle import GRACE_ENV
 from vmo.home import PRIVATE_UMASK, AlreadyRunning, StateDir
 
 JSON = dict[str, Any]
@@ -159,6 +161,7 @@ async def _serve(args: argparse.Namespace, state: StateDir) -> None:
     )
     url = await server.start()
     engine = None
+    bmc: Bmc | None = None
     controllers: asyncio.Task[None] | None = None
     prometheus: asyncio.Task[None] | None = None
     if not args.no_monitoring:
@@ -167,10 +170,17 @@ async def _serve(args: argparse.Namespace, state: StateDir) -> None:
         prometheus = loop.create_task(
             monitoring.supervise(state, address, settings, stop), name="vmo-prometheus"
         )
+    if args.node_monitor_grace_period:
+        os.environ[GRACE_ENV] = str(args.node_monitor_grace_period)
     try:
         if not args.no_engine:
             engine = Engine(state, nodes=args.nodes)
             await engine.start(stop)
+            # the embedded nodes' Redfish BMC (HA fences a lost node through it)
+            bmc = Bmc(state)
+            await bmc.start()
+            assert engine.client is not None
+            await bmc.publish(engine.client)
             if not args.no_controllers:
                 controllers = loop.create_task(_controllers(state, stop), name="vmo-controllers")
         print(f"VMO API server ready at {url}", flush=True)
@@ -182,6 +192,8 @@ async def _serve(args: argparse.Namespace, state: StateDir) -> None:
             await asyncio.gather(
                 *(t for t in (controllers, prometheus) if t is not None), return_exceptions=True
             )
+        if bmc is not None:
+            await bmc.stop()
         if engine is not None:
             await engine.close()
         await server.stop()
@@ -220,6 +232,8 @@ async def _controllers(state: StateDir, stop: asyncio.Event) -> None:
 def _server_argv(args: argparse.Namespace, state: StateDir) -> list[str]:
     argv = [sys.executable, "-m", "vmo.cli.main", "--home", str(state.root), "up"]
     argv += ["--host", args.host, "--port", str(args.port), "--nodes", str(args.nodes)]
+    if args.node_monitor_grace_period:
+        argv += ["--node-monitor-grace-period", str(args.node_monitor_grace_period)]
     if args.no_controllers:
         argv.append("--no-controllers")
     if args.audit_policy_file:
@@ -451,6 +465,13 @@ def register(sub: Any) -> None:
     up.add_argument("--port", type=int, default=6443)
     up.add_argument("-v", "--verbose", action="store_true")
     up.add_argument("--nodes", type=int, default=1, help="node agents to run on this host")
+    up.add_argument(
+        "--node-monitor-grace-period",
+        type=float,
+        default=None,
+        help="seconds without a node's heartbeat before it is Ready=Unknown and tainted "
+        "unreachable (kube-controller-manager's flag; default 50)",
+    )
     up.add_argument(
         "--no-engine", action="store_true", help="API server only: no controllers, no node"
     )

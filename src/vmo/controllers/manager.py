@@ -24,6 +24,8 @@ from vmo.controllers.balance.controller import BalanceController, PrometheusSour
 from vmo.controllers.balance.crds import balance_crds
 from vmo.controllers.crds import install
 from vmo.controllers.example import NodeLabelController
+from vmo.controllers.ha.controller import HAController
+from vmo.controllers.ha.crds import ha_crds
 from vmo.home import StateDir
 from vmo.runtime import Controller, LeaderElector, LeaseTiming, Manager
 
@@ -53,6 +55,7 @@ def vmo_controllers(
         BackupRepositoryController(client, root),
         BackupRestoreController(client, policies, restore_server or RestoreServer()),
         BalanceController(client, prometheus or _home_prometheus),
+        HAController(client),
     ]
 
 
@@ -62,7 +65,7 @@ def _home_prometheus() -> PrometheusConfig:
 
 async def ensure_crds(client: Client) -> None:
     """Every VMO CRD, created where missing and brought up to date."""
-    await install(client, [*backup_crds(), *access_crds(), *balance_crds()])
+    await install(client, [*backup_crds(), *access_crds(), *balance_crds(), *ha_crds()])
 
 
 def default_identity() -> str:

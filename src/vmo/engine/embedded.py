@@ -496,7 +496,7 @@ class AgentPortOpener:
         socket_path = (node or {}).get("metadata", {}).get("annotations", {}).get(AGENT_SOCKET)
         if not socket_path:
             return None
-        url = f"http://agent/v1/namespaces/{namespace}/virtualmachineinstances/{vmi}/hostport/{proto}/{guest_port}"
+        url = f"http://agent/v1/namespaces/{namespace}/virtualmachineinstances/{vmi}/hostport/{proto.lower()}/{guest_port}"
         try:
             async with (
                 aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=socket_path)) as session,
