@@ -6,6 +6,8 @@ Partial policy's score is best, not where the scheduler's least-allocated score 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from vmo.client import CONFIGMAP, VMI, Client
 from vmo.client.prometheus import PrometheusConfig
 from vmo.controllers.balance.controller import BalanceController
 from vmo.controllers.balance.crds import BALANCE_POLICY
-from vmo.controllers.balance.extender import CONFIGMAP_NAME, PlacementExtender
+from vmo.controllers.balance.extender import CONFIGMAP_NAME, MUTATE_PATH, PlacementExtender
 from vmo.controllers.balance.extender import NAMESPACE as EXT_NS
 from vmo.controllers.manager import ensure_crds
 from vmo.home import StateDir
@@ -134,6 +136,22 @@ async def test_a_partial_policy_places_a_new_vmi_where_its_score_is_best(
         await eventually(lambda: controller.informer(VMI).cache.get(f"{NS}/steered"))
         assert await placed_on(client, "steered") == "node-small"
 
+        # cluster mode: the same choice as a mutation of the VMI's create
+        review = await mutate(engine, extender, new_vmi("hinted"))
+        response = review["response"]
+        assert response["allowed"] is True and response["patchType"] == "JSONPatch"
+        patch = json.loads(base64.b64decode(response["patch"]))
+        assert patch == [{"op": "add", "path": "/spec/affinity", "value": {"nodeAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "preference": {
+                "matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In",
+                                      "values": ["node-small"]}]}}]}}}]  # fmt: skip
+        own = new_vmi("own")
+        own["spec"]["affinity"] = {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 5, "preference": {"matchExpressions": [
+                {"key": "disk", "operator": "In", "values": ["ssd"]}]}}]}}  # fmt: skip
+        response = (await mutate(engine, extender, own))["response"]
+        assert response == {"uid": "u-1", "allowed": True}, "a preference of its own stands"
+
         # Manual: the policy does not place; the scheduler alone again
         await client.patch(BALANCE_POLICY, "placement", {"spec": {"automationLevel": "Manual"}})
         await eventually(
@@ -153,6 +171,49 @@ async def test_a_partial_policy_places_a_new_vmi_where_its_score_is_best(
         await serving
         await controller.stop()
     assert await client.find(CONFIGMAP, CONFIGMAP_NAME, EXT_NS) is None, "withdrawn on stop"
+
+
+async def mutate(engine: ThreadedServer, extender: PlacementExtender, vmi: JSON) -> JSON:
+    import ssl
+
+    import aiohttp
+
+    ctx = ssl.create_default_context(cafile=str(StateDir(engine.home).pki / "ca.crt"))
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": "u-1", "operation": "CREATE", "namespace": NS, "object": vmi,
+        "kind": {"group": "kubevirt.io", "version": "v1", "kind": "VirtualMachineInstance"}}}  # fmt: skip
+    headers = {"Authorization": f"Bearer {engine.admin_token}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{extender.url}{MUTATE_PATH}", json=review, ssl=ctx, headers=headers) as r,
+    ):
+        assert r.status == 200, await r.text()
+        answer: JSON = await r.json()
+        return answer
+
+
+def test_the_webhook_configuration_is_a_valid_kubernetes_object(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import kubernetes_validate
+    import yaml
+
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    argv = [sys.executable, "-m", "vmo.cli.main", "balance", "render-webhook",
+            "--service", "vmo-system/vmo-controllers", "--ca-bundle", str(ca)]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    body = yaml.safe_load(out.stdout)
+    kubernetes_validate.validate(body, "1.32.0", strict=True)
+    hook = body["webhooks"][0]
+    assert hook["clientConfig"]["service"] == {"namespace": "vmo-system",
+        "name": "vmo-controllers", "path": MUTATE_PATH, "port": 443}  # fmt: skip
+    assert hook["failurePolicy"] == "Ignore" and hook["sideEffects"] == "None"
+    bad = subprocess.run([*argv[:5], "--url", "http://x", "--ca-bundle", str(ca)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 1 and "https" in bad.stderr and "Traceback" not in bad.stderr
 
 
 async def test_the_extender_refuses_callers_without_a_token(

@@ -7,6 +7,8 @@
   ``NAMESPACE/NAME``.
 - ``apply ID [--wait]``: approves one recommendation; the controller carries it out as a
   VirtualMachineInstanceMigration (``--wait`` follows it to its end).
+- ``render-webhook``: the MutatingWebhookConfiguration that makes a cluster's new VMIs prefer
+  the node the policy scores best (cluster-mode initial placement).
 - ``simulate TRACE``: replays a trace file (docs/balance.md, "Traces") through VMO's balancer
   and its peers, the descheduler's LowNodeUtilization and KubeVirtRelieveAndMigrate, and
   prints the same figures as bench/balance.py. It needs no cluster.
@@ -20,14 +22,17 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
 from vmo.client import TRANSIENT_ERRORS, ApiStatusError, Client, Credentials, NotFound
 from vmo.controllers.balance.controller import POLICY_LABEL
 from vmo.controllers.balance.crds import BALANCE_POLICY, BALANCE_RECOMMENDATION
+from vmo.controllers.balance.extender import webhook_configuration
 from vmo.controllers.balance.model import Settings
 from vmo.controllers.balance.peers import KubeVirtRelieveAndMigrate, LowNodeUtilization
 from vmo.controllers.balance.simulator import Balancer, VmoBalancer, replay
@@ -217,6 +222,27 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _render(args: argparse.Namespace) -> int:
+    try:
+        ca = Path(args.ca_bundle).read_bytes()
+    except OSError as exc:
+        print(f"vmo balance render-webhook: {args.ca_bundle}: {exc.strerror}", file=sys.stderr)
+        return 1
+    service = None
+    if args.service:
+        namespace, _, name = args.service.partition("/")
+        if not namespace or not name:
+            print("vmo balance render-webhook: --service: NAMESPACE/NAME", file=sys.stderr)
+            return 1
+        service = (namespace, name)
+    elif not args.url.startswith("https://"):
+        print("vmo balance render-webhook: --url: an https:// URL", file=sys.stderr)
+        return 1
+    body = webhook_configuration(ca_bundle=ca, url=args.url, service=service, port=args.port)
+    print(yaml.safe_dump(body, sort_keys=False), end="")
+    return 0
+
+
 def add_balance_commands(
     sub: Any,
     creds_of: Callable[[argparse.Namespace], Credentials],
@@ -239,6 +265,15 @@ def add_balance_commands(
     apply.add_argument("--timeout", type=float, default=600)
     for cmd in (status, recs, apply):
         cmd.add_argument("--kubeconfig", default="")
+    render = commands.add_parser(
+        "render-webhook",
+        help="the MutatingWebhookConfiguration of cluster-mode initial placement",
+    )
+    where = render.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", default="", help="the controllers' https URL")
+    where.add_argument("--service", default="", help="NAMESPACE/NAME of the controllers' Service")
+    render.add_argument("--port", type=int, default=443)
+    render.add_argument("--ca-bundle", required=True, help="the CA of the controllers' certificate")
     simulate = commands.add_parser("simulate", help="replay a trace through VMO and its peers")
     simulate.add_argument("trace", help="a trace file (docs/balance.md, Traces)")
     simulate.add_argument("--threshold", type=int, default=3, choices=range(1, 6))
@@ -247,6 +282,8 @@ def add_balance_commands(
     def run(args: argparse.Namespace) -> int:
         if args.balance_command == "simulate":
             return _simulate(args)
+        if args.balance_command == "render-webhook":
+            return _render(args)
         creds = creds_of(args)
         namespace = namespace_of(args, creds)
 

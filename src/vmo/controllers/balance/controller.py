@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from vmo.api.scheduling import InvalidRequest, vmi_request
+from vmo.api.scheduling import InvalidRequest, feasible_nodes, vmi_request
 from vmo.client import KUBEVIRT, NAMESPACE, NODE, VM, VMI, VMIM, Client, Conflict, NotFound
 from vmo.client.prometheus import (
     PrometheusClient,
@@ -38,7 +38,7 @@ from vmo.client.prometheus import (
     PrometheusNotConfigured,
 )
 from vmo.controllers.balance import algorithm
-from vmo.controllers.balance.cluster import Model, build, vmi_key
+from vmo.controllers.balance.cluster import Model, build, schedulable, vmi_key
 from vmo.controllers.balance.crds import BALANCE_POLICY, BALANCE_RECOMMENDATION
 from vmo.controllers.balance.measure import MeasurementError, Measurements, measure
 from vmo.controllers.balance.model import Plan, Recommendation, Vm
@@ -247,15 +247,35 @@ class BalanceController(Controller):
     # --- initial placement (the scheduler extender asks) ---------------------------------------
 
     def placement_scores(self, pod: JSON, node_names: Sequence[str]) -> dict[str, int]:
-        """0..10 per node for the VMI of virt-launcher Pod ``pod``: 10 where the one Partial or
-        Full policy that selects it would see the least imbalance, down to 0 where the most;
-        no score (a neutral answer) when no such policy selects it."""
+        """0..10 per node for the VMI of virt-launcher Pod ``pod`` (``vmi_scores``)."""
         md = pod.get("metadata") or {}
         namespace = str(md.get("namespace") or "")
         name = str((md.get("labels") or {}).get("vm.kubevirt.io/name") or "")
         vmi = self.informer(VMI).cache.get(f"{namespace}/{name}")
-        if vmi is None:
-            return {}
+        return {} if vmi is None else self.vmi_scores(vmi, node_names)
+
+    def placement_affinity(self, vmi: JSON) -> JSON | None:
+        """The preferred node affinity (weight 100) for the node where ``vmi`` scores best among
+        those kube-scheduler's filters let it run on; None when no policy places it. The
+        cluster-mode mutation of a new VMI adds it."""
+        ready = [n for n in self.informer(NODE).items() if schedulable(n)]
+        running = [v for v in self.informer(VMI).items() if (v.get("status") or {}).get("nodeName")]
+        try:
+            fits = [n for n, why in feasible_nodes(vmi, ready, running).items() if not why]
+        except InvalidRequest:
+            return None
+        scores = self.vmi_scores(vmi, fits)
+        if not scores:
+            return None
+        best = max(sorted(scores), key=lambda n: scores[n])
+        return {"weight": 100, "preference": {"matchExpressions": [
+            {"key": HOSTNAME, "operator": "In", "values": [best]}]}}  # fmt: skip
+
+    def vmi_scores(self, vmi: JSON, node_names: Sequence[str]) -> dict[str, int]:
+        """0..10 per node for ``vmi``: 10 where the one Partial or Full policy that selects it
+        would see the least imbalance, down to 0 where the most; no score (a neutral answer)
+        when no such policy selects it."""
+        namespace = str(vmi["metadata"].get("namespace") or "")
         vms = {vmi_key(vm): vm for vm in self.informer(VM).items()}
         namespaces = {n["metadata"]["name"]: n for n in self.informer(NAMESPACE).items()}
         labels = {**((vms.get(vmi_key(vmi)) or {}).get("metadata") or {}).get("labels", {}),
@@ -561,7 +581,7 @@ def placement_vm(vmi: JSON, measured: Measurements) -> Vm | None:
     except InvalidRequest:
         return None
     md = vmi["metadata"]
-    usage = measured.usage.get((md.get("namespace", ""), md["name"]))
+    usage = measured.usage.get((md.get("namespace", ""), md.get("name", "")))
     cpu, memory = request.cpu_millis / 1000, float(request.memory_bytes)
     return Vm(
         key=vmi_key(vmi),

@@ -10,8 +10,12 @@ BalancePolicy selects, the answer ranks the nodes by the imbalance the VMI would
 with a bearer token that may ``post`` the non-resource URL ``/prioritize`` (TokenReview and
 SubjectAccessReview, as the metrics endpoints check theirs).
 
-On a cluster, kube-scheduler can be given the same extender in its KubeSchedulerConfiguration;
-VMO does not render that, nor yet the node-affinity mutation the issue names for cluster mode.
+On a cluster, initial placement is a mutation instead: the same server answers a mutating
+admission webhook for VMI creates (``/mutate-virtualmachineinstance``, AdmissionReview v1) with
+a preferred node affinity (weight 100) for the node the policy scores best, unless the VMI
+prefers nodes of its own; ``vmo balance render-webhook`` prints the
+MutatingWebhookConfiguration. kube-apiserver must send a bearer token to it (its admission
+kubeconfig), that may ``post`` that path.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ CONFIGMAP_NAME = "vmo-scheduler-extenders"
 CONFIG_KEY = "extenders.yaml"
 VERB = "prioritize"
 PATH = f"/{VERB}"
+MUTATE_PATH = "/mutate-virtualmachineinstance"
 # the scheduler's own score is 0..100 (least allocated) plus soft-affinity weights; weight 3
 # lets the policy's ranking (up to 300) lead
 WEIGHT = 3
@@ -71,10 +76,12 @@ class PlacementExtender:
         self.host, self.port = host, port
         self.url = ""
         self._auth = DelegatedAuth(client, path=PATH, verb="post")
+        self._mutate_auth = DelegatedAuth(client, path=MUTATE_PATH, verb="post")
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=4 * 2**20)
         app.router.add_post(PATH, self._prioritize)
+        app.router.add_post(MUTATE_PATH, self._mutate)
         return app
 
     def _ssl(self) -> ssl.SSLContext:
@@ -96,6 +103,30 @@ class PlacementExtender:
             return web.json_response({"error": f"not ExtenderArgs: {exc}"}, status=400)
         scores = self.balancer.placement_scores(pod, [str(n) for n in names])
         return web.json_response([{"Host": n, "Score": scores.get(n, 0)} for n in names])
+
+    async def _mutate(self, request: web.Request) -> web.Response:
+        """A mutating admission webhook (AdmissionReview v1) for VMI creates: the cluster-mode
+        form of initial placement. It never refuses: at worst it adds nothing."""
+        refused = await refusal(request, self._mutate_auth)
+        if refused is not None:
+            return refused
+        try:
+            review = await request.json()
+            ask = review["request"]
+            uid = str(ask["uid"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return web.json_response({"error": f"not an AdmissionReview: {exc}"}, status=400)
+        answer: JSON = {"uid": uid, "allowed": True}
+        vmi = ask.get("object") if ask.get("operation") == "CREATE" else None
+        if isinstance(vmi, dict) and vmi.get("kind") == "VirtualMachineInstance":
+            vmi.setdefault("metadata", {}).setdefault("namespace", ask.get("namespace", ""))
+            patch = affinity_patch(vmi, self.balancer.placement_affinity(vmi))
+            if patch:
+                answer["patchType"] = "JSONPatch"
+                answer["patch"] = base64.b64encode(json.dumps(patch).encode()).decode()
+        return web.json_response(
+            {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": answer}
+        )
 
     def _configmap(self) -> JSON:
         entry = {
@@ -167,4 +198,67 @@ class PlacementExtender:
                 await self.client.delete(CONFIGMAP, CONFIGMAP_NAME, NAMESPACE)
 
 
-__all__ = ["CONFIGMAP_NAME", "NAMESPACE", "PlacementExtender"]
+def affinity_patch(vmi: JSON, preference: JSON | None) -> list[JSON]:
+    """The JSONPatch that adds ``preference`` to the VMI's preferred node affinity (none when
+    there is none, or the VMI prefers a node already: the user's own preference stands)."""
+    if preference is None:
+        return []
+    spec = vmi.get("spec") or {}
+    affinity = dict(spec.get("affinity") or {})
+    node = dict(affinity.get("nodeAffinity") or {})
+    preferred = list(node.get("preferredDuringSchedulingIgnoredDuringExecution") or [])
+    if preferred:
+        return []
+    node["preferredDuringSchedulingIgnoredDuringExecution"] = [preference]
+    affinity["nodeAffinity"] = node
+    op = "replace" if "affinity" in spec else "add"
+    return [{"op": op, "path": "/spec/affinity", "value": affinity}]
+
+
+def webhook_configuration(
+    *, ca_bundle: bytes, url: str = "", service: tuple[str, str] | None = None, port: int = 443
+) -> JSON:
+    """The MutatingWebhookConfiguration a cluster needs for the placement mutation: VMI creates
+    go to ``url`` or the controllers' Service ``(namespace, name)``; failurePolicy Ignore (a
+    placement hint must never block a VM), no side effects, two seconds."""
+    client_config: JSON = {"caBundle": base64.b64encode(ca_bundle).decode()}
+    if service is not None:
+        client_config["service"] = {"namespace": service[0], "name": service[1],
+                                    "path": MUTATE_PATH, "port": port}  # fmt: skip
+    else:
+        client_config["url"] = url.rstrip("/") + MUTATE_PATH
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "vmo-balance-placement"},
+        "webhooks": [
+            {
+                "name": "placement.balance.vmo.dev",
+                "admissionReviewVersions": ["v1"],
+                "clientConfig": client_config,
+                "rules": [
+                    {
+                        "apiGroups": ["kubevirt.io"],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE"],
+                        "resources": ["virtualmachineinstances"],
+                        "scope": "Namespaced",
+                    }
+                ],
+                "failurePolicy": "Ignore",
+                "sideEffects": "None",
+                "timeoutSeconds": 2,
+                "reinvocationPolicy": "Never",
+            }
+        ],
+    }
+
+
+__all__ = [
+    "CONFIGMAP_NAME",
+    "MUTATE_PATH",
+    "NAMESPACE",
+    "PlacementExtender",
+    "affinity_patch",
+    "webhook_configuration",
+]
