@@ -475,3 +475,58 @@ async def test_the_bmc_refuses_wrong_credentials_and_unknown_systems(
             assert resp.status == 404
         async with session.get(f"{bmc.url}/redfish/v1", ssl=ctx, headers=auth) as resp:
             assert (await resp.json())["Systems"] == {"@odata.id": "/redfish/v1/Systems"}
+
+
+async def test_the_out_of_service_taint_confirms_the_fence_and_then_the_vm_is_released(
+    client: Client, unique: str
+) -> None:
+    """Cluster-mode fencing: nothing is released while the node merely looks dead; once its
+    remediation confirms (here: the annotation the policy names), the controller adds
+    Kubernetes' out-of-service taint, then releases the VM; the taint goes when it returns."""
+    label = f"oos-{unique}"
+    dead, spare, vmi = await world(client, unique, label=label)
+    confirm = "remediation.example.com/powered-off"
+    fencing = {"method": "outOfServiceTaint",
+               "outOfServiceTaint": {"confirmationAnnotation": confirm}}  # fmt: skip
+    try:
+        await client.create(HAPOLICY, policy(f"hap-{unique}", label, fencing, fence_timeout=300))
+        async with running(client):
+            await fail(client, dead)
+            await until(lambda: phase_is(client, dead, "Fencing"))
+            await asyncio.sleep(2.0)
+            assert await phase_is(client, dead, "Fencing"), "not confirmed: still fencing"
+            await assert_not_released(client, vmi)
+            node = await client.get(NODE, dead)
+            assert not any(t.get("key") == "node.kubernetes.io/out-of-service"
+                           for t in (node.get("spec") or {}).get("taints") or [])  # fmt: skip
+            # the remediation outside VMO powered the node off and says so
+            await client.patch(NODE, dead, {"metadata": {"annotations": {confirm: "true"}}})
+            done = await until(lambda: phase_is(client, dead, "Restarting", "Completed"), 30)
+            assert done["status"]["method"] == "outOfServiceTaint"
+            node = await client.get(NODE, dead)
+            taints = {(t["key"], t["effect"]) for t in node["spec"].get("taints") or []}
+            assert ("node.kubernetes.io/out-of-service", "NoExecute") in taints
+            released = await client.get(VMI, vmi["metadata"]["name"], NS)
+            assert released["status"]["phase"] == "Failed"
+            assert released["status"]["reason"] == "NodeFenced"
+            # the VM controller's part, as above: a new VMI on the spare node
+            await client.delete(VMI, vmi["metadata"]["name"], NS)
+            fresh = vmi_obj(await client.get(VM, f"vm-{unique}", NS), spare)
+            fresh["metadata"].pop("uid")
+            created = await client.create(VMI, fresh)
+            await client.patch(VMI, created["metadata"]["name"], {"status": fresh["status"]}, NS)
+            await until(lambda: phase_is(client, dead, "Completed"), 30)
+            # back and Ready: the taint this controller added is taken off
+            obj = node_obj(dead, label=label)
+            obj["status"]["conditions"][0]["lastTransitionTime"] = timestamp()
+            await client.patch_status(NODE, dead, obj["status"])
+            await until(lambda: _returned(client, dead), 30)
+
+            async def untainted() -> bool:
+                found = await client.get(NODE, dead)
+                return not any(t.get("key") == "node.kubernetes.io/out-of-service"
+                               for t in (found.get("spec") or {}).get("taints") or [])  # fmt: skip
+
+            await until(untainted)
+    finally:
+        await cleanup(client, unique, dead, spare)
