@@ -18,9 +18,11 @@ from tests.test_balance_controller import (
     MEASUREMENT,
     NS,
     eventually,
+    exporter,
     measured,
     node,
     policy,
+    prometheus,
     vmi,
 )
 from vmo.client import CONFIGMAP, VMI, Client
@@ -33,27 +35,10 @@ from vmo.controllers.manager import ensure_crds
 from vmo.home import StateDir
 from vmo.runtime import ensure_namespace
 from vmo.testing.apiserver import ThreadedServer
-from vmo.testing.prometheus import PrometheusServer, ScrapeJob, SyntheticExporter
+from vmo.testing.prometheus import PrometheusServer, SyntheticExporter
 
 JSON = dict[str, Any]
-__all__ = ["MEASUREMENT"]
-
-
-@pytest.fixture(scope="module")
-def exporter() -> Iterator[SyntheticExporter]:
-    with SyntheticExporter() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def prometheus(
-    tmp_path_factory: pytest.TempPathFactory, exporter: SyntheticExporter
-) -> Iterator[PrometheusServer]:
-    job = ScrapeJob("vmo-node-agent", [exporter.target])
-    with PrometheusServer(
-        tmp_path_factory.mktemp("prom"), jobs=[job], scrape_interval="1s"
-    ) as server:
-        yield server
+__all__ = ["MEASUREMENT", "exporter", "prometheus"]  # fixtures shared with the controller's tests
 
 
 @pytest.fixture

@@ -108,6 +108,16 @@ def _guest_memory(vmi: JSON) -> float:
         return 0.0
 
 
+def selection_labels(
+    vmi: Mapping[str, Any], vms: Mapping[str, JSON], namespaces: Mapping[str, JSON]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """What a policy's selectors see of a VMI: its VM's labels overlaid by its own, and its
+    namespace's labels."""
+    namespace = str((vmi.get("metadata") or {}).get("namespace") or "")
+    labels = {**labels_of(vms.get(vmi_key(vmi)) or {}), **labels_of(vmi)}
+    return labels, labels_of(namespaces.get(namespace) or {})
+
+
 def anti_affinity_groups(vmis: Sequence[JSON]) -> dict[str, set[str]]:
     """VMI key -> the groups it belongs to: each required podAntiAffinity term on the hostname
     topology is a group of its owner and the VMIs the term selects."""
@@ -159,8 +169,7 @@ def build(
             request = vmi_request(vmi)
         except InvalidRequest:
             continue
-        labels = {**labels_of(vms.get(key) or {}), **labels_of(vmi)}
-        picked = spec.selects(labels, labels_of(namespaces.get(namespace) or {}))
+        picked = spec.selects(*selection_labels(vmi, vms, namespaces))
         usage = measured.usage.get((namespace, name))
         if usage is None:
             unmeasured.append(key)
@@ -202,4 +211,12 @@ def build(
     return Model(model_nodes, out, frozenset(selected), tuple(notes))
 
 
-__all__ = ["Model", "anti_affinity_groups", "build", "migrating", "running", "schedulable"]
+__all__ = [
+    "Model",
+    "anti_affinity_groups",
+    "build",
+    "migrating",
+    "running",
+    "schedulable",
+    "selection_labels",
+]

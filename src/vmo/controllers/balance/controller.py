@@ -38,7 +38,13 @@ from vmo.client.prometheus import (
     PrometheusNotConfigured,
 )
 from vmo.controllers.balance import algorithm
-from vmo.controllers.balance.cluster import Model, build, schedulable, vmi_key
+from vmo.controllers.balance.cluster import (
+    Model,
+    build,
+    schedulable,
+    selection_labels,
+    vmi_key,
+)
 from vmo.controllers.balance.crds import BALANCE_POLICY, BALANCE_RECOMMENDATION
 from vmo.controllers.balance.measure import MeasurementError, Measurements, measure
 from vmo.controllers.balance.model import Plan, Recommendation, Vm
@@ -181,7 +187,7 @@ class BalanceController(Controller):
         cooldowns.prune(now)
         bandwidth = measured.bandwidth or ASSUMED_BANDWIDTH
         plan = algorithm.recommend(
-            [n for n in model.nodes],
+            model.nodes,
             model.vms,
             spec.settings,
             cooldown=cooldowns,
@@ -205,6 +211,16 @@ class BalanceController(Controller):
         since = _seconds_since(status.get("lastCycleTime"), now)
         return 0.0 if since is None else max(spec.interval - since, 0.0)
 
+    def _valid_policies(self) -> list[PolicySpec]:
+        """Every BalancePolicy whose spec reads (a bad one says so in its own status)."""
+        found = []
+        for policy in self.informer(BALANCE_POLICY).items():
+            try:
+                found.append(parse_policy(policy))
+            except InvalidPolicy:
+                continue
+        return found
+
     def _cluster_limits(self) -> tuple[int, int]:
         """The KubeVirt CR's migration limits (KubeVirt's defaults: 2 per node, 5 in all)."""
         for kv in self.informer(KUBEVIRT).items():
@@ -222,22 +238,8 @@ class BalanceController(Controller):
         vmis = self.informer(VMI).items()
         vms = {vmi_key(vm): vm for vm in self.informer(VM).items()}
         namespaces = {n["metadata"]["name"]: n for n in self.informer(NAMESPACE).items()}
-        others = []
-        for other in self.informer(BALANCE_POLICY).items():
-            if other["metadata"]["name"] == spec.name:
-                continue
-            try:
-                others.append(parse_policy(other))
-            except InvalidPolicy:
-                continue
-        candidates = []
-        for vmi in vmis:
-            key = vmi_key(vmi)
-            md = vmi["metadata"]
-            labels = {**((vms.get(key) or {}).get("metadata") or {}).get("labels", {}),
-                      **(md.get("labels") or {})}  # fmt: skip
-            ns_labels = (namespaces.get(md.get("namespace", "")) or {}).get("metadata", {})
-            candidates.append((key, labels, ns_labels.get("labels") or {}))
+        others = [p for p in self._valid_policies() if p.name != spec.name]
+        candidates = [(vmi_key(v), *selection_labels(v, vms, namespaces)) for v in vmis]
         contested = {
             k: v for k, v in overlaps([spec, *others], candidates).items() if spec.name in v
         }
@@ -275,20 +277,10 @@ class BalanceController(Controller):
         """0..10 per node for ``vmi``: 10 where the one Partial or Full policy that selects it
         would see the least imbalance, down to 0 where the most; no score (a neutral answer)
         when no such policy selects it."""
-        namespace = str(vmi["metadata"].get("namespace") or "")
         vms = {vmi_key(vm): vm for vm in self.informer(VM).items()}
         namespaces = {n["metadata"]["name"]: n for n in self.informer(NAMESPACE).items()}
-        labels = {**((vms.get(vmi_key(vmi)) or {}).get("metadata") or {}).get("labels", {}),
-                  **(vmi["metadata"].get("labels") or {})}  # fmt: skip
-        ns_labels = ((namespaces.get(namespace) or {}).get("metadata") or {}).get("labels") or {}
-        specs = []
-        for policy in self.informer(BALANCE_POLICY).items():
-            try:
-                spec = parse_policy(policy)
-            except InvalidPolicy:
-                continue
-            if spec.selects(labels, ns_labels):
-                specs.append(spec)
+        labels, ns_labels = selection_labels(vmi, vms, namespaces)
+        specs = [p for p in self._valid_policies() if p.selects(labels, ns_labels)]
         if len(specs) != 1 or not specs[0].places or specs[0].suspend:
             return {}  # none, Manual, or two policies: the scheduler decides alone
         spec = specs[0]
@@ -337,7 +329,7 @@ class BalanceController(Controller):
                 old = None
             if old is None:
                 try:
-                    created = await self.client.create(BALANCE_RECOMMENDATION, body, namespace)
+                    await self.client.create(BALANCE_RECOMMENDATION, body, namespace)
                 except Conflict:
                     continue  # still being deleted: the next cycle writes it
                 await self.client.patch_status(
@@ -345,7 +337,6 @@ class BalanceController(Controller):
                     "message": "recommended; `vmo balance apply` carries it out"
                     if not spec.migrates else "recommended"}, namespace,
                 )  # fmt: skip
-                del created
             elif phase in (None, "Pending"):
                 spec_now = {k: v for k, v in body["spec"].items() if k != "approved"}
                 if any(old["spec"].get(k) != v for k, v in spec_now.items()):
