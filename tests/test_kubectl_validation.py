@@ -259,6 +259,23 @@ metadata: {name: $name, namespace: $ns}
 spec:
   config: '{"cniVersion": "0.3.1", "name": "$name", "type": "bridge", "bridge": "br1"}'
 ---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: $name, namespace: $ns}
+spec:
+  podSelector: {matchLabels: {app: $name}}
+  ingress:
+  - ports: [{port: 5432}]
+---
+apiVersion: k8s.cni.cncf.io/v1beta1
+kind: MultiNetworkPolicy
+metadata:
+  name: $name
+  namespace: $ns
+  annotations: {k8s.v1.cni.cncf.io/policy-for: $name}
+spec:
+  podSelector: {}
+---
 apiVersion: kubevirt.io/v1
 kind: KubeVirt
 metadata: {name: $name, namespace: $ns}

@@ -209,8 +209,9 @@ def _namespace_user_roles() -> list[JSON]:
 
 
 def _edit_rules() -> list[JSON]:
-    # upstream's core-group rules; apps/batch/networking kinds are not served by VMO
+    # upstream's core-group and networking rules; apps/batch kinds are not served by VMO
     return [
+        _rule(WRITE, ["networking.k8s.io"], ["networkpolicies"]),
         _rule(
             READ,
             [""],
@@ -246,6 +247,7 @@ def _edit_rules() -> list[JSON]:
 
 def _view_rules() -> list[JSON]:
     return [
+        _rule(READ, ["networking.k8s.io"], ["networkpolicies"]),
         _rule(
             READ,
             [""],

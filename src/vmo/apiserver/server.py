@@ -15,6 +15,7 @@ from aiohttp import web
 from vmo.api.core import core_resource_types
 from vmo.api.crd import crd_resource_types
 from vmo.api.kubevirt import kubevirt_resource_types
+from vmo.api.netpol import netpol_resource_types
 from vmo.api.pods import pod
 from vmo.api.storage import storage_types
 from vmo.api.types import JSON, ResourceType
@@ -59,6 +60,7 @@ def builtin_types() -> list[ResourceType]:
         *storage_types(),
         *kubevirt_resource_types(),
         *volume_snapshot_types(),
+        *netpol_resource_types(),
     ]
 
 
