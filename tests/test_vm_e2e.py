@@ -267,7 +267,7 @@ def l2_vm(name: str, network: str, mac: str | None = None) -> dict[str, Any]:
     iface: dict[str, Any] = {"name": "lan", "bridge": {}}
     if mac:
         iface["macAddress"] = mac
-    obj = vm(name, disk=f"{name}-root")
+    obj = vm(name, disk=f"{name}-root", labels={"l2": name})
     spec = obj["spec"]["template"]["spec"]
     spec["domain"]["devices"]["interfaces"] = [iface]
     spec["networks"] = [{"name": "lan", "multus": {"networkName": network}}]
@@ -342,6 +342,49 @@ def test_two_vms_on_one_vlan_reach_each_other_and_not_across(
     assert "vmo-guest l2-b" in same
     across = console(cluster, "l2-a", f"nc -w 3 {l2['l2-c']} 5432 || echo UNREACHABLE")
     assert "vmo-guest" not in across and "UNREACHABLE" in across
+
+
+def test_a_multi_network_policy_lets_only_the_named_client_in(
+    cluster: ThreadedServer, k: Kubectl, l2: dict[str, str]
+) -> None:
+    """l2-b is the database: a MultiNetworkPolicy on vlan10 opens its port 5432 to one client;
+    what it does not name is dropped, and deleting it opens the path again."""
+    db = l2["l2-b"]
+    policy: dict[str, Any] = {
+        "apiVersion": "k8s.cni.cncf.io/v1beta1",
+        "kind": "MultiNetworkPolicy",
+        "metadata": {
+            "name": "db-clients",
+            "namespace": NS,
+            "annotations": {"k8s.v1.cni.cncf.io/policy-for": "vlan10"},
+        },
+        "spec": {
+            "podSelector": {"matchLabels": {"l2": "l2-b"}},
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": {"l2": "someone-else"}}}],
+                    "ports": [{"port": 5432}],
+                }
+            ],
+        },
+    }
+
+    def from_a(command: str) -> str:
+        return console(cluster, "l2-a", f"{command} || echo UNREACHABLE")
+
+    try:
+        k.apply(policy)
+        wait_for(lambda: "UNREACHABLE" in from_a(f"nc -w 2 {db} 5432"), 30, "l2-a to be refused")
+        policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] = {"l2": "l2-a"}
+        k.apply(policy)
+        wait_for(lambda: "vmo-guest l2-b" in from_a(f"nc -w 2 {db} 5432"), 30, "l2-a to be let in")
+        # only the port the rule names: the echo port stays closed
+        assert "UNREACHABLE" in from_a(f"echo hi | nc -w 2 {db} 7")
+        # l2-a is not isolated: the database still reaches it
+        assert "vmo-guest l2-a" in console(cluster, "l2-b", f"nc -w 3 {l2['l2-a']} 5432")
+    finally:
+        k("delete", "multi-networkpolicies.k8s.cni.cncf.io", "db-clients", "-n", NS, check=False)
+    wait_for(lambda: "hi" in from_a(f"echo hi | nc -w 2 {db} 7"), 30, "the path to open")
 
 
 def test_the_guest_sees_the_mac_from_the_spec(

@@ -107,6 +107,10 @@ DATAVOLUME = Resource("cdi.kubevirt.io", "v1beta1", "datavolumes", "DataVolume")
 NAD = Resource(
     "k8s.cni.cncf.io", "v1", "network-attachment-definitions", "NetworkAttachmentDefinition"
 )
+MULTI_NETWORK_POLICY = Resource(
+    "k8s.cni.cncf.io", "v1beta1", "multi-networkpolicies", "MultiNetworkPolicy"
+)
+NETWORK_POLICY = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
 INSTANCETYPE = Resource(
     "instancetype.kubevirt.io",
     "v1beta1",

@@ -26,6 +26,7 @@ from vmo.engine.agent.api import AgentApi
 from vmo.engine.agent.backups import BackupExecutor
 from vmo.engine.agent.metrics import NodeMetrics
 from vmo.engine.agent.migration import MigrationRoles
+from vmo.engine.agent.netpolicy import L2PolicyEnforcer
 from vmo.engine.agent.node import now_rfc3339 as nodeobj_now
 from vmo.engine.agent.snapshots import SnapshotExecutor
 from vmo.engine.network import bridge, ipam
@@ -144,7 +145,10 @@ class NodeServices:
             backups=backups.backup_volumes,
         )
         claims = ClaimController(self.provisioner)
-        background = Manager([self.datavolumes, claims, self.snapshots, exports, backups])
+        self.l2policy = L2PolicyEnforcer(self.client, self.name)
+        background = Manager(
+            [self.datavolumes, claims, self.snapshots, exports, backups, self.l2policy]
+        )
         self.tasks.append(
             asyncio.get_running_loop().create_task(background.run(stop), name=f"node-{self.name}")
         )

@@ -1,0 +1,144 @@
+"""The node agent's MultiNetworkPolicy enforcer: this node's nftables table, kept in step.
+
+One key, one pass: any change to a MultiNetworkPolicy, a VMI or a Namespace queues it; the
+pass rebuilds the members of every bridge network from the VMIs (each ``bridge`` interface on
+a Multus network: the VMI's labels, the interface's MAC and IPs, its named ports), compiles the
+table for the members running here, and loads it atomically (``l2policy``). A migration's
+target node is a member's node too while the migration is in flight, so the target has the
+rules before the switch-over; the source drops them once the VMI names the target. Rules stay
+while the agent is down (the guests keep running); the next agent's first pass replaces them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from vmo.client import MULTI_NETWORK_POLICY, NAMESPACE, VMI, Client
+from vmo.engine.network.l2policy import Member, NftError, Table, apply, compile_table
+from vmo.runtime import Controller, Result, TemporaryError, Watch
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+KEY = "l2-policy"
+RETRY_SECONDS = 5.0
+
+
+def _one_key(_etype: str, _obj: JSON) -> list[str]:
+    return [KEY]
+
+
+def _runs_on(vmi: JSON) -> set[str]:
+    """The nodes whose taps carry the VMI's interfaces now: its node, and a migration's target
+    while the migration is in flight."""
+    status = vmi.get("status") or {}
+    nodes = {str(status["nodeName"])} if status.get("nodeName") else set()
+    state = status.get("migrationState") or {}
+    if state.get("targetNode") and not state.get("completed") and not state.get("failed"):
+        nodes.add(str(state["targetNode"]))
+    return nodes
+
+
+def members_of(vmi: JSON, node: str) -> list[Member]:
+    """The VMI's bridge interfaces on Multus networks, as policy members."""
+    md, spec, status = vmi["metadata"], vmi.get("spec") or {}, vmi.get("status") or {}
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return []
+    namespace = str(md.get("namespace") or "")
+    networks = {n.get("name"): n for n in spec.get("networks") or []}
+    reported = {i.get("name"): i for i in status.get("interfaces") or []}
+    local = node in _runs_on(vmi)
+    out = []
+    for iface in ((spec.get("domain") or {}).get("devices") or {}).get("interfaces") or []:
+        name = iface.get("name")
+        multus = (networks.get(name) or {}).get("multus")
+        if "bridge" not in iface or not multus:
+            continue
+        nad = str(multus.get("networkName") or "")
+        nad_ns, _, nad_name = nad.rpartition("/")
+        seen = reported.get(name) or {}
+        mac = str(seen.get("mac") or iface.get("macAddress") or "").lower()
+        if not mac:
+            continue  # not started yet: no MAC to match
+        ips = tuple(str(ip) for ip in seen.get("ipAddresses") or [seen.get("ipAddress")] if ip)
+        ports = {
+            str(p["name"]): (str(p.get("protocol") or "TCP"), int(p["port"]))
+            for p in iface.get("ports") or []
+            if p.get("name") and p.get("port")
+        }
+        out.append(
+            Member(
+                namespace=namespace,
+                name=str(md.get("name")),
+                labels=dict(md.get("labels") or {}),
+                network=(nad_ns or namespace, nad_name),
+                mac=mac,
+                ips=ips,
+                named_ports=ports,
+                local=local,
+            )
+        )
+    return out
+
+
+class L2PolicyEnforcer(Controller):
+    """One per node agent: MultiNetworkPolicies on this node's bridge ports."""
+
+    workers = 1
+
+    def __init__(self, client: Client, node: str) -> None:
+        super().__init__(client)
+        self.node = node
+        self.name = f"l2-policy-{node}"
+        self.table: Table | None = None
+        self.last_error: str | None = None
+
+    def watches(self) -> Sequence[Watch]:
+        return [
+            Watch(MULTI_NETWORK_POLICY, _one_key),
+            Watch(VMI, _one_key),
+            Watch(NAMESPACE, _one_key),
+        ]
+
+    def resync_keys(self) -> list[str]:
+        return [KEY]
+
+    async def start(self) -> None:
+        await super().start()
+        self.enqueue(KEY)  # a restarted agent replaces whatever table it finds, even an empty one
+
+    def compile(self) -> Table:
+        members = [
+            m for vmi in self.informer(VMI).cache.values() for m in members_of(vmi, self.node)
+        ]
+        policies = list(self.informer(MULTI_NETWORK_POLICY).cache.values())
+        namespaces = {
+            str(ns["metadata"]["name"]): dict(ns["metadata"].get("labels") or {})
+            for ns in self.informer(NAMESPACE).cache.values()
+        }
+        return compile_table(self.node, members, policies, namespaces)
+
+    async def reconcile(self, key: str) -> Result | None:
+        await self.wait_synced()
+        table = self.compile()
+        if self.table is not None and table.script == self.table.script:
+            return None
+        try:
+            await asyncio.to_thread(apply, table, node=self.node)
+        except NftError as exc:
+            self.last_error = str(exc)
+            log.warning("node %s: MultiNetworkPolicy rules not applied: %s", self.node, exc)
+            raise TemporaryError(str(exc), delay=RETRY_SECONDS) from exc
+        self.table, self.last_error = table, None
+        log.info(
+            "node %s: MultiNetworkPolicy table %s: %d isolated interfaces, %d rules, %d sets",
+            self.node,
+            table.name,
+            table.members,
+            table.rules,
+            table.sets,
+        )
+        return None
