@@ -4,10 +4,12 @@ defaults, kubernetes-validate as the oracle, and refusals that name the field an
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
 from tests.conftest import Api, Kubectl
 from vmo.api.netpol import POLICY_FOR, policy_for, validate_policy
@@ -208,3 +210,14 @@ def test_every_valid_example_is_also_valid_for_upstream() -> None:
         }
         assert validate_policy(policy) == []
         kubernetes_validate.validate(policy, K8S_VERSION, strict=True)
+
+
+def test_the_example_is_accepted(kubectl: Kubectl, api: Api) -> None:
+    path = Path(__file__).resolve().parent.parent / "examples" / "multi-network-policy.yaml"
+    policy = yaml.safe_load(path.read_text())
+    assert validate_policy(policy, multi=True) == []
+    kubectl("apply", "-f", str(path))
+    stored = api.get(f"/apis/k8s.cni.cncf.io/v1beta1/namespaces/virtual-machines/"
+                     f"multi-networkpolicies/{policy['metadata']['name']}").json()  # fmt: skip
+    assert policy_for(stored) == [("virtual-machines", "vlan120")]
+    kubectl("delete", "-f", str(path))

@@ -241,13 +241,14 @@ def test_impossible_specs_are_refused_with_field_paths(k: Kubectl) -> None:
     assert proc.returncode != 0 and "macAddress" in proc.stderr
 
 
-def nad(name: str, vlan: int, first: int) -> dict[str, Any]:
+def nad(name: str, vlan: int, first: int, *, macspoofchk: bool = False) -> dict[str, Any]:
     config = {
         "cniVersion": "0.3.1",
         "name": name,
         "type": "bridge",
         "bridge": "br-vmo-e2e",
         "vlan": vlan,
+        "macspoofchk": macspoofchk,
         "ipam": {
             "type": "host-local",
             "subnet": "192.168.50.0/24",
@@ -313,7 +314,7 @@ VSPHERE_MAC = "00:50:56:aa:bb:01"
 
 @pytest.fixture(scope="module")
 def l2(cluster: ThreadedServer, k: Kubectl, capi: Api, image_server: str) -> dict[str, str]:
-    k.apply(nad("vlan10", 10, 10))
+    k.apply(nad("vlan10", 10, 10, macspoofchk=True))
     k.apply(nad("vlan20", 20, 20))
     for name, network, mac in (
         ("l2-a", "vlan10", VSPHERE_MAC),
@@ -385,6 +386,29 @@ def test_a_multi_network_policy_lets_only_the_named_client_in(
     finally:
         k("delete", "multi-networkpolicies.k8s.cni.cncf.io", "db-clients", "-n", NS, check=False)
     wait_for(lambda: "hi" in from_a(f"echo hi | nc -w 2 {db} 7"), 30, "the path to open")
+
+
+def test_macspoofchk_cuts_off_a_guest_that_changes_its_mac(
+    cluster: ThreadedServer, l2: dict[str, str]
+) -> None:
+    """vlan10 has macspoofchk: once l2-a's guest takes another MAC, its frames (its ARP replies
+    included) are dropped at its tap; with its own MAC back, it talks again. (Without the
+    setting nothing is dropped: tests/test_l2_filter.py shows it on the same kernel.)"""
+    b = l2["l2-b"]
+
+    def a_reaches_b() -> bool:
+        # fresh neighbour entries on both sides: the answer must come from ARP as it is now
+        console(cluster, "l2-b", "ip neigh flush all")
+        out = console(cluster, "l2-a", f"ip neigh flush all; nc -w 2 {b} 5432 || echo UNREACHABLE")
+        return "vmo-guest l2-b" in out
+
+    assert a_reaches_b()
+    try:
+        console(cluster, "l2-a", "ip link set eth0 address 00:50:56:aa:bb:99")
+        assert not a_reaches_b()
+    finally:
+        console(cluster, "l2-a", f"ip link set eth0 address {VSPHERE_MAC}")
+    wait_for(a_reaches_b, 30, "l2-a to talk again with its own MAC")
 
 
 def test_the_guest_sees_the_mac_from_the_spec(
