@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from vmo.api.core import (
@@ -38,16 +39,23 @@ from vmo.api.core import (
     string,
     strings,
 )
+from vmo.api.selectors import selector_matches
 from vmo.api.types import JSON, Cause, PrinterColumn, ResourceType
 
 __all__ = [
     "POLICY_FOR",
     "PROTOCOLS",
+    "Endpoint",
+    "Verdict",
     "default_policy",
+    "explain",
+    "isolates",
     "multi_network_policy",
     "netpol_resource_types",
     "network_policy",
+    "peer_selects",
     "policy_for",
+    "selects",
     "validate_policy",
 ]
 
@@ -454,3 +462,207 @@ def _strict_subnet(
     return inner.prefixlen > outer.prefixlen and int(inner.network_address) & int(
         outer.netmask
     ) == int(outer.network_address)
+
+
+# --------------------------------------------------------------------------- semantics
+
+
+def _kind(policy: Mapping[str, Any], network: tuple[str, str] | None) -> str:
+    return str(policy.get("kind") or ("MultiNetworkPolicy" if network else "NetworkPolicy"))
+
+
+def selects(
+    policy: Mapping[str, Any],
+    namespace: str,
+    labels: Mapping[str, str],
+    network: tuple[str, str] | None = None,
+) -> bool:
+    """Whether ``policy`` applies to a VM (its namespace and labels) on ``network``. With a
+    network (a NAD's namespace and name), the policy is a MultiNetworkPolicy that must name it in
+    policy-for; without one, a NetworkPolicy of the pod network. Callers pass the kind that
+    fits (list responses do not carry each item's kind)."""
+    md = policy.get("metadata") or {}
+    if md.get("namespace") != namespace:
+        return False
+    if network is not None and network not in set(policy_for(policy) or []):
+        return False
+    return selector_matches(labels, (policy.get("spec") or {}).get("podSelector") or {})
+
+
+def isolates(policy: Mapping[str, Any], direction: str) -> bool:
+    """Whether the policy isolates its VMs for ``direction`` (Ingress or Egress)."""
+    types = (policy.get("spec") or {}).get("policyTypes") or ["Ingress"]
+    return direction in types
+
+
+def peer_selects(
+    peer: Mapping[str, Any],
+    policy: Mapping[str, Any],
+    namespace: str,
+    labels: Mapping[str, str],
+    namespace_labels: Mapping[str, str],
+) -> bool:
+    """Whether a selector peer (podSelector and/or namespaceSelector) names a VM; an ipBlock
+    peer names addresses, not VMs (see ``block_contains``)."""
+    if peer.get("ipBlock") is not None:
+        return False
+    own = str((policy.get("metadata") or {}).get("namespace") or "")
+    pods, spaces = peer.get("podSelector"), peer.get("namespaceSelector")
+    if spaces is None:
+        if namespace != own:
+            return False
+    elif not selector_matches(namespace_labels, spaces):
+        return False
+    return pods is None or selector_matches(labels, pods)
+
+
+def block_contains(block: Mapping[str, Any], address: str) -> bool:
+    """Whether ``address`` is in the ipBlock's cidr and in none of its exceptions."""
+    ip = ipaddress.ip_address(address)
+    whole = ipaddress.ip_network(str(block["cidr"]), strict=False)
+    if ip.version != whole.version or ip not in whole:
+        return False
+    for text in block.get("except") or []:
+        cut = ipaddress.ip_network(str(text), strict=False)
+        if ip.version == cut.version and ip in cut:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One side of a flow: a VM, as policies see it."""
+
+    namespace: str
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    ips: tuple[str, ...] = ()
+    named_ports: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a flow is allowed, and each policy's say in it, in order."""
+
+    allowed: bool
+    reasons: tuple[str, ...]
+
+
+def _port_matches(
+    ports: Sequence[Mapping[str, Any]] | None, port: int, protocol: str, owner: Endpoint
+) -> bool:
+    if not ports:
+        return True
+    for entry in ports:
+        if str(entry.get("protocol") or "TCP") != protocol:
+            continue
+        value, end = entry.get("port"), entry.get("endPort")
+        if value is None:
+            return True
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value <= port <= (end or value):
+                return True
+        elif owner.named_ports.get(str(value)) == (protocol, port):
+            return True
+    return False
+
+
+def _rule_allows(
+    rule: Mapping[str, Any],
+    peers_key: str,
+    policy: Mapping[str, Any],
+    peer: Endpoint,
+    peer_ns_labels: Mapping[str, str],
+    port: int,
+    protocol: str,
+    port_owner: Endpoint,
+) -> bool:
+    if not _port_matches(rule.get("ports"), port, protocol, port_owner):
+        return False
+    peers = rule.get(peers_key)
+    if not peers:
+        return True
+    for entry in peers:
+        if entry.get("ipBlock") is not None:
+            if any(block_contains(entry["ipBlock"], ip) for ip in peer.ips):
+                return True
+        elif peer_selects(entry, policy, peer.namespace, peer.labels, peer_ns_labels):
+            return True
+    return False
+
+
+def _side(
+    direction: str,
+    subject: Endpoint,
+    peer: Endpoint,
+    policies: Sequence[Mapping[str, Any]],
+    namespaces: Mapping[str, Mapping[str, str]],
+    network: tuple[str, str] | None,
+    port: int,
+    protocol: str,
+    port_owner: Endpoint,
+) -> tuple[bool, list[str]]:
+    rules_key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    applying = [
+        p
+        for p in policies
+        if selects(p, subject.namespace, subject.labels, network) and isolates(p, direction)
+    ]
+    who = f"{subject.namespace}/{subject.name}"
+    if not applying:
+        return True, [f"{direction.lower()} of {who}: no policy isolates it, so it is open"]
+    reasons = []
+    allowed = False
+    for policy in applying:
+        md = policy["metadata"]
+        name = f"{_kind(policy, network)} {md['namespace']}/{md['name']}"
+        spec_rules = (policy.get("spec") or {}).get(rules_key) or []
+        hits = [
+            i
+            for i, rule in enumerate(spec_rules)
+            if _rule_allows(
+                rule,
+                peers_key,
+                policy,
+                peer,
+                namespaces.get(peer.namespace, {}),
+                port,
+                protocol,
+                port_owner,
+            )
+        ]
+        if hits:
+            allowed = True
+            listed = ", ".join(f"{rules_key}[{i}]" for i in hits)
+            reasons.append(f"{direction.lower()} of {who}: {name} allows it ({listed})")
+        else:
+            reasons.append(
+                f"{direction.lower()} of {who}: {name} selects it and none of its "
+                f"{len(spec_rules)} {rules_key} rules matches"
+            )
+    if not allowed:
+        reasons.append(f"{direction.lower()} of {who}: denied (isolated, and no rule allows it)")
+    return allowed, reasons
+
+
+def explain(
+    policies: Sequence[Mapping[str, Any]],
+    source: Endpoint,
+    destination: Endpoint,
+    port: int,
+    *,
+    protocol: str = "TCP",
+    namespaces: Mapping[str, Mapping[str, str]] | None = None,
+    network: tuple[str, str] | None = None,
+) -> Verdict:
+    """Whether ``source`` may open a connection to ``destination``'s ``port`` on ``network``
+    (None: the pod network): the source's egress and the destination's ingress must both allow
+    it, as upstream's semantics say; replies of an allowed connection always pass."""
+    spaces = namespaces or {}
+    out_ok, out_why = _side(
+        "Egress", source, destination, policies, spaces, network, port, protocol, destination
+    )
+    in_ok, in_why = _side(
+        "Ingress", destination, source, policies, spaces, network, port, protocol, destination
+    )
+    return Verdict(out_ok and in_ok, (*out_why, *in_why))

@@ -333,6 +333,9 @@ def parser() -> argparse.ArgumentParser:
     from vmo.cli.balance import add_balance_commands
 
     add_balance_commands(sub, _creds, _namespace)
+    from vmo.cli.netpol import add_netpol_commands
+
+    add_netpol_commands(sub, _creds, _namespace)
     from vmo.cli.controllers import add_controllers_commands
 
     add_controllers_commands(sub, _creds)

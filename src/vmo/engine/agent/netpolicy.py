@@ -12,11 +12,13 @@ while the agent is down (the guests keep running); the next agent's first pass r
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
-from vmo.client import MULTI_NETWORK_POLICY, NAMESPACE, VMI, Client
+from vmo.client import MULTI_NETWORK_POLICY, NAMESPACE, NODE, VMI, ApiStatusError, Client
 from vmo.engine.network.l2policy import Member, NftError, Table, apply, compile_table
 from vmo.runtime import Controller, Result, TemporaryError, Watch
 
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 KEY = "l2-policy"
 RETRY_SECONDS = 5.0
+# the last sync, on the agent's Node, for `vmo netpol status`
+STATUS_ANNOTATION = "vmo.dev/l2-policy"
 
 
 def _one_key(_etype: str, _obj: JSON) -> list[str]:
@@ -131,8 +135,10 @@ class L2PolicyEnforcer(Controller):
         except NftError as exc:
             self.last_error = str(exc)
             log.warning("node %s: MultiNetworkPolicy rules not applied: %s", self.node, exc)
+            await self._publish(table, str(exc))
             raise TemporaryError(str(exc), delay=RETRY_SECONDS) from exc
         self.table, self.last_error = table, None
+        await self._publish(table, None)
         log.info(
             "node %s: MultiNetworkPolicy table %s: %d isolated interfaces, %d rules, %d sets",
             self.node,
@@ -142,3 +148,19 @@ class L2PolicyEnforcer(Controller):
             table.sets,
         )
         return None
+
+    async def _publish(self, table: Table, error: str | None) -> None:
+        """The last sync on this agent's Node (a failure to write it is only logged)."""
+        body = {
+            "table": table.name,
+            "interfaces": table.members,
+            "rules": table.rules,
+            "sets": table.sets,
+            "synced": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "error": error,
+        }
+        patch = {"metadata": {"annotations": {STATUS_ANNOTATION: json.dumps(body)}}}
+        try:
+            await self.client.patch(NODE, self.node, patch)
+        except ApiStatusError as exc:
+            log.warning("node %s: l2-policy status not recorded: %s", self.node, exc)

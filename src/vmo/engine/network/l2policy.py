@@ -39,8 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmo.api.netpol import policy_for
-from vmo.api.selectors import selector_matches
+from vmo.api.netpol import isolates, peer_selects, policy_for, selects
 
 __all__ = [
     "BR_NETFILTER",
@@ -105,15 +104,7 @@ def _networks(policy: Mapping[str, Any]) -> set[tuple[str, str]]:
 
 
 def _selects(policy: Mapping[str, Any], member: Member) -> bool:
-    md = policy.get("metadata") or {}
-    if md.get("namespace") != member.namespace or member.network not in _networks(policy):
-        return False
-    return selector_matches(member.labels, (policy.get("spec") or {}).get("podSelector") or {})
-
-
-def _isolates(policy: Mapping[str, Any], direction: str) -> bool:
-    types = (policy.get("spec") or {}).get("policyTypes") or ["Ingress"]
-    return direction in types
+    return selects(policy, member.namespace, member.labels, member.network)
 
 
 def _peer_members(
@@ -122,22 +113,13 @@ def _peer_members(
     members: Sequence[Member],
     namespaces: Mapping[str, Mapping[str, str]],
 ) -> list[Member]:
-    own = str((policy.get("metadata") or {}).get("namespace") or "")
     networks = _networks(policy)
-    pods, spaces = peer.get("podSelector"), peer.get("namespaceSelector")
-    out = []
-    for m in members:
-        if m.network not in networks:
-            continue
-        if spaces is None:
-            if m.namespace != own:
-                continue
-        elif not selector_matches(namespaces.get(m.namespace, {}), spaces):
-            continue
-        if pods is not None and not selector_matches(m.labels, pods):
-            continue
-        out.append(m)
-    return out
+    return [
+        m
+        for m in members
+        if m.network in networks
+        and peer_selects(peer, policy, m.namespace, m.labels, namespaces.get(m.namespace, {}))
+    ]
 
 
 def _block(block: Mapping[str, Any]) -> list[Net]:
@@ -257,7 +239,7 @@ def compile_table(
             ("Ingress", "daddr", "from", "ingress"),
             ("Egress", "saddr", "to", "egress"),
         ):
-            applying = [(pi, p) for pi, p in mine if _isolates(p, direction)]
+            applying = [(pi, p) for pi, p in mine if isolates(p, direction)]
             if not applying:
                 continue
             isolated += 1
