@@ -37,6 +37,7 @@ from tests.test_vm_e2e import (
 from vmo.api.annotations import HOST_FORWARDS
 from vmo.controllers.backup.disk import FileTarget, restore_disk
 from vmo.controllers.backup.repository import Repository, local_store
+from vmo.engine.network.l2policy import table_name
 from vmo.testing.apiserver import ThreadedServer
 from vmo.testing.builders import http_datavolume
 
@@ -536,3 +537,58 @@ def test_a_hand_over_finished_by_a_restarted_target_agent_keeps_the_service(
     wait_for(lambda: len(_crawler_qemus(cluster)) == 1, 60, "one QEMU for crawler")
     assert node_of(capi, "crawler") == target
     assert guest_counter(slow["port"]) > slow["counter"]
+
+
+def test_a_multi_network_policy_follows_the_vm_across_a_migration(
+    cluster: ThreadedServer, k: Kubectl, capi: Api, slow: dict[str, Any], moved: dict[str, Any]
+) -> None:
+    """A policy closing the mover's port 5432 on the VLAN to everyone still holds once the
+    mover runs on the other node (the target had the rules before the switch-over), the source
+    node's table no longer names it, and deleting the policy opens the path again."""
+    mover = vmi_of(capi, "mover")
+    assert mover is not None
+    vlan = next(i for i in mover["status"]["interfaces"] if i["name"] == "vlan")
+    mover_ip, mover_mac = vlan["ipAddress"], vlan["mac"]
+    policy = {
+        "apiVersion": "k8s.cni.cncf.io/v1beta1",
+        "kind": "MultiNetworkPolicy",
+        "metadata": {
+            "name": "mover-closed",
+            "namespace": NS,
+            "annotations": {"k8s.v1.cni.cncf.io/policy-for": VLAN_NAD},
+        },
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "mover"}},
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": {"app": "nobody"}}}],
+                    "ports": [{"port": 5432}],
+                }
+            ],
+        },
+    }
+
+    def crawler_reaches_mover() -> bool:
+        out = console(cluster, "crawler", f"nc -w 2 {mover_ip} 5432 || echo UNREACHABLE")
+        return "vmo-guest mover" in out
+
+    assert crawler_reaches_mover()
+    try:
+        k.apply(policy)
+        wait_for(lambda: not crawler_reaches_mover(), 30, "the policy to close the port")
+        source = node_of(capi, "mover")
+        mig = migrate(capi, "mover")
+        done = wait_phase(capi, mig["metadata"]["name"], "Succeeded", "Failed", timeout=180)
+        assert done["status"]["phase"] == "Succeeded", done["status"]
+        assert node_of(capi, "mover") != source
+        assert not crawler_reaches_mover(), "the target node enforces the policy"
+        listed = subprocess.run(
+            ["nft", "list", "table", "inet", table_name(source)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert mover_mac not in listed.stdout, "the source node dropped the mover's rules"
+    finally:
+        k("delete", "multi-networkpolicies.k8s.cni.cncf.io", "mover-closed", "-n", NS, check=False)
+    wait_for(crawler_reaches_mover, 30, "the path to open again")

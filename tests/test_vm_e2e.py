@@ -22,6 +22,7 @@ import yaml
 from tests.conftest import Api, Kubectl
 from vmo.testing.apiserver import ThreadedServer
 from vmo.testing.builders import boot_vm, http_datavolume
+from vmo.testing.console import console as shared_console
 from vmo.testing.guest import GuestImage
 
 NS = "virtual-machines"
@@ -275,38 +276,8 @@ def l2_vm(name: str, network: str, mac: str | None = None) -> dict[str, Any]:
     return obj
 
 
-async def _console_exchange(
-    server: ThreadedServer, vmi: str, command: str, timeout: float = 30
-) -> str:
-    """Types ``command`` on the VM's serial console (through the API server) and returns what it
-    printed between two markers."""
-    import aiohttp
-
-    url = f"{server.url}/apis/subresources.kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances/{vmi}/console"
-    headers = {"Authorization": f"Bearer {server.admin_token}"}
-    ctx = __import__("ssl").create_default_context(cafile=str(server.ca))
-    async with (
-        aiohttp.ClientSession() as session,
-        session.ws_connect(url, headers=headers, ssl=ctx) as ws,
-    ):
-        await ws.send_bytes(f"\necho BEGIN-$((6*7)); {command}; echo END-$((6*7))\n".encode())
-        seen = ""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                msg = await ws.receive(timeout=max(0.1, deadline - time.monotonic()))
-            except TimeoutError:
-                break
-            if msg.type != aiohttp.WSMsgType.BINARY:
-                break
-            seen += msg.data.decode(errors="replace")
-            if "END-42" in seen:
-                return seen.split("BEGIN-42", 1)[1].split("END-42", 1)[0]
-    raise AssertionError(f"no answer from the console of {vmi}: {seen[-500:]!r}")
-
-
 def console(server: ThreadedServer, vmi: str, command: str) -> str:
-    return server.call(_console_exchange(server, vmi, command), timeout=60)
+    return shared_console(server, NS, vmi, command)
 
 
 VSPHERE_MAC = "00:50:56:aa:bb:01"

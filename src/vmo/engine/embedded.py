@@ -108,7 +108,14 @@ class NodeServices:
             cpus=self.cpus,
             memory_ki=self.memory_ki,
         )
-        self.agent.volumes_waiting = functools.partial(claims_importing, self.client)
+        self.l2policy = L2PolicyEnforcer(self.client, self.name)
+        importing = functools.partial(claims_importing, self.client)
+
+        async def waiting(vmi: JSON) -> str | None:
+            # policies that cannot be enforced here hold a VMI back, as claims being filled do
+            return await self.l2policy.blocks(vmi) or await importing(vmi)
+
+        self.agent.volumes_waiting = waiting
         self.provisioner = Provisioner(
             self.client, self.name, self.pool, self.shared_pool, resize_online=self._resize_online
         )
@@ -145,7 +152,6 @@ class NodeServices:
             backups=backups.backup_volumes,
         )
         claims = ClaimController(self.provisioner)
-        self.l2policy = L2PolicyEnforcer(self.client, self.name)
         background = Manager(
             [self.datavolumes, claims, self.snapshots, exports, backups, self.l2policy]
         )

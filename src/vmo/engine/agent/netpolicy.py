@@ -14,13 +14,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from vmo.api.netpol import selects
 from vmo.client import MULTI_NETWORK_POLICY, NAMESPACE, NODE, VMI, ApiStatusError, Client
-from vmo.engine.network.l2policy import Member, NftError, Table, apply, compile_table
-from vmo.runtime import Controller, Result, TemporaryError, Watch
+from vmo.engine.network.l2policy import (
+    Member,
+    NftError,
+    Table,
+    apply,
+    compile_table,
+    unavailable,
+)
+from vmo.runtime import Controller, Result, TemporaryError, Watch, set_condition, timestamp
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +37,8 @@ KEY = "l2-policy"
 RETRY_SECONDS = 5.0
 # the last sync, on the agent's Node, for `vmo netpol status`
 STATUS_ANNOTATION = "vmo.dev/l2-policy"
+# the Node condition saying whether this node can enforce policies
+CONDITION = "NetworkPolicyReady"
 
 
 def _one_key(_etype: str, _obj: JSON) -> list[str]:
@@ -92,13 +102,36 @@ class L2PolicyEnforcer(Controller):
     """One per node agent: MultiNetworkPolicies on this node's bridge ports."""
 
     workers = 1
+    resync_seconds = 60.0  # re-asserts the Node condition a heartbeat may have raced
 
-    def __init__(self, client: Client, node: str) -> None:
+    def __init__(
+        self, client: Client, node: str, probe: Callable[[], str | None] = unavailable
+    ) -> None:
         super().__init__(client)
         self.node = node
         self.name = f"l2-policy-{node}"
         self.table: Table | None = None
         self.last_error: str | None = None
+        self.probe = probe
+        # why this node cannot enforce, when it cannot (known before the first pass: VMIs may
+        # be started meanwhile)
+        self.cannot: str | None = probe()
+
+    async def blocks(self, vmi: JSON) -> str | None:
+        """Why ``vmi`` must not start here: a policy selects one of its interfaces and this node
+        cannot enforce policies (it would run open). None when it may start."""
+        if self.cannot is None:
+            return None
+        policies = list(self.informer(MULTI_NETWORK_POLICY).cache.values())
+        for member in members_of(vmi, self.node):
+            for policy in policies:
+                if selects(policy, member.namespace, member.labels, member.network):
+                    name = f"{policy['metadata']['namespace']}/{policy['metadata']['name']}"
+                    return (
+                        f"MultiNetworkPolicy {name} selects it and node {self.node} cannot "
+                        f"enforce it: {self.cannot}"
+                    )
+        return None
 
     def watches(self) -> Sequence[Watch]:
         return [
@@ -127,6 +160,11 @@ class L2PolicyEnforcer(Controller):
 
     async def reconcile(self, key: str) -> Result | None:
         await self.wait_synced()
+        self.cannot = await asyncio.to_thread(self.probe)
+        await self._condition()
+        if self.cannot is not None:
+            log.warning("node %s cannot enforce MultiNetworkPolicy: %s", self.node, self.cannot)
+            return None
         table = self.compile()
         if self.table is not None and table.script == self.table.script:
             return None
@@ -164,3 +202,22 @@ class L2PolicyEnforcer(Controller):
             await self.client.patch(NODE, self.node, patch)
         except ApiStatusError as exc:
             log.warning("node %s: l2-policy status not recorded: %s", self.node, exc)
+
+    async def _condition(self) -> None:
+        """The Node's NetworkPolicyReady condition, written when it changes."""
+        if self.cannot is None:
+            wanted = {"status": "True", "reason": "NftablesReady",
+                      "message": "nftables and br_netfilter enforce MultiNetworkPolicy here"}  # fmt: skip
+        else:
+            wanted = {"status": "False", "reason": "NetworkPolicyUnenforceable",
+                      "message": f"{self.cannot}; VMs that policies select do not start here"}  # fmt: skip
+        try:
+            node = await self.client.get(NODE, self.node)
+            conditions = (node.get("status") or {}).get("conditions") or []
+            old = next((c for c in conditions if c.get("type") == CONDITION), None)
+            if old is not None and all(old.get(k) == v for k, v in wanted.items()):
+                return
+            updated = set_condition(conditions, {"type": CONDITION, **wanted}, timestamp())
+            await self.client.patch_status(NODE, self.node, {"conditions": updated})
+        except ApiStatusError as exc:
+            log.warning("node %s: %s condition not written: %s", self.node, CONDITION, exc)

@@ -49,6 +49,7 @@ __all__ = [
     "apply",
     "compile_table",
     "table_name",
+    "unavailable",
 ]
 
 BR_NETFILTER = (
@@ -313,6 +314,16 @@ def _br_netfilter() -> None:
             raise NftError(
                 f"cannot enable br_netfilter ({path}): {exc}; bridged traffic would pass unfiltered"
             ) from exc
+
+
+def unavailable() -> str | None:
+    """Why this host cannot enforce the policies (no nft, no br_netfilter), or None."""
+    if shutil.which("nft") is None:
+        return "nft is not installed (Debian's nftables package)"
+    missing = [str(path) for path in BR_NETFILTER if not path.exists()]
+    if missing:
+        return f"br_netfilter is not available ({', '.join(missing)} missing)"
+    return None
 
 
 def apply(table: Table, *, node: str | None = None, check_only: bool = False) -> None:

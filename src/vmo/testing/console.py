@@ -1,0 +1,58 @@
+"""A command typed on a VM's serial console through the API server's ``console`` subresource,
+and what it printed: for end-to-end tests and benchmarks that drive real guests."""
+
+from __future__ import annotations
+
+import ssl
+import time
+
+import aiohttp
+
+from vmo.testing.apiserver import ThreadedServer
+
+__all__ = ["ConsoleTimeout", "console", "console_exchange"]
+
+
+class ConsoleTimeout(AssertionError):
+    """The guest did not finish the command in time (an AssertionError, for tests)."""
+
+
+async def console_exchange(
+    server: ThreadedServer, namespace: str, vmi: str, command: str, timeout: float = 30
+) -> str:
+    """Types ``command`` between two markers and returns what it printed between them (the
+    markers are computed by the guest's shell, so the typed line's echo never matches)."""
+    url = (
+        f"{server.url}/apis/subresources.kubevirt.io/v1/namespaces/{namespace}"
+        f"/virtualmachineinstances/{vmi}/console"
+    )
+    headers = {"Authorization": f"Bearer {server.admin_token}"}
+    ctx = ssl.create_default_context(cafile=str(server.ca))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url, headers=headers, ssl=ctx) as ws,
+    ):
+        await ws.send_bytes(f"\necho BEGIN-$((6*7)); {command}; echo END-$((6*7))\n".encode())
+        seen = ""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                msg = await ws.receive(timeout=max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+            if msg.type != aiohttp.WSMsgType.BINARY:
+                break
+            seen += msg.data.decode(errors="replace")
+            if "END-42" in seen:
+                answer: str = seen.split("BEGIN-42", 1)[1].split("END-42", 1)[0]
+                return answer
+    raise ConsoleTimeout(f"no answer from the console of {vmi}: {seen[-500:]!r}")
+
+
+def console(
+    server: ThreadedServer, namespace: str, vmi: str, command: str, timeout: float = 30
+) -> str:
+    """``console_exchange`` from a thread other than the server's loop."""
+    return server.call(
+        console_exchange(server, namespace, vmi, command, timeout), timeout=timeout + 30
+    )

@@ -1,0 +1,178 @@
+"""The node agent's MultiNetworkPolicy enforcer against the real API server and the real nft.
+
+It runs as the agent runs it (informers, one key, atomic loads) for a node of its own. One case
+stands in for a host without nftables: its probe says so (nftables cannot be uninstalled
+under a running suite); everything else is real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from tests.conftest import Api
+from vmo.client import Client
+from vmo.engine.agent.netpolicy import CONDITION, STATUS_ANNOTATION, L2PolicyEnforcer
+from vmo.engine.network.l2policy import table_name
+from vmo.testing.apiserver import ThreadedServer
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="nft needs root")
+
+NS = "default"
+VMIS = f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances"
+MULTI = f"/apis/k8s.cni.cncf.io/v1beta1/namespaces/{NS}/multi-networkpolicies"
+
+
+def vmi(api: Api, name: str, labels: dict[str, str], node: str, mac: str) -> dict[str, Any]:
+    body = {
+        "apiVersion": "kubevirt.io/v1",
+        "kind": "VirtualMachineInstance",
+        "metadata": {"name": name, "namespace": NS, "labels": labels},
+        "spec": {
+            "domain": {
+                "devices": {"interfaces": [{"name": "lan", "bridge": {}, "macAddress": mac}]},
+                "resources": {"requests": {"memory": "64Mi"}},
+            },
+            "networks": [{"name": "lan", "multus": {"networkName": "vlan10"}}],
+        },
+    }
+    created = api.post(VMIS, body)
+    assert created.status_code == 201, created.text
+    obj: dict[str, Any] = created.json()
+    obj["status"] = {
+        "phase": "Running",
+        "nodeName": node,
+        "interfaces": [{"name": "lan", "mac": mac, "ipAddress": "192.168.50.77"}],
+    }
+    updated = api.put(f"{VMIS}/{name}", obj)
+    assert updated.status_code == 200, updated.text
+    return dict(updated.json())
+
+
+def policy(api: Api, name: str, app: str) -> None:
+    body = {
+        "apiVersion": "k8s.cni.cncf.io/v1beta1",
+        "kind": "MultiNetworkPolicy",
+        "metadata": {
+            "name": name,
+            "namespace": NS,
+            "annotations": {"k8s.v1.cni.cncf.io/policy-for": "vlan10"},
+        },
+        "spec": {"podSelector": {"matchLabels": {"app": app}}, "ingress": []},
+    }
+    assert api.post(MULTI, body).status_code == 201
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.1)
+
+
+def run_enforcer(
+    server: ThreadedServer, node: str, probe: Callable[[], str | None] | None, body: Any
+) -> None:
+    async def main() -> None:
+        async with Client.from_kubeconfig(server.kubeconfig) as client:
+            kwargs = {} if probe is None else {"probe": probe}
+            enforcer = L2PolicyEnforcer(client, node, **kwargs)
+            stop = asyncio.Event()
+            task = asyncio.create_task(enforcer.run(stop))
+            try:
+                await body(client, enforcer)
+            finally:
+                stop.set()
+                await task
+
+    asyncio.run(main())
+
+
+def node_object(api: Api, name: str) -> dict[str, Any]:
+    assert api.post(
+        "/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}
+    ).ok
+    return dict(api.get(f"/api/v1/nodes/{name}").json())
+
+
+def condition(api: Api, node: str) -> dict[str, Any] | None:
+    conditions = api.get(f"/api/v1/nodes/{node}").json().get("status", {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == CONDITION), None)
+
+
+def test_a_node_without_nftables_says_so_and_holds_selected_vms_back(
+    apiserver: ThreadedServer, api: Api, unique: str
+) -> None:
+    node = f"{unique}-node"
+    node_object(api, node)
+    selected = vmi(api, f"{unique}-db", {"app": f"{unique}-db"}, node, "02:55:00:00:00:01")
+    other = vmi(api, f"{unique}-web", {"app": f"{unique}-web"}, node, "02:55:00:00:00:02")
+    policy(api, unique, f"{unique}-db")
+
+    async def body(_client: Client, enforcer: L2PolicyEnforcer) -> None:
+        async def reported() -> bool:
+            return (condition(api, node) or {}).get("status") == "False"
+
+        await eventually(reported)
+        cond = condition(api, node)
+        assert cond is not None and cond["reason"] == "NetworkPolicyUnenforceable"
+        assert "nft is not installed" in cond["message"]
+        await enforcer.wait_synced()
+        why = await enforcer.blocks(selected)
+        assert why is not None and f"MultiNetworkPolicy {NS}/{unique}" in why
+        assert await enforcer.blocks(other) is None  # no policy selects it: it may run
+
+    try:
+        run_enforcer(apiserver, node, lambda: "nft is not installed (test)", body)
+    finally:
+        api.delete(f"/api/v1/nodes/{node}")
+
+
+def test_the_enforcer_loads_publishes_and_removes_its_table(
+    apiserver: ThreadedServer, api: Api, unique: str
+) -> None:
+    node = f"{unique}-node"
+    node_object(api, node)
+    vmi(api, f"{unique}-db", {"app": f"{unique}-db"}, node, "02:55:00:00:01:01")
+    table = table_name(node)
+
+    def listed() -> str:
+        done = subprocess.run(
+            ["nft", "list", "table", "inet", table], capture_output=True, text=True, check=False
+        )
+        return done.stdout
+
+    async def body(_client: Client, enforcer: L2PolicyEnforcer) -> None:
+        async def ready() -> bool:
+            return (condition(api, node) or {}).get("status") == "True"
+
+        await eventually(ready)
+        policy(api, unique, f"{unique}-db")
+
+        async def loaded() -> bool:
+            return "02:55:00:00:01:01" in listed()
+
+        await eventually(loaded)
+        annotations = api.get(f"/api/v1/nodes/{node}").json()["metadata"]["annotations"]
+        record = json.loads(annotations[STATUS_ANNOTATION])
+        assert (record["table"], record["interfaces"], record["error"]) == (table, 1, None)
+        assert await enforcer.blocks({"metadata": {"name": "x"}}) is None  # enforceable here
+        assert api.delete(f"{MULTI}/{unique}").ok
+
+        async def removed() -> bool:
+            return listed() == ""
+
+        await eventually(removed)
+
+    try:
+        run_enforcer(apiserver, node, None, body)
+    finally:
+        api.delete(f"/api/v1/nodes/{node}")
+        subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, check=False)
