@@ -3,11 +3,9 @@ and what it printed: for end-to-end tests and benchmarks that drive real guests.
 
 from __future__ import annotations
 
-import ssl
 import time
 
-import aiohttp
-
+from vmo.client import Client, Credentials, WSMsgType
 from vmo.testing.apiserver import ThreadedServer
 
 __all__ = ["ConsoleTimeout", "console", "console_exchange"]
@@ -22,25 +20,21 @@ async def console_exchange(
 ) -> str:
     """Types ``command`` between two markers and returns what it printed between them (the
     markers are computed by the guest's shell, so the typed line's echo never matches)."""
-    url = (
-        f"{server.url}/apis/subresources.kubevirt.io/v1/namespaces/{namespace}"
+    path = (
+        f"/apis/subresources.kubevirt.io/v1/namespaces/{namespace}"
         f"/virtualmachineinstances/{vmi}/console"
     )
-    headers = {"Authorization": f"Bearer {server.admin_token}"}
-    ctx = ssl.create_default_context(cafile=str(server.ca))
-    async with (
-        aiohttp.ClientSession() as session,
-        session.ws_connect(url, headers=headers, ssl=ctx) as ws,
-    ):
+    creds = Credentials(server=server.url, token=server.admin_token, ca_file=str(server.ca))
+    seen = ""
+    async with Client(creds) as client, client.websocket(path) as ws:
         await ws.send_bytes(f"\necho BEGIN-$((6*7)); {command}; echo END-$((6*7))\n".encode())
-        seen = ""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 msg = await ws.receive(timeout=max(0.1, deadline - time.monotonic()))
             except TimeoutError:
                 break
-            if msg.type != aiohttp.WSMsgType.BINARY:
+            if msg.type != WSMsgType.BINARY:
                 break
             seen += msg.data.decode(errors="replace")
             if "END-42" in seen:
