@@ -18,7 +18,12 @@ import pytest
 
 from tests.conftest import Api
 from vmo.client import Client
-from vmo.engine.agent.netpolicy import CONDITION, STATUS_ANNOTATION, L2PolicyEnforcer
+from vmo.engine.agent.netpolicy import (
+    CONDITION,
+    STATUS_ANNOTATION,
+    VMI_CONDITION,
+    L2PolicyEnforcer,
+)
 from vmo.engine.network.l2policy import table_name
 from vmo.testing.apiserver import ThreadedServer
 
@@ -174,5 +179,67 @@ def test_the_enforcer_loads_publishes_and_removes_its_table(
     try:
         run_enforcer(apiserver, node, None, body)
     finally:
+        api.delete(f"/api/v1/nodes/{node}")
+        subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, check=False)
+
+
+def vmi_condition(api: Api, name: str) -> dict[str, Any] | None:
+    conditions = api.get(f"{VMIS}/{name}").json().get("status", {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == VMI_CONDITION), None)
+
+
+def test_rules_that_cannot_be_loaded_show_in_the_vmi_condition_until_they_are(
+    apiserver: ThreadedServer, api: Api, unique: str
+) -> None:
+    """A real load failure: another process owns a table of the enforcer's name (nftables'
+    ``flags owner``), so the kernel refuses every change to it until that process exits."""
+    node = f"{unique}-node"
+    node_object(api, node)
+    db = vmi(api, f"{unique}-db", {"app": f"{unique}-db"}, node, "02:55:00:00:02:01")
+    web = vmi(api, f"{unique}-web", {"app": f"{unique}-web"}, node, "02:55:00:00:02:02")
+    policy(api, unique, f"{unique}-db")
+    table = table_name(node)
+    owner = subprocess.Popen(
+        ["nft", "-i"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    assert owner.stdin is not None
+    owner.stdin.write(f"add table inet {table} {{ flags owner; }}\n")
+    owner.stdin.flush()
+
+    async def body(_client: Client, _enforcer: L2PolicyEnforcer) -> None:
+        async def refused() -> bool:
+            return (vmi_condition(api, db["metadata"]["name"]) or {}).get("status") == "False"
+
+        await eventually(refused)
+        cond = vmi_condition(api, db["metadata"]["name"])
+        assert cond is not None and cond["reason"] == "RulesNotApplied"
+        assert "Operation not permitted" in cond["message"], cond
+        assert vmi_condition(api, web["metadata"]["name"]) is None  # no policy selects it
+        record = json.loads(
+            api.get(f"/api/v1/nodes/{node}").json()["metadata"]["annotations"][STATUS_ANNOTATION]
+        )
+        assert record["error"] and "Operation not permitted" in record["error"]
+        assert owner.stdin is not None
+        owner.stdin.close()  # the owner goes, its table with it: the retry loads
+        owner.wait(10)
+
+        async def applied() -> bool:
+            return (vmi_condition(api, db["metadata"]["name"]) or {}).get("status") == "True"
+
+        await eventually(applied, 30)
+        assert vmi_condition(api, db["metadata"]["name"])["reason"] == "RulesApplied"  # type: ignore[index]
+        assert api.delete(f"{MULTI}/{unique}").ok
+
+        async def dropped() -> bool:
+            return vmi_condition(api, db["metadata"]["name"]) is None
+
+        await eventually(dropped)
+
+    try:
+        run_enforcer(apiserver, node, None, body)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
         api.delete(f"/api/v1/nodes/{node}")
         subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, check=False)

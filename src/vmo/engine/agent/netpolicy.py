@@ -19,7 +19,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from vmo.api.netpol import selects
-from vmo.client import MULTI_NETWORK_POLICY, NAMESPACE, NODE, VMI, ApiStatusError, Client
+from vmo.client import (
+    MULTI_NETWORK_POLICY,
+    NAMESPACE,
+    NODE,
+    VMI,
+    ApiStatusError,
+    Client,
+    Conflict,
+    NotFound,
+)
 from vmo.engine.network.l2policy import (
     Member,
     NftError,
@@ -28,7 +37,15 @@ from vmo.engine.network.l2policy import (
     compile_table,
     unavailable,
 )
-from vmo.runtime import Controller, Result, TemporaryError, Watch, set_condition, timestamp
+from vmo.runtime import (
+    Controller,
+    Result,
+    TemporaryError,
+    Watch,
+    object_key,
+    set_condition,
+    timestamp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +56,8 @@ RETRY_SECONDS = 5.0
 STATUS_ANNOTATION = "vmo.dev/l2-policy"
 # the Node condition saying whether this node can enforce policies
 CONDITION = "NetworkPolicyReady"
+# the condition of each VMI running here that a policy selects: were its rules loaded?
+VMI_CONDITION = "NetworkPolicyApplied"
 
 
 def _one_key(_etype: str, _obj: JSON) -> list[str]:
@@ -167,6 +186,7 @@ class L2PolicyEnforcer(Controller):
             return None
         table = self.compile()
         if self.table is not None and table.script == self.table.script:
+            await self._vmi_conditions(None)  # an agent's status write may have dropped them
             return None
         try:
             await asyncio.to_thread(apply, table, node=self.node)
@@ -174,8 +194,10 @@ class L2PolicyEnforcer(Controller):
             self.last_error = str(exc)
             log.warning("node %s: MultiNetworkPolicy rules not applied: %s", self.node, exc)
             await self._publish(table, str(exc))
+            await self._vmi_conditions(str(exc))
             raise TemporaryError(str(exc), delay=RETRY_SECONDS) from exc
         self.table, self.last_error = table, None
+        await self._vmi_conditions(None)
         await self._publish(table, None)
         log.info(
             "node %s: MultiNetworkPolicy table %s: %d isolated interfaces, %d rules, %d sets",
@@ -186,6 +208,59 @@ class L2PolicyEnforcer(Controller):
             table.sets,
         )
         return None
+
+    def selected_here(self) -> list[JSON]:
+        """The VMIs running on this node (not a migration's target: the source owns the VMI's
+        status) that a policy selects on one of their interfaces."""
+        policies = list(self.informer(MULTI_NETWORK_POLICY).cache.values())
+        out = []
+        for vmi in self.informer(VMI).cache.values():
+            if (vmi.get("status") or {}).get("nodeName") != self.node:
+                continue
+            members = members_of(vmi, self.node)
+            if any(selects(p, m.namespace, m.labels, m.network) for m in members for p in policies):
+                out.append(vmi)
+        return out
+
+    async def _vmi_conditions(self, error: str | None) -> None:
+        """Each selected VMI's NetworkPolicyApplied condition: True once this node loaded the
+        rules, False with nft's error when it could not. Written only when it changes, with the
+        VMI's resourceVersion as precondition (other writers own the other conditions); a VMI
+        no policy selects any more loses the condition."""
+        selected = {object_key(v) for v in self.selected_here()}
+        if error is None:
+            wanted = {"status": "True", "reason": "RulesApplied",
+                      "message": f"node {self.node} enforces the policies that select it"}  # fmt: skip
+        else:
+            wanted = {"status": "False", "reason": "RulesNotApplied",
+                      "message": f"node {self.node} could not load its rules: {error}"}  # fmt: skip
+        for vmi in list(self.informer(VMI).cache.values()):
+            if (vmi.get("status") or {}).get("nodeName") != self.node:
+                continue
+            conditions = (vmi.get("status") or {}).get("conditions") or []
+            old = next((c for c in conditions if c.get("type") == VMI_CONDITION), None)
+            if object_key(vmi) in selected:
+                if old is not None and all(old.get(k) == v for k, v in wanted.items()):
+                    continue
+                updated = set_condition(conditions, {"type": VMI_CONDITION, **wanted}, timestamp())
+            elif old is not None:
+                updated = [c for c in conditions if c.get("type") != VMI_CONDITION]
+            else:
+                continue
+            md = vmi["metadata"]
+            patch = {
+                "metadata": {"resourceVersion": md.get("resourceVersion")},
+                "status": {"conditions": updated},
+            }
+            try:
+                await self.client.patch(VMI, md["name"], patch, md["namespace"])
+            except NotFound:
+                pass
+            except Conflict:
+                self.enqueue(KEY)  # it changed meanwhile: its event brings the next pass
+            except ApiStatusError as exc:
+                log.warning("VMI %s/%s: %s not written: %s", md["namespace"], md["name"],
+                            VMI_CONDITION, exc)  # fmt: skip
 
     async def _publish(self, table: Table, error: str | None) -> None:
         """The last sync on this agent's Node (a failure to write it is only logged)."""
