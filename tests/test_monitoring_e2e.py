@@ -368,12 +368,20 @@ def test_snapshots_clones_and_backups_show_in_their_metrics(
         lambda: prom.value(f'vmo_snapshots{{namespace="{NS}",phase="Succeeded"}}'), 30, "snapshots"
     )
     assert snapshots >= 1
-    timed = prom.value(
-        f'sum(vmo_snapshot_duration_seconds_count{{namespace="{NS}",result="succeeded"}})'
+    timed = wait_for(
+        lambda: prom.value(
+            f'sum(vmo_snapshot_duration_seconds_count{{namespace="{NS}",result="succeeded"}})'
+        ),
+        30,
+        "the snapshot's duration",
     )
-    assert timed is not None and timed >= 1
-    clones = prom.value(f'sum(vmo_clone_duration_seconds_count{{namespace="{NS}"}})')
-    assert clones is not None and clones >= 1
+    assert timed >= 1
+    clones = wait_for(
+        lambda: prom.value(f'sum(vmo_clone_duration_seconds_count{{namespace="{NS}"}})'),
+        30,
+        "the clone's duration",
+    )
+    assert clones >= 1
     point = wait_for(
         lambda: prom.value(
             f'vmo_backup_recovery_point_timestamp_seconds{{namespace="{NS}",vm="{guest}"}}'

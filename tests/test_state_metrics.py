@@ -455,6 +455,29 @@ async def test_a_failed_clone_is_counted_by_phase_and_observed_as_failed(
     assert Scrape(collector).value("vmo_clones", namespace=NS, phase="Failed") == 1
 
 
+async def test_a_clone_that_ends_while_the_collector_is_paused_is_observed_once_back(
+    client: Client, start: Start
+) -> None:
+    """A lost and regained Lease stops and restarts the collector in one process: what ended
+    meanwhile is counted when it lists again, and what it counted before is not counted twice."""
+    collector = await start()
+    count = "vmo_clone_duration_seconds_count"
+    for name in ("before", "during"):
+        body = {"metadata": {"name": name, "namespace": NS},
+                "spec": {"source": ref("VirtualMachine", "web")}}  # fmt: skip
+        await client.create(VMCLONE, body, NS)
+    await eventually(lambda: Scrape(collector).value("vmo_clones", phase="Unset") == 2)
+    await client.patch_status(VMCLONE, "before", {"phase": "Succeeded"}, NS)
+    await eventually(lambda: Scrape(collector).value(count, result="succeeded") == 1)
+    await collector.stop()
+    await client.patch_status(VMCLONE, "during", {"phase": "Succeeded"}, NS)
+    collector.start()
+    await asyncio.wait_for(collector.wait_synced(), 10)
+    await eventually(lambda: Scrape(collector).value(count, result="succeeded") == 2)
+    await asyncio.sleep(0.3)
+    assert Scrape(collector).value(count, result="succeeded") == 2
+
+
 async def test_a_completed_backup_is_observed_with_its_type(client: Client, start: Start) -> None:
     collector = await start()
     body = {"metadata": {"name": "b1", "namespace": NS},

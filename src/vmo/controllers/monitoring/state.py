@@ -216,11 +216,14 @@ class Memo(Generic[T]):
 class Durations:
     """The duration histograms: each snapshot, clone and backup observed once, when an event
     first shows it ended. One already ended when the collector first lists it ended before this
-    process watched: it is remembered, not observed (a restart must not count it again)."""
+    process watched: it is remembered, not observed (a restart must not count it again). A
+    collector that stopped watching and started again in the same process (a lost and regained
+    Lease) keeps its histograms, and observes what ended in between (``paused_at``)."""
 
     def __init__(self, clock: Callable[[], float], limit: int = SEEN_LIMIT) -> None:
         self.clock = clock
         self.seen = Seen(limit)
+        self.paused_at: float | None = None  # when this process last stopped watching
         self.snapshots = Histogram(
             "vmo_snapshot_duration_seconds",
             "VirtualMachineSnapshot creation to ready or failure",
@@ -252,7 +255,7 @@ class Durations:
         if not uid:
             return
         ended = self._outcome(resource, obj)
-        if ended is not None and self.seen.add(uid) and not initial:
+        if ended is not None and self.seen.add(uid) and self._news(obj, ended[1], initial):
             self._observe(resource, obj, *ended)
         if etype == DELETED:
             self.seen.forget(uid)  # it cannot come back: its uid need not be remembered
@@ -274,7 +277,7 @@ class Durations:
                 and done is not None
                 and start is not None
                 and self.seen.add(f"{uid}/{vm}/{backup}")
-                and not initial
+                and (not initial or self._after_pause(done))
             ):
                 self.backups.labels(namespace, kind, facts.SUCCEEDED).observe(
                     max(done - start, 0.0)
@@ -282,6 +285,17 @@ class Durations:
             failed = str(entry.get("lastFailureTime") or "")
             if failed and self.seen.add(f"{uid}/{vm}/failed/{failed}") and not initial:
                 self.backups.labels(namespace, kind, facts.FAILED).observe(0.0)
+
+    def _after_pause(self, when: float) -> bool:
+        return self.paused_at is not None and when >= self.paused_at
+
+    def _news(self, obj: JSON, took: float, initial: bool) -> bool:
+        """Whether an ended object is to be observed: an event shows it ending, or a listing
+        after a pause finds it ended since."""
+        if not initial:
+            return True
+        created = facts.seconds(facts.metadata(obj).get("creationTimestamp"))
+        return created is not None and self._after_pause(created + took)
 
     def _outcome(self, resource: Resource, obj: JSON) -> tuple[str, float] | None:
         now = self.clock()
@@ -358,7 +372,8 @@ class ClusterStateCollector(Collector):
             await informer.remove_handler(handle)
         self._subscriptions.clear()
         self._status_since.clear()
-        self.durations.seen.clear()
+        # what was observed stays observed (``seen`` is kept): a pause must not count it twice
+        self.durations.paused_at = self.clock()
 
     async def wait_synced(self) -> None:
         for informer, _ in self._subscriptions:
