@@ -60,9 +60,9 @@ def test_kubectl_applies_a_network_policy_with_upstreams_defaults(
     assert [p["protocol"] for p in ports] == ["TCP", "UDP"]
     kubernetes_validate.validate(stored, K8S_VERSION, strict=True)
     listed = kubectl("get", "netpol", "-n", NS, unique, "-o", "name").stdout.strip()
-    # not enforced on the pod network yet: every write says so
+    # enforced on the pod network: no write warns any more
     response = api.post(NETPOLS, db_policy(f"{unique}-w"))
-    assert response.status_code == 201 and "not yet enforced" in response.headers["Warning"]
+    assert response.status_code == 201 and "Warning" not in response.headers
     assert listed == f"networkpolicy.networking.k8s.io/{unique}"
 
 

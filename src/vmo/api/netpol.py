@@ -48,6 +48,7 @@ __all__ = [
     "Endpoint",
     "Verdict",
     "default_policy",
+    "endpoint_of",
     "explain",
     "isolates",
     "multi_network_policy",
@@ -143,7 +144,6 @@ def network_policy() -> ResourceType:
         ),
         validate=lambda new, old: validate_policy(new),
         default=default_policy,
-        warn=_warn_pod_network,
     )
 
 
@@ -212,15 +212,6 @@ def policy_for(obj_: Mapping[str, Any]) -> list[tuple[str, str]] | None:
         else:
             out.append((namespace, name))
     return out
-
-
-def _warn_pod_network(new: JSON) -> list[str]:
-    # stored and validated, but the embedded engine does not enforce it yet: say so on every
-    # write rather than let a user believe the VMs are isolated
-    return [
-        "NetworkPolicy is stored but not yet enforced on the pod network by the embedded engine "
-        "(MultiNetworkPolicy on bridge networks is); see docs/netpol.md"
-    ]
 
 
 def _warn_multi(new: JSON) -> list[str]:
@@ -538,6 +529,8 @@ class Endpoint:
     labels: Mapping[str, str] = field(default_factory=dict)
     ips: tuple[str, ...] = ()
     named_ports: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    # not a VM: an address only (a host process, a remote client); only ipBlock peers name it
+    external: bool = False
 
 
 @dataclass(frozen=True)
@@ -586,7 +579,9 @@ def _rule_allows(
         if entry.get("ipBlock") is not None:
             if any(block_contains(entry["ipBlock"], ip) for ip in peer.ips):
                 return True
-        elif peer_selects(entry, policy, peer.namespace, peer.labels, peer_ns_labels):
+        elif not peer.external and peer_selects(
+            entry, policy, peer.namespace, peer.labels, peer_ns_labels
+        ):
             return True
     return False
 
@@ -666,3 +661,41 @@ def explain(
         "Ingress", destination, source, policies, spaces, network, port, protocol, destination
     )
     return Verdict(out_ok and in_ok, (*out_why, *in_why))
+
+
+def _split_ref(text: str, namespace: str) -> tuple[str, str]:
+    ns, _, name = text.rpartition("/")
+    return ns or namespace, name
+
+
+def endpoint_of(vmi: Mapping[str, Any], network: tuple[str, str] | None) -> Endpoint:
+    """A VMI as policies see it on ``network`` (None: the pod network): its labels, its
+    addresses and named ports on the interfaces of that network."""
+    md, spec, status = vmi["metadata"], vmi.get("spec") or {}, vmi.get("status") or {}
+    networks = {n.get("name"): n for n in spec.get("networks") or []}
+    wanted = set()
+    for name, entry in networks.items():
+        multus = entry.get("multus")
+        if network is None and "pod" in entry:
+            wanted.add(name)
+        elif network is not None and multus:
+            ns, nad = _split_ref(str(multus.get("networkName") or ""), str(md["namespace"]))
+            if (ns, nad) == network:
+                wanted.add(name)
+    ips: list[str] = []
+    for iface in status.get("interfaces") or []:
+        if iface.get("name") in wanted:
+            ips += [str(ip) for ip in iface.get("ipAddresses") or [iface.get("ipAddress")] if ip]
+    ports: dict[str, tuple[str, int]] = {}
+    for iface in ((spec.get("domain") or {}).get("devices") or {}).get("interfaces") or []:
+        if iface.get("name") in wanted:
+            for p in iface.get("ports") or []:
+                if p.get("name") and p.get("port"):
+                    ports[str(p["name"])] = (str(p.get("protocol") or "TCP"), int(p["port"]))
+    return Endpoint(
+        namespace=str(md["namespace"]),
+        name=str(md["name"]),
+        labels=dict(md.get("labels") or {}),
+        ips=tuple(ips),
+        named_ports=ports,
+    )

@@ -23,7 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from vmo.api.netpol import PROTOCOLS, Endpoint, explain
+from vmo.api.netpol import PROTOCOLS, endpoint_of, explain
 from vmo.client import (
     MULTI_NETWORK_POLICY,
     NAMESPACE,
@@ -88,43 +88,12 @@ def _split(text: str, namespace: str) -> tuple[str, str]:
     return ns or namespace, name
 
 
-def _endpoint(vmi: JSON, network: tuple[str, str] | None) -> Endpoint:
-    md, spec, status = vmi["metadata"], vmi.get("spec") or {}, vmi.get("status") or {}
-    networks = {n.get("name"): n for n in spec.get("networks") or []}
-    wanted = set()
-    for name, entry in networks.items():
-        multus = entry.get("multus")
-        if network is None and "pod" in entry:
-            wanted.add(name)
-        elif network is not None and multus:
-            ns, nad = _split(str(multus.get("networkName") or ""), str(md["namespace"]))
-            if (ns, nad) == network:
-                wanted.add(name)
-    ips: list[str] = []
-    for iface in status.get("interfaces") or []:
-        if iface.get("name") in wanted:
-            ips += [str(ip) for ip in iface.get("ipAddresses") or [iface.get("ipAddress")] if ip]
-    ports: dict[str, tuple[str, int]] = {}
-    for iface in ((spec.get("domain") or {}).get("devices") or {}).get("interfaces") or []:
-        if iface.get("name") in wanted:
-            for p in iface.get("ports") or []:
-                if p.get("name") and p.get("port"):
-                    ports[str(p["name"])] = (str(p.get("protocol") or "TCP"), int(p["port"]))
-    return Endpoint(
-        namespace=str(md["namespace"]),
-        name=str(md["name"]),
-        labels=dict(md.get("labels") or {}),
-        ips=tuple(ips),
-        named_ports=ports,
-    )
-
-
 async def _explain(client: Client, namespace: str, args: argparse.Namespace) -> int:
     network = _split(args.network, namespace) if args.network else None
     ends = []
     for text in (args.source, args.destination):
         ns, name = _split(text, namespace)
-        ends.append(_endpoint(await client.get(VMI, name, ns), network))
+        ends.append(endpoint_of(await client.get(VMI, name, ns), network))
     kind = MULTI_NETWORK_POLICY if network else NETWORK_POLICY
     policies, _ = await client.list(kind)
     namespaces = {

@@ -19,14 +19,25 @@ from prometheus_client import CollectorRegistry
 
 from vmo.api.annotations import AGENT_SOCKET, STORAGE_NODE
 from vmo.api.kubevirt.migratable import claim_name
-from vmo.client import DATAVOLUME, ENDPOINTS, NAD, SECRET, SERVICE, ApiStatusError, Client
+from vmo.client import (
+    DATAVOLUME,
+    ENDPOINTS,
+    NAD,
+    NAMESPACE,
+    NETWORK_POLICY,
+    SECRET,
+    SERVICE,
+    VMI,
+    ApiStatusError,
+    Client,
+)
 from vmo.engine import cloudinit
 from vmo.engine.agent.agent import NodeAgent, PrepareError
 from vmo.engine.agent.api import AgentApi
 from vmo.engine.agent.backups import BackupExecutor
 from vmo.engine.agent.metrics import NodeMetrics
 from vmo.engine.agent.migration import MigrationRoles
-from vmo.engine.agent.netpolicy import L2PolicyEnforcer
+from vmo.engine.agent.netpolicy import L2PolicyEnforcer, PodPolicyEnforcer
 from vmo.engine.agent.node import now_rfc3339 as nodeobj_now
 from vmo.engine.agent.snapshots import SnapshotExecutor
 from vmo.engine.network import bridge, ipam
@@ -109,11 +120,16 @@ class NodeServices:
             memory_ki=self.memory_ki,
         )
         self.l2policy = L2PolicyEnforcer(self.client, self.name)
+        self.podpolicy = PodPolicyEnforcer(self.client, self.name)
         importing = functools.partial(claims_importing, self.client)
 
         async def waiting(vmi: JSON) -> str | None:
             # policies that cannot be enforced here hold a VMI back, as claims being filled do
-            return await self.l2policy.blocks(vmi) or await importing(vmi)
+            return (
+                await self.l2policy.blocks(vmi)
+                or await self.podpolicy.blocks(vmi)
+                or await importing(vmi)
+            )
 
         self.agent.volumes_waiting = waiting
         self.provisioner = Provisioner(
@@ -153,7 +169,15 @@ class NodeServices:
         )
         claims = ClaimController(self.provisioner)
         background = Manager(
-            [self.datavolumes, claims, self.snapshots, exports, backups, self.l2policy]
+            [
+                self.datavolumes,
+                claims,
+                self.snapshots,
+                exports,
+                backups,
+                self.l2policy,
+                self.podpolicy,
+            ]
         )
         self.tasks.append(
             asyncio.get_running_loop().create_task(background.run(stop), name=f"node-{self.name}")
@@ -530,13 +554,29 @@ class ServiceProxyController(Controller):
     workers = 1
 
     def __init__(self, client: Client, opener: AgentPortOpener) -> None:
+        from vmo.engine.network.podpolicy import PodPolicyGate
         from vmo.engine.network.services import ServiceProxy
 
         super().__init__(client)
-        self.proxy = ServiceProxy(opener)
+        gate = PodPolicyGate(
+            policies=lambda: self.informer(NETWORK_POLICY).items(),
+            vmi=lambda namespace, name: self.informer(VMI).get(name, namespace),
+            namespaces=lambda: {
+                str(ns["metadata"]["name"]): dict(ns["metadata"].get("labels") or {})
+                for ns in self.informer(NAMESPACE).items()
+            },
+        )
+        self.proxy = ServiceProxy(opener, gate=gate)
 
     def watches(self) -> Sequence[Watch]:
-        return [Watch(SERVICE, _proxy_key), Watch(ENDPOINTS, _proxy_key)]
+        # the policies, VMIs and namespaces are read from their caches at each connection
+        return [
+            Watch(SERVICE, _proxy_key),
+            Watch(ENDPOINTS, _proxy_key),
+            Watch(NETWORK_POLICY, _no_key),
+            Watch(VMI, _no_key),
+            Watch(NAMESPACE, _no_key),
+        ]
 
     async def reconcile(self, key: str) -> Result | None:
         await self.proxy.sync(self.informer(SERVICE).items(), self.informer(ENDPOINTS).items())
@@ -551,3 +591,7 @@ class ServiceProxyController(Controller):
 
 def _proxy_key(_etype: str, _obj: JSON) -> list[str]:
     return ["all"]
+
+
+def _no_key(_etype: str, _obj: JSON) -> list[str]:
+    return []

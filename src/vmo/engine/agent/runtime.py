@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmo.engine.network.podpolicy import Cgroups
 from vmo.engine.qemu.accel import Accelerator
 from vmo.engine.qemu.argv import disk_node_names
 from vmo.engine.qemu.domain import DiskFormat, Domain, UserBackend
@@ -135,7 +136,31 @@ class VmiRuntime:
         self.domain, self.memory_mib = domain, domain.memory_mib
         self.disk_nodes = disk_node_names(domain)
         self.save_volumes()
-        self.process = await launch(domain, workdir=self.workdir, startup_timeout=startup_timeout)
+        cgroup = self.make_cgroup()
+        try:
+            self.process = await launch(
+                domain, workdir=self.workdir, startup_timeout=startup_timeout, cgroup=cgroup
+            )
+        except BaseException:
+            self.remove_cgroup()
+            raise
+
+    def make_cgroup(self) -> Path | None:
+        """The QEMU's own cgroup (``podpolicy.Cgroups``), where NetworkPolicy's egress rules
+        find its sockets; None on a host without a cgroup2 hierarchy nft can name."""
+        cgroups = Cgroups.detect()
+        if cgroups is None or not self.node:
+            return None
+        try:
+            return cgroups.create(self.node, self.namespace, self.name)
+        except OSError as exc:
+            log.warning("VMI %s/%s: no cgroup of its own: %s", self.namespace, self.name, exc)
+            return None
+
+    def remove_cgroup(self) -> None:
+        cgroups = Cgroups.detect()
+        if cgroups is not None and self.node:
+            cgroups.remove(self.node, self.namespace, self.name)
 
     def _declared_ports(self, vmi: JSON) -> dict[str, int]:
         """Host ports for the masquerade interface's declared ``ports`` (fixed at launch)."""
@@ -290,6 +315,7 @@ class VmiRuntime:
 
     def remove_workdir(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
+        self.remove_cgroup()
 
     def stderr_tail(self) -> str:
         if self.process is None:

@@ -19,6 +19,8 @@ import contextlib
 import enum
 import itertools
 import logging
+import socket
+import struct
 import subprocess
 import time
 from collections.abc import Iterable
@@ -50,6 +52,15 @@ class PortOpener(Protocol):
     async def host_port(
         self, namespace: str, vmi: str, proto: str, guest_port: int
     ) -> int | None: ...
+
+
+class Gate(Protocol):
+    """Network policy's say on a connection (``podpolicy.PodPolicyGate``): may the client at
+    ``peer``, which reached ``local``, be joined to ``backend``'s port?"""
+
+    async def allowed(
+        self, proto: str, backend: Backend, peer: tuple[str, int], local: tuple[str, int]
+    ) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -192,8 +203,15 @@ class _Listener:
 class ServiceProxy:
     """Listeners for Service ports, forwarding to VMI guest ports through a ``PortOpener``."""
 
-    def __init__(self, opener: PortOpener, *, addresses: ServiceAddresses | None = None) -> None:
+    def __init__(
+        self,
+        opener: PortOpener,
+        *,
+        addresses: ServiceAddresses | None = None,
+        gate: Gate | None = None,
+    ) -> None:
         self.opener = opener
+        self.gate = gate
         self.addresses = addresses if addresses is not None else ServiceAddresses()
         self.listeners: dict[ListenKey, _Listener] = {}
         self._connections: set[asyncio.Task[Any]] = set()
@@ -260,9 +278,28 @@ class ServiceProxy:
         if listener.udp is not None:
             listener.udp.close()
 
-    async def backend_port(self, listener: _Listener, proto: str) -> int | None:
-        """The host port of the next backend that answers the opener, in round-robin order."""
+    async def backend_port(
+        self,
+        listener: _Listener,
+        proto: str,
+        client: tuple[tuple[str, int], tuple[str, int]] | None = None,
+    ) -> int | None:
+        """The host port of the next backend that answers the opener, in round-robin order;
+        None also when network policy denies ``client`` (peer, local address) the backend."""
         for backend in listener.rotation():
+            if client is not None and self.gate is not None:
+                allowed = await self.gate.allowed(proto, backend, *client)
+                if not allowed:
+                    log.info(
+                        "%s %s:%d -> %s/%s:%d denied by network policy",
+                        proto,
+                        client[0][0],
+                        client[0][1],
+                        backend.namespace,
+                        backend.vmi,
+                        backend.guest_port,
+                    )
+                    continue  # another backend may admit it; none does: refused
             try:
                 port = await self.opener.host_port(
                     backend.namespace, backend.vmi, proto, backend.guest_port
@@ -279,8 +316,11 @@ class ServiceProxy:
     ) -> None:
         writers = [writer]
         try:
-            upstream = await self._connect_tcp(listener)
+            peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+            client = (tuple(peer[:2]), tuple(local[:2])) if peer and local else None
+            upstream = await self._connect_tcp(listener, client)
             if upstream is None:
+                _reset(writer)
                 return
             up_reader, up_writer = upstream
             writers.append(up_writer)
@@ -292,10 +332,10 @@ class ServiceProxy:
                     await each.wait_closed()
 
     async def _connect_tcp(
-        self, listener: _Listener
+        self, listener: _Listener, client: Any = None
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
         for _ in range(max(1, len(listener.backends))):
-            port = await self.backend_port(listener, "TCP")
+            port = await self.backend_port(listener, "TCP", client)
             if port is None:
                 return None
             try:
@@ -303,6 +343,14 @@ class ServiceProxy:
             except OSError as error:
                 log.info("backend 127.0.0.1:%d of %s refused: %s", port, listener.key, error)
         return None
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Closing with a zero linger sends RST: the client learns at once that it was refused."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -345,7 +393,9 @@ class _UdpFront(asyncio.DatagramProtocol):
         flow = self.flows.get(addr)
         if flow is None:
             flow = self.flows[addr] = _UdpFlow(self, addr)
-            port = await self.proxy.backend_port(self.listener, "UDP")
+            sockname = self.transport.get_extra_info("sockname") if self.transport else None
+            client = (addr, tuple(sockname[:2])) if sockname else None
+            port = await self.proxy.backend_port(self.listener, "UDP", client)
             if port is None:
                 del self.flows[addr]
                 return

@@ -469,8 +469,10 @@ async def launch(
     workdir: Path,
     binary: str = DEFAULT_QEMU,
     startup_timeout: float = 10.0,
+    cgroup: Path | None = None,
 ) -> QemuProcess:
-    """Starts ``domain`` detached from the caller; returns once QMP answers.
+    """Starts ``domain`` detached from the caller; returns once QMP answers. With ``cgroup``
+    (a cgroup2 directory), the process is moved into it before it has run the guest.
 
     A migration destination (``domain.incoming``) answers in the ``inmigrate`` state: that is
     ready too; it runs the guest once the migration completes (see ``migration``).
@@ -478,7 +480,7 @@ async def launch(
     workdir = workdir.resolve()
     _prepare_workdir(domain, workdir)
     argv = qemu_argv(domain, binary=binary)
-    return await _launch_argv(argv, domain.paths, domain.name, workdir, startup_timeout)
+    return await _launch_argv(argv, domain.paths, domain.name, workdir, startup_timeout, cgroup)
 
 
 async def launch_storage(
@@ -502,7 +504,12 @@ async def launch_storage(
 
 
 async def _launch_argv(
-    argv: list[str], paths: RuntimePaths, name: str, workdir: Path, startup_timeout: float
+    argv: list[str],
+    paths: RuntimePaths,
+    name: str,
+    workdir: Path,
+    startup_timeout: float,
+    cgroup: Path | None = None,
 ) -> QemuProcess:
     logfile = workdir / LOG_NAME
     manifest = _Manifest(argv, paths, _log_header(logfile))
@@ -513,6 +520,11 @@ async def _launch_argv(
         # recorded at once: an agent that dies now leaves a QEMU the next one can prove is its own
         manifest = replace(manifest, identity=ProcessIdentity.of(pid))
         manifest.write(workdir)
+        if cgroup is not None:
+            try:
+                (cgroup / "cgroup.procs").write_text(f"{pid}\n")
+            except OSError as exc:
+                raise LaunchError(f"cannot move QEMU into cgroup {cgroup}: {exc}") from exc
     except BaseException:
         # a QEMU nobody could ever adopt must not be left running
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
