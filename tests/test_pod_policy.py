@@ -70,7 +70,7 @@ def cgroups() -> Iterator[Cgroups]:
     yield CGROUPS
     for name in ("a", "b"):
         CGROUPS.remove(NODE, NS, name)
-    assert not (CGROUPS.mount / "vmo" / NODE).exists()
+    assert not (CGROUPS.mount / "vmo" / NODE).exists()  # (and vmo itself, unless in use)
 
 
 @pytest.fixture

@@ -7,10 +7,12 @@ DataVolume imports over HTTP, as a user's image server would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -380,6 +382,134 @@ def test_macspoofchk_cuts_off_a_guest_that_changes_its_mac(
     finally:
         console(cluster, "l2-a", f"ip link set eth0 address {VSPHERE_MAC}")
     wait_for(a_reaches_b, 30, "l2-a to talk again with its own MAC")
+
+
+@pytest.fixture(scope="module")
+def pod_clients(
+    cluster: ThreadedServer, k: Kubectl, capi: Api, image_server: str, db: dict[str, Any]
+) -> tuple[str, str]:
+    """Two client VMs on the pod network beside the database, with different labels."""
+    names = ("pod-a", "pod-b")
+    for name, role in zip(names, ("client-a", "client-b"), strict=True):
+        k.apply(datavolume(f"{name}-root", f"{image_server}/disk.qcow2"))
+        k.apply(vm(name, disk=f"{name}-root", labels={"role": role}))
+    for name in names:
+        wait_running(capi, name)
+        wait_for(
+            lambda n=name: "ready" in console(cluster, n, "echo ready"),
+            BOOT_TIMEOUT,
+            f"{name} booted",
+        )
+    return names
+
+
+@contextlib.contextmanager
+def host_listener(answer: bytes) -> Iterator[int]:
+    """A TCP server on the host's loopback (10.0.2.1, the gateway, to a guest) that answers every
+    connection with ``answer``."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield int(server.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+def test_a_network_policy_lets_only_the_named_client_reach_the_database(
+    cluster: ThreadedServer,
+    k: Kubectl,
+    capi: Api,
+    db: dict[str, Any],
+    pod_clients: tuple[str, str],
+) -> None:
+    """On the pod network, through the db Service: a NetworkPolicy opens the database's 5432 to
+    pod-a only (pod-b and the host's NodePort client are refused); an egress policy lets pod-b
+    reach one host port and nothing else; deleting the policies opens every path again."""
+    cluster_ip, node_port = db["spec"]["clusterIP"], db["spec"]["ports"][0]["nodePort"]
+    netpols = "networkpolicies.networking.k8s.io"
+
+    def reach(name: str, host: str, port: int) -> str:
+        return console(cluster, name, f"nc -w 3 {host} {port} || echo UNREACHABLE")
+
+    ingress = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "db-clients", "namespace": NS},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "db"}},
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": {"role": "client-a"}}}],
+                    "ports": [{"port": 5432}],
+                }
+            ],
+        },
+    }
+    with host_listener(b"host-allowed\n") as allowed, host_listener(b"host-denied\n") as denied:
+        egress = {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": "b-out", "namespace": NS},
+            "spec": {
+                "podSelector": {"matchLabels": {"role": "client-b"}},
+                "policyTypes": ["Egress"],
+                "egress": [
+                    {"to": [{"ipBlock": {"cidr": "127.0.0.1/32"}}], "ports": [{"port": allowed}]}
+                ],
+            },
+        }
+        for name in pod_clients:
+            assert "vmo-guest db" in reach(name, cluster_ip, 5432), name
+        assert "host-denied" in reach("pod-b", "10.0.2.1", denied)
+        try:
+            k.apply(ingress)
+            wait_for(
+                lambda: "vmo-guest db" not in reach("pod-b", cluster_ip, 5432), 30, "pod-b refused"
+            )
+            assert "vmo-guest db" in reach("pod-a", cluster_ip, 5432)
+            with pytest.raises(OSError):  # the host is no VM, and no ipBlock names it
+                if not tcp_line("127.0.0.1", node_port):
+                    raise ConnectionResetError("closed without an answer")
+            k.apply(egress)
+            wait_for(
+                lambda: "host-denied" not in reach("pod-b", "10.0.2.1", denied),
+                30,
+                "pod-b's egress to be closed",
+            )
+            assert "host-allowed" in reach("pod-b", "10.0.2.1", allowed)
+            assert "host-denied" in reach("pod-a", "10.0.2.1", denied)  # a is not isolated
+
+            def applied() -> bool:
+                vmi = vmi_of(capi, "pod-b") or {}
+                conditions = vmi.get("status", {}).get("conditions") or []
+                return any(
+                    c["type"] == "NetworkPolicyApplied" and c["status"] == "True"
+                    for c in conditions
+                )
+
+            wait_for(applied, 30, "pod-b's NetworkPolicyApplied condition")
+        finally:
+            k("delete", netpols, "db-clients", "b-out", "-n", NS, check=False)
+        wait_for(lambda: "vmo-guest db" in reach("pod-b", cluster_ip, 5432), 30, "the path to open")
+        wait_for(lambda: "host-denied" in reach("pod-b", "10.0.2.1", denied), 30, "egress to open")
+    assert tcp_line("127.0.0.1", node_port).startswith("vmo-guest db")
 
 
 def test_the_guest_sees_the_mac_from_the_spec(

@@ -150,10 +150,10 @@ class Cgroups:
         (path / "cgroup.procs").write_text(f"{pid}\n")
 
     def remove(self, node: str, namespace: str, name: str) -> None:
-        """The VM's cgroup, then its namespace's and node's when empty (best effort: a cgroup
-        with a process left in it stays, and the next start reuses it)."""
+        """The VM's cgroup, then its namespace's, node's and ``vmo`` when empty (best effort: a
+        cgroup with a process left in it stays, and the next start reuses it)."""
         path = self.path(node, namespace, name)
-        for each in (path, path.parent, path.parent.parent):
+        for each in (path, path.parent, path.parent.parent, path.parent.parent.parent):
             try:
                 each.rmdir()
             except FileNotFoundError:
