@@ -1,19 +1,23 @@
-"""Benchmark: what MultiNetworkPolicy costs on a bridge network, and how soon a change holds.
+"""Benchmark: what network policy costs, and how soon a change holds, on a VLAN bridge network
+(MultiNetworkPolicy) and on the pod network (NetworkPolicy).
 
-A one-node embedded cluster runs two test guests on one VLAN (a bridge NAD with host-local
-IPAM). The server guest serves 32 MiB from /dev/zero on TCP 5001 to each connection; the
-client guest reads it (``time nc SERVER 5001 > /dev/null`` on its serial console; busybox's
-``time`` gives the seconds). Three cases, each the median of several transfers:
+A one-node embedded cluster runs four test guests: a server and a client on one VLAN (a bridge
+NAD with host-local IPAM), and a server and a client on the pod network, the server behind a
+ClusterIP Service. Each server guest serves 32 MiB from /dev/zero on TCP 5001 to each
+connection; its client reads it (``time nc SERVER 5001 > /dev/null`` on its serial console;
+busybox's ``time`` gives the seconds). Three cases per network, each the median of several
+transfers:
 
-- no policy engine: no MultiNetworkPolicy, so the node has no table;
-- 1 rule: a policy isolating the server that lets the client in;
-- 500 rules: the same policy after 499 rules that do not match (ipBlocks elsewhere).
+- no policy engine: no policy, so the node has no table and the forwarders ask nothing;
+- 1 rule: the server isolated, with one rule letting the client in (on the pod network also
+  the client isolated for egress, with one rule letting it reach the server);
+- 500 rules: the same policies after 499 rules that do not match (ipBlocks elsewhere).
 
 Printed: MB/s per case and the 500-rule case's loss beside the 5 % target. Then the time from
 creating (and deleting) a 500-rule policy through the API to the node's nftables table
-holding (and no longer holding) the server's chain, polled every 10 ms, beside the 1 s
-target. Under TCG the guests' CPU bounds the transfers; the figures say what the rules add to
-that path, not what the hardware could do.
+holding (and no longer holding) the VM's chain, polled every 10 ms, beside the 1 s target.
+Under TCG the guests' CPU bounds the transfers; the figures say what the rules add to that
+path, not what the hardware could do.
 
     .venv/bin/python bench/netpol.py [--repeats N]
 """
@@ -34,8 +38,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vmo.client import DATAVOLUME, MULTI_NETWORK_POLICY, NAD, VM, VMI, Client, NotFound
+from vmo.client import (
+    DATAVOLUME,
+    MULTI_NETWORK_POLICY,
+    NAD,
+    NETWORK_POLICY,
+    SERVICE,
+    VM,
+    VMI,
+    Client,
+    NotFound,
+)
 from vmo.engine.network.l2policy import table_name
+from vmo.engine.network.podpolicy import pod_table_name
 from vmo.testing.apiserver import ThreadedServer
 from vmo.testing.builders import boot_vm, http_datavolume
 from vmo.testing.console import console_exchange
@@ -99,6 +114,74 @@ def policy(extra_rules: int) -> dict[str, Any]:
     }
 
 
+def pod_vm(name: str, labels: dict[str, str]) -> dict[str, Any]:
+    return boot_vm(
+        name,
+        namespace=NS,
+        disk=f"{name}-root",
+        interfaces=[{"name": "default", "masquerade": {}}],
+        networks=[{"name": "default", "pod": {}}],
+        labels=labels,
+        cloud_init={"userData": "#cloud-config\n"},
+    )
+
+
+def service() -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "pserver", "namespace": NS},
+        "spec": {
+            "selector": {"app": "pserver"},
+            "ports": [{"name": "data", "port": 5001, "targetPort": 5001}],
+        },
+    }
+
+
+def pod_policies(extra_rules: int) -> list[dict[str, Any]]:
+    """The pod server isolated for ingress, the pod client for egress, each with
+    ``extra_rules`` rules that do not match before the one that lets the transfer through."""
+
+    def misses(peers: str) -> list[dict[str, Any]]:
+        return [
+            {
+                peers: [{"ipBlock": {"cidr": f"10.{i // 250}.{i % 250}.0/24"}}],
+                "ports": [{"port": 5001}],
+            }
+            for i in range(extra_rules)
+        ]
+
+    def netpol(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": NS},
+            "spec": spec,
+        }
+
+    ingress = {"from": [{"podSelector": {"matchLabels": {"role": "pclient"}}}],
+               "ports": [{"port": 5001}]}  # fmt: skip
+    egress = {"to": [{"podSelector": {"matchLabels": {"app": "pserver"}}}],
+              "ports": [{"port": 5001}]}  # fmt: skip
+    return [
+        netpol(
+            "bench-in",
+            {
+                "podSelector": {"matchLabels": {"app": "pserver"}},
+                "ingress": [*misses("from"), ingress],
+            },
+        ),
+        netpol(
+            "bench-out",
+            {
+                "podSelector": {"matchLabels": {"role": "pclient"}},
+                "policyTypes": ["Egress"],
+                "egress": [*misses("to"), egress],
+            },
+        ),
+    ]
+
+
 async def wait_running(client: Client, name: str, timeout: float = 300) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -127,9 +210,9 @@ async def ready(server: ThreadedServer, vmi: str) -> None:
 _REAL = re.compile(r"real\s+(?:(\d+)m\s*)?([\d.]+)s")
 
 
-async def transfer(server: ThreadedServer, server_ip: str) -> float:
-    """MB/s of one 32 MiB transfer from the server guest to the client guest."""
-    out = await shell(server, "client", f"time nc {server_ip} 5001 > /dev/null")
+async def transfer(server: ThreadedServer, server_ip: str, client: str = "client") -> float:
+    """MB/s of one 32 MiB transfer from a server guest to ``client``."""
+    out = await shell(server, client, f"time nc {server_ip} 5001 > /dev/null")
     found = _REAL.search(out)
     if found is None:
         raise RuntimeError(f"no time in the guest's answer: {out!r}")
@@ -137,19 +220,25 @@ async def transfer(server: ThreadedServer, server_ip: str) -> float:
     return SIZE_MIB * MIB / max(seconds, 1e-3) / 1e6
 
 
-async def case(server: ThreadedServer, ip: str, repeats: int) -> float:
-    await transfer(server, ip)  # warm-up
-    return statistics.median([await transfer(server, ip) for _ in range(repeats)])
+async def case(server: ThreadedServer, ip: str, repeats: int, client: str = "client") -> float:
+    await transfer(server, ip, client)  # warm-up
+    return statistics.median([await transfer(server, ip, client) for _ in range(repeats)])
+
+
+def _listed(table: str) -> str:
+    listed = subprocess.run(
+        ["nft", "list", "table", "inet", table], capture_output=True, text=True, check=False
+    )
+    return listed.stdout
 
 
 def holds(mac: str) -> bool:
-    listed = subprocess.run(
-        ["nft", "list", "table", "inet", table_name(NODE)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return mac in listed.stdout
+    return mac in _listed(table_name(NODE))
+
+
+def pod_holds() -> bool:
+    """The pod client's egress chain is in the node's pod-network table."""
+    return f"vmo/{NODE}/{NS}/pclient" in _listed(pod_table_name(NODE))
 
 
 async def until(predicate: Any, timeout: float = 30) -> float:
@@ -165,21 +254,30 @@ async def run(server: ThreadedServer, repeats: int) -> None:
     async with Client.from_kubeconfig(server.kubeconfig) as client:
         await client.create(NAD, nad(), NS)
         url = f"file://{server.home / 'images' / 'disk.qcow2'}"
-        for name, labels in (("server", {"app": "server"}), ("client", {"role": "client"})):
+        guests = (
+            ("server", {"app": "server"}, guest_vm),
+            ("client", {"role": "client"}, guest_vm),
+            ("pserver", {"app": "pserver"}, pod_vm),
+            ("pclient", {"role": "pclient"}, pod_vm),
+        )
+        for name, labels, make in guests:
             await client.create(DATAVOLUME, http_datavolume(f"{name}-root", url, namespace=NS), NS)
-            await client.create(VM, guest_vm(name, labels), NS)
+            await client.create(VM, make(name, labels), NS)
+        svc = await client.create(SERVICE, service(), NS)
+        cluster_ip = str(svc["spec"]["clusterIP"])
         vmi = await wait_running(client, "server")
-        await wait_running(client, "client")
-        for name in ("server", "client"):
+        for name, _, _ in guests:
+            await wait_running(client, name)
             await ready(server, name)
         lan = next(i for i in vmi["status"]["interfaces"] if i["name"] == "lan")
         ip, mac = str(lan["ipAddress"]), str(lan["mac"]).lower()
         count = SIZE_MIB * MIB // 65536
-        await shell(
-            server,
-            "server",
-            f'nc -ll -p 5001 -e sh -c "dd if=/dev/zero bs=65536 count={count} 2>/dev/null" &',
-        )
+        for name in ("server", "pserver"):
+            await shell(
+                server,
+                name,
+                f'nc -ll -p 5001 -e sh -c "dd if=/dev/zero bs=65536 count={count} 2>/dev/null" &',
+            )
         print(f"guests up; server {ip}; {repeats} transfers of {SIZE_MIB} MiB per case", flush=True)
         results: dict[str, float] = {"no policy engine": await case(server, ip, repeats)}
         for label, extra in (("1 rule", 0), ("500 rules", 499)):
@@ -198,8 +296,38 @@ async def run(server: ThreadedServer, repeats: int) -> None:
             await client.delete(MULTI_NETWORK_POLICY, "bench", NS)
             await until(lambda: not holds(mac))
             release.append(time.monotonic() - start)
+        print("VLAN cases done; the pod network's", flush=True)
+        pod: dict[str, float] = {
+            "no policy engine": await case(server, cluster_ip, repeats, "pclient")
+        }
+        for label, extra in (("1 rule", 0), ("500 rules", 499)):
+            for body in pod_policies(extra):
+                await client.create(NETWORK_POLICY, body, NS)
+            await until(pod_holds)
+            pod[label] = await case(server, cluster_ip, repeats, "pclient")
+            for body in pod_policies(0):
+                await client.delete(NETWORK_POLICY, body["metadata"]["name"], NS)
+            await until(lambda: not pod_holds())
+        pod_enforce, pod_release = [], []
+        egress = pod_policies(499)[1]
+        for _ in range(repeats + 2):
+            start = time.monotonic()
+            await client.create(NETWORK_POLICY, egress, NS)
+            await until(pod_holds)
+            pod_enforce.append(time.monotonic() - start)
+            start = time.monotonic()
+            await client.delete(NETWORK_POLICY, "bench-out", NS)
+            await until(lambda: not pod_holds())
+            pod_release.append(time.monotonic() - start)
+    report("VLAN bridge, MultiNetworkPolicy", results, enforce, release)
+    report("pod network through a ClusterIP Service, NetworkPolicy", pod, pod_enforce, pod_release)
+
+
+def report(
+    what: str, results: dict[str, float], enforce: list[float], release: list[float]
+) -> None:
     base = results["no policy engine"]
-    print("\nthroughput, client guest <- server guest over the VLAN bridge (median):")
+    print(f"\n== {what}\nthroughput, client guest <- server guest (median):")
     for label, value in results.items():
         print(f"  {label:<18} {value:7.1f} MB/s  ({value / base:.3f}x of no policy engine)")
     loss = 1 - results["500 rules"] / base
