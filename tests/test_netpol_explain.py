@@ -193,13 +193,22 @@ def test_vmo_netpol_explain_and_status(apiserver: ThreadedServer, api: Api, uniq
         "synced": "2026-12-04T05:00:00Z",
         "error": None,
     }
-    node["metadata"]["annotations"] = {"vmo.dev/l2-policy": json.dumps(record)}
+    pod = {**record, "table": "vmo_np_x", "interfaces": 1, "rules": 3, "sets": 2}
+    pod["error"] = "nft refused the ruleset"
+    node["metadata"]["annotations"] = {
+        "vmo.dev/l2-policy": json.dumps(record),
+        "vmo.dev/pod-policy": json.dumps(pod),
+    }
     assert api.post("/api/v1/nodes", node).status_code == 201
     try:
         shown = vmo(apiserver, "netpol", "status")
         assert shown.returncode == 0, shown.stderr
         rows = [r.split() for r in shown.stdout.splitlines()]
-        line = next((r for r in rows if r and r[0] == unique), [])
-        assert line[1:5] == ["vmo_mnp_x", "2", "7", "4"], shown.stdout
+        lines = [r for r in rows if r and r[0] == unique]
+        assert [r[1:6] for r in lines] == [
+            ["bridge", "vmo_mnp_x", "2", "7", "4"],
+            ["pod", "vmo_np_x", "1", "3", "2"],
+        ], shown.stdout
+        assert "nft refused the ruleset" in shown.stdout
     finally:
         api.delete(f"/api/v1/nodes/{unique}")

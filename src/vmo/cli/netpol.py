@@ -40,7 +40,8 @@ from vmo.client import (
 __all__ = ["add_netpol_commands"]
 
 JSON = dict[str, Any]
-STATUS_ANNOTATION = "vmo.dev/l2-policy"
+# what each node agent's enforcers record on its Node: bridge networks, and the pod network
+STATUS_ANNOTATIONS = (("bridge", "vmo.dev/l2-policy"), ("pod", "vmo.dev/pod-policy"))
 
 
 def _console() -> Console:
@@ -60,25 +61,30 @@ def _age(stamp: object) -> str:
 
 
 async def _status(client: Client) -> int:
-    table = Table("NODE", "TABLE", "INTERFACES", "RULES", "SETS", "WRITTEN", "ERROR", box=None)
+    table = Table(
+        "NODE", "NETWORK", "TABLE", "INTERFACES", "RULES", "SETS", "WRITTEN", "ERROR", box=None
+    )
     for node in sorted((await client.list(NODE))[0], key=lambda n: n["metadata"]["name"]):
-        raw = (node["metadata"].get("annotations") or {}).get(STATUS_ANNOTATION)
-        try:
-            info: JSON = json.loads(raw) if raw else {}
-        except ValueError:
-            info = {}
-        if not info:
-            table.add_row(node["metadata"]["name"], "-", "-", "-", "-", "-", "no sync reported")
-            continue
-        table.add_row(
-            node["metadata"]["name"],
-            str(info.get("table", "-")),
-            str(info.get("interfaces", 0)),
-            str(info.get("rules", 0)),
-            str(info.get("sets", 0)),
-            _age(info.get("synced")),
-            str(info.get("error") or ""),
-        )
+        name = node["metadata"]["name"]
+        for network, annotation in STATUS_ANNOTATIONS:
+            raw = (node["metadata"].get("annotations") or {}).get(annotation)
+            try:
+                info: JSON = json.loads(raw) if raw else {}
+            except ValueError:
+                info = {}
+            if not info:
+                table.add_row(name, network, "-", "-", "-", "-", "-", "no sync reported")
+                continue
+            table.add_row(
+                name,
+                network,
+                str(info.get("table", "-")),
+                str(info.get("interfaces", 0)),
+                str(info.get("rules", 0)),
+                str(info.get("sets", 0)),
+                _age(info.get("synced")),
+                str(info.get("error") or ""),
+            )
     _console().print(table)
     return 0
 
