@@ -38,6 +38,7 @@ from vmo.api.annotations import HOST_FORWARDS
 from vmo.controllers.backup.disk import FileTarget, restore_disk
 from vmo.controllers.backup.repository import Repository, local_store
 from vmo.engine.network.l2policy import table_name
+from vmo.engine.network.podpolicy import pod_table_name
 from vmo.testing.apiserver import ThreadedServer
 from vmo.testing.builders import http_datavolume
 
@@ -544,7 +545,9 @@ def test_a_multi_network_policy_follows_the_vm_across_a_migration(
 ) -> None:
     """A policy closing the mover's port 5432 on the VLAN to everyone still holds once the
     mover runs on the other node (the target had the rules before the switch-over), the source
-    node's table no longer names it, and deleting the policy opens the path again."""
+    node's table no longer names it, and deleting the policy opens the path again. A
+    NetworkPolicy isolating the mover on the pod network both ways (nothing allowed) follows it
+    too, and does not stop its own migration streams."""
     mover = vmi_of(capi, "mover")
     assert mover is not None
     vlan = next(i for i in mover["status"]["interfaces"] if i["name"] == "vlan")
@@ -572,15 +575,36 @@ def test_a_multi_network_policy_follows_the_vm_across_a_migration(
         out = console(cluster, "crawler", f"nc -w 2 {mover_ip} 5432 || echo UNREACHABLE")
         return "vmo-guest mover" in out
 
+    closed = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "mover-pod-closed", "namespace": NS},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "mover"}},
+            "policyTypes": ["Ingress", "Egress"],
+        },
+    }
+
+    def pod_table(node: str) -> str:
+        return subprocess.run(
+            ["nft", "list", "table", "inet", pod_table_name(node)],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+
     assert crawler_reaches_mover()
     try:
         k.apply(policy)
+        k.apply(closed)
         wait_for(lambda: not crawler_reaches_mover(), 30, "the policy to close the port")
         source = node_of(capi, "mover")
+        wait_for(lambda: f"vmo/{source}/{NS}/mover" in pod_table(source), 30, "the pod table")
         mig = migrate(capi, "mover")
         done = wait_phase(capi, mig["metadata"]["name"], "Succeeded", "Failed", timeout=180)
         assert done["status"]["phase"] == "Succeeded", done["status"]
-        assert node_of(capi, "mover") != source
+        target = node_of(capi, "mover")
+        assert target != source
         assert not crawler_reaches_mover(), "the target node enforces the policy"
         listed = subprocess.run(
             ["nft", "list", "table", "inet", table_name(source)],
@@ -589,6 +613,15 @@ def test_a_multi_network_policy_follows_the_vm_across_a_migration(
             check=False,
         )
         assert mover_mac not in listed.stdout, "the source node dropped the mover's rules"
+        wait_for(
+            lambda: (
+                f"vmo/{target}/{NS}/mover" in pod_table(target)
+                and f"/{NS}/mover" not in pod_table(source)
+            ),
+            30,
+            "the pod network's rules on the target only",
+        )
     finally:
         k("delete", "multi-networkpolicies.k8s.cni.cncf.io", "mover-closed", "-n", NS, check=False)
+        k("delete", "networkpolicies.networking.k8s.io", "mover-pod-closed", "-n", NS, check=False)
     wait_for(crawler_reaches_mover, 30, "the path to open again")

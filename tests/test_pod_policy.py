@@ -25,6 +25,7 @@ from tests.test_network import (
     tcp_echo,
     tcp_request,
 )
+from vmo.engine.agent.runtime import migration_port
 from vmo.engine.network.podpolicy import (
     Cgroups,
     PodMember,
@@ -120,8 +121,9 @@ def test_egress_follows_the_rules_and_services_stay_reachable(cgroups: Cgroups, 
     """VM a may reach 127.0.0.0/8 on one port only, and the Service's ClusterIP port (the
     forwarder decides that one); VM b is not isolated. Deleting the table opens a again."""
     open_port, closed_port, service_port = free_port(), free_port(), free_port()
+    migration = migration_port()  # where a migration target's QEMU listens
     listeners = []
-    for port in (open_port, closed_port, service_port):
+    for port in (open_port, closed_port, service_port, migration):
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("0.0.0.0", port))  # on 127.0.0.2 too
@@ -161,6 +163,7 @@ def test_egress_follows_the_rules_and_services_stay_reachable(cgroups: Cgroups, 
         assert run_in(b, "127.0.0.2", open_port) == "CONNECTED"
         assert run_in(a, "127.0.0.1", service_port) == "CONNECTED"
         assert run_in(b, "127.0.0.1", closed_port) == "CONNECTED"  # b is not isolated
+        assert run_in(a, "127.0.0.1", migration) == "CONNECTED"  # a's QEMU may still migrate
         apply_pod_table(compile_pod_table(NODE, members, []))  # no policy: the table goes
         gone = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True)
         assert gone.returncode != 0

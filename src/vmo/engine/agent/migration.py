@@ -26,7 +26,7 @@ from typing import Any
 from vmo.api.quantity import QuantityError, parse_quantity
 from vmo.client import VMI, ApiStatusError, NotFound
 from vmo.engine.agent.host import AgentHost
-from vmo.engine.agent.runtime import VmiRuntime, free_port, qemu_user
+from vmo.engine.agent.runtime import VmiRuntime, migration_port, qemu_user
 from vmo.engine.qemu import migration as qm
 from vmo.engine.qemu.errors import QemuError
 from vmo.engine.qemu.qmp import VMRunState
@@ -278,14 +278,14 @@ class MigrationRoles:
                 if not local.shared and name in volumes and not _is_seed(vmi, name)
             }
             incoming.copies = copies
-            incoming.port = free_port(TARGET_LISTEN)
+            incoming.port = migration_port(TARGET_LISTEN)
             await runtime.start(
                 vmi, accel=self.agent.accel, volumes=volumes, taps=taps, incoming="defer"
             )
             incoming.save()
             client = await _qmp(runtime)
             if copies:
-                incoming.nbd_port = free_port(TARGET_LISTEN)
+                incoming.nbd_port = migration_port(TARGET_LISTEN)
                 await qm.prepare_target(
                     client,
                     nbd_listen=qm.TcpAddress(TARGET_LISTEN, incoming.nbd_port),

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pwd
+import random
 import shutil
 import socket
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from vmo.engine.qemu.accel import Accelerator
 from vmo.engine.qemu.argv import disk_node_names
 from vmo.engine.qemu.domain import DiskFormat, Domain, UserBackend
 from vmo.engine.qemu.errors import QemuError
+from vmo.engine.qemu.migration import MIGRATION_PORTS
 from vmo.engine.qemu.process import ExitStatus, QemuProcess, adopt, find, launch
 from vmo.engine.qemu.vmi import LocalVolume, NodeContext, domain_from_vmi
 
@@ -50,6 +52,20 @@ def qemu_user() -> str | None:
         log.warning("user %s does not exist: QEMU keeps root's privileges (sandboxed)", QEMU_USER)
         return None
     return QEMU_USER
+
+
+def migration_port(host: str = "127.0.0.1") -> int:
+    """A free port of ``MIGRATION_PORTS`` for a migration target's listener."""
+    ports = list(MIGRATION_PORTS)
+    random.shuffle(ports)
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free migration port in {MIGRATION_PORTS.start}-{MIGRATION_PORTS.stop - 1}")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -20,6 +20,9 @@ sockets are:
   loopback directly. Connections that VMs' sockets open get a conntrack mark on the way out,
   and a new marked connection into the sockets of a VM that a policy isolates for ingress is
   refused on the way in (the proxy's own connections carry no mark).
+- **Live migration.** A migration's memory and disk streams go from the source QEMU to the
+  target QEMU on the host's loopback, to ports of ``MIGRATION_PORTS`` only: both chains let
+  them through first, so a VM that policy isolates still migrates.
 - **Ingress, at the forwarders.** VMO's Service proxy asks ``PodPolicyGate`` before it
   connects a client to a backend VM: the backend's ingress and, when the client is a VM, the
   client's egress (``vmo.api.netpol.explain``). A client is known to be a VM by its socket's
@@ -52,6 +55,7 @@ from typing import Any
 from vmo.api.netpol import Endpoint, Verdict, endpoint_of, explain, isolates, selects
 from vmo.engine.network.l2policy import Net, NftError, Table, _block, _nft, _set_block
 from vmo.engine.network.services import Backend
+from vmo.engine.qemu.migration import MIGRATION_PORTS
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,8 @@ JSON = dict[str, Any]
 CGROUP_BASE = "vmo"
 NFT_CGROUP_ROOT = Path("/sys/fs/cgroup")  # nft resolves `socket cgroupv2` paths under it
 _SS_TIMEOUT = 5.0
+# a live migration's streams, QEMU to QEMU on the loopback, are no guest's traffic
+_MIGRATION = f"ip daddr 127.0.0.1 tcp dport {MIGRATION_PORTS.start}-{MIGRATION_PORTS.stop - 1}"
 # the conntrack mark bit of connections a VM's socket opened (the guard's input chain reads it)
 VM_MARK = 0x20000000
 _PROTOCOLS = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
@@ -350,6 +356,7 @@ def compile_pod_table(
     output = (
         "  chain output {\n"
         "    type filter hook output priority filter; policy accept;\n"
+        f"    {_MIGRATION} accept\n"
         f"{mark}{''.join(jumps)}"
         "  }\n"
     )
@@ -357,6 +364,7 @@ def compile_pod_table(
         output += (
             "  chain input {\n"
             "    type filter hook input priority filter; policy accept;\n"
+            f"    {_MIGRATION} accept\n"
             f"    ct state new ct mark and {VM_MARK:#x} == {VM_MARK:#x} jump from_vm\n"
             "  }\n"
             f"  chain from_vm {{\n{''.join(guards)}  }}\n"

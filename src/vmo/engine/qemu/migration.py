@@ -58,6 +58,10 @@ __all__ = [
 log = logging.getLogger("vmo.engine.qemu.migration")
 
 GIB = 1 << 30
+# the ports a migration target's QEMU listens on (memory stream and NBD), above Linux's default
+# ephemeral range so that no hostfwd or client port takes them; network policy lets the
+# migration streams through on these ports only (engine.network.podpolicy)
+MIGRATION_PORTS = range(61000, 62000)
 # QEMU's rate limiter has no "off" for precopy: 1 TiB/s is beyond anything a host can send.
 UNLIMITED_BANDWIDTH = 1 << 40
 POLL_INTERVAL = 0.1
