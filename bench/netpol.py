@@ -276,7 +276,7 @@ async def run(server: ThreadedServer, repeats: int) -> None:
             await shell(
                 server,
                 name,
-                f'nc -ll -p 5001 -e sh -c "dd if=/dev/zero bs=65536 count={count} 2>/dev/null" &',
+                f'nc -ll -p 5001 -e sh -c "dd if=/dev/zero bs=65536 count={count} 2>/dev/null" & true',
             )
         print(f"guests up; server {ip}; {repeats} transfers of {SIZE_MIB} MiB per case", flush=True)
         results: dict[str, float] = {"no policy engine": await case(server, ip, repeats)}

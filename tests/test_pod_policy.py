@@ -19,6 +19,7 @@ import pytest
 from tests.test_network import (
     FakeOpener,
     LoopbackAddresses,
+    UdpEcho,
     endpoints_for,
     free_port,
     service,
@@ -361,3 +362,46 @@ async def test_the_proxy_resets_a_client_that_policy_denies() -> None:
     finally:
         await proxy.close()
     await asyncio.sleep(0)
+
+
+async def test_a_denied_udp_client_gets_nothing_and_costs_one_verdict() -> None:
+    """A UDP client that policy denies gets no reply; its next datagrams within the hold are
+    dropped without asking again; an allowed client is answered."""
+    opener = FakeOpener()
+    asked: list[tuple[str, int]] = []
+    allowed_ports: set[int] = set()
+
+    class Gate:
+        async def allowed(self, proto: str, backend: Any, peer: Any, local: Any) -> bool:
+            asked.append(peer)
+            return int(peer[1]) in allowed_ports
+
+    proxy = ServiceProxy(opener, addresses=LoopbackAddresses(), gate=Gate())
+    loop = asyncio.get_running_loop()
+    backend, _ = await loop.create_datagram_endpoint(UdpEcho, local_addr=("127.0.0.1", 0))
+    port = free_port()
+    denied = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    allowed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for sock in (denied, allowed):
+            sock.bind(("127.0.0.1", 0))
+            sock.setblocking(False)
+        allowed_ports.add(allowed.getsockname()[1])
+        opener.ports = {("dns-0", "UDP", 53): backend.get_extra_info("sockname")[1]}
+        svc = service(
+            "dns", {"name": "dns", "port": port, "protocol": "UDP"}, clusterIP="10.96.0.12"
+        )
+        await proxy.sync([svc], [endpoints_for("dns", "dns", 53, "dns-0", proto="UDP")])
+        for _ in range(3):
+            await loop.sock_sendto(denied, b"q", ("127.0.0.1", port))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(loop.sock_recv(denied, 100), 1)
+        assert len(asked) == 1  # three datagrams, one verdict
+        await loop.sock_sendto(allowed, b"q", ("127.0.0.1", port))
+        assert await asyncio.wait_for(loop.sock_recv(allowed, 100), 5) == b"udp:q"
+        assert opener.calls == [("apps", "dns-0", "UDP", 53)]  # only the allowed one's lookup
+    finally:
+        denied.close()
+        allowed.close()
+        await proxy.close()
+        backend.close()

@@ -43,6 +43,7 @@ __all__ = [
 JSON = dict[str, Any]
 SERVICE_DEVICE = "vmo-svc0"
 UDP_FLOW_IDLE = 60.0  # seconds a UDP flow without traffic keeps its upstream socket
+UDP_REFUSED_HOLD = 2.0  # seconds a refused UDP client's datagrams are dropped unasked
 _COPY_CHUNK = 65536
 
 
@@ -374,6 +375,9 @@ class _UdpFront(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.flows: dict[tuple[str, int], _UdpFlow] = {}
         self.pending: set[asyncio.Task[None]] = set()
+        # clients given no backend (none answers, or policy denies them): until when their
+        # datagrams are dropped without asking again (a flood must not cost a lookup each)
+        self.refused: dict[tuple[str, int], float] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # the selector loop's datagram transport does not subclass DatagramTransport
@@ -381,6 +385,8 @@ class _UdpFront(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self._expire()
+        if self.refused.get(addr, 0.0) > time.monotonic():
+            return
         flow = self.flows.get(addr)
         if flow is not None:
             flow.send(data)  # buffered by the flow while its socket is still being opened
@@ -398,6 +404,7 @@ class _UdpFront(asyncio.DatagramProtocol):
             port = await self.proxy.backend_port(self.listener, "UDP", client)
             if port is None:
                 del self.flows[addr]
+                self.refused[addr] = time.monotonic() + UDP_REFUSED_HOLD
                 return
             await asyncio.get_running_loop().create_datagram_endpoint(
                 lambda: flow, remote_addr=("127.0.0.1", port)
@@ -410,6 +417,8 @@ class _UdpFront(asyncio.DatagramProtocol):
 
     def _expire(self) -> None:
         now = time.monotonic()
+        for addr in [a for a, until in self.refused.items() if until <= now]:
+            del self.refused[addr]
         for addr, flow in list(self.flows.items()):
             if flow.transport is not None and now - flow.last_seen > UDP_FLOW_IDLE:
                 flow.transport.close()
