@@ -211,11 +211,13 @@ _REAL = re.compile(r"real\s+(?:(\d+)m\s*)?([\d.]+)s")
 
 
 async def transfer(server: ThreadedServer, server_ip: str, client: str = "client") -> float:
-    """MB/s of one 32 MiB transfer from a server guest to ``client``."""
-    out = await shell(server, client, f"time nc {server_ip} 5001 > /dev/null")
+    """MB/s of one 32 MiB transfer from a server guest to ``client``; the client counts the
+    bytes, and a short transfer is an error, not a figure."""
+    out = await shell(server, client, f"time nc {server_ip} 5001 | wc -c")
     found = _REAL.search(out)
-    if found is None:
-        raise RuntimeError(f"no time in the guest's answer: {out!r}")
+    counted = [int(line) for line in out.split() if line.isdigit()]
+    if found is None or SIZE_MIB * MIB not in counted:
+        raise RuntimeError(f"no whole transfer in the guest's answer: {out!r}")
     seconds = int(found.group(1) or 0) * 60 + float(found.group(2))
     return SIZE_MIB * MIB / max(seconds, 1e-3) / 1e6
 

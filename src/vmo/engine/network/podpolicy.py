@@ -353,9 +353,11 @@ def compile_pod_table(
         + " }\n"
     )
     mark = f"    {every_vm} ct mark set ct mark or {VM_MARK:#x}\n" if guards else ""
+    # established flows leave at once: every decision is made on a connection's first packet
     output = (
         "  chain output {\n"
         "    type filter hook output priority filter; policy accept;\n"
+        "    ct state established,related accept\n"
         f"    {_MIGRATION} accept\n"
         f"{mark}{''.join(jumps)}"
         "  }\n"
@@ -364,6 +366,7 @@ def compile_pod_table(
         output += (
             "  chain input {\n"
             "    type filter hook input priority filter; policy accept;\n"
+            "    ct state established,related accept\n"
             f"    {_MIGRATION} accept\n"
             f"    ct state new ct mark and {VM_MARK:#x} == {VM_MARK:#x} jump from_vm\n"
             "  }\n"
