@@ -42,6 +42,7 @@ from apiserver import pct, request, timed_ops  # bench/apiserver.py: the measuri
 from vmo.client import NODE, VMI, Client
 from vmo.engine.agent.metrics import proc_stat
 from vmo.testing.apiserver import ThreadedServer
+from vmo.testing.processes import qemus_under
 
 JSON = dict[str, Any]
 NS = "virtual-machines"
@@ -233,20 +234,6 @@ class Scrapes:
             raise RuntimeError(f"the agent reported {sorted(vmis)} VMIs across the scrapes")
         return cls(vmis.pop(), result["durations"], result["series"], result["sampling"],
                    idle_rate, added / len(result["durations"]))  # fmt: skip
-
-
-def qemus_under(home: Path) -> list[int]:
-    """QEMU processes whose command line names ``home`` (as tests/test_vm_e2e.py checks)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"qemu-system" in cmdline and str(home).encode() in cmdline:
-                pids.append(int(proc.name))
-    return pids
 
 
 def guests_cpu_rate(home: Path, seconds: float) -> float:

@@ -17,9 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -41,6 +39,7 @@ from vmo.engine.virtcontroller.migrationconfig import MIGRATIONPOLICY
 from vmo.testing.apiserver import ThreadedServer
 from vmo.testing.builders import boot_vm, http_datavolume
 from vmo.testing.guest import build_guest, default_cache_dir
+from vmo.testing.processes import kill_qemus_under
 
 NS = "virtual-machines"
 MIB = 1 << 20
@@ -494,18 +493,6 @@ async def run(
 
 def image_url(server: ThreadedServer) -> str:
     return f"file://{server.home / 'images' / 'disk.qcow2'}"
-
-
-def kill_qemus_under(root: Path) -> None:
-    """Whatever QEMU still runs from this benchmark's directories (after an interrupt)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            cmdline = (entry / "cmdline").read_bytes()
-            if b"qemu-system" in cmdline and str(root).encode() in cmdline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(entry.name), signal.SIGKILL)
 
 
 def main() -> None:

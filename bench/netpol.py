@@ -55,6 +55,7 @@ from vmo.testing.apiserver import ThreadedServer
 from vmo.testing.builders import boot_vm, http_datavolume
 from vmo.testing.console import console_exchange
 from vmo.testing.guest import build_guest, default_cache_dir
+from vmo.testing.processes import kill_qemus_under
 
 NS = "virtual-machines"
 NODE = "node-1"
@@ -227,9 +228,13 @@ async def case(server: ThreadedServer, ip: str, repeats: int, client: str = "cli
         try:
             await transfer(server, ip, client)
             break
-        except RuntimeError:
+        except RuntimeError as exc:
             if attempt == 14:
-                raise
+                seen = {
+                    name: await shell(server, name, "ip -4 -o addr; netstat -tln 2>&1 | head")
+                    for name in (client, "server" if client == "client" else "pserver")
+                }
+                raise RuntimeError(f"{exc}; what the guests say: {seen!r}") from None
             await asyncio.sleep(2)
     return statistics.median([await transfer(server, ip, client) for _ in range(repeats)])
 
@@ -287,7 +292,12 @@ async def run(server: ThreadedServer, repeats: int) -> None:
                 name,
                 f'nc -ll -p 5001 -e sh -c "dd if=/dev/zero bs=65536 count={count} 2>/dev/null" & true',
             )
-        print(f"guests up; server {ip}; {repeats} transfers of {SIZE_MIB} MiB per case", flush=True)
+        lans = {}
+        for name in ("server", "client"):
+            got = await client.get(VMI, name, NS)
+            lans[name] = [i.get("ipAddress") for i in got["status"]["interfaces"]]
+        print(f"guests up; VLAN addresses {lans}; {repeats} transfers of {SIZE_MIB} MiB per case",
+              flush=True)  # fmt: skip
         results: dict[str, float] = {"no policy engine": await case(server, ip, repeats)}
         for label, extra in (("1 rule", 0), ("500 rules", 499)):
             await client.create(MULTI_NETWORK_POLICY, policy(extra), NS)
@@ -371,9 +381,23 @@ def main() -> None:
     finally:
         if server is not None:
             with contextlib.suppress(Exception):
+                asyncio.run(teardown(server))
+            with contextlib.suppress(Exception):
                 server.stop()
+        leaked = kill_qemus_under(tmp)
+        if leaked:
+            print(f"killed QEMU processes the engine left: {leaked}", file=sys.stderr)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-if __name__ == "__main__":
-    main()
+async def teardown(server: ThreadedServer) -> None:
+    """Deletes the VMs, as a user would, and waits for their VMIs to go: the agent then powers
+    the guests down and removes their taps, cgroups and rules (QEMU outlives the engine, so
+    stopping the engine alone would leave the guests running)."""
+    async with Client.from_kubeconfig(server.kubeconfig) as client:
+        for vm in (await client.list(VM, NS))[0]:
+            with contextlib.suppress(NotFound):
+                await client.delete(VM, vm["metadata"]["name"], NS)
+        deadline = time.monotonic() + 120
+        while (await client.list(VMI, NS))[0] and time.monotonic() < deadline:
+            await asyncio.sleep(1)

@@ -34,7 +34,6 @@ from tests.conftest import Api, Kubectl
 from tests.test_vm_e2e import (
     BOOT_TIMEOUT,
     NS,
-    _qemus_under,
     _stop_all_vms,
     tcp_line,
     vm,
@@ -51,6 +50,7 @@ from vmo.engine.virtcontroller.nodelifecycle import GRACE_ENV, PERIOD_ENV
 from vmo.home import StateDir
 from vmo.testing.apiserver import ThreadedServer
 from vmo.testing.builders import http_datavolume
+from vmo.testing.processes import qemus_under
 
 JSON = dict[str, Any]
 GRACE = 18.0  # the node-monitor grace period: the agents heartbeat every 10 s
@@ -74,7 +74,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer
     finally:
         _stop_all_vms(server)
         server.stop()
-        leaked = _qemus_under(server.home)
+        leaked = qemus_under(server.home)
         for pid in leaked:
             os.kill(pid, signal.SIGKILL)
         assert not leaked, f"QEMU processes left running: {leaked}"

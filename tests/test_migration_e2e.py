@@ -25,7 +25,6 @@ from tests.conftest import Api, Kubectl
 from tests.test_vm_e2e import (
     BOOT_TIMEOUT,
     NS,
-    _qemus_under,
     console,
     engine_cluster,
     tcp_line,
@@ -41,6 +40,7 @@ from vmo.engine.network.l2policy import table_name
 from vmo.engine.network.podpolicy import pod_table_name
 from vmo.testing.apiserver import ThreadedServer
 from vmo.testing.builders import http_datavolume
+from vmo.testing.processes import qemus_under
 
 VMIM = f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstancemigrations"
 POLICIES = "/apis/migrations.kubevirt.io/v1alpha1/migrationpolicies"
@@ -485,7 +485,7 @@ def test_deleting_the_migration_cancels_it_and_a_retry_succeeds(
 def _crawler_qemus(cluster: ThreadedServer) -> list[int]:
     return [
         pid
-        for pid in _qemus_under(cluster.home)
+        for pid in qemus_under(cluster.home)
         if b"/crawler-" in open(f"/proc/{pid}/cmdline", "rb").read()
     ]
 

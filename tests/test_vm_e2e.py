@@ -26,6 +26,7 @@ from vmo.testing.apiserver import ThreadedServer
 from vmo.testing.builders import boot_vm, http_datavolume
 from vmo.testing.console import console as shared_console
 from vmo.testing.guest import GuestImage
+from vmo.testing.processes import qemus_under
 
 NS = "virtual-machines"
 BOOT_TIMEOUT = 180.0
@@ -54,7 +55,7 @@ def engine_cluster(home: Path, *, nodes: int = 1) -> Iterator[ThreadedServer]:
     finally:
         _stop_all_vms(server)
         server.stop()
-        leaked = _qemus_under(server.home)
+        leaked = qemus_under(server.home)
         for pid in leaked:
             os.kill(pid, signal.SIGKILL)
         assert not leaked, f"QEMU processes left running: {leaked}"
@@ -71,19 +72,6 @@ def _stop_all_vms(server: ThreadedServer) -> None:
     api.delete(f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachines")
     base = f"/apis/kubevirt.io/v1/namespaces/{NS}/virtualmachineinstances"
     wait_for(lambda: not api.get(base).json()["items"], 120, "every VMI to be gone")
-
-
-def _qemus_under(home: Path) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"qemu-system" in cmdline and str(home).encode() in cmdline:
-                pids.append(int(proc.name))
-    return pids
 
 
 def datavolume(name: str, url: str) -> dict[str, Any]:
