@@ -401,3 +401,7 @@ async def teardown(server: ThreadedServer) -> None:
         deadline = time.monotonic() + 120
         while (await client.list(VMI, NS))[0] and time.monotonic() < deadline:
             await asyncio.sleep(1)
+
+
+if __name__ == "__main__":
+    main()
