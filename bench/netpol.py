@@ -6,7 +6,7 @@ NAD with host-local IPAM), and a server and a client on the pod network, the ser
 ClusterIP Service. Each server guest serves 32 MiB from /dev/zero on TCP 5001 to each
 connection; its client reads it (``time nc SERVER 5001 > /dev/null`` on its serial console;
 busybox's ``time`` gives the seconds). Three cases per network, each the median of several
-transfers:
+transfers, measured in interleaved rounds (one transfer per case, the order rotating):
 
 - no policy engine: no policy, so the node has no table and the forwarders ask nothing;
 - 1 rule: the server isolated, with one rule letting the client in (on the pod network also
@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +237,8 @@ async def case(server: ThreadedServer, ip: str, repeats: int, client: str = "cli
                 }
                 raise RuntimeError(f"{exc}; what the guests say: {seen!r}") from None
             await asyncio.sleep(2)
+    if not repeats:
+        return 0.0
     return statistics.median([await transfer(server, ip, client) for _ in range(repeats)])
 
 
@@ -298,13 +301,23 @@ async def run(server: ThreadedServer, repeats: int) -> None:
             lans[name] = [i.get("ipAddress") for i in got["status"]["interfaces"]]
         print(f"guests up; VLAN addresses {lans}; {repeats} transfers of {SIZE_MIB} MiB per case",
               flush=True)  # fmt: skip
-        results: dict[str, float] = {"no policy engine": await case(server, ip, repeats)}
-        for label, extra in (("1 rule", 0), ("500 rules", 499)):
-            await client.create(MULTI_NETWORK_POLICY, policy(extra), NS)
-            await until(lambda: holds(mac))
-            results[label] = await case(server, ip, repeats)
-            await client.delete(MULTI_NETWORK_POLICY, "bench", NS)
-            await until(lambda: not holds(mac))
+        cases = (("no policy engine", None), ("1 rule", 0), ("500 rules", 499))
+
+        async def vlan_policy(extra: int | None) -> None:
+            if extra is not None:
+                await client.create(MULTI_NETWORK_POLICY, policy(extra), NS)
+                await until(lambda: holds(mac))
+
+        async def vlan_clear(extra: int | None) -> None:
+            if extra is not None:
+                await client.delete(MULTI_NETWORK_POLICY, "bench", NS)
+                await until(lambda: not holds(mac))
+
+        async def vlan_measure() -> float:
+            return await transfer(server, ip)
+
+        await case(server, ip, 0)  # warm-up, once the server's listener answers
+        results = await interleaved(cases, repeats, vlan_policy, vlan_clear, vlan_measure)
         enforce, release = [], []
         for _ in range(repeats + 2):
             start = time.monotonic()
@@ -316,17 +329,24 @@ async def run(server: ThreadedServer, repeats: int) -> None:
             await until(lambda: not holds(mac))
             release.append(time.monotonic() - start)
         print("VLAN cases done; the pod network's", flush=True)
-        pod: dict[str, float] = {
-            "no policy engine": await case(server, cluster_ip, repeats, "pclient")
-        }
-        for label, extra in (("1 rule", 0), ("500 rules", 499)):
-            for body in pod_policies(extra):
-                await client.create(NETWORK_POLICY, body, NS)
-            await until(pod_holds)
-            pod[label] = await case(server, cluster_ip, repeats, "pclient")
-            for body in pod_policies(0):
-                await client.delete(NETWORK_POLICY, body["metadata"]["name"], NS)
-            await until(lambda: not pod_holds())
+
+        async def pod_policy(extra: int | None) -> None:
+            if extra is not None:
+                for body in pod_policies(extra):
+                    await client.create(NETWORK_POLICY, body, NS)
+                await until(pod_holds)
+
+        async def pod_clear(extra: int | None) -> None:
+            if extra is not None:
+                for body in pod_policies(0):
+                    await client.delete(NETWORK_POLICY, body["metadata"]["name"], NS)
+                await until(lambda: not pod_holds())
+
+        async def pod_measure() -> float:
+            return await transfer(server, cluster_ip, "pclient")
+
+        await case(server, cluster_ip, 0, "pclient")
+        pod = await interleaved(cases, repeats, pod_policy, pod_clear, pod_measure)
         pod_enforce, pod_release = [], []
         egress = pod_policies(499)[1]
         for _ in range(repeats + 2):
@@ -340,6 +360,24 @@ async def run(server: ThreadedServer, repeats: int) -> None:
             pod_release.append(time.monotonic() - start)
     report("VLAN bridge, MultiNetworkPolicy", results, enforce, release)
     report("pod network through a ClusterIP Service, NetworkPolicy", pod, pod_enforce, pod_release)
+
+
+async def interleaved(
+    cases: Sequence[tuple[str, int | None]],
+    rounds: int,
+    setup: Callable[[int | None], Awaitable[None]],
+    clear: Callable[[int | None], Awaitable[None]],
+    measure: Callable[[], Awaitable[float]],
+) -> dict[str, float]:
+    """The median of each case over ``rounds`` rounds of one transfer per case, the order
+    rotating each round (so that drift over the run, TCG's included, cancels out)."""
+    seen: dict[str, list[float]] = {label: [] for label, _ in cases}
+    for turn in range(rounds):
+        for label, extra in [*cases[turn % len(cases) :], *cases[: turn % len(cases)]]:
+            await setup(extra)
+            seen[label].append(await measure())
+            await clear(extra)
+    return {label: statistics.median(values) for label, values in seen.items()}
 
 
 def report(
