@@ -14,9 +14,10 @@ transfers, measured in interleaved rounds (one transfer per case, the order rota
 - 500 rules: the same policies after 499 rules that do not match (ipBlocks elsewhere).
 
 Printed: MB/s per case, and its throughput beside the same round's no-policy transfer (the
-median of those ratios, and their spread); the 500-rule case's loss beside the 5 % target. Then the time from
-creating (and deleting) a 500-rule policy through the API to the node's nftables table
-holding (and no longer holding) the VM's chain, polled every 10 ms, beside the 1 s target.
+median of those ratios, and their spread); the 500-rule case's loss beside the 5 % target.
+Then the time from creating (and deleting) a 500-rule policy through the API to the node's
+nftables table holding (and no longer holding) the VM's chain, polled every 10 ms, beside the
+1 s target.
 Under TCG the guests' CPU bounds the transfers; the figures say what the rules add to that
 path, not what the hardware could do.
 
