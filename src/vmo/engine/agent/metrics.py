@@ -11,7 +11,9 @@ by id, so a sample and a reconcile share one monitor connection without waiting 
 - Network: the host side of the VMI's taps (``/sys/class/net/TAP/statistics``), turned round to
   the guest's point of view as KubeVirt reports it (the tap's transmit is the guest's receive).
   Pod-network interfaces are QEMU's user networking, which keeps no counters.
-- Migration: ``query-migrate`` while the VMI is the source of a migration.
+- Migration: ``query-migrate`` while the VMI is the source of a migration (the agent's
+  migration roles say when); vCPU threads are asked again every ``VCPU_THREADS_TTL`` seconds
+  only, so an idle VMI costs one QMP command per scrape.
 
 Families and labels are KubeVirt's (docs/monitoring.md lists them); labels are the VMI's
 namespace and name, the node, and per device its name: never a uid or a time.
@@ -37,6 +39,7 @@ from vmo.engine.network import bridge
 from vmo.engine.qemu.errors import QemuError
 
 log = logging.getLogger(__name__)
+VCPU_THREADS_TTL = 30.0
 
 SAMPLE_TIMEOUT = 2.0
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -136,6 +139,11 @@ def _vmi_taps(runtime: VmiRuntime, node: str) -> dict[str, str]:
     return taps
 
 
+async def _answer(value: Any) -> Any:
+    """A QMP answer known already, awaitable beside the ones asked for."""
+    return value
+
+
 class NodeMetrics(Collector):
     """The node agent's collector; ``refresh`` samples, ``collect`` renders the last sample."""
 
@@ -145,6 +153,9 @@ class NodeMetrics(Collector):
         self.samples: dict[tuple[str, str], VmiSample] = {}
         self.duration = 0.0
         self._refreshing: asyncio.Task[None] | None = None
+        # the vCPU threads of each QEMU (pid: when asked, query-cpus-fast's answer): they change
+        # only with CPU hotplug, so they are asked again only every VCPU_THREADS_TTL seconds
+        self._vcpu_threads: dict[int, tuple[float, Any]] = {}
 
     async def refresh(self) -> None:
         """Samples every VMI; concurrent scrapes share one sampling pass."""
@@ -162,6 +173,8 @@ class NodeMetrics(Collector):
         results = await asyncio.gather(
             *(self._sample(runtime) for runtime in runtimes), return_exceptions=True
         )
+        live = {r.process.pid for r in runtimes if r.process is not None}
+        self._vcpu_threads = {p: v for p, v in self._vcpu_threads.items() if p in live}
         samples: dict[tuple[str, str], VmiSample] = {}
         for runtime, result in zip(runtimes, results, strict=True):
             if isinstance(result, VmiSample):
@@ -193,11 +206,19 @@ class NodeMetrics(Collector):
                 sample.nics[iface] = counters
         try:
             qmp = await asyncio.wait_for(process.qmp(), SAMPLE_TIMEOUT)
+            now = time.monotonic()
+            known = self._vcpu_threads.get(pid)
+            fresh = known is not None and now - known[0] < VCPU_THREADS_TTL
+            none: Any = None
             cpus, blocks, migrate = await asyncio.gather(
-                qmp.execute("query-cpus-fast", timeout=SAMPLE_TIMEOUT),
+                _answer(known[1]) if fresh and known is not None
+                else qmp.execute("query-cpus-fast", timeout=SAMPLE_TIMEOUT),
                 qmp.execute("query-blockstats", timeout=SAMPLE_TIMEOUT),
-                qmp.execute("query-migrate", timeout=SAMPLE_TIMEOUT),
-            )
+                qmp.execute("query-migrate", timeout=SAMPLE_TIMEOUT)
+                if self._may_migrate(runtime) else _answer(none),
+            )  # fmt: skip
+            if not fresh:
+                self._vcpu_threads[pid] = (now, cpus)
         except (QemuError, OSError, TimeoutError) as exc:
             log.debug("metrics of %s/%s: QMP: %s", runtime.namespace, runtime.name, exc)
             return sample
@@ -216,6 +237,12 @@ class NodeMetrics(Collector):
                 sample.drives[drive] = dict(entry.get("stats") or {})
         sample.migration = _migration(migrate or {})
         return sample
+
+    def _may_migrate(self, runtime: VmiRuntime) -> bool:
+        """Whether the VMI may be a migration's source now: the agent's migration roles say so
+        (an agent without them is always asked)."""
+        outgoing = getattr(getattr(self.agent, "migrations", None), "outgoing", None)
+        return outgoing is None or runtime.key in outgoing
 
     # --- rendering -----------------------------------------------------------------------------
 
