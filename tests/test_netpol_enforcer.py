@@ -25,6 +25,7 @@ from vmo.engine.agent.netpolicy import (
     L2PolicyEnforcer,
 )
 from vmo.engine.network.l2policy import table_name
+from vmo.runtime import Informers
 from vmo.testing.apiserver import ThreadedServer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="nft needs root")
@@ -96,6 +97,11 @@ def run_enforcer(
             finally:
                 stop.set()
                 await task
+                for informer in Informers.of(client):  # every stream ends before the client
+                    assert not informer.running, informer.selector
+        # the client's TLS connections finish closing (aiohttp's advice for a loop about to
+        # end) rather than be dropped, unclosed, with the loop
+        await asyncio.sleep(0.25)
 
     asyncio.run(main())
 
@@ -165,9 +171,16 @@ def test_the_enforcer_loads_publishes_and_removes_its_table(
             return "02:55:00:00:01:01" in listed()
 
         await eventually(loaded)
-        annotations = api.get(f"/api/v1/nodes/{node}").json()["metadata"]["annotations"]
-        record = json.loads(annotations[STATUS_ANNOTATION])
-        assert (record["table"], record["interfaces"], record["error"]) == (table, 1, None)
+
+        def record() -> dict[str, Any]:
+            annotations = api.get(f"/api/v1/nodes/{node}").json()["metadata"]["annotations"]
+            return dict(json.loads(annotations[STATUS_ANNOTATION]))
+
+        async def published() -> bool:  # written just after the load
+            return record()["interfaces"] == 1
+
+        await eventually(published)
+        assert (record()["table"], record()["error"]) == (table, None)
         assert await enforcer.blocks({"metadata": {"name": "x"}}) is None  # enforceable here
         assert api.delete(f"{MULTI}/{unique}").ok
 
@@ -221,7 +234,7 @@ def test_rules_that_cannot_be_loaded_show_in_the_vmi_condition_until_they_are(
         assert record["error"] and "Operation not permitted" in record["error"]
         assert owner.stdin is not None
         owner.stdin.close()  # the owner goes, its table with it: the retry loads
-        owner.wait(10)
+        await asyncio.to_thread(owner.wait, 10)
 
         async def applied() -> bool:
             return (vmi_condition(api, db["metadata"]["name"]) or {}).get("status") == "True"
