@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from vmo.api.netpol import Endpoint, Verdict, endpoint_of, explain, isolates, selects
-from vmo.engine.network.l2policy import Net, NftError, Table, _block, _nft, _set_block
+from vmo.engine.network.l2policy import Net, NftError, Table, _block, _nft, _ports, _set_block
 from vmo.engine.network.services import Backend
 from vmo.engine.qemu.migration import MIGRATION_PORTS
 
@@ -222,23 +222,6 @@ def pod_table_name(node: str) -> str:
     return "vmo_np_" + hashlib.sha256(node.encode()).hexdigest()[:10]
 
 
-def _port_values(ports: Sequence[Mapping[str, Any]] | None) -> dict[str, list[str]] | None:
-    """protocol -> port expressions of an egress rule; None: any port. A named port names a
-    port of the destination VM, and ipBlock destinations have none: it matches nothing here."""
-    if not ports:
-        return None
-    out: dict[str, list[str]] = {}
-    for port in ports:
-        protocol = str(port.get("protocol") or "TCP")
-        value, end = port.get("port"), port.get("endPort")
-        values = out.setdefault(protocol, [])
-        if value is None:
-            values.append("1-65535")
-        elif isinstance(value, int) and not isinstance(value, bool):
-            values.append(f"{value}-{end}" if end else str(value))
-    return {p: sorted(set(v), key=lambda t: int(t.split("-")[0])) for p, v in out.items()}
-
-
 def _blocks(peers: Sequence[Mapping[str, Any]] | None) -> list[Net] | None:
     """The ipBlock destinations of a rule (None: any destination)."""
     if not peers:
@@ -314,7 +297,8 @@ def compile_pod_table(
         for pi, policy in applying:
             for ri, rule in enumerate((policy.get("spec") or {}).get("egress") or []):
                 nets = _blocks(rule.get("to"))
-                ports = _port_values(rule.get("ports"))
+                # named ports name the destination VM's ports: ipBlock destinations have none
+                ports = _ports(rule.get("ports"), [])
                 if nets is not None and not nets:
                     continue  # it names VMs only: the forwarders decide those
                 matches = [""] if nets is None else []
